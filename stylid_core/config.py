@@ -1,0 +1,201 @@
+"""Typed job configuration.
+
+Plain dataclasses, validated in ``__post_init__`` so a bad value fails at start-up with one clear message.
+YAML and argv are read only in ``jobs/``; this module turns dicts into these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class FacesConfig:
+    """Which ``FaceAnalyzer`` runs, and how."""
+
+    backend: str = "dlib"  # dlib | insightface
+    detector: str = "hog"  # dlib only: hog | cnn
+    upsample: int = 2  # dlib HOG/CNN upsampling steps: 1 finds 32-48 px faces, 2 finds 24 px faces
+    model_dir: str | None = None  # dlib: folder with the .dat files (default: face_recognition_models');
+    # insightface: a buffalo_l-style folder of .onnx files, or a model name under ``root``
+    root: str | None = None  # insightface: model root (``<root>/models/<model_dir>``)
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    det_size: int = 640  # insightface detector input size
+    det_thresh: float = 0.5
+    max_faces: int = 64  # the largest N faces of an image are kept (hundreds of faces stay bounded)
+    min_face_px: float = 12.0  # smaller detections are dropped
+    max_detect_side: int = 1600  # images are downscaled to this longer side for detection only
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("dlib", "insightface"), f"faces.backend must be dlib or insightface, got {self.backend!r}")
+        _check(self.detector in ("hog", "cnn"), f"faces.detector must be hog or cnn, got {self.detector!r}")
+        _check(0 <= self.upsample <= 4, f"faces.upsample must be in 0..4, got {self.upsample}")
+        _check(self.max_faces >= 1, f"faces.max_faces must be >= 1, got {self.max_faces}")
+        _check(self.det_size >= 32 and self.det_size % 32 == 0, f"faces.det_size must be a multiple of 32, got {self.det_size}")
+        _check(self.max_detect_side >= 64, f"faces.max_detect_side must be >= 64, got {self.max_detect_side}")
+
+
+@dataclass
+class MosaicConfig:
+    """The mosaic restored content image (see ``stylid_core.stylize.mosaic``)."""
+
+    enabled: bool = True
+    max_face_px: float = 64.0  # faces smaller than this go into the mosaic
+    target_face_px: int = 128  # each mosaic face is upscaled so its box is this many px
+    margin: float = 0.6  # crop = face box grown by this fraction of its size on each side
+    upscaler: str = "lanczos"  # lanczos | bicubic | a registered super-resolution upscaler
+    upscaler_model: str | None = None  # weights for a model upscaler
+    max_faces: int = 32  # at most this many (smallest) faces per mosaic
+    feather: float = 0.25  # width of the blend ramp as a fraction of the crop size
+
+    def __post_init__(self) -> None:
+        _check(self.max_face_px > 0, "stylize.mosaic.max_face_px must be > 0")
+        _check(self.target_face_px >= 16, "stylize.mosaic.target_face_px must be >= 16")
+        _check(0 <= self.margin <= 2, f"stylize.mosaic.margin must be in [0, 2], got {self.margin}")
+        _check(self.max_faces >= 1, "stylize.mosaic.max_faces must be >= 1")
+        _check(0 < self.feather <= 0.5, f"stylize.mosaic.feather must be in (0, 0.5], got {self.feather}")
+
+
+@dataclass
+class StylizeConfig:
+    """Which ``Stylizer`` runs, with its engine options and the default style image."""
+
+    engine: str = "classical"
+    style_uri: str | None = None  # default style for rows without style_uri; None = the bundled style
+    options: dict[str, Any] = field(default_factory=dict)  # engine keyword arguments
+    mosaic: MosaicConfig = field(default_factory=MosaicConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mosaic, dict):
+            self.mosaic = _build(MosaicConfig, self.mosaic, "stylize.mosaic")
+        _check(isinstance(self.options, dict), "stylize.options must be a mapping")
+
+
+@dataclass
+class ScoreConfig:
+    """What the score stage computes."""
+
+    compare_without_mosaic: bool = True  # also stylize without mosaic, to report what the mosaic bought
+    redetect: bool = True  # run the detector on the output and record whether each face is found again
+
+
+@dataclass
+class IOConfig:
+    """Limits and storage settings for reading and writing."""
+
+    max_bytes: int = 50_000_000
+    max_pixels: int = 64_000_000
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URI
+    image_format: str = "png"
+
+    def __post_init__(self) -> None:
+        _check(self.max_bytes > 0 and self.max_pixels > 0, "io.max_bytes and io.max_pixels must be > 0")
+        _check(self.image_format in ("png", "jpg"), "io.image_format must be png or jpg")
+
+
+@dataclass
+class StageResources:
+    """Resources of one stage's workers."""
+
+    batch_size: int = 4
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    pool_size: int = 0  # actors; 0 = one per CPU (or per GPU) the cluster has
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
+        _check(self.pool_size >= 0, "pool_size must be >= 0")
+
+
+@dataclass
+class ResourcesConfig:
+    load: StageResources = field(default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5))
+    faces: StageResources = field(default_factory=lambda: StageResources(batch_size=4))
+    stylize: StageResources = field(default_factory=lambda: StageResources(batch_size=4))
+    score: StageResources = field(default_factory=lambda: StageResources(batch_size=4))
+    write: StageResources = field(default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                base = dataclasses.asdict(f.default_factory())  # type: ignore[misc]
+                setattr(self, f.name, _build(StageResources, {**base, **value}, f"resources.{f.name}"))
+
+
+@dataclass
+class JobConfig:
+    """Everything ``stylid run`` needs besides the manifest and output locations."""
+
+    name: str = "default"
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    stylize: StylizeConfig = field(default_factory=StylizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> JobConfig:
+        return _build(cls, data or {}, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """The parts that change what is computed (not where, how fast or with what credentials)."""
+        d = self.to_dict()
+        d.pop("name")
+        d.pop("resources")
+        d["io"].pop("storage_options")
+        return d
+
+    def config_hash(self) -> str:
+        """A short stable hash of ``semantic_dict()``: output keys include it when the config is not the default."""
+        blob = json.dumps(self.semantic_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def is_default(self) -> bool:
+        return self.config_hash() == JobConfig().config_hash()
+
+
+_NESTED = {
+    "faces": FacesConfig,
+    "stylize": StylizeConfig,
+    "score": ScoreConfig,
+    "io": IOConfig,
+    "resources": ResourcesConfig,
+}
+
+
+def _build(cls: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = _NESTED.get(key) if cls is JobConfig else None
+        if sub is not None:
+            value = _build(sub, value or {}, key)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad value in {where or 'config'}: {exc}") from None

@@ -1,0 +1,38 @@
+"""The ``Stylizer`` interface: (content, style, faces) -> stylized image of the content's size."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from stylid_core.faces.base import Face
+from stylid_core.registry import Registry
+
+
+class Stylizer(abc.ABC):
+    """Restyles a content image after a style image, keeping the content's geometry.
+
+    ``faces`` are the faces of ``content`` in its own pixel coordinates; engines may use them (the diffusion
+    engine's content consistency guidance does) or ignore them (the classical engine). The output has the
+    content's height and width, RGB uint8.
+    """
+
+    #: registry name of the engine, recorded in every output row
+    name: str = "abstract"
+    #: a short human description of the model/weights that ran, for reports (e.g. "opencv-classical" or a path)
+    model: str = ""
+
+    @abc.abstractmethod
+    def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
+        """Stylize one image."""
+
+    def stylize_batch(
+        self, contents: list[np.ndarray], styles: list[np.ndarray], faces: list[list[Face]] | None = None
+    ) -> list[np.ndarray]:
+        """Stylize many images; engines that batch on an accelerator override this."""
+        faces = faces if faces is not None else [[] for _ in contents]
+        return [self.stylize(c, s, f) for c, s, f in zip(contents, styles, faces)]
+
+
+STYLIZERS: Registry[Stylizer] = Registry("stylizer")
