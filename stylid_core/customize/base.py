@@ -29,4 +29,7 @@ class Customizer(abc.ABC):
         """``num_images`` RGB uint8 images of the reference's identity; ``pose`` is an optional driving image."""
 
 
-CUSTOMIZERS: Registry[Customizer] = Registry("customizer")
+CUSTOMIZERS: Registry[Customizer] = Registry(
+    "customizer",
+    modules={"facesnap": "stylid_core.customize.facesnap", "ip_adapter_faceid": "stylid_core.customize.ip_adapter_faceid"},
+)

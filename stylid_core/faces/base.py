@@ -126,4 +126,7 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom > 0 else 0.0
 
 
-FACE_ANALYZERS: Registry[FaceAnalyzer] = Registry("face analyzer")
+FACE_ANALYZERS: Registry[FaceAnalyzer] = Registry(
+    "face analyzer",
+    modules={"dlib": "stylid_core.faces.dlib_backend", "insightface": "stylid_core.faces.insightface_backend"},
+)

@@ -35,4 +35,11 @@ class Stylizer(abc.ABC):
         return [self.stylize(c, s, f) for c, s, f in zip(contents, styles, faces)]
 
 
-STYLIZERS: Registry[Stylizer] = Registry("stylizer")
+STYLIZERS: Registry[Stylizer] = Registry(
+    "stylizer",
+    modules={
+        "classical": "stylid_core.stylize.classical",
+        "identity": "stylid_core.stylize.classical",
+        "diffusion": "stylid_core.stylize.diffusion",
+    },
+)
