@@ -40,11 +40,16 @@ class FacesConfig:
     max_detect_side: int = 1600  # images are downscaled to this longer side for detection only
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("dlib", "insightface"), f"faces.backend must be dlib or insightface, got {self.backend!r}")
+        _check(
+            self.backend in ("dlib", "insightface"), f"faces.backend must be dlib or insightface, got {self.backend!r}"
+        )
         _check(self.detector in ("hog", "cnn"), f"faces.detector must be hog or cnn, got {self.detector!r}")
         _check(0 <= self.upsample <= 4, f"faces.upsample must be in 0..4, got {self.upsample}")
         _check(self.max_faces >= 1, f"faces.max_faces must be >= 1, got {self.max_faces}")
-        _check(self.det_size >= 32 and self.det_size % 32 == 0, f"faces.det_size must be a multiple of 32, got {self.det_size}")
+        _check(
+            self.det_size >= 32 and self.det_size % 32 == 0,
+            f"faces.det_size must be a multiple of 32, got {self.det_size}",
+        )
         _check(self.max_detect_side >= 64, f"faces.max_detect_side must be >= 64, got {self.max_detect_side}")
 
 

@@ -26,9 +26,7 @@ class ImageDecodeError(ValueError):
         self.status = status
 
 
-def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
-) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Decode encoded bytes into an RGB uint8 array (H, W, 3).
 
     EXIF orientation is applied; CMYK, 16-bit, greyscale, palette and alpha images are normalised to 8-bit RGB

@@ -31,5 +31,8 @@ class Customizer(abc.ABC):
 
 CUSTOMIZERS: Registry[Customizer] = Registry(
     "customizer",
-    modules={"facesnap": "stylid_core.customize.facesnap", "ip_adapter_faceid": "stylid_core.customize.ip_adapter_faceid"},
+    modules={
+        "facesnap": "stylid_core.customize.facesnap",
+        "ip_adapter_faceid": "stylid_core.customize.ip_adapter_faceid",
+    },
 )
