@@ -144,6 +144,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             self.embedding_dim = out_dim
         batch_dim = self._recognizer.input_shape[0]
         self._recognizer_batches = not (isinstance(batch_dim, int) and batch_dim == 1)
+        logger.info("insightface models from %s on %s", self.model_dir, self.session_providers)
 
     def __repr__(self) -> str:
         return f"InsightFaceAnalyzer(model_dir={str(self.model_dir)!r}, providers={self.providers})"

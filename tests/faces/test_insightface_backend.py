@@ -72,14 +72,15 @@ class TinyArcFace(torch.nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-def _export_models(folder: Path) -> None:
+def _export_models(folder: Path, dynamic: bool = True) -> None:
+    """det_10g.onnx (input 1x3xHxW, or fixed 1x3x640x640) and w600k_r50.onnx (input Bx3x112x112, or fixed B=1)."""
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
         warnings.simplefilter("ignore")
-        _export_onnx(folder)
+        _export_onnx(folder, dynamic)
 
 
-def _export_onnx(folder: Path) -> None:
+def _export_onnx(folder: Path, dynamic: bool) -> None:
     torch.manual_seed(0)
     out_names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
     torch.onnx.export(
@@ -88,7 +89,9 @@ def _export_onnx(folder: Path) -> None:
         str(folder / "det_10g.onnx"),
         input_names=["input.1"],
         output_names=out_names,
-        dynamic_axes={"input.1": {2: "height", 3: "width"}, **{n: {0: "anchors"} for n in out_names}},
+        dynamic_axes={"input.1": {2: "height", 3: "width"}, **{n: {0: "anchors"} for n in out_names}}
+        if dynamic
+        else None,
         dynamo=False,
     )
     torch.onnx.export(
@@ -97,7 +100,7 @@ def _export_onnx(folder: Path) -> None:
         str(folder / "w600k_r50.onnx"),
         input_names=["input.1"],
         output_names=["embedding"],
-        dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
+        dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}} if dynamic else None,
         dynamo=False,
     )
 
@@ -188,6 +191,23 @@ def test_detect_scales_back_to_original_coordinates(model_dir, shape, max_detect
     box, kps = _expected(7 * cell, 4 * cell, cell=cell)
     np.testing.assert_allclose(faces[0].box, box, atol=0.5)
     np.testing.assert_allclose(faces[0].keypoints, kps, atol=0.5)
+
+
+def test_fixed_shape_models(tmp_path):
+    """A detector fixed at 640x640 ignores det_size; a recognizer fixed at batch 1 is called once per face."""
+    folder = tmp_path / "fixed"
+    _export_models(folder, dynamic=False)
+    analyzer = InsightFaceAnalyzer(FacesConfig(backend="insightface", model_dir=str(folder), det_size=320))
+    image = np.zeros((480, 640, 3), dtype=np.uint8)
+    _paint(image, 5 * CELL, 3 * CELL, seed=1)
+    _paint(image, 12 * CELL, 10 * CELL, seed=1)
+    faces = sorted(analyzer.detect(image), key=lambda f: f.box[0])
+    assert len(faces) == 2
+    np.testing.assert_allclose(faces[0].box, _expected(5 * CELL, 3 * CELL)[0], atol=1e-3)
+    assert analyzer._detector.input_size == (640, 640) and not analyzer._recognizer_batches
+    embs = analyzer.embed(image, [f.keypoints for f in faces])
+    assert embs.shape == (2, 512)
+    assert cosine_similarity(embs[0], embs[1]) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_faces_at_image_borders_are_clipped_and_embeddable(analyzer):
