@@ -126,6 +126,12 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             raise ValueError(
                 f"no SCRFD detector (an .onnx with 5 or more outputs) in {str(self.model_dir)!r}; {_HOW_TO_PROVIDE}"
             ) from exc
+        except (ValueError, MemoryError):
+            raise
+        except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, ... for an unreadable model file
+            raise ValueError(
+                f"cannot load the insightface models in {str(self.model_dir)!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         if "recognition" not in self._app.models:
             raise ValueError(
                 f"no ArcFace recognizer (an .onnx with a square input of 112 px or more) in {str(self.model_dir)!r}; "

@@ -9,6 +9,7 @@ The recognizer is a random 112x112 -> 512 convnet.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import warnings
@@ -327,10 +328,10 @@ def no_network(monkeypatch):
 
 def test_missing_or_bad_model_dir_raises_value_error_without_download(tmp_path, model_dir, no_network):
     missing = tmp_path / "nowhere" / "buffalo_l"
-    with pytest.raises(ValueError, match=f"{missing}.*does not exist.*model_dir"):
+    with pytest.raises(ValueError, match=re.escape(str(missing)) + ".*does not exist.*model_dir"):
         InsightFaceAnalyzer(FacesConfig(backend="insightface", model_dir=str(missing)))
     # the insightface way of naming a model: <root>/models/buffalo_l is missing, and is named in the message
-    with pytest.raises(ValueError, match=f"{tmp_path / 'models' / 'buffalo_l'}.*does not exist"):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "models" / "buffalo_l")) + ".*does not exist"):
         create_face_analyzer(FacesConfig(backend="insightface", model_dir="buffalo_l", root=str(tmp_path)))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -346,6 +347,11 @@ def test_missing_or_bad_model_dir_raises_value_error_without_download(tmp_path, 
     shutil.copy(model_dir / "det_10g.onnx", only_det)
     with pytest.raises(ValueError, match="no ArcFace recognizer"):
         InsightFaceAnalyzer(FacesConfig(backend="insightface", model_dir=str(only_det)))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_dir, corrupt)
+    (corrupt / "det_10g.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ValueError, match="cannot load the insightface models in " + re.escape(repr(str(corrupt)))):
+        InsightFaceAnalyzer(FacesConfig(backend="insightface", model_dir=str(corrupt)))
 
 
 def test_unavailable_providers_raise(model_dir):
