@@ -314,9 +314,20 @@ class DiffusionStylizer(Stylizer):
         return ContentPass(recorded.get("q"), recorded.get("k"), recorded.get("v"), trajectory)
 
     @staticmethod
-    def adain(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-        """Per-channel AdaIN of latents: the content's normalized latent with the style's mean and std."""
-        c_mean, c_std = content.mean((2, 3), keepdim=True), content.std((2, 3), keepdim=True)
+    def adain(
+        content: torch.Tensor, style: torch.Tensor, region: torch.Tensor | None = None, eps: float = 1e-5
+    ) -> torch.Tensor:
+        """Per-channel AdaIN of latents: the content's normalized latent with the style's mean and std.
+
+        ``region`` (B, 1, h, w), when given, restricts the content's statistics to where it is 1 (the real image
+        in a mosaic canvas), so the upscaled face tiles do not shift them.
+        """
+        if region is None:
+            c_mean, c_std = content.mean((2, 3), keepdim=True), content.std((2, 3), keepdim=True)
+        else:
+            weight = region / region.sum((2, 3), keepdim=True).clamp(min=1)
+            c_mean = (content * weight).sum((2, 3), keepdim=True)
+            c_std = ((content - c_mean) ** 2 * weight).sum((2, 3), keepdim=True).sqrt()
         s_mean, s_std = style.mean((2, 3), keepdim=True), style.std((2, 3), keepdim=True)
         return (content - c_mean) / (c_std + eps) * s_std + s_mean
 
@@ -368,16 +379,34 @@ class DiffusionStylizer(Stylizer):
 
     # ---- the Stylizer interface ----------------------------------------------------------------------------------
 
-    def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
-        return self.stylize_batch([content], [style], [faces or []])[0]
+    #: ``content_region`` restricts the AdaIN statistics of the content to the real image of a mosaic canvas
+    accepts_content_region = True
+
+    def stylize(
+        self,
+        content: np.ndarray,
+        style: np.ndarray,
+        faces: list[Face] | None = None,
+        content_region: tuple[int, int, int, int] | None = None,
+    ) -> np.ndarray:
+        return self.stylize_batch([content], [style], [faces or []], [content_region])[0]
 
     def stylize_batch(
-        self, contents: list[np.ndarray], styles: list[np.ndarray], faces: list[list[Face]] | None = None
+        self,
+        contents: list[np.ndarray],
+        styles: list[np.ndarray],
+        faces: list[list[Face]] | None = None,
+        content_regions: list[tuple[int, int, int, int] | None] | None = None,
     ) -> list[np.ndarray]:
-        """Stylize many images: contents sharing a style and a working size go through the UNet together."""
+        """Stylize many images: contents sharing a style and a working size go through the UNet together.
+
+        ``content_regions`` (optional, one (x0, y0, x1, y1) or ``None`` per content, in its pixels): the part of
+        each content that is the real image, the rest being mosaic tiles (see ``MosaicRestorer``).
+        """
         if len(styles) != len(contents):
             raise ValueError(f"got {len(contents)} contents but {len(styles)} styles")
         faces = faces if faces is not None else [[] for _ in contents]
+        regions = content_regions if content_regions is not None else [None] * len(contents)
         contents = [_as_rgb(c, "content") for c in contents]
         style_by_id: dict[int, StyleFeatures] = {}
         groups: dict[tuple, list[int]] = {}
@@ -392,28 +421,51 @@ class DiffusionStylizer(Stylizer):
                 chunk = members[start : start + self.config.batch_size]
                 style = style_by_id[id(styles[chunk[0]])]
                 chunk_faces = [faces[i] or [] for i in chunk]
-                results = self._stylize_group([contents[i] for i in chunk], style, chunk_faces, size)
+                chunk_regions = [regions[i] for i in chunk]
+                results = self._stylize_group([contents[i] for i in chunk], style, chunk_faces, size, chunk_regions)
                 for i, out in zip(chunk, results):
                     outputs[i] = out
         return outputs  # type: ignore[return-value]
 
     def stylize_latents(
-        self, latents: torch.Tensor, style: StyleFeatures, mask: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor,
+        style: StyleFeatures,
+        mask: torch.Tensor | None = None,
+        region: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Stylize clean content latents (B, C, h, w) after cached style features; returns clean latents."""
         content = self.content_pass(latents)
         z_T = content.trajectory[self.schedule.timesteps[0]]
         if self.config.adain:
-            z_T = self.adain(z_T, style.z_T)
+            z_T = self.adain(z_T, style.z_T, region)
         return self.sample(z_T, style, content, mask)
 
+    def _region_mask(self, regions, sizes, latent_hw) -> torch.Tensor | None:
+        if all(r is None for r in regions):
+            return None
+        h, w = latent_hw
+        out = torch.zeros(len(regions), 1, h, w, device=self.device)
+        for i, (region, (ch, cw)) in enumerate(zip(regions, sizes)):
+            x0, y0, x1, y1 = region if region is not None else (0, 0, cw, ch)
+            ys = slice(int(y0 * h / ch), max(int(y0 * h / ch) + 1, round(y1 * h / ch)))
+            xs = slice(int(x0 * w / cw), max(int(x0 * w / cw) + 1, round(x1 * w / cw)))
+            out[i, 0, ys, xs] = 1
+        return out
+
     def _stylize_group(
-        self, contents: list[np.ndarray], style: StyleFeatures, faces: list[list[Face]], size: tuple[int, int]
+        self,
+        contents: list[np.ndarray],
+        style: StyleFeatures,
+        faces: list[list[Face]],
+        size: tuple[int, int],
+        regions: list[tuple[int, int, int, int] | None],
     ) -> list[np.ndarray]:
         latents = self.encode(self._to_tensor(contents, size))
         sizes = [c.shape[:2] for c in contents]
         mask = self.face_mask(faces, sizes, latents.shape[-2:])
-        out = self.decode(self.stylize_latents(latents, style, mask))
+        region = self._region_mask(regions, sizes, latents.shape[-2:])
+        out = self.decode(self.stylize_latents(latents, style, mask, region))
         images = []
         for image, (h, w) in zip(out, sizes):
             image = image[None]
