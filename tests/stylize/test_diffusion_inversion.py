@@ -77,3 +77,28 @@ def test_schedule_pairs_match_the_scheduler(engine):
     assert len(s) == 8 and s.timesteps == sorted(s.timesteps, reverse=True)
     # each step's "previous" alpha is the next step's alpha: inversion and sampling visit the same levels
     assert s.alpha_prev[:-1] == s.alpha_t[1:]
+
+
+def test_inversion_stride_halves_the_inversion_and_still_reconstructs():
+    engine = STYLIZERS.create("diffusion", **{**PLAIN, "inversion_stride": 2})
+    calls = []
+    unet = engine._unet
+    engine._unet = lambda x, t, **kw: calls.append(t) or unet(x, t, **kw)
+    latents = engine.encode(engine._to_tensor([_image(0)], (32, 32)))
+    content = engine.content_pass(latents)
+    assert calls == sorted(engine.schedule.timesteps[::2])  # 4 inversion calls for 8 sampling steps
+    assert engine.inversion_schedule.timesteps[0] == engine.schedule.timesteps[0]
+    out = engine.sample(
+        content.trajectory[engine.schedule.timesteps[0]], engine.style_features(_image(2)), content, None
+    )
+    assert _rel(out, latents) < 0.02
+
+
+def test_inversion_stride_serves_each_sampling_step_from_the_nearest_inverted_one():
+    engine = STYLIZERS.create("diffusion", tiny=True, resolution=32, steps=6, inversion_stride=2, anchor=False)
+    ts = engine.schedule.timesteps
+    assert [engine._feature_t[t] for t in ts] == [ts[0], ts[0], ts[2], ts[2], ts[4], ts[4]]
+    used = []
+    engine.state.on_inject = lambda layer, t, q, k, v: used.append(t)
+    engine.stylize(_image(1), _image(2))
+    assert set(used) == {ts[0], ts[2], ts[4]}

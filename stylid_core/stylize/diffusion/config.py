@@ -49,7 +49,10 @@ class DiffusionConfig:
         compile: wrap the UNet in ``torch.compile``.
         resolution: longest side of the working image in px (default 512; 64 for the tiny model); both sides are
             rounded to the model's size multiple (VAE factor times the UNet's downsampling, 64 for SD).
-        steps: DDIM steps of inversion and of sampling (StyleID: 50).
+        steps: DDIM steps of sampling, and of inversion unless ``inversion_stride`` > 1 (StyleID: 50).
+        inversion_stride: the style and content inversions use every ``inversion_stride``-th sampling timestep
+            (1 = all, as StyleID); a sampling step then uses the features (and, for anchoring, the latent) of the
+            nearest inverted timestep. 2 makes the content inversion cost half of the sampling.
         batch_size: most content images per UNet call.
         style_cache_size: styles whose inverted features stay cached on the device (LRU).
 
@@ -95,6 +98,7 @@ class DiffusionConfig:
     compile: bool = False
     resolution: int | None = None
     steps: int = 50
+    inversion_stride: int = 1
     batch_size: int = 4
     style_cache_size: int = 4
 
@@ -151,6 +155,7 @@ class DiffusionConfig:
             self.resolution = 64 if self.tiny else 512
         self._check_int("resolution", 32, 4096)
         self._check_int("steps", 1, 1000)
+        self._check_int("inversion_stride", 1, self.steps)
         self._check_int("batch_size", 1, 1024)
         self._check_int("style_cache_size", 1, 1024)
         self._check_int("face_mask_blur", 0, 64)
@@ -183,4 +188,12 @@ class DiffusionConfig:
 
     def feature_settings(self) -> tuple:
         """The settings that change a style's cached features (part of the style cache key)."""
-        return (self.model, self.tiny, self.resolution, self.steps, tuple(self.layers or ()), self.injection_steps)
+        return (
+            self.model,
+            self.tiny,
+            self.resolution,
+            self.steps,
+            self.inversion_stride,
+            tuple(self.layers or ()),
+            self.injection_steps,
+        )

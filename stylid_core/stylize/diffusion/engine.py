@@ -185,6 +185,8 @@ class DiffusionStylizer(Stylizer):
             self.empty_prompt = text_encoder(ids)[0].to(self.dtype)
         del text_encoder  # only the empty prompt is ever encoded
         self.schedule = DDIMSchedule.from_scheduler(parts.scheduler, cfg.steps)
+        self.inversion_schedule = self.schedule.subsample(cfg.inversion_stride)
+        self._plan_feature_timesteps()
 
         self.layers = select_layers(self.unet, cfg.layers or default_layers(self.unet))
         self.state = InjectionState(feature_dtype=self.dtype)
@@ -261,16 +263,31 @@ class DiffusionStylizer(Stylizer):
         cfg = self.config
         return cfg.inject_kv or cfg.query_preservation or cfg.temperature != 1.0
 
+    def _plan_feature_timesteps(self) -> None:
+        """Which inverted timestep serves each sampling step (features; anchoring latent)."""
+        cfg, n, stride = self.config, len(self.schedule), self.config.inversion_stride
+        inverted = list(range(0, n, stride))  # sampling indices of the inverted timesteps
+        self._recorded_indices = {i for i in inverted if in_window(cfg.injection_steps, i, n)}
+        ts = self.schedule.timesteps
+        self._feature_t: dict[int, int] = {}
+        self._anchor_t: dict[int, int] = {}
+        for i, t in enumerate(ts):
+            if self._recorded_indices:
+                self._feature_t[t] = ts[min(self._recorded_indices, key=lambda j: (abs(j - i), j))]
+            if i + 1 < n:
+                self._anchor_t[t] = ts[min(inverted, key=lambda j: (abs(j - (i + 1)), j))]
+
     def _invert_recording(self, latents: torch.Tensor, keys: tuple[str, ...]):
-        state, cfg, n = self.state, self.config, len(self.schedule)
+        state = self.state
 
         def before_step(index: int, t: int) -> None:
             state.timestep = t
-            state.mode = "record" if keys and in_window(cfg.injection_steps, index, n) else "off"
+            sampling_index = index * self.config.inversion_stride
+            state.mode = "record" if keys and sampling_index in self._recorded_indices else "off"
 
         state.reset_recording(keys)
         try:
-            trajectory = ddim_invert(self._unet_call, latents, self.schedule, before_step)
+            trajectory = ddim_invert(self._unet_call, latents, self.inversion_schedule, before_step)
             recorded = state.recorded
         finally:
             state.mode = "off"
@@ -350,7 +367,9 @@ class DiffusionStylizer(Stylizer):
             for index, t in enumerate(schedule.timesteps):
                 a_t, a_prev = schedule.alpha_t[index], schedule.alpha_prev[index]
                 state.timestep = t
-                state.mode = "inject" if self._injecting() and in_window(cfg.injection_steps, index, n) else "off"
+                state.feature_timestep = self._feature_t.get(t, t)
+                injecting = self._injecting() and self._feature_t and in_window(cfg.injection_steps, index, n)
+                state.mode = "inject" if injecting else "off"
                 guided = mask is not None and cfg.guidance and in_window(cfg.guidance_steps, index, n)
                 if guided and cfg.guidance_grad == "unet":
                     with torch.enable_grad():
@@ -369,7 +388,7 @@ class DiffusionStylizer(Stylizer):
                 x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
                 x = ddim_move(x0, eps, a_prev)
                 if mask is not None and cfg.anchor and in_window(cfg.anchor_steps, index, n):
-                    target = content.trajectory[schedule.timesteps[index + 1]] if index + 1 < n else z_content
+                    target = content.trajectory[self._anchor_t[t]] if index + 1 < n else z_content
                     x = x + cfg.anchor_weight * mask * (target - x)
         finally:
             state.mode = "off"

@@ -38,6 +38,14 @@ class DDIMSchedule:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def subsample(self, stride: int) -> DDIMSchedule:
+        """Every ``stride``-th timestep from the first (noisiest), each step going to the next kept timestep."""
+        keep = list(range(0, len(self.timesteps), stride))
+        alpha_t = [self.alpha_t[i] for i in keep]
+        return DDIMSchedule(
+            [self.timesteps[i] for i in keep], alpha_t, alpha_t[1:] + [self.alpha_prev[-1]], self.prediction_type
+        )
+
     def eps_and_x0(
         self, output: torch.Tensor, sample: torch.Tensor, alpha: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

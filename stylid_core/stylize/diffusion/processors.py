@@ -36,7 +36,8 @@ class InjectionState:
     """
 
     mode: str = "off"  # off | record | inject
-    timestep: int = -1
+    timestep: int = -1  # the UNet's timestep; recordings are stored under it
+    feature_timestep: int = -1  # inject mode: the recorded timestep whose features are used
     record_keys: tuple[str, ...] = ()
     recorded: dict[str, Features] = field(default_factory=dict)
     style_k: Features | None = None
@@ -167,7 +168,7 @@ class StyleInjectionProcessor:
 
     def _inject(self, attn, query, key, value, attention_mask):
         state = self.state
-        t = state.timestep
+        t = state.feature_timestep
         batch, n_tokens, _ = query.shape
         dtype = query.dtype
         mask = state.token_mask(n_tokens)
