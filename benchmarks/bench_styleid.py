@@ -149,12 +149,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--n-content", type=int, default=8)
+    parser.add_argument("--inversion-stride", type=int, default=1, help="ours only: invert every k-th timestep")
     parser.add_argument("--workdir", default=None, help="where the official flow writes its feature files")
     args = parser.parse_args()
 
     options = dict(device=args.device, resolution=args.size, steps=args.steps, batch_size=args.batch)
     options.update(tiny=True) if args.model == "tiny" else options.update(model=args.model)
-    engine = DiffusionStylizer(**options)
+    engine = DiffusionStylizer(**options, inversion_stride=args.inversion_stride)
+    # the official flow: full inversion, one image at a time (an engine of its own when ours strides)
+    official_engine = engine if args.inversion_stride == 1 else DiffusionStylizer(**{**options, "batch_size": 1})
     device = engine.device
     contents = _images(args.n_content, args.size, seed=1)
     style = _images(1, args.size, seed=2)[0]
@@ -180,10 +183,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
 
         def official() -> None:
-            official_flow(engine, contents, style, workdir)
+            official_flow(official_engine, contents, style, workdir)
 
         # warm-up (kernels, allocator, lazy imports), then the timed runs
-        engine.stylize_batch(contents[:1], [style]), official_flow(engine, contents[:1], style, workdir)
+        engine.stylize_batch(contents[:1], [style]), official_flow(official_engine, contents[:1], style, workdir)
         pipe(prompt=[""], image=pil[:1], strength=1.0, num_inference_steps=2, guidance_scale=1.0, output_type="np")
         rows = [
             measure("ours (batched, in-memory style cache)", device, len(contents), ours),
@@ -200,7 +203,7 @@ def main() -> None:
     print(
         f"device: {name} | model: {engine.model} | dtype: {str(engine.dtype).removeprefix('torch.')} | "
         f"size {args.size} | steps {args.steps} | batch {args.batch} | contents {args.n_content} | "
-        f"injected layers {len(engine.layers)}"
+        f"injected layers {len(engine.layers)} | ours: inversion_stride {args.inversion_stride}"
     )
     mem_kind = "peak GPU MiB" if on_gpu else "peak RSS MiB"
     print(f"{'method':<45} {'s/image':>10} {mem_kind:>14}")
