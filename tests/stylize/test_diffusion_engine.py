@@ -183,3 +183,14 @@ def test_tiny_engine_on_gpu_in_half_precision_matches_cpu_shapes():
     tensors = [t for per_t in features.k.values() for t in per_t.values()]
     assert tensors and all(t.is_cuda and t.dtype == torch.float16 for t in tensors)
     assert engine.style_cache.misses == 1  # the second lookup was a hit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_unet_matches_eager_on_gpu():
+    options = dict(tiny=True, resolution=64, steps=3, device="cuda")
+    content, style = _image(1, 64, 64), _image(2, 64, 64)
+    eager = STYLIZERS.create("diffusion", **options).stylize(content, style)
+    compiled = STYLIZERS.create("diffusion", **options, compile=True)
+    compiled.stylize(content, style[::-1].copy())  # compile, and a different style: no per-timestep recompiles
+    assert np.abs(compiled.stylize(content, style).astype(int) - eager).max() <= 2

@@ -46,7 +46,8 @@ class DiffusionConfig:
         revision, variant: passed to ``from_pretrained``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``"auto"`` (float16 on CUDA, float32 on CPU), ``"float32"``, ``"float16"``, ``"bfloat16"``.
-        compile: wrap the UNet in ``torch.compile``.
+        compile: wrap the UNet in ``torch.compile`` (the injected layers' feature lookups stay eager, so the
+            graphs do not recompile per timestep).
         resolution: longest side of the working image in px (default 512; 64 for the tiny model); both sides are
             rounded to the model's size multiple (VAE factor times the UNet's downsampling, 64 for SD).
         steps: DDIM steps of sampling, and of inversion unless ``inversion_stride`` > 1 (StyleID: 50).

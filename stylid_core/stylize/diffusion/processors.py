@@ -58,6 +58,8 @@ class InjectionState:
         self.record_keys = keys
         self.recorded = {k: {} for k in keys}
 
+    # kept out of torch.compile graphs: the timestep-keyed dict lookups would otherwise guard on every timestep
+    @torch.compiler.disable
     def record(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, tensor in (("q", q), ("k", k), ("v", v)):
             if name in self.record_keys:
@@ -166,6 +168,7 @@ class StyleInjectionProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    @torch.compiler.disable
     def _inject(self, attn, query, key, value, attention_mask):
         state = self.state
         t = state.feature_timestep
