@@ -32,7 +32,9 @@ from stylid_core.stylize.base import Stylizer
 
 #: upscalers turn a crop (H, W, 3) uint8 into one of size (width, height)
 Upscaler = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
-UPSCALERS: Registry[Callable[..., Upscaler]] = Registry("face upscaler")
+UPSCALERS: Registry[Callable[..., Upscaler]] = Registry(
+    "face upscaler", modules={"realesrgan": "stylid_core.stylize.sr_upscaler"}
+)
 
 
 @UPSCALERS.register("lanczos")
