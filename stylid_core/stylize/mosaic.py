@@ -173,13 +173,8 @@ class MosaicRestorer(Stylizer):
             plans.append(plan)
             canvases.append(canvas)
             canvas_faces.append(cfs)
-        if self.stylizer.accepts_content_region:
-            stylized = [
-                self.stylizer.stylize(c, s, f, content_region=(0, 0, *p.image_size))
-                for c, s, f, p in zip(canvases, styles, canvas_faces, plans)
-            ]
-        else:
-            stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces)
+        regions = [(0, 0, *p.image_size) for p in plans] if self.stylizer.accepts_content_region else None
+        stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces, content_regions=regions)
         return [self.restore(s, p) for s, p in zip(stylized, plans)]
 
 
