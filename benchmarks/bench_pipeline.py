@@ -85,7 +85,11 @@ def throughput(cores: int, repeats: int) -> dict:
     config = JobConfig()
     with tempfile.TemporaryDirectory() as tmp:
         manifest = repeated_sample(tmp, repeats)
+        # the loop is the one-core baseline: pinned to one CPU, OpenCV on one thread (as the stages set it)
+        all_cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(all_cpus)})
         n_loop, s_loop = loop_run(config, manifest, os.path.join(tmp, "loop"))
+        os.sched_setaffinity(0, all_cpus)
         init_ray(num_cpus=cores, quiet=True)
         n_ray, s_ray = ray_run(config, manifest, os.path.join(tmp, "ray"))
     loop_ips, ray_ips = n_loop / s_loop, n_ray / s_ray

@@ -33,6 +33,13 @@ from stylid_core.stylize.mosaic import MosaicRestorer
 log = logging.getLogger(__name__)
 
 
+def _one_thread_for_opencv() -> None:
+    """Actors are sized in CPUs by Ray; OpenCV would otherwise start a thread per core in every actor."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def image_of(row: Any, column: str = "pixels") -> np.ndarray:
     """The RGB image a row carries in ``column`` (raw bytes plus the row's width and height)."""
     return np.frombuffer(row[column], dtype=np.uint8).reshape(int(row["height"]), int(row["width"]), 3)
@@ -120,6 +127,7 @@ class FaceStage:
     """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors)."""
 
     def __init__(self, faces: FacesConfig) -> None:
+        _one_thread_for_opencv()
         self.config = faces
         self.analyzer: FaceAnalyzer = create_face_analyzer(faces)
 
@@ -161,6 +169,7 @@ class StylizeStage:
     """
 
     def __init__(self, stylize: StylizeConfig, score: ScoreConfig, io: IOConfig) -> None:
+        _one_thread_for_opencv()
         self.config = stylize
         self.compare = score.compare_without_mosaic
         self.stylizer: Stylizer = STYLIZERS.create(stylize.engine, **stylize.options)
@@ -267,6 +276,7 @@ class ScoreStage:
     """
 
     def __init__(self, faces: FacesConfig, score: ScoreConfig, io: IOConfig) -> None:
+        _one_thread_for_opencv()
         self.config = score
         self.analyzer = create_face_analyzer(faces)
         self.styles = StyleCache(io)
