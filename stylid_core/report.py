@@ -105,6 +105,7 @@ def render_report(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summary = summarize(metrics, faces)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>stylid report</title><style>",
@@ -136,6 +137,7 @@ def render_report(
         if len(compared):
             ax.scatter(compared["size_px"], compared["id_sim_no_mosaic"], s=14, marker="x", label="without mosaic")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.legend()
     ax.set_xlabel("face size (px, box side)")
     ax.set_ylabel("identity similarity to source (cosine)")
