@@ -25,8 +25,36 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+#: what the standard AWS environment variables point at during the test run (the S3 fixture's server)
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_endpoint():
+    """A real S3 endpoint (moto's server) on 127.0.0.1, reached through the standard AWS environment variables.
+
+    They are set before Ray starts (``ray_session`` depends on this fixture), so Ray's workers inherit them.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
     """A local Ray with 2 CPUs for the whole test run (started on first use, shut down at the end)."""
     import ray
 
