@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from ray.data import ActorPoolStrategy
 from pipelines.schema import to_table
 from pipelines.stages import FaceStage, LoadStage, ScoreStage, StylizeStage, WriteStage, prepare_rows
 from stylid_core.config import ConfigError, JobConfig, StageResources
-from stylid_core.storage import filesystem, join, read_parquet_dir
+from stylid_core.storage import delete, filesystem, join, list_files, read_parquet_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,16 @@ class RunResult:
         return {**dataclasses.asdict(self), "images_per_second": self.images_per_second}
 
 
+def _drop_orphan_face_shards(output_uri: str, storage_options: dict) -> None:
+    """Delete ``faces/part-<h>`` shards whose ``metrics/part-<h>`` is missing: a batch that crashed between the two
+    writes. Its rows are redone, possibly batched differently (another shard name), which would duplicate them."""
+    done = {posixpath.basename(u) for u in list_files(join(output_uri, "metrics"), ".parquet", storage_options)}
+    for uri in list_files(join(output_uri, "faces"), ".parquet", storage_options):
+        if posixpath.basename(uri) not in done:
+            log.info("removing %s: its batch has no metrics shard and is redone", uri)
+            delete(uri, storage_options)
+
+
 def run_stylize(config: JobConfig, manifest_uri: str, output_uri: str) -> RunResult:
     """Stylize and score every manifest row not yet in ``output_uri``; Ray must be initialised."""
     t0 = time.perf_counter()
@@ -176,6 +187,7 @@ def run_stylize(config: JobConfig, manifest_uri: str, output_uri: str) -> RunRes
     log.info("manifest: %d rows, %d already in the output, %d to process", len(manifest), len(done), len(pending))
     counts: Counter[str] = Counter()
     if len(pending):
+        _drop_orphan_face_shards(output_uri, opts)
         ds = build_dataset(config, pending.reset_index(drop=True), output_uri)
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             counts.update(batch["status"].tolist())

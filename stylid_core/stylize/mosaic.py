@@ -173,8 +173,11 @@ class MosaicRestorer(Stylizer):
             plans.append(plan)
             canvases.append(canvas)
             canvas_faces.append(cfs)
-        regions = [(0, 0, *p.image_size) for p in plans] if self.stylizer.accepts_content_region else None
-        stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces, content_regions=regions)
+        if self.stylizer.accepts_content_region:
+            regions = [(0, 0, *p.image_size) for p in plans]
+            stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces, content_regions=regions)
+        else:  # engines without content regions may implement the three-argument stylize_batch
+            stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces)
         return [self.restore(s, p) for s, p in zip(stylized, plans)]
 
 

@@ -1,0 +1,187 @@
+"""The whole job end to end on a real local Ray, local paths, the embedded default models."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import pipelines.stylize
+from jobs.run import run_job
+from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
+from stylid_core.config import ConfigError, JobConfig
+from tests.pipelines.conftest import write_manifest
+from tests.pipelines.netcheck import ListenerWatch
+
+EXPECTED = {"obama": "ok", "biden": "ok", "scene": "ok", "noface": "no_face", "notimage": "decode_error",
+            "gone": "missing"}  # fmt: skip
+
+
+def _rows(inputs, tmp):
+    rows = [{"image_id": k, "image_uri": inputs[k]} for k in ("obama", "biden", "scene", "noface", "notimage")]
+    rows.append({"image_id": "gone", "image_uri": str(tmp / "no_such_file.jpg")})
+    return rows
+
+
+def _metrics(output) -> pd.DataFrame:
+    return pd.concat([pq.read_table(f).to_pandas() for f in sorted(glob.glob(f"{output}/metrics/part-*.parquet"))])
+
+
+def _faces(output) -> pd.DataFrame:
+    return pd.concat([pq.read_table(f).to_pandas() for f in sorted(glob.glob(f"{output}/faces/part-*.parquet"))])
+
+
+@pytest.fixture(scope="module")
+def manifest(inputs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    return write_manifest(str(tmp / "manifest.parquet"), _rows(inputs, tmp))
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, manifest, tmp_path_factory):
+    """One complete run with the default config; the Ray processes' listening sockets watched while it runs."""
+    output = str(tmp_path_factory.mktemp("out") / "run")
+    with ListenerWatch() as watch:
+        info = run_job(JobConfig(), output, manifest)
+    return output, info, watch
+
+
+def test_every_ray_listener_is_on_loopback(finished):
+    _, _, watch = finished
+    assert watch.seen, "no listening socket of a Ray process was observed"
+    bad = watch.not_loopback()
+    assert not bad, f"Ray processes listening beyond 127.0.0.1 (pid, name, address, port): {bad}"
+
+
+def test_every_manifest_id_appears_exactly_once_with_its_status(finished):
+    output, info, _ = finished
+    metrics = _metrics(output)
+    assert sorted(metrics["image_id"]) == sorted(EXPECTED)
+    assert metrics["image_id"].is_unique
+    assert dict(zip(metrics["image_id"], metrics["status"])) == EXPECTED
+    assert list(metrics.columns) == METRICS_COLUMNS
+    assert info["this_run"]["processed"] == len(EXPECTED) and info["this_run"]["already_done"] == 0
+    assert info["this_run"]["status_counts"] == {"ok": 3, "no_face": 1, "decode_error": 1, "missing": 1}
+    assert info["summary"]["rows"] == len(EXPECTED)
+
+
+def test_images_faces_run_json_success_and_report_are_written(finished):
+    output, info, _ = finished
+    images = sorted(os.listdir(f"{output}/images"))
+    assert images == ["biden.png", "obama.png", "scene.png"]  # default config: no hash suffix, ok rows only
+    metrics = _metrics(output).set_index("image_id")
+    assert metrics.at["scene", "output_uri"] == os.path.join(output, "images", "scene.png")
+    assert pd.isna(metrics.at["noface", "output_uri"])
+    faces = _faces(output)
+    assert list(faces.columns) == list(FACE_COLUMNS)
+    counts = faces.groupby("image_id").size().to_dict()
+    assert counts == {k: int(metrics.at[k, "n_faces"]) for k in ("obama", "biden", "scene")}
+    assert counts["scene"] == 2 and faces["backend"].eq("dlib").all()
+    assert not faces.duplicated(["image_id", "face_index"]).any()
+    with open(f"{output}/run.json") as f:
+        run = json.load(f)
+    assert run["config_hash"] == JobConfig().config_hash() and run["is_default_config"] is True
+    assert run["this_run"]["processed"] == len(EXPECTED)
+    assert os.path.isfile(f"{output}/_SUCCESS")
+    with open(f"{output}/report.html") as f:
+        report = f.read()
+    assert "<html" in report.lower() and "scene" in report
+
+
+def test_rerun_of_a_finished_run_does_no_work(finished, manifest, monkeypatch):
+    output, _, _ = finished
+    done = sorted(glob.glob(f"{output}/metrics/part-*.parquet"))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished run must not build a dataset (and load no model)")
+
+    monkeypatch.setattr(pipelines.stylize, "build_dataset", no_work)
+    monkeypatch.setattr("pipelines.stages.create_face_analyzer", no_work)
+    info = run_job(JobConfig(), output, manifest)
+    assert info["this_run"]["processed"] == 0
+    assert info["this_run"]["already_done"] == len(EXPECTED)
+    assert sorted(glob.glob(f"{output}/metrics/part-*.parquet")) == done
+    assert os.path.isfile(f"{output}/_SUCCESS")
+
+
+@pytest.mark.parametrize("write_batch", [4, 1], ids=["same-batches", "other-batches"])
+def test_resume_processes_exactly_the_missing_rows(finished, manifest, tmp_path, write_batch):
+    """A crash after a batch's images and face rows were written but before its metrics shard: the rerun redoes
+    those rows, also when they are batched differently (resources are not part of the config's identity)."""
+    config = JobConfig.from_dict({"resources": {"write": {"batch_size": write_batch}}})
+    output = str(tmp_path / "resumed")
+    shutil.copytree(finished[0], output)
+    os.remove(f"{output}/_SUCCESS")
+    shards = sorted(glob.glob(f"{output}/metrics/part-*.parquet"))
+    assert len(shards) >= 2
+    # as if the run crashed before writing these shards (their images and face rows may already be there)
+    # the shard holding the scene (rows with faces, so its face rows are on storage already)
+    lost = [s for s in shards if "scene" in pq.read_table(s).column("image_id").to_pylist()]
+    lost_ids = set()
+    for shard in lost:
+        lost_ids |= set(pq.read_table(shard).column("image_id").to_pylist())
+        os.remove(shard)
+    info = run_job(config, output, manifest)
+    assert info["this_run"]["processed"] == len(lost_ids)
+    assert info["this_run"]["already_done"] == len(EXPECTED) - len(lost_ids)
+    metrics = _metrics(output)
+    assert sorted(metrics["image_id"]) == sorted(EXPECTED) and metrics["image_id"].is_unique
+    assert dict(zip(metrics["image_id"], metrics["status"])) == EXPECTED
+    faces = _faces(output)
+    assert not faces.duplicated(["image_id", "face_index"]).any(), "resume duplicated face rows"
+    assert os.path.isfile(f"{output}/_SUCCESS")
+
+
+def test_another_config_into_the_same_output_needs_overwrite(finished, inputs, tmp_path):
+    output = str(tmp_path / "other")
+    shutil.copytree(finished[0], output)
+    small = write_manifest(str(tmp_path / "small.parquet"), [{"image_id": "biden", "image_uri": inputs["biden"]}])
+    other = JobConfig.from_dict({"stylize": {"options": {"levels": 6}}, "score": {"redetect": False}})
+    with pytest.raises(ConfigError, match="another config"):
+        run_job(other, output, small)
+    assert sorted(os.listdir(f"{output}/images")) == ["biden.png", "obama.png", "scene.png"]
+    # resources are not part of the config's identity: same hash, no error, nothing to do
+    same = JobConfig.from_dict({"resources": {"faces": {"batch_size": 1}}})
+    assert run_job(same, output, small)["this_run"]["processed"] == 0
+    info = run_job(other, output, small, overwrite=True)
+    assert info["this_run"]["processed"] == 1 and info["this_run"]["already_done"] == 0
+    metrics = _metrics(output)
+    assert metrics["image_id"].tolist() == ["biden"]
+    assert (metrics["config_hash"] == other.config_hash()).all()
+    assert os.path.isfile(f"{output}/images/biden-{other.config_hash()}.png")
+    with open(f"{output}/run.json") as f:
+        assert json.load(f)["config_hash"] == other.config_hash()
+
+
+def _no_dataset(*args, **kwargs):
+    raise AssertionError("work started")
+
+
+def test_duplicate_image_ids_raise_before_any_work(ray_session, inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipelines.stylize, "build_dataset", _no_dataset)
+    manifest = write_manifest(
+        str(tmp_path / "dupes.parquet"),
+        [{"image_id": "a", "image_uri": inputs["obama"]}, {"image_id": "a", "image_uri": inputs["biden"]}],
+    )
+    with pytest.raises(ValueError, match="duplicate image_id"):
+        run_job(JobConfig(), str(tmp_path / "out"), manifest)
+    # a URI listed twice without ids derives the same id twice
+    manifest = write_manifest(str(tmp_path / "dupes2.parquet"), [{"image_uri": inputs["obama"]}] * 2)
+    with pytest.raises(ValueError, match="duplicate image_id"):
+        run_job(JobConfig(), str(tmp_path / "out"), manifest)
+    assert not os.path.exists(tmp_path / "out" / "metrics") and not os.path.exists(tmp_path / "out" / "run.json")
+
+
+def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipelines.stylize, "build_dataset", _no_dataset)
+    manifest = write_manifest(str(tmp_path / "bad.parquet"), [{"image_id": "a", "path": inputs["obama"]}])
+    with pytest.raises(ValueError, match="image_uri"):
+        run_job(JobConfig(), str(tmp_path / "out"), manifest)
+    with pytest.raises(ValueError, match="cannot read manifest"):
+        run_job(JobConfig(), str(tmp_path / "out"), str(tmp_path / "nope.parquet"))
+    assert not os.path.exists(tmp_path / "out" / "run.json")

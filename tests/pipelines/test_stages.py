@@ -1,0 +1,147 @@
+"""The stages called directly on pandas batches (no Ray): rows are never dropped, failures become statuses and
+failed rows pass later stages untouched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
+from pipelines.stages import (
+    FaceStage,
+    LoadStage,
+    ScoreStage,
+    StylizeStage,
+    WriteStage,
+    image_of,
+    prepare_rows,
+)
+from stylid_core.config import JobConfig
+
+
+@pytest.fixture(scope="module")
+def config() -> JobConfig:
+    return JobConfig.from_dict({"faces": {"upsample": 1}, "score": {"redetect": True}})
+
+
+@pytest.fixture(scope="module")
+def batch(inputs, tmp_path_factory) -> pd.DataFrame:
+    missing = str(tmp_path_factory.mktemp("gone") / "missing.jpg")
+    manifest = pd.DataFrame(
+        {
+            "image_id": ["good", "missing", "notimage", "noface", "empty"],
+            "image_uri": [inputs["obama"], missing, inputs["notimage"], inputs["noface"], ""],
+        }
+    )
+    return prepare_rows(manifest, None)
+
+
+@pytest.fixture(scope="module")
+def staged(batch, config):
+    """The batch after each stage, as pandas frames."""
+    out = {"prepared": batch}
+    out["load"] = LoadStage(config.io)(batch).to_pandas()
+    out["faces"] = FaceStage(config.faces)(out["load"]).to_pandas()
+    out["stylize"] = StylizeStage(config.stylize, config.score, config.io)(out["faces"]).to_pandas()
+    out["score"] = ScoreStage(config.faces, config.score, config.io)(out["stylize"]).to_pandas()
+    return out
+
+
+EXPECTED = {"good": "ok", "missing": "missing", "notimage": "decode_error", "noface": "no_face", "empty": "missing"}
+
+
+def test_prepare_rows_fills_ids_styles_and_flags_empty_uris(batch):
+    assert list(batch["image_id"]) == list(EXPECTED)
+    assert batch.set_index("image_id").at["empty", "status"] == "missing"
+    assert batch["style_uri"].str.endswith("style_ihc.jpg").all()
+    derived = prepare_rows(pd.DataFrame({"image_uri": ["/a.jpg", "/b.jpg"]}), "s3://b/style.png")
+    assert derived["image_id"].str.fullmatch(r"[0-9a-f]{16}").all() and derived["image_id"].nunique() == 2
+    assert (derived["style_uri"] == "s3://b/style.png").all()
+
+
+def test_every_row_is_kept_with_the_right_status_and_error(staged):
+    for name, df in staged.items():
+        assert list(df["image_id"]) == list(EXPECTED), name
+    final = staged["score"].set_index("image_id")
+    for image_id, status in EXPECTED.items():
+        assert final.at[image_id, "status"] == status, image_id
+    assert pd.isna(final.at["good", "error"])
+    for image_id in ("missing", "notimage", "noface", "empty"):
+        assert isinstance(final.at[image_id, "error"], str) and final.at[image_id, "error"]
+    assert "not found" in final.at["missing", "error"]
+    assert "no face" in final.at["noface", "error"]
+
+
+def test_load_stage_decodes_good_rows(staged, inputs):
+    row = staged["load"].set_index("image_id").loc["good"]
+    image = image_of(row)
+    assert image.shape == (int(row["height"]), int(row["width"]), 3) and max(image.shape[:2]) == 200
+
+
+def test_failed_rows_pass_later_stages_untouched(staged):
+    """A row that failed at stage k keeps the exact values of every column it had after stage k."""
+    failed_at = {"missing": "load", "empty": "prepared", "notimage": "load", "noface": "faces"}
+    order = ["prepared", "load", "faces", "stylize", "score"]
+    for image_id, stage in failed_at.items():
+        before = staged[stage].set_index("image_id").loc[image_id]
+        for later in order[order.index(stage) + 1 :]:
+            after = staged[later].set_index("image_id").loc[image_id]
+            for col in before.index:
+                b, a = before[col], after[col]
+                assert (pd.isna(b) and pd.isna(a)) or b == a, f"{image_id}: {col} changed in {later}"
+        final = staged["score"].set_index("image_id").loc[image_id]
+        assert pd.isna(final["out_pixels"]) and pd.isna(final["id_sim_mean"])
+
+
+def test_good_row_gets_faces_output_and_scores(staged, config):
+    row = staged["score"].set_index("image_id").loc["good"]
+    assert row["n_faces"] == 1 and row["n_faces_detected"] == 1
+    out = image_of(row, "out_pixels")
+    assert out.shape == image_of(row).shape and not np.array_equal(out, image_of(row))
+    assert 0 < row["id_sim_mean"] <= 1 and row["id_match_rate"] == 1.0
+    assert row["style_distance"] < row["style_distance_source"]
+    assert row["n_redetected"] == 1
+    faces = json.loads(row["faces_json"])
+    assert faces[0]["scores"]["id_dist"] < 0.6
+    assert faces[0]["scores"]["in_mosaic"] is (faces[0]["size_px"] < config.stylize.mosaic.max_face_px)
+    assert row["mosaic_faces"] == int(faces[0]["scores"]["in_mosaic"])
+    assert row["engine"] == "classical"
+
+
+def test_write_stage_writes_image_faces_and_metrics(staged, config, tmp_path):
+    out = WriteStage(str(tmp_path), config.config_hash(), "", config.io)(staged["score"]).to_pandas()
+    assert list(out.columns) == METRICS_COLUMNS
+    assert list(out["image_id"]) == list(EXPECTED)
+    good = out.set_index("image_id").loc["good"]
+    assert good["output_uri"] == str(tmp_path / "images" / "good.png")
+    assert (tmp_path / "images" / "good.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["good.png"]
+    metrics = pq.read_table(next((tmp_path / "metrics").glob("part-*.parquet"))).to_pandas()
+    assert sorted(metrics["image_id"]) == sorted(EXPECTED)
+    faces = pq.read_table(next((tmp_path / "faces").glob("part-*.parquet")))
+    assert faces.schema.names == list(FACE_COLUMNS)
+    assert faces.to_pandas()["image_id"].tolist() == ["good"]
+
+
+def test_a_stylize_failure_fails_only_its_row(staged, config, monkeypatch):
+    stage = StylizeStage(config.stylize, config.score, config.io)
+    two = pd.concat([staged["faces"], staged["faces"].iloc[[0]].assign(image_id="good2")], ignore_index=True)
+    real = stage.stylizer.stylize
+    calls = []
+
+    def flaky(content, style, faces=None, content_region=None):
+        calls.append(1)
+        if len(calls) <= 2:  # the batch call, then the first row's retry
+            raise RuntimeError("boom")
+        return real(content, style, faces, content_region=content_region)
+
+    monkeypatch.setattr(stage.stylizer, "stylize", flaky)
+    out = stage(two).to_pandas().set_index("image_id")
+    # the batch call fails (call 1), the first row-by-row retry fails (call 2), the second row succeeds
+    assert out.at["good", "status"] == "stylize_error" and "boom" in out.at["good", "error"]
+    assert out.at["good2", "status"] == "ok" and isinstance(out.at["good2", "out_pixels"], bytes)
+    assert out.at["noface", "status"] == "no_face"
