@@ -125,8 +125,9 @@ def tiny_components(config: TinyComponentsConfig | None = None) -> SDComponents:
         tokenizer=tokenizer,
         image_encoder=image_encoder,
         scheduler=_ddim(),
-        noise_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                      beta_start=0.00085, beta_end=0.012),  # fmt: skip
+        noise_scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        ),  # fmt: skip
     ).frozen()
 
 

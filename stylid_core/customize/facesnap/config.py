@@ -44,7 +44,7 @@ class FaceSnapModelConfig:
             self.mixer_dim % self.mixer_heads == 0,
             f"facesnap.model.mixer_dim ({self.mixer_dim}) must be a multiple of mixer_heads ({self.mixer_heads})",
         )
-        _check(self.num_landmarks in (5, 68), f"facesnap.model.num_landmarks must be 5 or 68, got {self.num_landmarks}")
+        _check(self.num_landmarks in (5, 68), f"facesnap.model.num_landmarks must be 5 or 68: {self.num_landmarks}")
         _check(self.landmark_channels in (1, 5), "facesnap.model.landmark_channels must be 1 or 5")
         _check(self.landmark_sigma > 0, "facesnap.model.landmark_sigma must be > 0")
         _check(len(self.controlnet_embedding_channels) >= 1, "controlnet_embedding_channels must not be empty")

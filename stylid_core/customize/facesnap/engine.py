@@ -168,11 +168,22 @@ class FaceSnapEngine:
         out = []
         for a in range(0, n, max_batch):
             sl = slice(a, min(n, a + max_batch))
-            pick = (lambda t: None if t is None else (t if t.shape[0] == 1 else t[sl]))  # noqa: E731
+
+            def pick(t: torch.Tensor | None, sl: slice = sl) -> torch.Tensor | None:
+                return None if t is None else (t if t.shape[0] == 1 else t[sl])
+
             out.append(
                 self._sample_chunk(
-                    all_latents[sl], prompt_embeds[sl], pick(negative_embeds), pick(identity_tokens), pick(lmap),
-                    num_inference_steps, guidance_scale, generator, identity_scale, landmark_scale,
+                    all_latents[sl],
+                    prompt_embeds[sl],
+                    pick(negative_embeds),
+                    pick(identity_tokens),
+                    pick(lmap),
+                    num_inference_steps,
+                    guidance_scale,
+                    generator,
+                    identity_scale,
+                    landmark_scale,
                 )  # fmt: skip
             )
         return np.concatenate(out)

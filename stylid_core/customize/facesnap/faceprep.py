@@ -65,7 +65,7 @@ def shared_landmarker(model_dir: str | None = None) -> DlibLandmarks68:
 
 
 def align_face(image: np.ndarray, keypoints: np.ndarray, size: int, zoom: float = 0.8) -> np.ndarray:
-    """The face at ``keypoints`` (5, 2) warped onto ArcFace's template in a ``size`` square (zoomed out by ``zoom``)."""
+    """The face at ``keypoints`` warped onto the ArcFace template in a ``size`` square (zoom < 1: more context)."""
     template = (ARCFACE_TEMPLATE_112 - 56.0) * zoom + 56.0
     template = template * (size / 112.0)
     matrix, _ = cv2.estimateAffinePartial2D(np.asarray(keypoints, np.float32), template, method=cv2.LMEDS)

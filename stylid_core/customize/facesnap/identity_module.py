@@ -82,7 +82,7 @@ class IdentityPreservingModule(nn.Module):
         self.config = config
         cross = unet.config.cross_attention_dim
         if cross != config.cross_attention_dim:
-            raise ValueError(f"UNet cross_attention_dim is {cross}, modules were built for {config.cross_attention_dim}")
+            raise ValueError(f"UNet cross_attention_dim is {cross}, the modules expect {config.cross_attention_dim}")
         self.layer_names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
         modules = dict(unet.named_modules())
         self.processors = nn.ModuleDict(

@@ -18,7 +18,7 @@ LANDMARK_GROUPS_68: tuple[tuple[int, int], ...] = ((0, 17), (17, 27), (27, 36), 
 
 
 def normalize_landmarks(points: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, N, 2) -> (points centred on their mean and divided by their RMS radius, centre (B, 1, 2), scale (B, 1, 1))."""
+    """(B, N, 2) -> (points centred and divided by their RMS radius, centre (B, 1, 2), scale (B, 1, 1))."""
     center = points.mean(dim=1, keepdim=True)
     scale = (points - center).pow(2).sum(-1).mean(-1, keepdim=True).sqrt().unsqueeze(-1).clamp_min(eps)
     return (points - center) / scale, center, scale

@@ -1,4 +1,4 @@
-"""Facial attribute mixer: CLIP patch tokens (low-level) + face-recognition embedding (high-level) -> identity tokens."""
+"""Facial attribute mixer: CLIP patch tokens (low-level) + recognition embedding (high-level) -> identity tokens."""
 
 from __future__ import annotations
 
