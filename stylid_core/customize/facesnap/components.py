@@ -41,7 +41,7 @@ class SDComponents:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SDComponents:
         for m in (self.unet, self.vae, self.text_encoder, self.image_encoder):
-            m.to(device=device, dtype=dtype)
+            m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
         return self
 
 

@@ -47,8 +47,8 @@ def save_facesnap(modules: FaceSnapModules, path: str, storage_options: dict | N
         json.dump(meta, f, indent=2, default=list)
 
 
-def load_facesnap(path: str, unet: UNet2DConditionModel, storage_options: dict | None = None) -> FaceSnapModules:
-    """Rebuild the modules saved by ``save_facesnap`` at ``path`` (local folder or fsspec URI; never downloads)."""
+def read_facesnap(path: str, storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON metadata, weights) of a checkpoint written by ``save_facesnap``."""
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not fs.exists(f"{root}/{name}"):
@@ -57,6 +57,12 @@ def load_facesnap(path: str, unet: UNet2DConditionModel, storage_options: dict |
         meta = json.load(f)
     with fs.open(f"{root}/{WEIGHTS_NAME}", "rb") as f:
         state = load_safetensors_bytes(f.read())
+    return meta, state
+
+
+def load_facesnap(path: str, unet: UNet2DConditionModel, storage_options: dict | None = None) -> FaceSnapModules:
+    """Rebuild the modules saved by ``save_facesnap`` at ``path`` (local folder or fsspec URI; never downloads)."""
+    meta, state = read_facesnap(path, storage_options)
     config = FaceSnapModelConfig.from_dict(meta["model"])
     controlnet = None
     if config.use_controlnet:
