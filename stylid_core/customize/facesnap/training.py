@@ -276,8 +276,10 @@ class FaceSnapTrainer:
         self.modules.train()
         amp = self.config.mixed_precision != "no" and self.device.type == "cuda"
         dtype = torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        # noise, timesteps and dropouts come from (seed, step), so a resumed run repeats an uninterrupted one
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
         with torch.autocast(self.device.type, dtype=dtype, enabled=amp):
-            losses = model(batch)
+            losses = model(batch, generator=g)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if self.config.grad_clip > 0:
