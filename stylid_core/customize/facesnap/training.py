@@ -269,6 +269,7 @@ class FaceSnapTrainer:
             weight_decay=config.weight_decay,
         )
         self.step = 0
+        self.resumed_from: int | None = None
 
     def train_step(self, batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, float]:
         """One optimiser step on ``batch``; ``model`` may be a DDP wrapper of ``self.model``."""
@@ -303,7 +304,7 @@ class FaceSnapTrainer:
         with fs.open(f"{root}/{TRAIN_STATE_NAME}", "wb") as f:
             torch.save(state, f)
         with fs.open(f"{root}/train_progress.json", "w") as f:
-            json.dump({"step": self.step}, f)
+            json.dump({"step": self.step, "resumed_from": self.resumed_from}, f)
 
     def load(self, path: str, storage_options: dict | None = None) -> None:
         """Resume from a folder written by ``save``."""
@@ -314,3 +315,4 @@ class FaceSnapTrainer:
             state = torch.load(f, map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.resumed_from = self.step
