@@ -146,7 +146,7 @@ def load_components(base_model: str, image_encoder: str, dtype: torch.dtype = to
     sub = {"subfolder": None}
     if image_encoder and ":" in image_encoder and not os.path.exists(image_encoder):
         image_encoder, sub["subfolder"] = image_encoder.rsplit(":", 1)
-    kw = {"torch_dtype": dtype}
+    kw = {"dtype": dtype}
     comps = SDComponents(
         unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", **kw),
         vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae", **kw),
