@@ -34,7 +34,8 @@ class FacesConfig:
     root: str | None = None  # insightface: model root (``<root>/models/<model_dir>``)
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     det_size: int = 640  # insightface detector input size
-    det_thresh: float = 0.5
+    det_thresh: float = 0.5  # insightface detection score threshold
+    hog_threshold: float = 0.0  # dlib HOG: detections must score above this margin (raise it against false positives)
     max_faces: int = 64  # the largest N faces of an image are kept (hundreds of faces stay bounded)
     min_face_px: float = 12.0  # smaller detections are dropped
     max_detect_side: int = 1600  # images are downscaled to this longer side for detection only
@@ -60,7 +61,7 @@ class MosaicConfig:
     enabled: bool = True
     max_face_px: float = 64.0  # faces smaller than this go into the mosaic
     target_face_px: int = 128  # each mosaic face is upscaled so its box is this many px
-    margin: float = 0.6  # crop = face box grown by this fraction of its size on each side
+    margin: float = 0.5  # crop = face box grown by this fraction of its size on each side
     upscaler: str = "lanczos"  # lanczos | bicubic | a registered super-resolution upscaler
     upscaler_model: str | None = None  # weights for a model upscaler
     max_faces: int = 32  # at most this many (smallest) faces per mosaic

@@ -31,8 +31,10 @@ def size_bucket(size_px: float) -> str:
 class Face:
     """One detected face, in the pixel coordinates of the image it was found in.
 
-    ``keypoints`` are five (x, y) points in the insightface/ArcFace order: left eye, right eye, nose tip,
-    left mouth corner, right mouth corner (left/right as seen in the image).
+    ``keypoints`` are the five (x, y) points of the backend's 5-point model, which its embedder aligns from:
+    insightface/ArcFace order (eye centres, nose tip, mouth corners) for ``insightface``; dlib's order (two
+    corners of each eye, base of the nose) for ``dlib``. Stylization keeps geometry, so the same keypoints
+    locate the face in a stylized output. Compare keypoints only within one backend.
     """
 
     box: tuple[float, float, float, float]  # x0, y0, x1, y1

@@ -22,6 +22,10 @@ class Stylizer(abc.ABC):
     name: str = "abstract"
     #: a short human description of the model/weights that ran, for reports (e.g. "opencv-classical" or a path)
     model: str = ""
+    #: engines that compute global statistics (colour transfer, AdaIN) set this and accept ``content_region``
+    #: in ``stylize``: the (x0, y0, x1, y1) part of ``content`` that is the real image, the rest being a mosaic
+    #: of upscaled faces whose statistics must not shift the style of the whole.
+    accepts_content_region: bool = False
 
     @abc.abstractmethod
     def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
