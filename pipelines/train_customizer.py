@@ -35,8 +35,6 @@ class FacePairStage:
     """Ray Data stage: manifest rows (image URI, optional caption) -> training pairs; rows without a face are dropped
     from the training set (and counted in the ``pairs_skipped`` log line)."""
 
-    num_cpus = 1.0
-
     def __init__(self, config: dict[str, Any], clip_size: int, face_embed_dim: int, num_landmarks: int) -> None:
         self.config = FaceSnapTrainConfig.from_dict(config)
         self.extractor = FacePairExtractor(self.config, clip_size, face_embed_dim, num_landmarks)
@@ -77,8 +75,8 @@ def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: in
         FacePairStage,
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
         batch_size=4,
-        num_cpus=FacePairStage.num_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, config.num_workers)),
+        num_cpus=config.pair_cpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=config.pair_actors),
     )
 
 

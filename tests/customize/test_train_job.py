@@ -8,20 +8,8 @@ import os
 import fsspec
 import numpy as np
 import pandas as pd
-import pytest
 
 from stylid_core.imageio import encode_png
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray listener on 127.0.0.1
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def _manifest(tmp_path, astronaut) -> str:

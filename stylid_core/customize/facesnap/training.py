@@ -68,6 +68,8 @@ class FaceSnapTrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    pair_cpus: float = 1.0  # CPUs per pair-extraction actor (Ray Data); leave room for the train workers
+    pair_actors: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +90,7 @@ class FaceSnapTrainConfig:
         for name in ("caption_dropout", "identity_dropout", "pose_angle_prob"):
             _check(0 <= getattr(self, name) <= 1, f"train.{name} must be in [0, 1]")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.pair_cpus > 0 and self.pair_actors >= 1, "train.pair_cpus must be > 0, pair_actors >= 1")
         if self.tiny is not None:
             self.resolution = self.tiny.sample_size
 
