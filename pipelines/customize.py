@@ -161,6 +161,7 @@ class CustomizeStage:
                     if face_d.get("landmarks") is not None:
                         face.landmarks = np.asarray(face_d["landmarks"], np.float32)
                     pose = df.at[i, "pose_png"]
+                    pose = pose if isinstance(pose, (bytes, bytearray, memoryview)) else None  # null: no pose
                     images = self.customizer.generate(
                         _decode_png(df.at[i, "ref_png"]), face, str(df.at[i, "prompt"]),
                         num_images=int(df.at[i, "num_images"]),
