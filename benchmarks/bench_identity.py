@@ -8,7 +8,12 @@ stylization that the mosaic recovers, (d_plain - d_mosaic) / (d_plain - d_floor)
 distance to the style image with and without mosaic.
 
     python benchmarks/bench_identity.py                    # classical engine (the embedded default)
-    python benchmarks/bench_identity.py --engine diffusion --options '{"tiny": true}'
+    python benchmarks/bench_identity.py --engine diffusion --options '{"tiny": true, "resolution": 128, "steps": 10}'
+    python benchmarks/bench_identity.py --model /models/sd15    # the paper's comparison with real SD weights:
+        baseline StyleID (no mosaic, no consistency guidance) vs + mosaic vs + mosaic + consistency guidance
+
+With the tiny random model the diffusion figures only exercise the code (its output is noise-like); the real
+comparison needs real weights (``--model``) and, at 512 px and 50 steps, a GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ PEOPLE = ("biden", "obama2", "grace_hopper", "astronaut", "obama")
 SIZES = (24, 32, 48, 64, 96)
 
 
-def run(engine: str, options: dict, sizes=SIZES, mosaic: MosaicConfig | None = None, verbose: bool = True) -> dict:
+def run(
+    engine: str, options: dict, sizes=SIZES, mosaic: MosaicConfig | None = None, verbose: bool = True, label: str = ""
+) -> dict:
     analyzer = create_face_analyzer(FacesConfig(backend="dlib"))
     style = load_photo(default_style_path().rsplit("/", 1)[-1].rsplit(".", 1)[0])
     references, photo_kps = {}, {}
@@ -76,7 +83,7 @@ def run(engine: str, options: dict, sizes=SIZES, mosaic: MosaicConfig | None = N
             }
         )
     if verbose:
-        print_table(rows, f"{stylizer.name} ({stylizer.model})", analyzer)
+        print_table(rows, f"{label}{stylizer.name} ({stylizer.model})", analyzer)
     return {"engine": stylizer.name, "model": stylizer.model, "rows": rows}
 
 
@@ -124,8 +131,18 @@ def main() -> None:
     parser.add_argument("--engine", default="classical")
     parser.add_argument("--options", default="{}", help="engine options as JSON")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--model", help="Stable Diffusion folder or hub id: run the paper's three diffusion variants")
     args = parser.parse_args()
-    run(args.engine, json.loads(args.options), sizes=tuple(int(s) for s in args.sizes.split(",")))
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    if not args.model:
+        run(args.engine, json.loads(args.options), sizes=sizes)
+        return
+    base = {"model": args.model, **json.loads(args.options)}
+    # "plain" columns are the engine without mosaic; the guidance switch changes the engine itself
+    print("== baseline StyleID (plain columns) vs + mosaic (mosaic columns), consistency guidance off ==")
+    run("diffusion", {**base, "guidance": False, "reweight": False, "anchor": False}, sizes=sizes)
+    print("== + consistency guidance (plain: guidance only; mosaic: mosaic + guidance) ==")
+    run("diffusion", {**base, "guidance": True, "reweight": True, "anchor": True}, sizes=sizes)
 
 
 if __name__ == "__main__":

@@ -129,11 +129,12 @@ class StageResources:
 
 @dataclass
 class ResourcesConfig:
-    load: StageResources = field(default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5))
-    faces: StageResources = field(default_factory=lambda: StageResources(batch_size=4))
-    stylize: StageResources = field(default_factory=lambda: StageResources(batch_size=4))
-    score: StageResources = field(default_factory=lambda: StageResources(batch_size=4))
-    write: StageResources = field(default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5))
+    # defaults fit a 2-core machine with every pool running at once (a pool that cannot start stalls the stream)
+    load: StageResources = field(default_factory=lambda: StageResources(batch_size=4, num_cpus=0.25))
+    faces: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.5))
+    stylize: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.5))
+    score: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.5))
+    write: StageResources = field(default_factory=lambda: StageResources(batch_size=4, num_cpus=0.25))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -171,11 +172,24 @@ class JobConfig:
 
     def config_hash(self) -> str:
         """A short stable hash of ``semantic_dict()``: output keys include it when the config is not the default."""
-        blob = json.dumps(self.semantic_dict(), sort_keys=True, default=str).encode()
+        blob = json.dumps(_normalise(self.semantic_dict()), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
     def is_default(self) -> bool:
         return self.config_hash() == JobConfig().config_hash()
+
+
+def _normalise(value: Any) -> Any:
+    """Numbers as floats (YAML's ``64`` and a default's ``64.0`` are the same setting), recursively."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
 
 
 _NESTED = {

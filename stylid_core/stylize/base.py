@@ -32,10 +32,22 @@ class Stylizer(abc.ABC):
         """Stylize one image."""
 
     def stylize_batch(
-        self, contents: list[np.ndarray], styles: list[np.ndarray], faces: list[list[Face]] | None = None
+        self,
+        contents: list[np.ndarray],
+        styles: list[np.ndarray],
+        faces: list[list[Face]] | None = None,
+        content_regions: list[tuple[int, int, int, int] | None] | None = None,
     ) -> list[np.ndarray]:
-        """Stylize many images; engines that batch on an accelerator override this."""
+        """Stylize many images; engines that batch on an accelerator override this.
+
+        ``content_regions`` is passed on (one per content) only to engines with ``accepts_content_region``.
+        """
         faces = faces if faces is not None else [[] for _ in contents]
+        if self.accepts_content_region and content_regions is not None:
+            return [
+                self.stylize(c, s, f, content_region=r)  # type: ignore[call-arg]
+                for c, s, f, r in zip(contents, styles, faces, content_regions)
+            ]
         return [self.stylize(c, s, f) for c, s, f in zip(contents, styles, faces)]
 
 

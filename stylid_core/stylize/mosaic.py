@@ -32,7 +32,9 @@ from stylid_core.stylize.base import Stylizer
 
 #: upscalers turn a crop (H, W, 3) uint8 into one of size (width, height)
 Upscaler = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
-UPSCALERS: Registry[Callable[..., Upscaler]] = Registry("face upscaler")
+UPSCALERS: Registry[Callable[..., Upscaler]] = Registry(
+    "face upscaler", modules={"realesrgan": "stylid_core.stylize.sr_upscaler"}
+)
 
 
 @UPSCALERS.register("lanczos")
@@ -171,13 +173,8 @@ class MosaicRestorer(Stylizer):
             plans.append(plan)
             canvases.append(canvas)
             canvas_faces.append(cfs)
-        if self.stylizer.accepts_content_region:
-            stylized = [
-                self.stylizer.stylize(c, s, f, content_region=(0, 0, *p.image_size))
-                for c, s, f, p in zip(canvases, styles, canvas_faces, plans)
-            ]
-        else:
-            stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces)
+        regions = [(0, 0, *p.image_size) for p in plans] if self.stylizer.accepts_content_region else None
+        stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces, content_regions=regions)
         return [self.restore(s, p) for s, p in zip(stylized, plans)]
 
 

@@ -1,0 +1,146 @@
+"""``stylid run``: stylize and score a manifest (or the bundled sample), write images, metrics and a report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import tempfile
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.config import load_job_config
+from jobs.ray_cluster import init_ray
+from stylid_core.config import ConfigError, JobConfig
+from stylid_core.report import format_summary, summarize, write_report
+from stylid_core.storage import delete, join, read_bytes, read_parquet_dir, write_bytes
+
+log = logging.getLogger(__name__)
+DEFAULT_OUTPUT = "stylid-output"
+_VERSIONED = ("stylid", "ray", "torch", "diffusers", "transformers", "dlib-bin", "insightface", "onnxruntime",
+              "opencv-python-headless", "pyarrow", "pandas", "numpy", "fsspec", "s3fs")  # fmt: skip
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="stylize and score a manifest of images (default: the bundled sample)")
+    p.add_argument("--manifest", help="Parquet file or prefix (local path or fsspec URI) with an image_uri column;"
+                   " omitted: the bundled sample")  # fmt: skip
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"output folder or URI (default: ./{DEFAULT_OUTPUT})")
+    p.add_argument("--config", default="default", help="config name in configs/ or a YAML path (default: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output written with another config")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.set_defaults(func=main)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_sample_manifest(output_uri: str, storage_options: dict) -> str:
+    """Put the bundled sample images under ``<output>/sample_inputs/`` and return its manifest's URI."""
+    from stylid_core.sample_data import write_sample_set
+
+    base = join(output_uri, "sample_inputs")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in write_sample_set(tmp):
+            name = os.path.basename(row["image_uri"])
+            uri = join(base, name)
+            with open(row["image_uri"], "rb") as f:
+                write_bytes(uri, f.read(), storage_options)
+            rows.append({"image_id": row["image_id"], "image_uri": uri})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), buf)
+    manifest = join(base, "manifest.parquet")
+    write_bytes(manifest, buf.getvalue(), storage_options)
+    return manifest
+
+
+def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> None:
+    """Refuse to mix two configs' rows in one output (the resume ledger would count the other config's rows)."""
+    opts = config.io.storage_options
+    try:
+        previous = json.loads(read_bytes(join(output_uri, "run.json"), opts))
+    except Exception:
+        return
+    if previous.get("config_hash") == config.config_hash():
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{output_uri} holds a run with another config (hash {previous.get('config_hash')}, this one is"
+            f" {config.config_hash()}); choose another --output, or pass --overwrite to start over there"
+        )
+    for sub in ("metrics", "faces"):
+        from stylid_core.storage import filesystem
+
+        fs, path = filesystem(join(output_uri, sub), opts)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    delete(join(output_uri, "_SUCCESS"), opts)
+
+
+def run_job(
+    config: JobConfig,
+    output_uri: str,
+    manifest_uri: str | None = None,
+    overwrite: bool = False,
+    report: bool = True,
+) -> dict:
+    """The whole job on an initialised Ray: returns the content of ``run.json``."""
+    from pipelines.stylize import run_stylize
+
+    opts = config.io.storage_options
+    started = dt.datetime.now(dt.timezone.utc).isoformat()
+    check_output_config(output_uri, config, overwrite)
+    delete(join(output_uri, "_SUCCESS"), opts)
+    manifest_uri = manifest_uri or write_sample_manifest(output_uri, opts)
+    result = run_stylize(config, manifest_uri, output_uri)
+    metrics = read_parquet_dir(join(output_uri, "metrics"), opts)
+    faces = read_parquet_dir(join(output_uri, "faces"), opts)
+    summary = summarize(metrics, faces)
+    info = {
+        "manifest": manifest_uri,
+        "output": output_uri,
+        "config": config.to_dict(),
+        "config_hash": config.config_hash(),
+        "is_default_config": config.is_default(),
+        "versions": versions(),
+        "started": started,
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "this_run": result.to_dict(),
+        "summary": summary,
+    }
+    write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
+    if report and len(metrics):
+        info["report"] = write_report(output_uri, opts)
+    write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
+    return info
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_job_config(args.config, args.set)
+    init_ray(args.address, args.num_cpus)
+    info = run_job(config, args.output, args.manifest, overwrite=args.overwrite, report=not args.no_report)
+    r = info["this_run"]
+    print()
+    print(f"stylid run: {r['total_rows']} rows in the manifest, {r['already_done']} already done, "
+          f"{r['processed']} processed in {r['seconds']:.1f} s ({r['images_per_second']:.2f} images/s)")  # fmt: skip
+    print(format_summary(info["summary"]))
+    print(f"output: {args.output}" + (f"  report: {info['report']}" if "report" in info else ""))
+    return 0

@@ -1,0 +1,115 @@
+"""The one record that flows through every stage, as Arrow types.
+
+A stage adds columns and never drops a row; every stage's output is typed from this table, so batches whose
+values happen to be all null still concatenate with the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pandas as pd
+import pyarrow as pa
+
+COLUMNS: dict[str, pa.DataType] = {
+    # manifest
+    "image_id": pa.string(),
+    "image_uri": pa.string(),
+    "style_uri": pa.string(),
+    # every stage
+    "status": pa.string(),
+    "error": pa.string(),
+    # load
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "pixels": pa.binary(),  # raw RGB uint8, height*width*3 bytes
+    # faces
+    "n_faces": pa.int32(),
+    "n_faces_detected": pa.int32(),  # before the max_faces cap
+    "faces_json": pa.string(),
+    # stylize
+    "out_pixels": pa.binary(),
+    "plain_pixels": pa.binary(),  # stylized without mosaic, when compared
+    "engine": pa.string(),
+    "model": pa.string(),
+    "mosaic_faces": pa.int32(),
+    # score
+    "id_sim_mean": pa.float64(),
+    "id_sim_min": pa.float64(),
+    "id_sim_mean_no_mosaic": pa.float64(),
+    "id_match_rate": pa.float64(),
+    "n_redetected": pa.int32(),
+    "style_distance": pa.float64(),
+    "style_distance_source": pa.float64(),
+    "style_distance_no_mosaic": pa.float64(),
+    "content_ssim": pa.float64(),
+    # write
+    "output_uri": pa.string(),
+    "config_hash": pa.string(),
+    # timings (seconds)
+    "t_load": pa.float64(),
+    "t_faces": pa.float64(),
+    "t_stylize": pa.float64(),
+    "t_score": pa.float64(),
+    "t_write": pa.float64(),
+}
+
+#: the per-image metrics table: everything but pixels and the per-face JSON
+METRICS_COLUMNS = [c for c in COLUMNS if c not in ("pixels", "out_pixels", "plain_pixels", "faces_json")]
+
+FACE_COLUMNS: dict[str, pa.DataType] = {
+    "image_id": pa.string(),
+    "face_index": pa.int32(),
+    "x0": pa.float64(),
+    "y0": pa.float64(),
+    "x1": pa.float64(),
+    "y1": pa.float64(),
+    "det_score": pa.float64(),
+    "size_px": pa.float64(),
+    "size_bucket": pa.string(),
+    "in_mosaic": pa.bool_(),
+    "id_sim": pa.float64(),
+    "id_dist": pa.float64(),
+    "id_match": pa.bool_(),
+    "id_sim_no_mosaic": pa.float64(),
+    "id_dist_no_mosaic": pa.float64(),
+    "id_match_no_mosaic": pa.bool_(),
+    "redetected": pa.bool_(),
+    "backend": pa.string(),
+}
+
+
+def to_table(df: pd.DataFrame, columns: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """``df`` as an Arrow table with every known column typed from ``columns`` (default: ``COLUMNS``)."""
+    columns = columns or COLUMNS
+    fields = [pa.field(name, columns.get(name, pa.string())) for name in df.columns]
+    arrays = []
+    for field in fields:
+        values = df[field.name].tolist()
+        values = [None if _is_missing(v) else v for v in values]
+        arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _is_missing(v: object) -> bool:
+    try:
+        return v is None or (isinstance(v, float) and v != v) or v is pd.NA or v is pd.NaT
+    except TypeError:
+        return False
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def derive_image_id(uri: str) -> str:
+    """A stable id for a row without one: 16 hex digits of the URI's SHA-256."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def object_key(image_id: str) -> str:
+    """A storage-safe file stem for ``image_id``: itself when safe, else a cleaned form plus a short hash."""
+    if _SAFE.search(image_id) is None and image_id not in (".", "..") and len(image_id) <= 128:
+        return image_id
+    cleaned = _SAFE.sub("_", image_id)[:96].strip("._") or "id"
+    return f"{cleaned}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
