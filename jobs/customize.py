@@ -8,6 +8,7 @@ import json
 import fsspec
 import yaml
 
+from jobs.ray_cluster import init_ray
 from stylid_core.customize.job_config import CustomizeJobConfig
 
 
@@ -17,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--config", required=True, help="YAML with a CustomizeJobConfig (optionally under 'customize:')")
     p.add_argument("--manifest", required=True, help="Parquet: reference_uri, prompt[, pose_uri, num_images]")
     p.add_argument("--output", required=True, help="output folder (any fsspec URI)")
-    p.add_argument("--ray-address", default=None)
+    p.add_argument(
+        "--address", dest="ray_address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -29,13 +32,10 @@ def load_config(path: str) -> CustomizeJobConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from pipelines.customize import run_customize
 
     config = load_config(args.config)
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+    init_ray(args.ray_address)
     result = run_customize(config, args.manifest, args.output)
     print(json.dumps(result.to_dict(), indent=2))
     return 0

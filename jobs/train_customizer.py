@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from jobs.ray_cluster import init_ray
 from stylid_core.customize.facesnap.training import FaceSnapTrainConfig
 
 
@@ -20,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--storage-path", help="override train.storage_path (any fsspec URI)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--num-workers", type=int, help="override train.num_workers")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument(
+        "--address", dest="ray_address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -37,8 +40,6 @@ def load_config(path: str, overrides: dict[str, Any] | None = None) -> FaceSnapT
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from pipelines.train_customizer import run_training
 
     config = load_config(
@@ -51,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     logging.basicConfig(level=logging.INFO)
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+    init_ray(args.ray_address)
     result = run_training(config)
     print(json.dumps(result, indent=2, default=str))
     return 0
