@@ -7,10 +7,12 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from stylid_core.imageio import decode_image, encode_png
 
 
+@pytest.mark.slow  # a real local Ray: 20-150 s on 2 shared cores
 def test_customize_job_writes_images_and_metrics(tmp_path, astronaut, ray_local):
     from jobs.customize import main
 

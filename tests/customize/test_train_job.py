@@ -8,6 +8,7 @@ import os
 import fsspec
 import numpy as np
 import pandas as pd
+import pytest
 
 from stylid_core.imageio import encode_png
 
@@ -24,6 +25,7 @@ def _manifest(tmp_path, astronaut) -> str:
     return path
 
 
+@pytest.mark.slow  # a real local Ray: 20-150 s on 2 shared cores
 def test_train_then_resume_on_ray(tmp_path, astronaut, ray_local):
     from jobs.train_customizer import load_config, main
     from pipelines.train_customizer import latest_checkpoint
