@@ -1,0 +1,140 @@
+"""Cost of the FaceSnap customize engine against plain diffusers text-to-image at the same steps and batch.
+
+Reports images/s and peak memory of both, and their ratio (target: FaceSnap <= 1.3x plain SD's time per image).
+On a GPU (``--device cuda``) peak memory is CUDA's peak allocation; on CPU it is the process's peak RSS growth
+measured in a fresh child process per engine (so the two do not share a high-water mark), split into set-up
+(extra modules; for FaceSnap also the dlib models used to find the reference's landmarks) and inference growth.
+
+Without a GPU it runs *small*: random components at ``--size`` px with ``--width`` UNet channels. Those figures
+show the relative overhead of the identity attention, the mixer and the ControlNet branch, not SD 1.5 speed.
+
+    python benchmarks/bench_customize.py --device cpu --size 64 --steps 4 --batch 2
+    python benchmarks/bench_customize.py --device cuda --sd15-shapes --size 512 --steps 30 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _components(args):
+    from stylid_core.customize.facesnap.components import tiny_components
+    from stylid_core.customize.facesnap.config import TinyComponentsConfig
+
+    if args.sd15_shapes:  # an SD 1.5-shaped UNet (random weights) - meaningful on a GPU only
+        tiny = TinyComponentsConfig(sample_size=args.size, block_out_channels=(320, 640, 1280, 1280),
+                                    cross_attention_dim=768, vision_hidden=1024, vision_image_size=224,
+                                    vision_patch=14)  # fmt: skip
+    else:
+        tiny = TinyComponentsConfig(sample_size=args.size, block_out_channels=(args.width, args.width * 2),
+                                    cross_attention_dim=32)  # fmt: skip
+    return tiny_components(tiny)
+
+
+def _run(kind: str, args, queue) -> None:
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from stylid_core.customize.facesnap.engine import FaceSnapEngine, tiny_model_config
+    from stylid_core.customize.facesnap.modules import FaceSnapModules
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    comps = _components(args)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after the shared SD components are built
+    if kind == "plain":
+        pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                       unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False).to(device)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+
+        def once(seed):
+            pipe("a portrait", num_inference_steps=args.steps, guidance_scale=5.0, height=args.size,
+                 width=args.size, num_images_per_prompt=args.batch, output_type="np",
+                 generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    else:
+        extra = {"num_tokens": 16, "mixer_dim": 768, "mixer_depth": 4, "mixer_heads": 12} if args.sd15_shapes else {}
+        modules = FaceSnapModules(tiny_model_config(comps, **extra), comps.unet)
+        engine = FaceSnapEngine(comps, modules).to(device)
+        from skimage.data import astronaut
+
+        from stylid_core.customize.facesnap.faceprep import shared_landmarker
+        from stylid_core.customize.facesnap.landmarks import keypoints5_from_68
+        from stylid_core.faces.base import Face
+
+        img = astronaut()
+        lm = shared_landmarker()
+        box = lm.detect(img)[0]
+        points = lm.landmarks(img, box)
+        face = Face(box=box, keypoints=keypoints5_from_68(points), score=1.0, embedding=lm.embed(img, box),
+                    landmarks=points)  # fmt: skip
+
+        def once(seed):
+            engine.generate(img, face, "a portrait", num_images=args.batch, seed=seed, resolution=args.size,
+                            num_inference_steps=args.steps, guidance_scale=5.0, max_batch=args.batch)  # fmt: skip
+
+    setup_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    once(0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        once(r + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        # peak RSS growth past set-up (KiB -> MiB on Linux); 0 when inference stays under set-up's high-water mark
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024 - setup_mib
+    sec = float(np.median(times))
+    queue.put({"kind": kind, "sec_per_batch": sec, "images_per_s": args.batch / sec, "peak_mem_mib": peak,
+               "setup_mem_mib": setup_mib})  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, default=64, help="image px")
+    p.add_argument("--width", type=int, default=32, help="UNet base channels of the small CPU model")
+    p.add_argument("--sd15-shapes", action="store_true", help="SD 1.5-shaped UNet/CLIP (GPU)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    results = {}
+    for kind in ("plain", "facesnap"):
+        q = ctx.Queue()
+        proc = ctx.Process(target=_run, args=(kind, args, q))
+        proc.start()
+        results[kind] = q.get()
+        proc.join()
+    ratio = results["facesnap"]["sec_per_batch"] / results["plain"]["sec_per_batch"]
+    report = {
+        "device": args.device,
+        "note": ("small random CPU model: relative overhead only, not SD 1.5 throughput"
+                 if args.device == "cpu" and not args.sd15_shapes else "as configured"),  # fmt: skip
+        "size": args.size, "steps": args.steps, "batch": args.batch, "sd15_shapes": args.sd15_shapes,
+        "plain": results["plain"], "facesnap": results["facesnap"],
+        "time_ratio": ratio, "target_ratio": 1.3, "within_target": ratio <= 1.3,
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

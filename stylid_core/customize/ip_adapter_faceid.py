@@ -1,0 +1,120 @@
+"""The ``ip_adapter_faceid`` customizer: SD 1.x + IP-Adapter-FaceID (diffusers ``load_ip_adapter``) on ArcFace.
+
+A baseline for FaceSnap. The identity comes only from the reference face's 512-d ArcFace embedding (insightface
+``buffalo_l``; the ``FaceAnalyzer`` must be the insightface backend). Weights are read from local folders, e.g.
+``h94/IP-Adapter-FaceID``'s ``ip-adapter-faceid_sd15.bin`` downloaded beforehand; nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stylid_core.config import _check
+from stylid_core.customize.base import CUSTOMIZERS, Customizer
+from stylid_core.customize.facesnap.config import build_config
+from stylid_core.faces.base import Face
+
+
+@dataclass
+class IPAdapterFaceIDConfig:
+    """Base model, adapter file and sampling settings of the ``ip_adapter_faceid`` backend."""
+
+    base_model: str = ""  # diffusers SD 1.x folder (or hub id, offline cache only)
+    adapter_path: str = ""  # folder holding the adapter file
+    weight_name: str = "ip-adapter-faceid_sd15.bin"
+    adapter_scale: float = 1.0
+    resolution: int = 512
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    scheduler: str = "ddim"  # ddim | euler | dpm
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 4
+
+    def __post_init__(self) -> None:
+        _check(bool(self.base_model), "ip_adapter_faceid.base_model is required")
+        _check(bool(self.adapter_path), "ip_adapter_faceid.adapter_path (a local folder) is required")
+        _check(self.adapter_scale >= 0, "ip_adapter_faceid.adapter_scale must be >= 0")
+        _check(self.resolution % 8 == 0, "ip_adapter_faceid.resolution must be a multiple of 8")
+        _check(self.num_inference_steps >= 1 and self.max_batch >= 1, "steps and max_batch must be >= 1")
+        _check(self.scheduler in ("ddim", "euler", "dpm"), f"unknown scheduler {self.scheduler!r}")
+
+
+class IPAdapterFaceIDCustomizer(Customizer):
+    """SD 1.x with IP-Adapter-FaceID: the ArcFace embedding becomes 4 tokens in decoupled cross-attention."""
+
+    name = "ip_adapter_faceid"
+    embedding_dim = 512
+
+    def __init__(self, config: IPAdapterFaceIDConfig) -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from stylid_core.customize.facesnap.customizer import resolve_device
+        from stylid_core.customize.facesnap.engine import make_scheduler
+
+        if not os.path.isfile(os.path.join(config.adapter_path, config.weight_name)):
+            raise FileNotFoundError(f"no {config.weight_name} in {config.adapter_path!r}")
+        self.config = config
+        self.device, self.dtype = resolve_device(config.device, config.dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            config.base_model, safety_checker=None, requires_safety_checker=False, dtype=self.dtype
+        )
+        pipe.load_ip_adapter(config.adapter_path, subfolder="", weight_name=config.weight_name,
+                             image_encoder_folder=None)  # fmt: skip
+        pipe.set_ip_adapter_scale(config.adapter_scale)
+        pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self._torch = torch
+        self.model = os.path.join(config.adapter_path, config.weight_name)
+
+    def generate(
+        self,
+        reference: np.ndarray,
+        reference_face: Face,
+        prompt: str,
+        num_images: int = 1,
+        pose: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> list[np.ndarray]:
+        """``pose`` is ignored: IP-Adapter-FaceID has no pose control."""
+        torch, c = self._torch, self.config
+        emb = reference_face.embedding
+        if emb is None or np.asarray(emb).size != 512:
+            got = None if emb is None else np.asarray(emb).size
+            raise ValueError(f"ip_adapter_faceid needs a 512-d ArcFace (insightface) embedding, got {got}")
+        emb = np.asarray(emb, np.float32).ravel()
+        emb = emb / max(float(np.linalg.norm(emb)), 1e-8)  # insightface's normed_embedding
+        ref = torch.from_numpy(emb).view(1, 1, 1, 512)
+        cfg = c.guidance_scale > 1.0
+        embeds = torch.cat([torch.zeros_like(ref), ref]) if cfg else ref
+        embeds = embeds.to(self.device, self.dtype)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        out: list[np.ndarray] = []
+        while len(out) < num_images:
+            n = min(c.max_batch, num_images - len(out))
+            images = self.pipe(
+                prompt=prompt, negative_prompt=c.negative_prompt or None, num_images_per_prompt=n,
+                ip_adapter_image_embeds=[embeds], height=c.resolution, width=c.resolution,
+                num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                generator=generator, output_type="np",
+            ).images  # fmt: skip
+            out.extend((img * 255).round().astype(np.uint8) for img in images)
+        return out
+
+
+@CUSTOMIZERS.register("ip_adapter_faceid")
+def create_ip_adapter_faceid(config: IPAdapterFaceIDConfig | dict[str, Any] | None = None, **overrides) -> Customizer:
+    """The ``ip_adapter_faceid`` customizer from its config (or dict form; ``overrides`` replace keys)."""
+    if isinstance(config, IPAdapterFaceIDConfig):
+        data = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    else:
+        data = dict(config or {})
+    data.update(overrides)
+    return IPAdapterFaceIDCustomizer(build_config(IPAdapterFaceIDConfig, data, "ip_adapter_faceid"))
