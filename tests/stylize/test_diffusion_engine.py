@@ -144,13 +144,14 @@ def test_mosaic_through_the_diffusion_engine_restores_faces_in_place_without_sea
     content[17:23, 45:51] = (255, 0, 0)  # a red mark in the middle of the small face
     faces = [_face((40.0, 12.0, 56.0, 28.0))]
     calls = []
-    inner = engine.stylize
+    inner = engine.stylize_batch
 
-    def spy(canvas, style, canvas_faces, content_region=None):
-        calls.append((canvas.shape, len(canvas_faces), content_region))
-        return inner(canvas, style, canvas_faces, content_region=content_region)
+    def spy(canvases, styles, canvas_faces, content_regions=None):
+        # the mosaic sends all canvases of a batch through the engine's own batched call
+        calls.extend(zip((c.shape for c in canvases), (len(f) for f in canvas_faces), content_regions))
+        return inner(canvases, styles, canvas_faces, content_regions=content_regions)
 
-    engine.stylize = spy
+    engine.stylize_batch = spy
     restorer = MosaicRestorer(engine, MosaicConfig(max_face_px=32, target_face_px=32, margin=0.5))
     out = restorer.stylize(content, _image(3, 48, 48), faces)
     assert out.shape == content.shape and out.dtype == np.uint8
