@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import posixpath
 import time
 from collections import Counter
@@ -92,6 +93,22 @@ def _check_fits(config: JobConfig, cpus: float, gpus: float) -> None:
         )
 
 
+#: driver environment variables that every stage needs too (object-store credentials, offline model loading)
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "HF_HOME")  # fmt: skip
+
+
+def stage_remote_args() -> dict:
+    """``runtime_env`` carrying the driver's ``FORWARDED_ENV`` to the stages' workers.
+
+    Workers of a local Ray inherit the environment Ray was started with, not later changes; cluster workers have
+    their own. Forwarding makes ``AWS_*`` set for the job reach every stage either way.
+    """
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def _load(df, io):
     return LoadStage(io)(df)
 
@@ -111,16 +128,22 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     _check_fits(config, cpus, gpus)
+    remote = stage_remote_args()
     key_suffix = "" if config.is_default() else f"-{config.config_hash()}"
     block_rows = max(res.load.batch_size, -(-len(rows) // 20_000))
     blocks = [to_table(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        _load, fn_kwargs={"io": io}, batch_format="pandas", batch_size=res.load.batch_size, num_cpus=res.load.num_cpus
+        _load,
+        fn_kwargs={"io": io},
+        batch_format="pandas",
+        batch_size=res.load.batch_size,
+        num_cpus=res.load.num_cpus,
+        **remote,
     )
     ds = ds.map_batches(
         FaceStage, fn_constructor_kwargs={"faces": config.faces}, batch_format="pandas",
-        batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus),
+        batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus), **remote,
     )  # fmt: skip
     ds = ds.map_batches(
         StylizeStage,
@@ -130,6 +153,7 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
         num_cpus=res.stylize.num_cpus,
         num_gpus=res.stylize.num_gpus or None,
         compute=_pool(res.stylize, cpus, gpus),
+        **remote,
     )
     ds = ds.map_batches(
         ScoreStage,
@@ -139,11 +163,12 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
         num_cpus=res.score.num_cpus,
         num_gpus=res.score.num_gpus or None,
         compute=_pool(res.score, cpus, gpus),
+        **remote,
     )
     ds = ds.map_batches(
         _write,
         fn_kwargs={"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix, "io": io},
-        batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus,
+        batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus, **remote,
     )  # fmt: skip
     return ds
 
