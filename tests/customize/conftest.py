@@ -21,15 +21,9 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session, every listener on 127.0.0.1."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_local(ray_session):
+    """The session's one local Ray (``tests/conftest.py``): a second ``ray.init`` in the same run would fail."""
+    return ray_session
 
 
 @pytest.fixture(scope="session")
