@@ -73,7 +73,10 @@ def write_sample_manifest(output_uri: str, storage_options: dict) -> str:
 
 
 def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> None:
-    """Refuse to mix two configs' rows in one output (the resume ledger would count the other config's rows)."""
+    """Refuse to mix two configs' rows in one output (the resume ledger would count the other config's rows).
+
+    ``config`` is any job config with ``config_hash()`` and ``io.storage_options`` (``stylid customize`` uses it
+    too); with ``overwrite`` the ``metrics/`` and ``faces/`` shards and ``_SUCCESS`` are removed."""
     opts = config.io.storage_options
     try:
         previous = json.loads(read_bytes(join(output_uri, "run.json"), opts))

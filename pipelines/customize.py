@@ -1,26 +1,34 @@
 """``stylid customize`` on Ray Data: reference rows -> faces -> portraits (GPU actor pool) -> scores -> outputs.
 
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
-comes out once in ``metrics.parquet`` with ``status`` (``ok`` or a reason) and ``error``; generated images go to
-``<output>/images/<image_id>-<k>.png`` (one put each); ``run.json`` and ``_SUCCESS`` are written last.
+comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;
+generated images go to ``<output>/images/<image_id>-<hash>-<k>.png`` and one row per generated image to
+``faces/part-<h>.parquet`` (one put each). Per batch the metrics shard is written last: it is the resume ledger, as
+in ``stylid run``, so a rerun processes only the ids not yet in ``metrics/`` and, with none left, starts no stage.
+``run.json`` and ``_SUCCESS`` are written by ``jobs.customize``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
+import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
+import pyarrow as pa
+import pyarrow.dataset as pads
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipelines.stages import write_shards
+from pipelines.stylize import arrow_filesystem, done_ids, drop_orphan_face_shards, stage_remote_args
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -28,6 +36,9 @@ from stylid_core.faces.base import Face
 from stylid_core.faces.factory import create_face_analyzer
 from stylid_core.imageio import ImageDecodeError, decode_image, encode_png
 from stylid_core.metrics import identity_similarity
+from stylid_core.storage import join, write_bytes
+
+log = logging.getLogger(__name__)
 
 #: per-row metrics columns and their pandas dtypes (fixed so all-null batches still concatenate)
 METRIC_COLUMNS: dict[str, str] = {
@@ -50,7 +61,22 @@ METRIC_COLUMNS: dict[str, str] = {
     "t_reference": "Float64",
     "t_generate": "Float64",
     "t_score": "Float64",
+    "config_hash": "string",
 }
+
+#: one row per generated image: identity of its (largest) face against the reference face
+FACE_COLUMNS: dict[str, str] = {
+    "image_id": "string",
+    "gen_index": "Int32",  # k of images/<image_id>-<hash>-<k>.png
+    "detected": "boolean",  # a face was found (and embedded) in the generated image
+    "id_sim": "Float64",  # cosine similarity to the reference embedding; null when not detected
+    "id_dist": "Float64",  # the face backend's native distance
+    "id_match": "boolean",  # id_dist under the backend's threshold (false when not detected)
+    "backend": "string",  # the face backend that scored it
+}
+
+#: manifest columns read on the driver (the rest of a manifest stays on storage)
+MANIFEST_COLUMNS = ("image_id", "reference_uri", "prompt", "pose_uri", "num_images")
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -76,7 +102,8 @@ def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:
 
 
 class PrepareCustomizeRows:
-    """Manifest rows -> the record: ``image_id`` derived when absent, defaults filled, every column present."""
+    """Manifest rows -> the record: ``image_id`` derived when absent, defaults filled, ``status`` (``missing`` for
+    an empty ``reference_uri``), ``error`` and ``backend``. Runs on the driver (a few small columns a row)."""
 
     def __init__(self, config: CustomizeJobConfig) -> None:
         self.config = config
@@ -93,16 +120,36 @@ class PrepareCustomizeRows:
         n = pd.to_numeric(df["num_images"], errors="coerce").fillna(self.config.default_num_images).astype(int)
         df["num_images"] = n.clip(1, self.config.max_num_images)
         df["prompt"] = df["prompt"].fillna("").astype(str)
+        df["pose_uri"] = [p if isinstance(p, str) and p else None for p in df["pose_uri"]]
         df["status"] = "ok"
         df["error"] = None
+        bad = df["reference_uri"].isna() | (df["reference_uri"].astype(str).str.strip() == "")
+        df.loc[bad, "status"] = "missing"
+        df.loc[bad, "error"] = "empty reference_uri"
         df["backend"] = self.config.backend
-        for col in ("model", "output_uris"):
-            df[col] = None
-        df["ref_png"] = None
-        df["pose_png"] = None
-        df["face_json"] = None
-        df["out_pngs"] = None
-        return df
+        return df[[*MANIFEST_COLUMNS, "status", "error", "backend"]]
+
+
+def read_customize_manifest(manifest_uri: str, config: CustomizeJobConfig) -> pd.DataFrame:
+    """The prepared manifest rows (``PrepareCustomizeRows``), read on the driver. Raises ``ValueError`` for a
+    missing manifest, no ``reference_uri`` column or duplicate ids."""
+    afs, path = arrow_filesystem(manifest_uri, config.io.storage_options)
+    try:
+        dataset = pads.dataset(path, filesystem=afs, format="parquet")
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
+    names = set(dataset.schema.names)
+    if "reference_uri" not in names:
+        raise ValueError(f"manifest {manifest_uri} has no 'reference_uri' column (columns: {sorted(names)})")
+    raw = dataset.to_table(columns=[c for c in MANIFEST_COLUMNS if c in names]).to_pandas()
+    df = PrepareCustomizeRows(config)(raw)
+    dupes = df["image_id"][df["image_id"].duplicated()].unique()
+    if len(dupes):
+        raise ValueError(
+            f"manifest {manifest_uri} has {len(dupes)} duplicate image_id(s), e.g. {list(dupes[:5])}; image_id must be"
+            " unique (rows without one get a hash of reference_uri and prompt)"
+        )
+    return df
 
 
 class ReferenceStage:
@@ -113,10 +160,15 @@ class ReferenceStage:
         self.analyzer = create_face_analyzer(config.faces)
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = df.copy()
+        df = df.reset_index(drop=True).copy()
+        for col in ("model", "output_uris", "ref_png", "pose_png", "face_json", "out_pngs"):
+            df[col] = None
         t = []
         for i in range(len(df)):
             t0 = time.perf_counter()
+            if df.at[i, "status"] != "ok":
+                t.append(None)
+                continue
             try:
                 image = _read_image(str(df.at[i, "reference_uri"]), self.config)
                 faces = self.analyzer.analyze(image, max_faces=1)
@@ -203,21 +255,27 @@ class CustomizeScoreStage:
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         df = df.copy()
         cols = {c: [None] * len(df) for c in ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max",
-                                              "id_match_rate", "clip_score_mean", "t_score")}  # fmt: skip
+                                              "id_match_rate", "clip_score_mean", "gen_json", "t_score")}  # fmt: skip
         for i in range(len(df)):
             t0 = time.perf_counter()
             pngs = df.at[i, "out_pngs"]
             if df.at[i, "status"] == "ok" and pngs is not None:
                 try:
-                    ref = json.loads(df.at[i, "face_json"])["embedding"]
+                    ref = np.asarray(json.loads(df.at[i, "face_json"])["embedding"], np.float32)
                     images = [_decode_png(p) for p in pngs]
-                    sims, matches = [], []
-                    for img in images:
+                    sims, matches, gens = [], [], []
+                    for k, img in enumerate(images):
+                        gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
                         faces = self.analyzer.analyze(img, max_faces=1)
                         if faces and faces[0].embedding is not None:
                             emb = faces[0].embedding
-                            sims.append(identity_similarity(emb, np.asarray(ref, np.float32)))
-                            matches.append(self.analyzer.distance(emb, ref) < self.analyzer.match_threshold)
+                            dist = float(self.analyzer.distance(emb, ref))
+                            gen.update(detected=True, id_sim=identity_similarity(emb, ref), id_dist=dist,
+                                       id_match=bool(dist < self.analyzer.match_threshold))  # fmt: skip
+                            sims.append(gen["id_sim"])
+                            matches.append(gen["id_match"])
+                        gens.append({**gen, "backend": self.analyzer.name})
+                    cols["gen_json"][i] = json.dumps(gens)  # one faces/ row each
                     cols["n_generated"][i] = len(images)
                     cols["n_faces_found"][i] = len(sims)
                     if sims:
@@ -236,7 +294,8 @@ class CustomizeScoreStage:
 
 
 class CustomizeWriteStage:
-    """Writes each generated image in one put; keeps only the metrics columns."""
+    """Writes each generated image in one put, then the batch's ``faces/`` shard (one row per generated image) and
+    last its ``metrics/`` shard (the resume ledger); returns the metrics rows."""
 
     def __init__(self, output_uri: str, config: CustomizeJobConfig) -> None:
         self.output_uri = output_uri.rstrip("/")
@@ -244,7 +303,9 @@ class CustomizeWriteStage:
         self.suffix = config.config_hash()
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = df.copy()
+        df = df.reset_index(drop=True).copy()
+        opts = self.config.io.storage_options
+        face_rows: list[dict] = []
         for i in range(len(df)):
             pngs = df.at[i, "out_pngs"]
             if pngs is None or df.at[i, "status"] != "ok":
@@ -252,15 +313,25 @@ class CustomizeWriteStage:
             uris = []
             try:
                 for k, png in enumerate(pngs):
-                    uri = f"{self.output_uri}/images/{df.at[i, 'image_id']}-{self.suffix}-{k}.png"
-                    with fsspec.open(uri, "wb", **self.config.io.storage_options) as f:
-                        f.write(bytes(png))
+                    uri = join(self.output_uri, "images", f"{df.at[i, 'image_id']}-{self.suffix}-{k}.png")
+                    write_bytes(uri, bytes(png), opts)
                     uris.append(uri)
                 df.at[i, "output_uris"] = json.dumps(uris)
             except Exception as exc:
                 _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
-        out = pd.DataFrame({c: df[c] if c in df else None for c in METRIC_COLUMNS})
-        return out.astype(METRIC_COLUMNS)
+                continue
+            gens = df.at[i, "gen_json"] if "gen_json" in df else None
+            if isinstance(gens, str):
+                face_rows += [{"image_id": df.at[i, "image_id"], **g} for g in json.loads(gens)]
+        df["config_hash"] = self.suffix
+        out = pd.DataFrame({c: df[c] if c in df else None for c in METRIC_COLUMNS}).astype(METRIC_COLUMNS)
+        faces = pd.DataFrame(face_rows, columns=list(FACE_COLUMNS)).astype(FACE_COLUMNS)
+        write_shards(self.output_uri, out["image_id"].tolist(), _arrow(faces), _arrow(out), opts)
+        return out
+
+
+def _arrow(df: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(df, preserve_index=False)
 
 
 def _pool(res: StageResources) -> dict[str, Any]:
@@ -269,53 +340,52 @@ def _pool(res: StageResources) -> dict[str, Any]:
             "batch_size": res.batch_size}  # fmt: skip
 
 
-def build_customize_dataset(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> ray.data.Dataset:
-    """The lazy dataset of metrics rows (images are written as a side effect of its last stage)."""
-    fs, path = fsspec.core.url_to_fs(manifest_uri, **config.io.storage_options)
-    ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, output_uri: str) -> ray.data.Dataset:
+    """The lazy dataset of metrics rows for the prepared ``rows`` (``read_customize_manifest``); images, face rows
+    and metrics shards are written as a side effect of its last stage. Rows enter in small blocks, so every actor
+    pool has work as soon as the first references are read."""
     r = config.resources
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
+    block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
+    blocks = [_arrow(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
+    ds = ray.data.from_arrow(blocks)
+    env = stage_remote_args()  # AWS_* and offline flags reach every worker
     return (
-        ds.map_batches(PrepareCustomizeRows(config), batch_format="pandas", batch_size=64, num_cpus=0.1)
-        .map_batches(ReferenceStage, fn_constructor_args=(config,), batch_format="pandas", **_pool(r.reference))
-        .map_batches(CustomizeStage, fn_constructor_args=(config,), batch_format="pandas", **gen)
-        .map_batches(CustomizeScoreStage, fn_constructor_args=(config,), batch_format="pandas", **_pool(r.score))
-        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=0.1)
+        ds.map_batches(ReferenceStage, fn_constructor_args=(config,), batch_format="pandas", **_pool(r.reference), **env)
+        .map_batches(CustomizeStage, fn_constructor_args=(config,), batch_format="pandas", **gen, **env)
+        .map_batches(CustomizeScoreStage, fn_constructor_args=(config,), batch_format="pandas", **_pool(r.score), **env)
+        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=0.1, **env)
     )  # fmt: skip
 
 
 @dataclass
 class CustomizeResult:
-    rows: int
-    counts: dict[str, int]
+    """What one ``run_customize`` call did."""
+
+    total_rows: int
+    already_done: int
+    processed: int
     seconds: float
-    metrics_uri: str
+    status_counts: dict[str, int] = field(default_factory=dict)  # of the rows processed by this call
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "counts": self.counts, "seconds": round(self.seconds, 3),
-                "metrics_uri": self.metrics_uri}  # fmt: skip
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
 
 
 def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> CustomizeResult:
-    """Run the job; write ``metrics.parquet``, ``run.json`` and ``_SUCCESS`` (last) under ``output_uri``."""
+    """Customize every manifest row not yet in ``output_uri``'s ``metrics/`` shards; Ray must be initialised.
+
+    With nothing pending no dataset is built, so no stage starts and no model loads."""
     t0 = time.perf_counter()
-    ds = build_customize_dataset(config, manifest_uri, output_uri)
-    parts = [b for b in ds.iter_batches(batch_format="pandas", batch_size=256)]  # metrics rows only: small
-    metrics = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(METRIC_COLUMNS))
-    metrics = metrics.sort_values("image_id").reset_index(drop=True)
-    out = output_uri.rstrip("/")
-    buf = io.BytesIO()
-    metrics.to_parquet(buf, index=False)
     opts = config.io.storage_options
-    with fsspec.open(f"{out}/metrics.parquet", "wb", **opts) as f:
-        f.write(buf.getvalue())
-    counts = {str(k): int(v) for k, v in metrics["status"].value_counts().items()}
-    result = CustomizeResult(len(metrics), counts, time.perf_counter() - t0, f"{out}/metrics.parquet")
-    run = {"job": "customize", "config": config.to_dict(), "config_hash": config.config_hash(),
-           "manifest": manifest_uri, **result.to_dict()}  # fmt: skip
-    run["config"]["io"].pop("storage_options", None)
-    with fsspec.open(f"{out}/run.json", "w", **opts) as f:
-        json.dump(run, f, indent=2, default=str)
-    with fsspec.open(f"{out}/_SUCCESS", "w", **opts) as f:
-        f.write("")
-    return result
+    manifest = read_customize_manifest(manifest_uri, config)
+    done = done_ids(output_uri, opts, manifest["image_id"])
+    pending = manifest[~manifest["image_id"].isin(done)]
+    log.info("manifest: %d rows, %d already in the output, %d to process", len(manifest), len(done), len(pending))
+    counts: Counter[str] = Counter()
+    if len(pending):
+        drop_orphan_face_shards(output_uri, opts)
+        ds = build_customize_dataset(config, pending.reset_index(drop=True), output_uri)
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            counts.update(batch["status"].tolist())
+    return CustomizeResult(len(manifest), len(done), sum(counts.values()), time.perf_counter() - t0, dict(counts))

@@ -378,22 +378,27 @@ class WriteStage:
                 for fj in json.loads(df.at[i, "faces_json"]):
                     if "scores" in fj:
                         face_rows.append({"image_id": df.at[i, "image_id"], **fj["scores"]})
-        digest = hashlib.sha256("\n".join(sorted(df["image_id"])).encode()).hexdigest()[:16]
         faces_df = pd.DataFrame(face_rows, columns=list(FACE_COLUMNS))
-        write_bytes(
-            join(self.output_uri, "faces", f"part-{digest}.parquet"),
-            _parquet_bytes(to_table(faces_df, FACE_COLUMNS)),
-            self.io.storage_options,
-        )
         metrics = to_table(df[METRICS_COLUMNS])
-        write_bytes(
-            join(self.output_uri, "metrics", f"part-{digest}.parquet"), _parquet_bytes(metrics),
-            self.io.storage_options,
-        )  # fmt: skip
+        write_shards(self.output_uri, df["image_id"], to_table(faces_df, FACE_COLUMNS), metrics,
+                     self.io.storage_options)  # fmt: skip
         return metrics
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def shard_name(image_ids) -> str:
+    """``part-<h>.parquet``, ``h`` a hash of the batch's ids (the same batch always gets the same name)."""
+    digest = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
+    return f"part-{digest}.parquet"
+
+
+def write_shards(output_uri: str, image_ids, faces: pa.Table, metrics: pa.Table, storage_options: dict) -> None:
+    """A batch's ``faces/`` shard, then its ``metrics/`` shard (the resume ledger: written last), one put each."""
+    name = shard_name(image_ids)
+    write_bytes(join(output_uri, "faces", name), parquet_bytes(faces), storage_options)
+    write_bytes(join(output_uri, "metrics", name), parquet_bytes(metrics), storage_options)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()

@@ -191,7 +191,13 @@ class RunResult:
         return {**dataclasses.asdict(self), "images_per_second": self.images_per_second}
 
 
-def _drop_orphan_face_shards(output_uri: str, storage_options: dict) -> None:
+def done_ids(output_uri: str, storage_options: dict, ids) -> set[str]:
+    """The ids among ``ids`` already in the output's resume ledger (its ``metrics/`` shards)."""
+    done = read_parquet_dir(join(output_uri, "metrics"), storage_options, columns=["image_id"])["image_id"]
+    return set(done) & set(ids)
+
+
+def drop_orphan_face_shards(output_uri: str, storage_options: dict) -> None:
     """Delete ``faces/part-<h>`` shards whose ``metrics/part-<h>`` is missing: a batch that crashed between the two
     writes. Its rows are redone, possibly batched differently (another shard name), which would duplicate them."""
     done = {posixpath.basename(u) for u in list_files(join(output_uri, "metrics"), ".parquet", storage_options)}
@@ -206,13 +212,12 @@ def run_stylize(config: JobConfig, manifest_uri: str, output_uri: str) -> RunRes
     t0 = time.perf_counter()
     opts = config.io.storage_options
     manifest = read_manifest(manifest_uri, config.stylize.style_uri, opts)
-    done = set(read_parquet_dir(join(output_uri, "metrics"), opts, columns=["image_id"])["image_id"])
-    done &= set(manifest["image_id"])
+    done = done_ids(output_uri, opts, manifest["image_id"])
     pending = manifest[~manifest["image_id"].isin(done)]
     log.info("manifest: %d rows, %d already in the output, %d to process", len(manifest), len(done), len(pending))
     counts: Counter[str] = Counter()
     if len(pending):
-        _drop_orphan_face_shards(output_uri, opts)
+        drop_orphan_face_shards(output_uri, opts)
         ds = build_dataset(config, pending.reset_index(drop=True), output_uri)
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             counts.update(batch["status"].tolist())

@@ -1,58 +1,207 @@
-"""``stylid customize`` end to end inside Ray Data on the tiny FaceSnap model: images, metrics, error rows."""
+"""``stylid customize`` end to end inside Ray Data on the tiny FaceSnap model: images, metrics and face shards,
+error rows, rerun and resume from the ``metrics/`` ledger, and the config guard.
+
+One job runs per module (``finished``); the other tests rerun it (or a copy of it) and stay short.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
+import pipelines.customize
+from stylid_core.config import ConfigError
+from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.imageio import decode_image, encode_png
 
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "customize_tiny.yaml")
+EXPECTED = {"a": "ok", "b": "ok", "c": "no_face", "d": "missing", "e": "decode_error"}
+FACE_COLUMNS = ["image_id", "gen_index", "detected", "id_sim", "id_dist", "id_match", "backend"]
 
-@pytest.mark.slow  # a real local Ray: 20-150 s on 2 shared cores
-def test_customize_job_writes_images_and_metrics(tmp_path, astronaut, ray_local):
-    from jobs.customize import main
 
-    ref = tmp_path / "ref.png"
+def _metrics(output: str) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{output}/metrics/part-*.parquet"))])
+
+
+def _faces(output: str) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{output}/faces/part-*.parquet"))])
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, astronaut) -> str:
+    d = tmp_path_factory.mktemp("customize-inputs")
+    ref = d / "ref.png"
     ref.write_bytes(encode_png(astronaut))
-    pose = tmp_path / "pose.png"
+    pose = d / "pose.png"
     pose.write_bytes(encode_png(np.ascontiguousarray(astronaut[:, ::-1])))
-    blank = tmp_path / "blank.png"
+    blank = d / "blank.png"
     blank.write_bytes(encode_png(np.full((64, 64, 3), 200, np.uint8)))
-    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (d / "bad.png").write_bytes(b"not an image")
     rows = [
         {"image_id": "a", "reference_uri": str(ref), "prompt": "an oil painting", "pose_uri": str(pose),
          "num_images": 2},
         {"image_id": "b", "reference_uri": str(ref), "prompt": "a sketch", "pose_uri": None, "num_images": None},
         {"image_id": "c", "reference_uri": str(blank), "prompt": "x", "pose_uri": None, "num_images": 1},
-        {"image_id": "d", "reference_uri": str(tmp_path / "missing.png"), "prompt": "x", "pose_uri": None,
+        {"image_id": "d", "reference_uri": str(d / "missing.png"), "prompt": "x", "pose_uri": None,
          "num_images": 1},
-        {"image_id": "e", "reference_uri": str(tmp_path / "bad.png"), "prompt": "x", "pose_uri": None,
-         "num_images": 1},
+        {"image_id": "e", "reference_uri": str(d / "bad.png"), "prompt": "x", "pose_uri": None, "num_images": 1},
     ]  # fmt: skip
-    manifest = tmp_path / "manifest.parquet"
-    pd.DataFrame(rows).to_parquet(manifest)
-    out = tmp_path / "out"
-    cfg = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "customize_tiny.yaml")
-    assert main(["customize", "--config", cfg, "--manifest", str(manifest), "--output", f"file://{out}"]) == 0
+    path = d / "manifest.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return str(path)
 
-    metrics = pd.read_parquet(out / "metrics.parquet").set_index("image_id")
-    assert sorted(metrics.index) == ["a", "b", "c", "d", "e"]  # every row exactly once
-    status = metrics["status"].to_dict()
-    assert status["a"] == status["b"] == "ok"
-    assert status["c"] == "no_face" and status["d"] == "missing" and status["e"] == "decode_error"
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, manifest, ray_session) -> str:
+    """A finished run through the CLI (a real local Ray: 20-150 s on 2 shared cores)."""
+    from jobs.customize import main
+
+    out = str(tmp_path_factory.mktemp("customize-out") / "out")
+    assert main(["customize", "--config", CONFIG, "--manifest", manifest, "--output", f"file://{out}"]) == 0
+    return out
+
+
+@pytest.fixture
+def config():
+    from jobs.customize import load_config
+
+    return load_config(CONFIG)
+
+
+@pytest.mark.slow
+def test_customize_job_writes_images_metrics_and_faces(finished):
+    out = finished
+    metrics = _metrics(out).set_index("image_id")
+    assert sorted(metrics.index) == sorted(EXPECTED)  # every row exactly once
+    assert metrics["status"].to_dict() == EXPECTED
     assert metrics.loc["a", "n_generated"] == 2 and metrics.loc["b", "n_generated"] == 1
     uris = json.loads(metrics.loc["a", "output_uris"])
     assert len(uris) == 2
     for uri in uris:
-        img = decode_image((out / "images" / uri.rsplit("/", 1)[1]).read_bytes())
+        img = decode_image(open(os.path.join(out, "images", uri.rsplit("/", 1)[1]), "rb").read())
         assert img.shape == (32, 32, 3)
     # a 32 px image of random weights has no recognisable face: counted as a miss, not an error
     assert metrics.loc["a", "id_match_rate"] == 0.0
     assert metrics.loc["a", "backend"] == "facesnap" and metrics.loc["a", "model"] == "tiny"
-    run = json.loads((out / "run.json").read_text())
-    assert run["counts"]["ok"] == 2 and run["rows"] == 5
-    assert (out / "_SUCCESS").exists()
+    # every metrics shard has its faces shard (same name)
+    names = lambda sub: sorted(os.path.basename(p) for p in glob.glob(f"{out}/{sub}/part-*.parquet"))  # noqa: E731
+    assert names("metrics") == names("faces")
+    run = json.loads(open(f"{out}/run.json").read())
+    assert run["counts"]["ok"] == 2 and run["rows"] == 5 and run["generated_images"] == 3
+    assert run["this_run"]["processed"] == 5 and run["this_run"]["already_done"] == 0
+    assert run["config_hash"] and "ray" in run["versions"] and "storage_options" not in run["config"]["io"]
+    assert os.path.isfile(f"{out}/_SUCCESS")
+    assert os.path.getmtime(f"{out}/_SUCCESS") >= os.path.getmtime(f"{out}/run.json")
+
+
+@pytest.mark.slow
+def test_faces_table_has_one_row_per_generated_image(finished):
+    faces = _faces(finished)
+    assert list(faces.columns) == FACE_COLUMNS
+    assert sorted(zip(faces["image_id"], faces["gen_index"])) == [("a", 0), ("a", 1), ("b", 0)]
+    assert (faces["backend"] == "dlib").all()
+    # not detected: no similarity, no match; detected: a cosine in [-1, 1] and a native distance
+    assert (faces["id_sim"].isna() == ~faces["detected"]).all()
+    assert not faces.loc[~faces["detected"], "id_match"].any()
+    assert faces["id_sim"].dropna().between(-1, 1).all() and (faces["id_dist"].dropna() >= 0).all()
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_does_no_model_work(finished, manifest, config, monkeypatch):
+    from jobs.customize import run_customize_job
+
+    shards = {p: os.path.getmtime(p) for p in glob.glob(f"{finished}/*/part-*.parquet")}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished run must build no dataset and construct no customizer")
+
+    monkeypatch.setattr(pipelines.customize, "build_customize_dataset", no_work)
+    monkeypatch.setattr(CUSTOMIZERS, "create", no_work)
+    monkeypatch.setattr(pipelines.customize, "create_face_analyzer", no_work)
+    info = run_customize_job(config, manifest, finished)
+    assert info["this_run"]["processed"] == 0 and info["this_run"]["already_done"] == 5
+    assert {p: os.path.getmtime(p) for p in glob.glob(f"{finished}/*/part-*.parquet")} == shards
+    assert info["rows"] == 5 and os.path.isfile(f"{finished}/_SUCCESS")
+
+
+@pytest.mark.slow
+def test_resume_processes_exactly_the_missing_rows(finished, manifest, config, tmp_path):
+    """A crash after a batch's images and face rows were stored but before its metrics shard: the rerun redoes
+    exactly those rows, drops the orphan face shard, and every id and generated image is there once."""
+    from jobs.customize import run_customize_job
+
+    out = str(tmp_path / "resumed")
+    shutil.copytree(finished, out)
+    os.remove(f"{out}/_SUCCESS")
+    lost = [p for p in glob.glob(f"{out}/metrics/part-*.parquet") if "a" in pq.read_table(p)["image_id"].to_pylist()]
+    assert len(lost) == 1
+    lost_ids = set(pq.read_table(lost[0])["image_id"].to_pylist())
+    os.remove(lost[0])
+    info = run_customize_job(config, manifest, out)
+    assert info["this_run"]["processed"] == len(lost_ids)
+    assert info["this_run"]["already_done"] == 5 - len(lost_ids)
+    metrics = _metrics(out)
+    assert metrics["image_id"].is_unique and dict(zip(metrics["image_id"], metrics["status"])) == EXPECTED
+    faces = _faces(out)
+    assert not faces.duplicated(["image_id", "gen_index"]).any(), "resume duplicated face rows"
+    assert sorted(zip(faces["image_id"], faces["gen_index"])) == [("a", 0), ("a", 1), ("b", 0)]
+    assert info["counts"] == {"ok": 2, "no_face": 1, "missing": 1, "decode_error": 1}
+    assert os.path.isfile(f"{out}/_SUCCESS")
+
+
+@pytest.mark.slow
+def test_another_config_into_the_same_output_needs_overwrite(finished, config, tmp_path):
+    from jobs.customize import run_customize_job
+
+    out = str(tmp_path / "other")
+    shutil.copytree(finished, out)
+    other = type(config).from_dict({**config.to_dict(), "default_num_images": 2})
+    assert other.config_hash() != config.config_hash()
+    empty = str(tmp_path / "empty.parquet")  # no rows: the guard is what is tested, not another model run
+    pd.DataFrame({"image_id": pd.Series([], dtype=str), "reference_uri": pd.Series([], dtype=str)}).to_parquet(empty)
+    with pytest.raises(ConfigError, match="another config"):
+        run_customize_job(other, empty, out)
+    assert os.path.isfile(f"{out}/_SUCCESS") and glob.glob(f"{out}/metrics/part-*.parquet")  # untouched
+    info = run_customize_job(other, empty, out, overwrite=True)
+    assert info["config_hash"] == other.config_hash() and info["rows"] == 0
+    assert not glob.glob(f"{out}/metrics/part-*.parquet") and not glob.glob(f"{out}/faces/part-*.parquet")
+    assert json.loads(open(f"{out}/run.json").read())["config_hash"] == other.config_hash()
+
+
+def test_manifest_errors_raise_before_any_work(config, tmp_path):
+    from pipelines.customize import read_customize_manifest
+
+    dup = str(tmp_path / "dup.parquet")
+    pd.DataFrame({"image_id": ["x", "x"], "reference_uri": ["r1", "r2"]}).to_parquet(dup)
+    with pytest.raises(ValueError, match="duplicate image_id"):
+        read_customize_manifest(dup, config)
+    nocol = str(tmp_path / "nocol.parquet")
+    pd.DataFrame({"image_uri": ["r1"]}).to_parquet(nocol)
+    with pytest.raises(ValueError, match="no 'reference_uri' column"):
+        read_customize_manifest(nocol, config)
+    rows = str(tmp_path / "rows.parquet")
+    pd.DataFrame({"reference_uri": ["r1", None], "prompt": ["p", None]}).to_parquet(rows)
+    df = read_customize_manifest(rows, config)
+    assert df["image_id"].is_unique and list(df["status"]) == ["ok", "missing"]
+
+
+def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face):
+    """The reference itself as a 'generated' image: detected, cosine ~1, a match; a blank one: a miss."""
+    from pipelines.customize import CustomizeScoreStage
+
+    d = astronaut_face.to_dict()
+    row = {"image_id": "a", "status": "ok", "prompt": "p", "face_json": json.dumps(d),
+           "out_pngs": [encode_png(astronaut), encode_png(np.full((64, 64, 3), 200, np.uint8))]}  # fmt: skip
+    df = CustomizeScoreStage(config)(pd.DataFrame([row]))
+    gens = json.loads(df.at[0, "gen_json"])
+    assert [g["gen_index"] for g in gens] == [0, 1] and {g["backend"] for g in gens} == {"dlib"}
+    assert gens[0]["detected"] and gens[0]["id_sim"] > 0.95 and gens[0]["id_match"] and 0 <= gens[0]["id_dist"] < 0.6
+    assert not gens[1]["detected"] and gens[1]["id_sim"] is None and gens[1]["id_match"] is False
+    assert df.at[0, "n_generated"] == 2 and df.at[0, "n_faces_found"] == 1 and df.at[0, "id_match_rate"] == 0.5
