@@ -350,10 +350,11 @@ def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, outp
     blocks = [_arrow(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
     ds = ray.data.from_arrow(blocks)
     env = stage_remote_args()  # AWS_* and offline flags reach every worker
+    args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
     return (
-        ds.map_batches(ReferenceStage, fn_constructor_args=(config,), batch_format="pandas", **_pool(r.reference), **env)
-        .map_batches(CustomizeStage, fn_constructor_args=(config,), batch_format="pandas", **gen, **env)
-        .map_batches(CustomizeScoreStage, fn_constructor_args=(config,), batch_format="pandas", **_pool(r.score), **env)
+        ds.map_batches(ReferenceStage, **args, **_pool(r.reference))
+        .map_batches(CustomizeStage, **args, **gen)
+        .map_batches(CustomizeScoreStage, **args, **_pool(r.score))
         .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=0.1, **env)
     )  # fmt: skip
 
