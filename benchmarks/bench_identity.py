@@ -59,9 +59,9 @@ def run(
         t2 = time.perf_counter()
         kps = [f.keypoints for f in faces]
         dists = {}
-        for label, img in (("floor", scene), ("plain", plain), ("mosaic", mosaic_out)):
+        for which, img in (("floor", scene), ("plain", plain), ("mosaic", mosaic_out)):
             embs = analyzer.embed(img, kps)
-            dists[label] = np.array([analyzer.distance(e, references[p.stem]) for e, p in zip(embs, placed)])
+            dists[which] = np.array([analyzer.distance(e, references[p.stem]) for e, p in zip(embs, placed)])
         sd_plain, sd_mosaic = style_distance(plain, style), style_distance(mosaic_out, style)
         lost = dists["plain"].mean() - dists["floor"].mean()
         recovered = (dists["plain"].mean() - dists["mosaic"].mean()) / lost if lost > 1e-6 else float("nan")
