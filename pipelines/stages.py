@@ -340,6 +340,24 @@ class ScoreStage:
         df.at[i, "faces_json"] = json.dumps(face_json)
 
 
+class FusedCPUStage:
+    """Faces, stylize and score in one actor, for CPU-only configurations.
+
+    Three CPU pools of one actor each cannot use more cores than the busiest stage allows; one pool of identical
+    actors scales with the cores and moves no pixels between processes. The stages and their per-row error
+    handling are the very same classes.
+    """
+
+    def __init__(self, faces: FacesConfig, stylize: StylizeConfig, score: ScoreConfig, io: IOConfig) -> None:
+        self.stages = [FaceStage(faces), StylizeStage(stylize, score, io), ScoreStage(faces, score, io)]
+
+    def __call__(self, df: pd.DataFrame) -> pa.Table:
+        table = to_table(df)
+        for stage in self.stages:
+            table = stage(table.to_pandas())
+        return table
+
+
 class WriteStage:
     """Writes stylized images and the metrics of the batch, each object in one put.
 

@@ -23,7 +23,7 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from pipelines.schema import to_table
-from pipelines.stages import FaceStage, LoadStage, ScoreStage, StylizeStage, WriteStage, prepare_rows
+from pipelines.stages import FaceStage, FusedCPUStage, LoadStage, ScoreStage, StylizeStage, WriteStage, prepare_rows
 from stylid_core.config import ConfigError, JobConfig, StageResources
 from stylid_core.storage import delete, filesystem, join, list_files, read_parquet_dir
 
@@ -82,6 +82,8 @@ def _check_fits(config: JobConfig, cpus: float, gpus: float) -> None:
     waits forever for the pool that cannot start. Fail fast with the numbers instead."""
     res = config.resources
     pools = {"faces": res.faces, "stylize": res.stylize, "score": res.score}
+    if fused(config):
+        pools = {"fused": res.fused}
     need_cpu = sum(r.num_cpus * max(1, r.pool_size) for r in pools.values()) + res.load.num_cpus + res.write.num_cpus
     need_gpu = sum(r.num_gpus * max(1, r.pool_size) for r in pools.values())
     if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
@@ -107,6 +109,12 @@ def stage_remote_args() -> dict:
     """
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def fused(config: JobConfig) -> bool:
+    """Whether faces, stylize and score run as one CPU actor pool (``resources.fuse_cpu_stages``, no GPU asked)."""
+    res = config.resources
+    return res.fuse_cpu_stages and not any(r.num_gpus > 0 for r in (res.faces, res.stylize, res.score))
 
 
 def _load(df, io):
@@ -141,30 +149,39 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
         num_cpus=res.load.num_cpus,
         **remote,
     )
-    ds = ds.map_batches(
-        FaceStage, fn_constructor_kwargs={"faces": config.faces}, batch_format="pandas",
-        batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus), **remote,
-    )  # fmt: skip
-    ds = ds.map_batches(
-        StylizeStage,
-        fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": io},
-        batch_format="pandas",
-        batch_size=res.stylize.batch_size,
-        num_cpus=res.stylize.num_cpus,
-        num_gpus=res.stylize.num_gpus or None,
-        compute=_pool(res.stylize, cpus, gpus),
-        **remote,
-    )
-    ds = ds.map_batches(
-        ScoreStage,
-        fn_constructor_kwargs={"faces": config.faces, "score": config.score, "io": io},
-        batch_format="pandas",
-        batch_size=res.score.batch_size,
-        num_cpus=res.score.num_cpus,
-        num_gpus=res.score.num_gpus or None,
-        compute=_pool(res.score, cpus, gpus),
-        **remote,
-    )
+    if fused(config):
+        ds = ds.map_batches(
+            FusedCPUStage,
+            fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize, "score": config.score, "io": io},
+            batch_format="pandas", batch_size=res.fused.batch_size, num_cpus=res.fused.num_cpus,
+            compute=_pool(res.fused, cpus, gpus), **remote,
+        )  # fmt: skip
+    else:
+        ds = ds.map_batches(
+            FaceStage, fn_constructor_kwargs={"faces": config.faces}, batch_format="pandas",
+            batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus),
+            **remote,
+        )  # fmt: skip
+        ds = ds.map_batches(
+            StylizeStage,
+            fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": io},
+            batch_format="pandas",
+            batch_size=res.stylize.batch_size,
+            num_cpus=res.stylize.num_cpus,
+            num_gpus=res.stylize.num_gpus or None,
+            compute=_pool(res.stylize, cpus, gpus),
+            **remote,
+        )
+        ds = ds.map_batches(
+            ScoreStage,
+            fn_constructor_kwargs={"faces": config.faces, "score": config.score, "io": io},
+            batch_format="pandas",
+            batch_size=res.score.batch_size,
+            num_cpus=res.score.num_cpus,
+            num_gpus=res.score.num_gpus or None,
+            compute=_pool(res.score, cpus, gpus),
+            **remote,
+        )
     ds = ds.map_batches(
         _write,
         fn_kwargs={"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix, "io": io},

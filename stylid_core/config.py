@@ -135,8 +135,14 @@ class ResourcesConfig:
     stylize: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.5))
     score: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.5))
     write: StageResources = field(default_factory=lambda: StageResources(batch_size=4, num_cpus=0.25))
+    #: when no model stage asks for a GPU, run faces -> stylize -> score in one actor pool (``fused``) instead of
+    #: three: on CPU the stages then scale together with the cores instead of waiting on the slowest one
+    fuse_cpu_stages: bool = True
+    fused: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.75))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fuse_cpu_stages, bool):
+            raise ConfigError(f"resources.fuse_cpu_stages must be true or false, got {self.fuse_cpu_stages!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, dict):

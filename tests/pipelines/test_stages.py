@@ -13,6 +13,7 @@ import pytest
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
 from pipelines.stages import (
     FaceStage,
+    FusedCPUStage,
     LoadStage,
     ScoreStage,
     StylizeStage,
@@ -145,3 +146,13 @@ def test_a_stylize_failure_fails_only_its_row(staged, config, monkeypatch):
     assert out.at["good", "status"] == "stylize_error" and "boom" in out.at["good", "error"]
     assert out.at["good2", "status"] == "ok" and isinstance(out.at["good2", "out_pixels"], bytes)
     assert out.at["noface", "status"] == "no_face"
+
+
+def test_fused_cpu_stage_equals_the_three_stages_in_turn(staged, config):
+    fused = FusedCPUStage(config.faces, config.stylize, config.score, config.io)(staged["load"]).to_pandas()
+    separate = staged["score"]
+    assert list(fused.columns) == list(separate.columns)
+    assert fused["status"].tolist() == separate["status"].tolist()
+    assert fused["out_pixels"].tolist() == separate["out_pixels"].tolist()  # byte-identical images
+    for col in ("id_sim_mean", "style_distance", "content_ssim"):
+        np.testing.assert_allclose(fused[col].astype(float), separate[col].astype(float), equal_nan=True)
