@@ -138,7 +138,9 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
     _check_fits(config, cpus, gpus)
     remote = stage_remote_args()
     key_suffix = "" if config.is_default() else f"-{config.config_hash()}"
-    block_rows = max(res.load.batch_size, -(-len(rows) // 20_000))
+    # an actor takes a whole block: blocks as small as the model stages' batches keep every actor busy to the end
+    first_batch = res.fused.batch_size if fused(config) else res.faces.batch_size
+    block_rows = max(first_batch, -(-len(rows) // 20_000))
     blocks = [to_table(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
@@ -150,11 +152,16 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
         **remote,
     )
     if fused(config):
+        spare = cpus - res.load.num_cpus - res.write.num_cpus
+        fused_pool_size = res.fused.pool_size or max(1, int(spare / res.fused.num_cpus + 1e-9))
         ds = ds.map_batches(
             FusedCPUStage,
             fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize, "score": config.score, "io": io},
             batch_format="pandas", batch_size=res.fused.batch_size, num_cpus=res.fused.num_cpus,
-            compute=_pool(res.fused, cpus, gpus), **remote,
+            # one pool holds the whole CPU budget: start every actor at once (Ray's autoscaler adds actors only
+            # once work queues up, which a steady stream of small blocks rarely shows)
+            compute=ActorPoolStrategy(size=fused_pool_size),
+            **remote,
         )  # fmt: skip
     else:
         ds = ds.map_batches(

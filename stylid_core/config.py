@@ -138,7 +138,7 @@ class ResourcesConfig:
     #: when no model stage asks for a GPU, run faces -> stylize -> score in one actor pool (``fused``) instead of
     #: three: on CPU the stages then scale together with the cores instead of waiting on the slowest one
     fuse_cpu_stages: bool = True
-    fused: StageResources = field(default_factory=lambda: StageResources(batch_size=2, num_cpus=0.75))
+    fused: StageResources = field(default_factory=lambda: StageResources(batch_size=1, num_cpus=0.75))
 
     def __post_init__(self) -> None:
         if not isinstance(self.fuse_cpu_stages, bool):
