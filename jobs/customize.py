@@ -77,14 +77,3 @@ def run(args: argparse.Namespace) -> int:
     info = run_customize_job(config, args.manifest, args.output, overwrite=args.overwrite)
     print(json.dumps({k: info[k] for k in ("this_run", "rows", "counts", "id_match_rate")}, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stylid")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -56,14 +56,3 @@ def run(args: argparse.Namespace) -> int:
     result = run_training(config)
     print(json.dumps(result, indent=2, default=str))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stylid")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.stages import write_shards
-from pipelines.stylize import arrow_filesystem, done_ids, drop_orphan_face_shards, stage_remote_args
+from pipelines.stylize import arrow_filesystem, process_pending, stage_remote_args
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -380,13 +379,7 @@ def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str
     t0 = time.perf_counter()
     opts = config.io.storage_options
     manifest = read_customize_manifest(manifest_uri, config)
-    done = done_ids(output_uri, opts, manifest["image_id"])
-    pending = manifest[~manifest["image_id"].isin(done)]
-    log.info("manifest: %d rows, %d already in the output, %d to process", len(manifest), len(done), len(pending))
-    counts: Counter[str] = Counter()
-    if len(pending):
-        drop_orphan_face_shards(output_uri, opts)
-        ds = build_customize_dataset(config, pending.reset_index(drop=True), output_uri)
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-            counts.update(batch["status"].tolist())
+    done, counts = process_pending(
+        manifest, output_uri, opts, lambda rows: build_customize_dataset(config, rows, output_uri)
+    )
     return CustomizeResult(len(manifest), len(done), sum(counts.values()), time.perf_counter() - t0, dict(counts))

@@ -13,6 +13,7 @@ import os
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -231,20 +232,29 @@ def drop_orphan_face_shards(output_uri: str, storage_options: dict) -> None:
             delete(uri, storage_options)
 
 
+def process_pending(
+    manifest: pd.DataFrame, output_uri: str, storage_options: dict, build: Callable[[pd.DataFrame], ray.data.Dataset]
+) -> tuple[set[str], Counter[str]]:
+    """Run the rows of ``manifest`` not yet in ``output_uri``'s ``metrics/`` ledger through ``build(rows)``'s
+    dataset; returns the ids already done and the status counts of the rows processed now. With nothing pending
+    no dataset is built, so no stage starts and no model loads."""
+    done = done_ids(output_uri, storage_options, manifest["image_id"])
+    pending = manifest[~manifest["image_id"].isin(done)]
+    log.info("manifest: %d rows, %d already in the output, %d to process", len(manifest), len(done), len(pending))
+    counts: Counter[str] = Counter()
+    if len(pending):
+        drop_orphan_face_shards(output_uri, storage_options)
+        for batch in build(pending.reset_index(drop=True)).iter_batches(batch_format="pandas", batch_size=None):
+            counts.update(batch["status"].tolist())
+    return done, counts
+
+
 def run_stylize(config: JobConfig, manifest_uri: str, output_uri: str) -> RunResult:
     """Stylize and score every manifest row not yet in ``output_uri``; Ray must be initialised."""
     t0 = time.perf_counter()
     opts = config.io.storage_options
     manifest = read_manifest(manifest_uri, config.stylize.style_uri, opts)
-    done = done_ids(output_uri, opts, manifest["image_id"])
-    pending = manifest[~manifest["image_id"].isin(done)]
-    log.info("manifest: %d rows, %d already in the output, %d to process", len(manifest), len(done), len(pending))
-    counts: Counter[str] = Counter()
-    if len(pending):
-        drop_orphan_face_shards(output_uri, opts)
-        ds = build_dataset(config, pending.reset_index(drop=True), output_uri)
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-            counts.update(batch["status"].tolist())
+    done, counts = process_pending(manifest, output_uri, opts, lambda rows: build_dataset(config, rows, output_uri))
     return RunResult(
         total_rows=len(manifest),
         already_done=len(done),

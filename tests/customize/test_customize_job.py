@@ -61,7 +61,7 @@ def manifest(tmp_path_factory, astronaut) -> str:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, manifest, ray_session) -> str:
     """A finished run through the CLI (a real local Ray: 20-150 s on 2 shared cores)."""
-    from jobs.customize import main
+    from jobs.cli import main
 
     out = str(tmp_path_factory.mktemp("customize-out") / "out")
     assert main(["customize", "--config", CONFIG, "--manifest", manifest, "--output", f"file://{out}"]) == 0
