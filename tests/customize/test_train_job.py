@@ -27,7 +27,8 @@ def _manifest(tmp_path, astronaut) -> str:
 
 @pytest.mark.slow  # a real local Ray: 20-150 s on 2 shared cores
 def test_train_then_resume_on_ray(tmp_path, astronaut, ray_local):
-    from jobs.train_customizer import load_config, main
+    from jobs.cli import main
+    from jobs.train_customizer import load_config
     from pipelines.train_customizer import latest_checkpoint
     from stylid_core.customize.facesnap.modules import load_facesnap
 
