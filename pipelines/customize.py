@@ -22,12 +22,11 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.stages import write_shards
-from pipelines.stylize import arrow_filesystem, process_pending, stage_remote_args
+from pipelines.stylize import check_unique_ids, process_pending, read_manifest_columns, stage_remote_args
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -132,22 +131,14 @@ class PrepareCustomizeRows:
 def read_customize_manifest(manifest_uri: str, config: CustomizeJobConfig) -> pd.DataFrame:
     """The prepared manifest rows (``PrepareCustomizeRows``), read on the driver. Raises ``ValueError`` for a
     missing manifest, no ``reference_uri`` column or duplicate ids."""
-    afs, path = arrow_filesystem(manifest_uri, config.io.storage_options)
-    try:
-        dataset = pads.dataset(path, filesystem=afs, format="parquet")
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
-        raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
-    names = set(dataset.schema.names)
-    if "reference_uri" not in names:
-        raise ValueError(f"manifest {manifest_uri} has no 'reference_uri' column (columns: {sorted(names)})")
-    raw = dataset.to_table(columns=[c for c in MANIFEST_COLUMNS if c in names]).to_pandas()
+    raw = read_manifest_columns(
+        manifest_uri,
+        "reference_uri",
+        tuple(c for c in MANIFEST_COLUMNS if c != "reference_uri"),
+        config.io.storage_options,
+    )
     df = PrepareCustomizeRows(config)(raw)
-    dupes = df["image_id"][df["image_id"].duplicated()].unique()
-    if len(dupes):
-        raise ValueError(
-            f"manifest {manifest_uri} has {len(dupes)} duplicate image_id(s), e.g. {list(dupes[:5])}; image_id must be"
-            " unique (rows without one get a hash of reference_uri and prompt)"
-        )
+    check_unique_ids(df, manifest_uri, "rows without one get a hash of reference_uri and prompt")
     return df
 
 

@@ -49,23 +49,38 @@ def read_manifest(
     The manifest is read on the driver (three string columns: about 200 bytes a row, 200 MB for a million rows);
     images are read by the load stage, in the stream.
     """
+    raw = read_manifest_columns(manifest_uri, "image_uri", ("image_id", "style_uri"), storage_options)
+    df = prepare_rows(raw, default_style_uri)
+    check_unique_ids(
+        df, manifest_uri, "rows without one get a hash of image_uri, so a URI listed twice is a duplicate too"
+    )
+    return df
+
+
+def read_manifest_columns(
+    manifest_uri: str, required: str, optional: tuple[str, ...], storage_options: dict | None = None
+) -> pd.DataFrame:
+    """The ``required`` column and whichever ``optional`` ones exist of a Parquet manifest (file or prefix), read
+    on the driver; ``ValueError`` for an unreadable manifest or a missing ``required`` column."""
     afs, path = arrow_filesystem(manifest_uri, storage_options)
     try:
         dataset = pads.dataset(path, filesystem=afs, format="parquet")
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
         raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
     names = set(dataset.schema.names)
-    if "image_uri" not in names:
-        raise ValueError(f"manifest {manifest_uri} has no 'image_uri' column (columns: {sorted(names)})")
-    columns = [c for c in ("image_id", "image_uri", "style_uri") if c in names]
-    df = prepare_rows(dataset.to_table(columns=columns).to_pandas(), default_style_uri)
+    if required not in names:
+        raise ValueError(f"manifest {manifest_uri} has no '{required}' column (columns: {sorted(names)})")
+    return dataset.to_table(columns=[c for c in (*optional, required) if c in names]).to_pandas()
+
+
+def check_unique_ids(df: pd.DataFrame, manifest_uri: str, hint: str) -> None:
+    """``ValueError`` naming a few duplicates when ``df``'s ``image_id`` is not unique."""
     dupes = df["image_id"][df["image_id"].duplicated()].unique()
     if len(dupes):
         raise ValueError(
             f"manifest {manifest_uri} has {len(dupes)} duplicate image_id(s), e.g. {list(dupes[:5])}; image_id must be"
-            " unique (rows without one get a hash of image_uri, so a URI listed twice is a duplicate too)"
+            f" unique ({hint})"
         )
-    return df
 
 
 def _pool(res: StageResources, total_cpus: float, total_gpus: float) -> ActorPoolStrategy:
