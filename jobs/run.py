@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import tempfile
 
 import pandas as pd
@@ -20,7 +21,7 @@ from jobs.config import load_job_config
 from jobs.ray_cluster import init_ray
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.report import format_summary, summarize, write_report
-from stylid_core.storage import delete, join, read_bytes, read_parquet_dir, write_bytes
+from stylid_core.storage import delete, filesystem, join, read_bytes, read_parquet_dir, write_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = "stylid-output"
@@ -76,7 +77,9 @@ def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> 
     """Refuse to mix two configs' rows in one output (the resume ledger would count the other config's rows).
 
     ``config`` is any job config with ``config_hash()`` and ``io.storage_options`` (``stylid customize`` uses it
-    too); with ``overwrite`` the ``metrics/`` and ``faces/`` shards and ``_SUCCESS`` are removed."""
+    too). With ``overwrite`` the previous run is removed: the images its metrics list (``output_uri``, or the JSON
+    list ``output_uris`` of ``stylid customize``), its ``metrics/`` and ``faces/`` shards, ``report.html`` and
+    ``_SUCCESS``. Nothing else under the output is touched (the bundled sample's inputs, files of the user's)."""
     opts = config.io.storage_options
     try:
         previous = json.loads(read_bytes(join(output_uri, "run.json"), opts))
@@ -89,13 +92,29 @@ def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> 
             f"{output_uri} holds a run with another config (hash {previous.get('config_hash')}, this one is"
             f" {config.config_hash()}); choose another --output, or pass --overwrite to start over there"
         )
+    images = previous_images(output_uri, opts)
+    log.info("--overwrite: removing the previous run (%d images, its metrics and faces shards)", len(images))
+    for uri in images:
+        delete(uri, opts)
     for sub in ("metrics", "faces"):
-        from stylid_core.storage import filesystem
-
         fs, path = filesystem(join(output_uri, sub), opts)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    delete(join(output_uri, "_SUCCESS"), opts)
+    for name in ("report.html", "_SUCCESS"):
+        delete(join(output_uri, name), opts)
+
+
+def previous_images(output_uri: str, storage_options: dict) -> list[str]:
+    """The images of this output that its metrics shards record (both jobs' layouts): for each recorded URI, the
+    object of the same name under ``<output_uri>/images/``, so a copied or moved output never reaches back into
+    the place it was copied from, and nothing outside ``images/`` is named."""
+    metrics = read_parquet_dir(join(output_uri, "metrics"), storage_options)
+    uris: list[str] = []
+    if "output_uri" in metrics:
+        uris += [u for u in metrics["output_uri"] if isinstance(u, str) and u]
+    if "output_uris" in metrics:
+        uris += [u for v in metrics["output_uris"] if isinstance(v, str) and v for u in json.loads(v)]
+    return sorted({join(output_uri, "images", posixpath.basename(u)) for u in uris})
 
 
 def run_job(

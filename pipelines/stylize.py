@@ -165,6 +165,7 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
         batch_format="pandas",
         batch_size=res.load.batch_size,
         num_cpus=res.load.num_cpus,
+        concurrency=res.load.pool_size or None,
         **remote,
     )
     if fused(config):
@@ -208,7 +209,8 @@ def build_dataset(config: JobConfig, rows: pd.DataFrame, output_uri: str) -> ray
     ds = ds.map_batches(
         _write,
         fn_kwargs={"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix, "io": io},
-        batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus, **remote,
+        batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus,
+        concurrency=res.write.pool_size or None, **remote,
     )  # fmt: skip
     return ds
 

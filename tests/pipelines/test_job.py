@@ -148,12 +148,16 @@ def test_another_config_into_the_same_output_needs_overwrite(finished, inputs, t
     # resources are not part of the config's identity: same hash, no error, nothing to do
     same = JobConfig.from_dict({"resources": {"faces": {"batch_size": 1}}})
     assert run_job(same, output, small)["this_run"]["processed"] == 0
+    with open(f"{output}/images/mine.txt", "w") as f:  # not the run's: --overwrite must leave it
+        f.write("notes")
     info = run_job(other, output, small, overwrite=True)
     assert info["this_run"]["processed"] == 1 and info["this_run"]["already_done"] == 0
     metrics = _metrics(output)
     assert metrics["image_id"].tolist() == ["biden"]
     assert (metrics["config_hash"] == other.config_hash()).all()
-    assert os.path.isfile(f"{output}/images/biden-{other.config_hash()}.png")
+    # the previous config's images are gone with its metrics; the copied-from output is untouched
+    assert sorted(os.listdir(f"{output}/images")) == [f"biden-{other.config_hash()}.png", "mine.txt"]
+    assert sorted(os.listdir(f"{finished[0]}/images")) == ["biden.png", "obama.png", "scene.png"]
     with open(f"{output}/run.json") as f:
         assert json.load(f)["config_hash"] == other.config_hash()
 
@@ -185,3 +189,4 @@ def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkey
     with pytest.raises(ValueError, match="cannot read manifest"):
         run_job(JobConfig(), str(tmp_path / "out"), str(tmp_path / "nope.parquet"))
     assert not os.path.exists(tmp_path / "out" / "run.json")
+
