@@ -189,4 +189,3 @@ def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkey
     with pytest.raises(ValueError, match="cannot read manifest"):
         run_job(JobConfig(), str(tmp_path / "out"), str(tmp_path / "nope.parquet"))
     assert not os.path.exists(tmp_path / "out" / "run.json")
-
