@@ -119,7 +119,9 @@ class StageResources:
     batch_size: int = 4
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    pool_size: int = 0  # actors; 0 = one per CPU (or per GPU) the cluster has
+    #: model stages: actors (0 = one per CPU, or per GPU, the cluster has); load/write tasks: the most running at
+    #: once (0 = as many as the CPUs allow)
+    pool_size: int = 0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
