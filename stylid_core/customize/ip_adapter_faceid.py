@@ -25,6 +25,9 @@ from stylid_core.customize.base import CUSTOMIZERS, Customizer
 from stylid_core.customize.facesnap.config import build_config
 from stylid_core.faces.base import Face
 
+#: PEFT adapter name of the LoRA loaded from ``lora_path``
+LORA_ADAPTER = "faceid_lora"
+
 
 @dataclass
 class IPAdapterFaceIDConfig:
@@ -93,24 +96,24 @@ class IPAdapterFaceIDCustomizer(Customizer):
 
     @staticmethod
     def _apply_lora(pipe, config: IPAdapterFaceIDConfig) -> str | None:
-        """Load ``lora_path`` into the UNet (or take the LoRA diffusers loaded from the adapter file) and weight it
-        by ``lora_scale``; the PEFT adapter's name, or None when there is no LoRA."""
-        embedded = [name for name in getattr(pipe.unet, "peft_config", {}) if name.startswith("faceid_")]
+        """Weight the FaceID LoRA by ``lora_scale``: the one diffusers loaded from the adapter file, or the one in
+        ``lora_path`` (loaded here). Returns its PEFT adapter name, or None when there is no LoRA."""
+        inside = [name for name in getattr(pipe.unet, "peft_config", {}) if name.startswith("faceid_")]
         if config.lora_path:
-            if embedded:
+            if inside:
                 raise ValueError(
-                    f"{config.weight_name} already carries the FaceID LoRA (diffusers loaded it as {embedded[0]});"
+                    f"{config.weight_name} already carries the FaceID LoRA (diffusers loaded it as {inside[0]});"
                     " drop ip_adapter_faceid.lora_path, or it would be applied twice"
                 )
             folder, name = os.path.split(os.path.abspath(config.lora_path))
-            pipe.load_lora_weights(folder, weight_name=name, adapter_name="faceid_lora")
-            if "faceid_lora" not in getattr(pipe.unet, "peft_config", {}):
+            pipe.load_lora_weights(folder, weight_name=name, adapter_name=LORA_ADAPTER)
+            if LORA_ADAPTER not in getattr(pipe.unet, "peft_config", {}):
                 raise ValueError(f"{config.lora_path} holds no LoRA weights for the UNet")
-            embedded = ["faceid_lora"]
-        if not embedded:
+            inside = [LORA_ADAPTER]
+        if not inside:
             return None
-        pipe.set_adapters(embedded[:1], adapter_weights=[config.lora_scale])
-        return embedded[0]
+        pipe.set_adapters(inside[:1], adapter_weights=[config.lora_scale])
+        return inside[0]
 
     def generate(
         self,
