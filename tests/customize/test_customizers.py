@@ -118,19 +118,23 @@ def test_ip_adapter_faceid_loads_an_adapter_file_and_generates(tmp_path, astrona
         CUSTOMIZERS.create("ip_adapter_faceid", config={**config, "weight_name": "nope.bin"})
 
 
-def _write_kohya_lora(path, unet, rank=4):
-    """A random UNet LoRA in the layout of the published ``ip-adapter-faceid_sd15_lora.safetensors`` (kohya naming:
-    ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` on to_q, to_k, to_v and to_out.0 of
-    every attention layer)."""
+def _write_lora(path, unet, layout="kohya", rank=4):
+    """A random UNet LoRA on to_q, to_k, to_v and to_out.0 of every attention layer. ``kohya``: the layout of the
+    published ``ip-adapter-faceid_sd15_lora.safetensors`` (``lora_unet_<module path with _>.lora_down.weight`` /
+    ``.lora_up.weight``); ``peft``: diffusers' own (``unet.<module path>.lora_A.weight`` / ``.lora_B.weight``)."""
     g = torch.Generator().manual_seed(1)
     state = {}
     for name, module in unet.named_modules():
         if name.endswith((".attn1", ".attn2")):
             for proj in ("to_q", "to_k", "to_v", "to_out.0"):
                 layer = module.get_submodule(proj)
-                key = "lora_unet_" + f"{name}.{proj}".replace(".", "_")
-                state[f"{key}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
-                state[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.3
+                down = torch.randn(rank, layer.in_features, generator=g) * 0.3
+                up = torch.randn(layer.out_features, rank, generator=g) * 0.3
+                if layout == "kohya":
+                    key = "lora_unet_" + f"{name}.{proj}".replace(".", "_")
+                    state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
+                else:
+                    state[f"unet.{name}.{proj}.lora_A.weight"], state[f"unet.{name}.{proj}.lora_B.weight"] = down, up
     save_file(state, str(path))
     return len(state) // 2
 
@@ -152,15 +156,17 @@ def faceid_files(tmp_path_factory):
     unet = _write_tiny_sd(d / "sd")
     _write_faceid_adapter(d / "adapter", unet)
     _write_faceid_adapter(d / "adapter-with-lora", unet, lora_rank=4)
-    n_layers = _write_kohya_lora(d / "ip-adapter-faceid_sd15_lora.safetensors", unet)
+    n_layers = _write_lora(d / "ip-adapter-faceid_sd15_lora.safetensors", unet, "kohya")
+    assert _write_lora(d / "peft_lora.safetensors", unet, "peft") == n_layers
     return d, n_layers
 
 
-def test_ip_adapter_faceid_lora_file_changes_the_unet_and_scales(faceid_files, astronaut, astronaut_face):
+@pytest.mark.parametrize("lora_file", ["ip-adapter-faceid_sd15_lora.safetensors", "peft_lora.safetensors"])
+def test_ip_adapter_faceid_lora_file_changes_the_unet_and_scales(faceid_files, lora_file, astronaut, astronaut_face):
     d, n_layers = faceid_files
     base = {"base_model": str(d / "sd"), "adapter_path": str(d / "adapter"), "resolution": 32,
             "weight_name": "ip-adapter-faceid_sd15.safetensors", "num_inference_steps": 2}  # fmt: skip
-    lora = str(d / "ip-adapter-faceid_sd15_lora.safetensors")
+    lora = str(d / lora_file)
     plain = CUSTOMIZERS.create("ip_adapter_faceid", config=base)
     full = CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "lora_path": lora})
     off = CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "lora_path": lora, "lora_scale": 0.0})
