@@ -19,22 +19,21 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also in the spawned children
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _components(args):
-    from stylid_core.customize.facesnap.components import tiny_components
+    from stylid_core.customize.facesnap.components import random_sd15_components, tiny_components
     from stylid_core.customize.facesnap.config import TinyComponentsConfig
 
-    if args.sd15_shapes:  # an SD 1.5-shaped UNet (random weights) - meaningful on a GPU only
-        tiny = TinyComponentsConfig(sample_size=args.size, block_out_channels=(320, 640, 1280, 1280),
-                                    cross_attention_dim=768, vision_hidden=1024, vision_image_size=224,
-                                    vision_patch=14)  # fmt: skip
-    else:
-        tiny = TinyComponentsConfig(sample_size=args.size, block_out_channels=(args.width, args.width * 2),
-                                    cross_attention_dim=32)  # fmt: skip
+    if args.sd15_shapes:  # SD 1.5's UNet, VAE, text encoder and a CLIP ViT-H/14 (random weights): GPU timings
+        return random_sd15_components(args.size, "vit-h-14")
+    tiny = TinyComponentsConfig(sample_size=args.size, block_out_channels=(args.width, args.width * 2),
+                                cross_attention_dim=32)  # fmt: skip
     return tiny_components(tiny)
 
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", type=int, default=64, help="image px")
     p.add_argument("--width", type=int, default=32, help="UNet base channels of the small CPU model")
-    p.add_argument("--sd15-shapes", action="store_true", help="SD 1.5-shaped UNet/CLIP (GPU)")
+    p.add_argument("--sd15-shapes", action="store_true", help="SD 1.5-sized random components (GPU)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

@@ -26,7 +26,13 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.stages import write_shards
-from pipelines.stylize import check_unique_ids, process_pending, read_manifest_columns, stage_remote_args
+from pipelines.stylize import (
+    check_pools_fit,
+    check_unique_ids,
+    process_pending,
+    read_manifest_columns,
+    stage_remote_args,
+)
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -324,6 +330,18 @@ def _arrow(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
+#: CPUs of one write task (the stateless last step)
+WRITE_CPUS = 0.1
+
+
+def check_customize_fits(config: CustomizeJobConfig, cpus: float, gpus: float) -> None:
+    """``ConfigError`` when the reference, generate and score pools and a write task cannot all run at once on
+    ``cpus``/``gpus`` (the stream would wait forever for the pool that cannot start)."""
+    r = config.resources
+    pools = {"reference": r.reference, "generate": r.generate, "score": r.score}
+    check_pools_fit(pools, {"write": WRITE_CPUS}, cpus, gpus)
+
+
 def _pool(res: StageResources) -> dict[str, Any]:
     size = res.pool_size or 1
     return {"compute": ActorPoolStrategy(size=size), "num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None,
@@ -335,6 +353,8 @@ def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, outp
     and metrics shards are written as a side effect of its last stage. Rows enter in small blocks, so every actor
     pool has work as soon as the first references are read."""
     r = config.resources
+    resources = ray.cluster_resources()
+    check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
     block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
     blocks = [_arrow(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
@@ -345,7 +365,8 @@ def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, outp
         ds.map_batches(ReferenceStage, **args, **_pool(r.reference))
         .map_batches(CustomizeStage, **args, **gen)
         .map_batches(CustomizeScoreStage, **args, **_pool(r.score))
-        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=0.1, **env)
+        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS,
+                     **env)
     )  # fmt: skip
 
 

@@ -93,22 +93,29 @@ def _pool(res: StageResources, total_cpus: float, total_gpus: float) -> ActorPoo
     return ActorPoolStrategy(min_size=1, max_size=max(1, int(limit)))
 
 
-def _check_fits(config: JobConfig, cpus: float, gpus: float) -> None:
-    """Every actor pool's first actor must fit at once beside one load and one write task; otherwise Ray Data
-    waits forever for the pool that cannot start. Fail fast with the numbers instead."""
-    res = config.resources
-    pools = {"faces": res.faces, "stylize": res.stylize, "score": res.score}
-    if fused(config):
-        pools = {"fused": res.fused}
-    need_cpu = sum(r.num_cpus * max(1, r.pool_size) for r in pools.values()) + res.load.num_cpus + res.write.num_cpus
+def check_pools_fit(pools: dict[str, StageResources], tasks: dict[str, float], cpus: float, gpus: float) -> None:
+    """Every actor pool's first actors (``pool_size``, at least one) must fit at once beside one task of each
+    stateless step (``tasks``: name -> CPUs); otherwise Ray Data waits forever for the pool that cannot start.
+    Raise ``ConfigError`` with the numbers instead."""
+    need_cpu = sum(r.num_cpus * max(1, r.pool_size) for r in pools.values()) + sum(tasks.values())
     need_gpu = sum(r.num_gpus * max(1, r.pool_size) for r in pools.values())
     if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
-        detail = ", ".join(f"{k}: {r.num_cpus} CPU x {max(1, r.pool_size)}" for k, r in pools.items())
-        raise ConfigError(
-            f"the stages need {need_cpu:g} CPU(s) and {need_gpu:g} GPU(s) to run at once ({detail}, load"
-            f" {res.load.num_cpus}, write {res.write.num_cpus}) but the Ray cluster has {cpus:g} CPU(s) and"
-            f" {gpus:g} GPU(s); lower resources.*.num_cpus / pool_size"
+        gpu = lambda r: f" + {r.num_gpus:g} GPU" if r.num_gpus else ""  # noqa: E731
+        detail = ", ".join(
+            [f"{k}: {r.num_cpus:g} CPU{gpu(r)} x {max(1, r.pool_size)}" for k, r in pools.items()]
+            + [f"{k} {c:g}" for k, c in tasks.items()]
         )
+        raise ConfigError(
+            f"the stages need {need_cpu:g} CPU(s) and {need_gpu:g} GPU(s) to run at once ({detail}) but the Ray"
+            f" cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s); lower resources.<stage>.num_cpus / num_gpus /"
+            " pool_size"
+        )
+
+
+def _check_fits(config: JobConfig, cpus: float, gpus: float) -> None:
+    res = config.resources
+    pools = {"fused": res.fused} if fused(config) else {"faces": res.faces, "stylize": res.stylize, "score": res.score}
+    check_pools_fit(pools, {"load": res.load.num_cpus, "write": res.write.num_cpus}, cpus, gpus)
 
 
 #: driver environment variables that every stage needs too (object-store credentials, offline model loading)

@@ -16,6 +16,8 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -23,33 +25,47 @@ from ray.data import ActorPoolStrategy
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from stylid_core.customize.facesnap.training import FacePairExtractor, FaceSnapTrainConfig, FaceSnapTrainer
+from pipelines.stylize import read_manifest_columns, stage_remote_args
+from stylid_core.customize.facesnap.training import (
+    FacePairExtractor,
+    FaceSnapTrainConfig,
+    FaceSnapTrainer,
+    cross_photo_references,
+)
 from stylid_core.imageio import decode_image
 
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("target", "target_landmarks", "reference_crop", "reference_landmarks", "embedding")
+#: the photo each row's reference comes from (``cross_photo_references``), added to the manifest rows on the driver
+REFERENCE_COLUMN = "pair_reference_uri"
 
 
 class FacePairStage:
-    """Ray Data stage: manifest rows (image URI, optional caption) -> training pairs; rows without a face are dropped
-    from the training set (and counted in the ``pairs_skipped`` log line)."""
+    """Ray Data stage: manifest rows (image URI, reference URI, optional caption) -> training pairs; rows without a
+    face are dropped from the training set (and counted in the ``pairs_skipped`` log line)."""
 
     def __init__(self, config: dict[str, Any], clip_size: int, face_embed_dim: int, num_landmarks: int) -> None:
         self.config = FaceSnapTrainConfig.from_dict(config)
         self.extractor = FacePairExtractor(self.config, clip_size, face_embed_dim, num_landmarks)
 
+    def _read(self, uri: str) -> np.ndarray:
+        with fsspec.open(uri, "rb", **self.config.storage_options) as f:
+            return decode_image(f.read())
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         cfg = self.config
         out: dict[str, list] = {k: [] for k in (*PAIR_COLUMNS, "caption")}
         uris = batch[cfg.image_column]
+        references = batch.get(REFERENCE_COLUMN)
         captions = batch.get(cfg.caption_column) if cfg.caption_column else None
         skipped = 0
         for i, uri in enumerate(uris):
             try:
-                with fsspec.open(str(uri), "rb", **cfg.storage_options) as f:
-                    image = decode_image(f.read())
-                pair = self.extractor(image, seed=zlib.crc32(f"{cfg.seed}:{uri}".encode()))
+                image = self._read(str(uri))
+                ref_uri = str(uri) if references is None or references[i] is None else str(references[i])
+                reference = None if ref_uri == str(uri) else self._read(ref_uri)
+                pair = self.extractor(image, seed=zlib.crc32(f"{cfg.seed}:{uri}".encode()), reference=reference)
             except Exception as exc:  # a bad row must not stop training
                 log.warning("training pair from %s failed: %s", uri, exc)
                 pair = None
@@ -67,22 +83,44 @@ class FacePairStage:
         return {k: (np.stack(v) if k != "caption" else np.array(v, dtype=object)) for k, v in out.items()}
 
 
+def pair_rows(config: FaceSnapTrainConfig) -> pd.DataFrame:
+    """The manifest's image, caption and person columns (whichever exist), read on the driver, plus each row's
+    ``REFERENCE_COLUMN``: another photo of the same person where the manifest has ``config.person_column`` and the
+    person has several photos, else the row's own photo."""
+    optional = tuple(c for c in (config.caption_column, config.person_column) if c)
+    df = read_manifest_columns(config.manifest, config.image_column, optional, config.storage_options)
+    uris = df[config.image_column].astype(object).where(df[config.image_column].notna(), "").astype(str)
+    df[config.image_column] = uris
+    if config.person_column and config.person_column in df:
+        persons = df[config.person_column].astype(object).where(df[config.person_column].notna(), None)
+        df[REFERENCE_COLUMN] = cross_photo_references(uris.tolist(), persons.tolist(), config.seed)
+        df = df.drop(columns=[config.person_column])  # mixed types (ids) need not travel
+    else:
+        df[REFERENCE_COLUMN] = uris
+    return df.reset_index(drop=True)
+
+
 def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: int, num_landmarks: int):
-    """The Ray Dataset of training pairs read from ``config.manifest``."""
-    fs, path = fsspec.core.url_to_fs(config.manifest, **config.storage_options)
-    ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-    return ds.map_batches(
+    """The Ray Dataset of training pairs from ``config.manifest`` (``pair_rows``, then ``FacePairStage``)."""
+    rows = pair_rows(config)
+    batch_size = 4
+    block_rows = max(batch_size, -(-len(rows) // 20_000))
+    blocks = [pa.Table.from_pandas(rows.iloc[k : k + block_rows], preserve_index=False)
+              for k in range(0, len(rows), block_rows)]  # fmt: skip
+    return ray.data.from_arrow(blocks).map_batches(
         FacePairStage,
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
-        batch_size=4,
+        batch_size=batch_size,
         num_cpus=config.pair_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=config.pair_actors),
+        **stage_remote_args(),
     )
 
 
 def latest_checkpoint(config: FaceSnapTrainConfig) -> str | None:
     """The newest checkpoint folder (highest step) under ``<storage_path>/<name>``, as a URI; None if there is none."""
     fs, root = fsspec.core.url_to_fs(config.storage_path, **config.storage_options)
+    fs.invalidate_cache()  # object stores' listings are cached per process; Ray Train's workers wrote these
     best: tuple[int, str] | None = None
     for marker in fs.glob(f"{root.rstrip('/')}/{config.name}/*/train_progress.json"):
         with fs.open(marker, "r") as f:

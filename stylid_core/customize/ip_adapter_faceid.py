@@ -3,6 +3,13 @@
 A baseline for FaceSnap. The identity comes only from the reference face's 512-d ArcFace embedding (insightface
 ``buffalo_l``; the ``FaceAnalyzer`` must be the insightface backend). Weights are read from local folders, e.g.
 ``h94/IP-Adapter-FaceID``'s ``ip-adapter-faceid_sd15.bin`` downloaded beforehand; nothing is downloaded here.
+
+IP-Adapter-FaceID was trained with a LoRA on the UNet's attention projections. The ``.bin`` carries it (as
+``ip_adapter.<i>.to_q_lora...`` keys) and diffusers applies it while loading the adapter, as the PEFT adapter
+``faceid_0``; adapter files without it (e.g. converted ones) take the LoRA from ``lora_path``: the separately
+published ``ip-adapter-faceid_sd15_lora.safetensors`` (kohya layout, ``lora_unet_<module>.lora_down/lora_up``) or
+any LoRA that diffusers' ``load_lora_weights`` reads (kohya, diffusers/PEFT). ``lora_scale`` weights either one.
+Both need ``peft`` (diffusers' LoRA backend).
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from stylid_core.customize.base import CUSTOMIZERS, Customizer
 from stylid_core.customize.facesnap.config import build_config
 from stylid_core.faces.base import Face
 
+#: PEFT adapter name of the LoRA loaded from ``lora_path``
+LORA_ADAPTER = "faceid_lora"
+
 
 @dataclass
 class IPAdapterFaceIDConfig:
@@ -27,6 +37,8 @@ class IPAdapterFaceIDConfig:
     adapter_path: str = ""  # folder holding the adapter file
     weight_name: str = "ip-adapter-faceid_sd15.bin"
     adapter_scale: float = 1.0
+    lora_path: str | None = None  # local LoRA file for the UNet, e.g. ip-adapter-faceid_sd15_lora.safetensors
+    lora_scale: float = 1.0  # weight of the FaceID LoRA (from lora_path, or the one inside the adapter file)
     resolution: int = 512
     num_inference_steps: int = 30
     guidance_scale: float = 5.0
@@ -40,6 +52,7 @@ class IPAdapterFaceIDConfig:
         _check(bool(self.base_model), "ip_adapter_faceid.base_model is required")
         _check(bool(self.adapter_path), "ip_adapter_faceid.adapter_path (a local folder) is required")
         _check(self.adapter_scale >= 0, "ip_adapter_faceid.adapter_scale must be >= 0")
+        _check(self.lora_scale >= 0, "ip_adapter_faceid.lora_scale must be >= 0")
         _check(self.resolution % 8 == 0, "ip_adapter_faceid.resolution must be a multiple of 8")
         _check(self.num_inference_steps >= 1 and self.max_batch >= 1, "steps and max_batch must be >= 1")
         _check(self.scheduler in ("ddim", "euler", "dpm"), f"unknown scheduler {self.scheduler!r}")
@@ -60,6 +73,10 @@ class IPAdapterFaceIDCustomizer(Customizer):
 
         if not os.path.isfile(os.path.join(config.adapter_path, config.weight_name)):
             raise FileNotFoundError(f"no {config.weight_name} in {config.adapter_path!r}")
+        # without peft diffusers skips the LoRA inside the adapter file with only a log line
+        _require_peft("ip_adapter_faceid (the FaceID LoRA)")
+        if config.lora_path and not os.path.isfile(config.lora_path):
+            raise FileNotFoundError(f"ip_adapter_faceid.lora_path: no file {config.lora_path!r}")
         self.config = config
         self.device, self.dtype = resolve_device(config.device, config.dtype)
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -68,11 +85,35 @@ class IPAdapterFaceIDCustomizer(Customizer):
         pipe.load_ip_adapter(config.adapter_path, subfolder="", weight_name=config.weight_name,
                              image_encoder_folder=None)  # fmt: skip
         pipe.set_ip_adapter_scale(config.adapter_scale)
+        self.lora = self._apply_lora(pipe, config)
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self._torch = torch
         self.model = os.path.join(config.adapter_path, config.weight_name)
+        if config.lora_path:
+            self.model += f" + {config.lora_path}"
+
+    @staticmethod
+    def _apply_lora(pipe, config: IPAdapterFaceIDConfig) -> str | None:
+        """Weight the FaceID LoRA by ``lora_scale``: the one diffusers loaded from the adapter file, or the one in
+        ``lora_path`` (loaded here). Returns its PEFT adapter name, or None when there is no LoRA."""
+        inside = [name for name in getattr(pipe.unet, "peft_config", {}) if name.startswith("faceid_")]
+        if config.lora_path:
+            if inside:
+                raise ValueError(
+                    f"{config.weight_name} already carries the FaceID LoRA (diffusers loaded it as {inside[0]});"
+                    " drop ip_adapter_faceid.lora_path, or it would be applied twice"
+                )
+            folder, name = os.path.split(os.path.abspath(config.lora_path))
+            pipe.load_lora_weights(folder, weight_name=name, adapter_name=LORA_ADAPTER)
+            if LORA_ADAPTER not in getattr(pipe.unet, "peft_config", {}):
+                raise ValueError(f"{config.lora_path} holds no LoRA weights for the UNet")
+            inside = [LORA_ADAPTER]
+        if not inside:
+            return None
+        pipe.set_adapters(inside[:1], adapter_weights=[config.lora_scale])
+        return inside[0]
 
     def generate(
         self,
@@ -107,6 +148,13 @@ class IPAdapterFaceIDCustomizer(Customizer):
             ).images  # fmt: skip
             out.extend((img * 255).round().astype(np.uint8) for img in images)
         return out
+
+
+def _require_peft(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError(f"{what} needs the 'peft' package (diffusers' LoRA backend): pip install peft")
 
 
 @CUSTOMIZERS.register("ip_adapter_faceid")

@@ -205,3 +205,32 @@ def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face)
     assert gens[0]["detected"] and gens[0]["id_sim"] > 0.95 and gens[0]["id_match"] and 0 <= gens[0]["id_dist"] < 0.6
     assert not gens[1]["detected"] and gens[1]["id_sim"] is None and gens[1]["id_match"] is False
     assert df.at[0, "n_generated"] == 2 and df.at[0, "n_faces_found"] == 1 and df.at[0, "id_match_rate"] == 0.5
+
+
+def test_pools_that_cannot_fit_the_cluster_are_refused_up_front(config, manifest, ray_session, tmp_path):
+    """A generate pool asking for a GPU on a CPU-only Ray, or pools wider than the CPUs, would make the stream wait
+    forever: building the dataset raises a ConfigError naming the pool instead (before any stage starts)."""
+    from pipelines.customize import build_customize_dataset, check_customize_fits, read_customize_manifest
+    from stylid_core.customize.job_config import CustomizeJobConfig
+
+    check_customize_fits(config, cpus=2, gpus=0)  # the tiny config fits a 2-core machine
+    base = config.to_dict()
+
+    def changed(stage: str, **kw) -> CustomizeJobConfig:
+        res = base["resources"]
+        return CustomizeJobConfig.from_dict({**base, "resources": {**res, stage: {**res[stage], **kw}}})
+
+    on_gpu = changed("generate", num_gpus=1)
+    check_customize_fits(on_gpu, cpus=2, gpus=1)
+    with pytest.raises(ConfigError, match=r"1 GPU\(s\).*generate: 0.25 CPU \+ 1 GPU x 1.*has 2 CPU\(s\) and 0 GPU"):
+        check_customize_fits(on_gpu, cpus=2, gpus=0)
+    wide = changed("reference", pool_size=8)
+    with pytest.raises(ConfigError, match=r"need 2.6 CPU\(s\).*reference: 0.25 CPU x 8"):
+        check_customize_fits(wide, cpus=2, gpus=0)
+    # the dataset checks against the running Ray's resources (2 CPUs, no GPU here)
+    rows = read_customize_manifest(manifest, on_gpu)
+    with pytest.raises(ConfigError, match="generate"):
+        build_customize_dataset(on_gpu, rows, str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="reference"):
+        build_customize_dataset(wide, rows, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")

@@ -63,8 +63,9 @@ def _write_tiny_sd(path):
     return comps.unet
 
 
-def _write_faceid_adapter(path, unet, cross=32, tokens=4):
-    """A random IP-Adapter-FaceID file with the original layout (image_proj MLP + per-layer to_k_ip/to_v_ip)."""
+def _write_faceid_adapter(path, unet, cross=32, tokens=4, lora_rank=0):
+    """A random IP-Adapter-FaceID file with the original layout (image_proj MLP + per-layer to_k_ip/to_v_ip; with
+    ``lora_rank``, also the LoRA of every attention layer that the real ``.bin`` carries: to_q/k/v/out_lora)."""
     g = torch.Generator().manual_seed(0)
     state = {
         "image_proj.proj.0.weight": torch.randn(1024, 512, generator=g) * 0.02,
@@ -82,6 +83,13 @@ def _write_faceid_adapter(path, unet, cross=32, tokens=4):
             for kind in ("to_k_ip", "to_v_ip"):
                 state[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
             key_id += 2
+    for key_id, name in enumerate(unet.attn_processors) if lora_rank else ():
+        attn = modules[name[: -len(".processor")]]
+        for kind, layer in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+            state[f"ip_adapter.{key_id}.to_{kind}_lora.down.weight"] = torch.randn(lora_rank, layer.in_features,
+                                                                                   generator=g) * 0.3  # fmt: skip
+            state[f"ip_adapter.{key_id}.to_{kind}_lora.up.weight"] = torch.randn(layer.out_features, lora_rank,
+                                                                                 generator=g) * 0.3  # fmt: skip
     path.mkdir()
     save_file(state, str(path / "ip-adapter-faceid_sd15.safetensors"))
 
@@ -108,6 +116,93 @@ def test_ip_adapter_faceid_loads_an_adapter_file_and_generates(tmp_path, astrona
         c.generate(astronaut, astronaut_face, "x")  # a 128-d dlib embedding
     with pytest.raises(FileNotFoundError):
         CUSTOMIZERS.create("ip_adapter_faceid", config={**config, "weight_name": "nope.bin"})
+
+
+def _write_lora(path, unet, layout="kohya", rank=4):
+    """A random UNet LoRA on to_q, to_k, to_v and to_out.0 of every attention layer. ``kohya``: the layout of the
+    published ``ip-adapter-faceid_sd15_lora.safetensors`` (``lora_unet_<module path with _>.lora_down.weight`` /
+    ``.lora_up.weight``); ``peft``: diffusers' own (``unet.<module path>.lora_A.weight`` / ``.lora_B.weight``)."""
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for name, module in unet.named_modules():
+        if name.endswith((".attn1", ".attn2")):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                layer = module.get_submodule(proj)
+                down = torch.randn(rank, layer.in_features, generator=g) * 0.3
+                up = torch.randn(layer.out_features, rank, generator=g) * 0.3
+                if layout == "kohya":
+                    key = "lora_unet_" + f"{name}.{proj}".replace(".", "_")
+                    state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
+                else:
+                    state[f"unet.{name}.{proj}.lora_A.weight"], state[f"unet.{name}.{proj}.lora_B.weight"] = down, up
+    save_file(state, str(path))
+    return len(state) // 2
+
+
+def _unet_output(customizer) -> torch.Tensor:
+    """The customizer's UNet (with its IP-Adapter and LoRA) on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    unet = customizer.pipe.unet
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    face = torch.randn(1, 1, 512, generator=g)
+    with torch.no_grad():
+        return unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [face]}).sample
+
+
+@pytest.fixture(scope="module")
+def faceid_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faceid")
+    unet = _write_tiny_sd(d / "sd")
+    _write_faceid_adapter(d / "adapter", unet)
+    _write_faceid_adapter(d / "adapter-with-lora", unet, lora_rank=4)
+    n_layers = _write_lora(d / "ip-adapter-faceid_sd15_lora.safetensors", unet, "kohya")
+    assert _write_lora(d / "peft_lora.safetensors", unet, "peft") == n_layers
+    return d, n_layers
+
+
+@pytest.mark.parametrize("lora_file", ["ip-adapter-faceid_sd15_lora.safetensors", "peft_lora.safetensors"])
+def test_ip_adapter_faceid_lora_file_changes_the_unet_and_scales(faceid_files, lora_file, astronaut, astronaut_face):
+    d, n_layers = faceid_files
+    base = {"base_model": str(d / "sd"), "adapter_path": str(d / "adapter"), "resolution": 32,
+            "weight_name": "ip-adapter-faceid_sd15.safetensors", "num_inference_steps": 2}  # fmt: skip
+    lora = str(d / lora_file)
+    plain = CUSTOMIZERS.create("ip_adapter_faceid", config=base)
+    full = CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "lora_path": lora})
+    off = CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "lora_path": lora, "lora_scale": 0.0})
+    assert plain.lora is None and full.lora == off.lora == "faceid_lora" and lora in full.model
+    # every to_q/to_k/to_v/to_out.0 named in the file got its LoRA; the IP-Adapter processors are still there
+    wrapped = [n for n, m in full.pipe.unet.named_modules() if hasattr(m, "lora_A") and "faceid_lora" in m.lora_A]
+    assert len(wrapped) == n_layers
+    assert sum("IPAdapter" in type(p).__name__ for p in full.pipe.unet.attn_processors.values()) > 0
+    ref = _unet_output(plain)
+    assert (_unet_output(full) - ref).abs().max() > 1e-3
+    torch.testing.assert_close(_unet_output(off), ref, rtol=0, atol=0)
+    face = dataclasses.replace(astronaut_face, embedding=np.random.default_rng(0).normal(size=512).astype(np.float32))
+    image = plain.generate(astronaut, face, "a portrait", seed=3)[0]
+    assert not np.array_equal(full.generate(astronaut, face, "a portrait", seed=3)[0], image)
+    assert np.array_equal(off.generate(astronaut, face, "a portrait", seed=3)[0], image)
+
+
+def test_ip_adapter_faceid_lora_inside_the_adapter_file(faceid_files):
+    """diffusers applies the LoRA the real .bin carries (as faceid_0): lora_scale weights it, lora_path would
+    apply a second one and is refused."""
+    d, _ = faceid_files
+    base = {"base_model": str(d / "sd"), "adapter_path": str(d / "adapter-with-lora"),
+            "weight_name": "ip-adapter-faceid_sd15.safetensors", "resolution": 32}  # fmt: skip
+    plain = CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "adapter_path": str(d / "adapter")})
+    inside = CUSTOMIZERS.create("ip_adapter_faceid", config=base)
+    off = CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "lora_scale": 0.0})
+    assert inside.lora == off.lora == "faceid_0"
+    ref = _unet_output(plain)
+    assert (_unet_output(inside) - ref).abs().max() > 1e-3
+    torch.testing.assert_close(_unet_output(off), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already carries the FaceID LoRA"):
+        CUSTOMIZERS.create(
+            "ip_adapter_faceid", config={**base, "lora_path": str(d / "ip-adapter-faceid_sd15_lora.safetensors")}
+        )
+    with pytest.raises(FileNotFoundError, match="lora_path"):
+        CUSTOMIZERS.create("ip_adapter_faceid", config={**base, "lora_path": str(d / "nope.safetensors")})
 
 
 def test_unknown_customizer_is_a_clear_error():

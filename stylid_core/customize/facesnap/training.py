@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,8 @@ class FaceSnapTrainConfig:
     name: str = "facesnap"
     image_column: str = "image_uri"
     caption_column: str | None = "caption"  # used when the manifest has it, else default_caption
+    # used when the manifest has it: a pair's reference comes from another photo of the same person where there is one
+    person_column: str | None = "person_id"
     default_caption: str = "a photo of a person"
     base_model: str | None = None
     image_encoder: str | None = None
@@ -106,11 +111,40 @@ class FaceSnapTrainConfig:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-class FacePairExtractor:
-    """Turns one face photo into a training pair: (augmented reference crop + landmarks, target image + landmarks).
+def _no_person(person: Any) -> bool:
+    return person is None or (isinstance(person, float) and math.isnan(person)) or str(person) == ""
 
-    The reference is the same photo under a random rotation/scale (the identity stays, the pose changes), so the
-    landmark predictor must move the reference's shape into the target's pose and the mixer cannot copy pixels.
+
+def cross_photo_references(uris: Sequence[str], persons: Sequence[Any], seed: int) -> list[str]:
+    """For each row (photo ``uris[i]`` of person ``persons[i]``), the photo its training reference comes from.
+
+    A person with several distinct photos gets, for each of them, another of their photos, drawn from ``seed``
+    and the photo's URI (so the choice does not depend on the manifest's row order); a person with one photo, and
+    a row without a person (None, NaN or empty), keep their own photo.
+    """
+    photos: dict[str, set[str]] = {}
+    for uri, person in zip(uris, persons, strict=True):
+        if not _no_person(person):
+            photos.setdefault(str(person), set()).add(str(uri))
+    ordered = {person: sorted(p) for person, p in photos.items() if len(p) > 1}
+    out = []
+    for uri, person in zip(uris, persons):
+        others = [] if _no_person(person) else [p for p in ordered.get(str(person), ()) if p != str(uri)]
+        if not others:
+            out.append(str(uri))
+            continue
+        rng = np.random.default_rng(zlib.crc32(f"{seed}:reference:{uri}".encode()))
+        out.append(others[int(rng.integers(len(others)))])
+    return out
+
+
+class FacePairExtractor:
+    """Turns face photos into a training pair: (augmented reference crop + landmarks + identity embedding, target
+    image + landmarks).
+
+    The reference is another photo of the same person when one is given (``reference``), else the target photo
+    itself; either way under a random rotation/scale, so the landmark predictor must move the reference's shape
+    into the target's pose and the mixer cannot copy pixels. The identity embedding is the reference's.
     """
 
     def __init__(self, config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: int, num_landmarks: int = 68):
@@ -125,7 +159,8 @@ class FacePairExtractor:
 
             self.analyzer = create_face_analyzer(config.faces)
 
-    def _face(self, image: np.ndarray) -> tuple[tuple[float, float, float, float], np.ndarray] | None:
+    def _face(self, image: np.ndarray, embed: bool = True) -> tuple[tuple[float, float, float, float], Any] | None:
+        """The largest face's box and (with ``embed``) its embedding; None without a face."""
         if self.analyzer is not None:
             faces = self.analyzer.analyze(image, max_faces=1)
             if not faces or faces[0].embedding is None:
@@ -134,32 +169,41 @@ class FacePairExtractor:
         boxes = self.landmarker.detect(image)
         if not boxes:
             return None
-        return boxes[0], self.landmarker.embed(image, boxes[0])
+        return boxes[0], (self.landmarker.embed(image, boxes[0]) if embed else None)
 
-    def __call__(self, image: np.ndarray, seed: int) -> dict[str, Any] | None:
-        """The pair's arrays, or None when no face is found."""
-        found = self._face(image)
+    def __call__(self, image: np.ndarray, seed: int, reference: np.ndarray | None = None) -> dict[str, Any] | None:
+        """The pair's arrays, or None when the target has no face. A ``reference`` without a face is ignored (the
+        target photo is the reference then)."""
+        found = self._face(image, embed=reference is None)
         if found is None:
             return None
         box, embedding = found
+        lm = self.landmarker.landmarks(image, box)
+        ref_image, ref_box = image, box
+        if reference is not None:
+            ref_found = self._face(reference)
+            if ref_found is None:
+                return self(image, seed)
+            (ref_box, embedding), ref_image = ref_found, reference
         if embedding.size != self.face_embed_dim:
             raise ValueError(f"face embedding has {embedding.size} dims, the model expects {self.face_embed_dim}")
+        ref_lm = lm if ref_image is image else self.landmarker.landmarks(ref_image, ref_box)
         h, w = image.shape[:2]
-        lm = self.landmarker.landmarks(image, box)
+        rh, rw = ref_image.shape[:2]
         rng = np.random.default_rng(seed)
         angle = rng.uniform(-1, 1) * self.config.reference_rotation_deg
         scale = 1.0 + rng.uniform(-1, 1) * self.config.reference_scale_range
-        center = lm.mean(0)
+        center = ref_lm.mean(0)
         matrix = cv2.getRotationMatrix2D((float(center[0]), float(center[1])), angle, scale)
-        ref_image = cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)
-        ref_lm = lm @ matrix[:, :2].T + matrix[:, 2]
+        ref_image = cv2.warpAffine(ref_image, matrix, (rw, rh), borderMode=cv2.BORDER_REFLECT)
+        ref_lm = ref_lm @ matrix[:, :2].T + matrix[:, 2]
         pick = keypoints5_from_68 if self.num_landmarks == 5 else np.asarray
         return {
             "target": to_square(image, self.config.resolution),
             "target_landmarks": relative_landmarks(pick(lm), h, w),
             "reference_crop": align_face(ref_image, keypoints5_from_68(ref_lm), self.clip_size),
-            "reference_landmarks": relative_landmarks(pick(ref_lm), h, w),
-            "embedding": embedding.astype(np.float32),
+            "reference_landmarks": relative_landmarks(pick(ref_lm), rh, rw),
+            "embedding": np.asarray(embedding, np.float32),
         }
 
 
