@@ -10,6 +10,11 @@ show the relative overhead of the identity attention, the mixer and the ControlN
 
     python benchmarks/bench_customize.py --device cpu --size 64 --steps 4 --batch 2
     python benchmarks/bench_customize.py --device cuda --sd15-shapes --size 512 --steps 30 --batch 4
+
+Each engine's time per batch is split into the denoising loop (time inside the UNet and, for FaceSnap, the landmark
+ControlNet; reported per step) and the fixed per-batch rest (text encoder, CLIP image encoder + mixer + landmark
+predictor once per reference, VAE decode), and the ratio is extrapolated to ``--extrapolate-steps`` steps from
+those: at few steps the fixed costs dominate.
 """
 
 from __future__ import annotations
@@ -37,6 +42,33 @@ def _components(args):
     return tiny_components(tiny)
 
 
+class _Timer:
+    """Wall time spent inside the forward calls of some modules (hooks; CUDA synchronised at both ends)."""
+
+    def __init__(self, modules, cuda: bool) -> None:
+        self.total, self.calls, self._t0, self.cuda = 0.0, 0, None, cuda
+        for m in modules:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _start(self, *_) -> None:
+        self._t0 = self._now()
+
+    def _stop(self, *_) -> None:
+        self.total += self._now() - self._t0
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.total, self.calls = 0.0, 0
+
+
 def _run(kind: str, args, queue) -> None:
     import numpy as np
     import torch
@@ -54,6 +86,7 @@ def _run(kind: str, args, queue) -> None:
                                        unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False).to(device)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
+        unet_t, branch_t = _Timer([comps.unet], device.type == "cuda"), None
 
         def once(seed):
             pipe("a portrait", num_inference_steps=args.steps, guidance_scale=5.0, height=args.size,
@@ -63,6 +96,8 @@ def _run(kind: str, args, queue) -> None:
         extra = {"num_tokens": 16, "mixer_dim": 768, "mixer_depth": 4, "mixer_heads": 12} if args.sd15_shapes else {}
         modules = FaceSnapModules(tiny_model_config(comps, **extra), comps.unet)
         engine = FaceSnapEngine(comps, modules).to(device)
+        unet_t = _Timer([comps.unet], device.type == "cuda")
+        branch_t = _Timer([modules.identity.controlnet], device.type == "cuda")
         from skimage.data import astronaut
 
         from stylid_core.customize.facesnap.faceprep import shared_landmarker
@@ -78,7 +113,8 @@ def _run(kind: str, args, queue) -> None:
 
         def once(seed):
             engine.generate(img, face, "a portrait", num_images=args.batch, seed=seed, resolution=args.size,
-                            num_inference_steps=args.steps, guidance_scale=5.0, max_batch=args.batch)  # fmt: skip
+                            num_inference_steps=args.steps, guidance_scale=5.0, max_batch=args.batch,
+                            landmark_steps_end=args.landmark_steps_end)  # fmt: skip
 
     setup_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     if device.type == "cuda":
@@ -87,6 +123,9 @@ def _run(kind: str, args, queue) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     times = []
+    unet_t.reset()
+    if branch_t is not None:
+        branch_t.reset()
     for r in range(args.repeats):
         t0 = time.perf_counter()
         once(r + 1)
@@ -99,11 +138,23 @@ def _run(kind: str, args, queue) -> None:
         # peak RSS growth past set-up (KiB -> MiB on Linux); 0 when inference stays under set-up's high-water mark
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024 - setup_mib
     sec = float(np.median(times))
+    n = args.repeats
+    unet_sec = unet_t.total / n
+    branch_sec = branch_t.total / n if branch_t is not None else 0.0
+    branch_calls = branch_t.calls // n if branch_t is not None else 0
+    step_sec = (unet_sec + branch_sec) / args.steps
+    fixed_sec = float(np.mean(times)) - unet_sec - branch_sec
     queue.put({"kind": kind, "sec_per_batch": sec, "images_per_s": args.batch / sec, "peak_mem_mib": peak,
-               "setup_mem_mib": setup_mib})  # fmt: skip
+               "setup_mem_mib": setup_mib, "sec_per_step": step_sec, "fixed_sec_per_batch": fixed_sec,
+               "fixed_share": fixed_sec / float(np.mean(times)), "unet_calls_per_batch": unet_t.calls // n,
+               "branch_calls_per_batch": branch_calls,
+               "branch_sec_per_call": branch_sec / branch_calls if branch_calls else None,
+               "unet_sec_per_call": unet_sec / (unet_t.calls // n)})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from stylid_core.customize.facesnap.config import FaceSnapConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", type=int, default=64, help="image px")
@@ -113,6 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--landmark-steps-end",
+        type=float,
+        default=FaceSnapConfig.landmark_steps_end,
+        help="fraction of the steps that run FaceSnap's landmark branch (default: the config's)",
+    )
+    p.add_argument("--extrapolate-steps", type=int, default=50, help="steps to extrapolate the ratio to")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     results = {}
@@ -123,13 +181,25 @@ def main(argv: list[str] | None = None) -> dict:
         results[kind] = q.get()
         proc.join()
     ratio = results["facesnap"]["sec_per_batch"] / results["plain"]["sec_per_batch"]
+    # the same split at N steps; the branch runs on the first landmark_steps_end of them
+    from stylid_core.customize.facesnap.engine import landmark_branch_steps
+
+    fs, pl, big = results["facesnap"], results["plain"], args.extrapolate_steps
+    unet_f = fs["unet_sec_per_call"] * big
+    branch_f = (fs["branch_sec_per_call"] or 0.0) * landmark_branch_steps(big, args.landmark_steps_end)
+    extrapolated = (fs["fixed_sec_per_batch"] + unet_f + branch_f) / (
+        pl["fixed_sec_per_batch"] + pl["unet_sec_per_call"] * big
+    )
     report = {
         "device": args.device,
         "note": ("small random CPU model: relative overhead only, not SD 1.5 throughput"
                  if args.device == "cpu" and not args.sd15_shapes else "as configured"),  # fmt: skip
         "size": args.size, "steps": args.steps, "batch": args.batch, "sd15_shapes": args.sd15_shapes,
         "plain": results["plain"], "facesnap": results["facesnap"],
+        "landmark_steps_end": args.landmark_steps_end,
         "time_ratio": ratio, "target_ratio": 1.3, "within_target": ratio <= 1.3,
+        f"time_ratio_at_{big}_steps_extrapolated": extrapolated,
+        "denoise_step_ratio": fs["sec_per_step"] / pl["sec_per_step"],
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     return report

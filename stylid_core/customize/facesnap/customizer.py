@@ -67,5 +67,5 @@ class FaceSnapCustomizer(Customizer):
             resolution=c.tiny.sample_size if c.tiny else c.resolution,
             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
             negative_prompt=c.negative_prompt, identity_scale=c.identity_scale, landmark_scale=c.landmark_scale,
-            max_batch=c.max_batch,
+            max_batch=c.max_batch, landmark_steps_end=c.landmark_steps_end,
         )  # fmt: skip

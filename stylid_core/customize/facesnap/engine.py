@@ -40,6 +40,15 @@ def clip_pixels(crops: list[np.ndarray], size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+def landmark_branch_steps(num_steps: int, steps_end: float) -> int:
+    """How many leading denoising steps run the landmark branch: those ``i`` with ``(i + 1) / num_steps <= steps_end``.
+
+    The rule of diffusers' ControlNet pipelines for ``control_guidance_end`` (with ``control_guidance_start`` 0):
+    1.0 runs it on every step, 0.5 on the first half, 0 on none.
+    """
+    return sum(1 for i in range(num_steps) if (i + 1) / num_steps <= steps_end)
+
+
 def make_scheduler(name: str, base: DDIMScheduler):
     """The sampling scheduler ``name`` configured like ``base``."""
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[name]
@@ -156,8 +165,13 @@ class FaceSnapEngine:
         identity_scale: float = 1.0,
         landmark_scale: float = 1.0,
         max_batch: int = 64,
+        landmark_steps_end: float = 1.0,
     ) -> np.ndarray:
-        """Images (B, H, W, 3) float in [0, 1]; every per-image input has batch size B (or 1, broadcast)."""
+        """Images (B, H, W, 3) float in [0, 1]; every per-image input has batch size B (or 1, broadcast).
+
+        The landmark branch runs on the first ``landmark_steps_end`` fraction of the steps only (see
+        ``landmark_branch_steps``); on the others it is not computed at all.
+        """
         comps = self.components
         n = prompt_embeds.shape[0]
         lat_hw = (resolution // comps.vae_scale_factor, resolution // comps.vae_scale_factor)
@@ -184,11 +198,14 @@ class FaceSnapEngine:
                     generator,
                     identity_scale,
                     landmark_scale,
+                    landmark_steps_end,
                 )  # fmt: skip
             )
         return np.concatenate(out)
 
-    def _sample_chunk(self, latents, cond, uncond, id_tokens, lmap, steps, guidance, generator, id_scale, lm_scale):
+    def _sample_chunk(
+        self, latents, cond, uncond, id_tokens, lmap, steps, guidance, generator, id_scale, lm_scale, lm_end
+    ):  # fmt: skip
         comps, sched = self.components, self.scheduler
         b = latents.shape[0]
         cfg = guidance > 1.0 and uncond is not None
@@ -202,10 +219,12 @@ class FaceSnapEngine:
         if lmap is not None:
             lmap = lmap.expand(b, -1, -1, -1)
             lmap = torch.cat([lmap, lmap]) if cfg else lmap
-        for t in sched.timesteps:
+        branch_steps = landmark_branch_steps(len(sched.timesteps), lm_end)
+        for i, t in enumerate(sched.timesteps):
             x = torch.cat([latents] * 2) if cfg else latents
             x = sched.scale_model_input(x, t)
-            eps = self.modules.identity.predict_noise(comps.unet, x, t, text, tokens, lmap, id_scale, lm_scale)
+            step_map = lmap if i < branch_steps else None  # no landmark map: the branch is skipped entirely
+            eps = self.modules.identity.predict_noise(comps.unet, x, t, text, tokens, step_map, id_scale, lm_scale)
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
@@ -229,6 +248,7 @@ class FaceSnapEngine:
         identity_scale: float = 1.0,
         landmark_scale: float = 1.0,
         max_batch: int = 4,
+        landmark_steps_end: float = 1.0,
     ) -> list[np.ndarray]:
         """``num_images`` RGB uint8 portraits of the reference's identity following ``prompt``."""
         if num_images < 1:
@@ -244,13 +264,13 @@ class FaceSnapEngine:
             size = self.components.image_encoder.config.image_size
             crop = align_face(reference, reference_face.keypoints, size)
             tokens = self.identity_tokens([crop], np.asarray(embedding, np.float32).reshape(1, -1))
-        if landmark_scale > 0 and self.modules.identity.controlnet is not None:
+        if landmark_scale > 0 and landmark_steps_end > 0 and self.modules.identity.controlnet is not None:
             landmarks = self.target_landmarks(reference, reference_face, pose)
         cond = self.encode_prompt([prompt]).expand(num_images, -1, -1)
         uncond = self.encode_prompt([negative_prompt]) if guidance_scale > 1.0 else None
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images = self.sample(
             cond, uncond, tokens, landmarks, resolution, num_inference_steps, guidance_scale, generator,
-            identity_scale, landmark_scale, max_batch,
+            identity_scale, landmark_scale, max_batch, landmark_steps_end,
         )  # fmt: skip
         return [(img * 255).round().astype(np.uint8) for img in images]
