@@ -42,7 +42,9 @@ class DiffusionConfig:
 
     Model and runtime:
         model: a local diffusers Stable Diffusion 1.x/2.x folder or a hub id (loaded with ``from_pretrained``;
-            offline when ``HF_HUB_OFFLINE=1`` and the files are local), or ``"tiny"``.
+            offline when ``HF_HUB_OFFLINE=1`` and the files are local), ``"tiny"``, or ``"sd15-shaped"``: SD 1.5's
+            architecture with random weights built in-process (true cost and memory with no download, e.g. for
+            GPU throughput runs; noise-like output).
         tiny: build the tiny in-process random model instead (CPU end-to-end runs; noise-like output).
         revision, variant: passed to ``from_pretrained``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
@@ -146,7 +148,8 @@ class DiffusionConfig:
         if not self.tiny and not self.model:
             raise ValueError(
                 "diffusion option 'model' is required: a local Stable Diffusion folder or hub id "
-                "(e.g. runwayml/stable-diffusion-v1-5), or 'tiny' / tiny: true for the in-process test model"
+                "(e.g. runwayml/stable-diffusion-v1-5), 'tiny' / tiny: true for the in-process test model, or "
+                "'sd15-shaped' for SD 1.5's architecture with random weights"
             )
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"diffusion option 'model' must be a string, got {type(self.model).__name__}")

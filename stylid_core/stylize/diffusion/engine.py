@@ -35,6 +35,7 @@ from stylid_core.stylize.diffusion.processors import (
     install_processors,
     select_layers,
 )
+from stylid_core.stylize.diffusion.sd_shaped import SD15_SHAPED, SD15_SHAPED_MODEL_NAME, build_sd15_shaped_components
 from stylid_core.stylize.diffusion.tiny import TINY_MODEL_NAME, DiffusionComponents, build_tiny_components
 
 log = logging.getLogger(__name__)
@@ -162,17 +163,28 @@ class DiffusionStylizer(Stylizer):
 
     Constructed from ``stylize.options`` (see ``DiffusionConfig`` for every option); raises ``ValueError`` for a
     bad option or a model that cannot be loaded. Not thread-safe: one instance per actor.
+
+    ``components`` (benchmarks, tests): already-built ``DiffusionComponents`` to use instead of loading ``model``,
+    which then only names them in reports. They are moved and cast in place, and the engine installs its
+    processors on their UNet, so engines sharing components must reinstall their processors before each use
+    (``unet.set_attn_processor``).
     """
 
     name = "diffusion"
 
-    def __init__(self, **options) -> None:
+    def __init__(self, components: DiffusionComponents | None = None, **options) -> None:
         cfg = self.config = DiffusionConfig.from_options(options)
         self.device, self.dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
 
-        if cfg.tiny:
+        if components is not None:
+            parts = components
+            self.model = TINY_MODEL_NAME if cfg.tiny else str(cfg.model)
+        elif cfg.tiny:
             parts = build_tiny_components()
             self.model = TINY_MODEL_NAME
+        elif cfg.model == SD15_SHAPED:
+            parts = build_sd15_shaped_components()
+            self.model = SD15_SHAPED_MODEL_NAME
         else:
             parts = load_components(cfg, self.dtype)
             self.model = str(cfg.model)
