@@ -13,7 +13,8 @@ distance to the style image with and without mosaic.
         baseline StyleID (no mosaic, no consistency guidance) vs + mosaic vs + mosaic + consistency guidance
 
 With the tiny random model the diffusion figures only exercise the code (its output is noise-like); the real
-comparison needs real weights (``--model``) and, at 512 px and 50 steps, a GPU.
+comparison needs real weights (``--model``) and, at 512 px and 50 steps, a GPU. ``--model sd15-shaped`` runs the
+same three variants on SD 1.5's architecture with random weights (true GPU cost per size, noise-like images).
 """
 
 from __future__ import annotations

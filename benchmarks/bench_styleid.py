@@ -1,19 +1,30 @@
 """Per-image time and peak memory of the diffusion engine against two baselines, measured in one run.
 
 - **ours**: ``DiffusionStylizer`` - contents batched ``--batch`` per UNet call, the style inverted once and its
-  self-attention keys/values kept in memory on the device for every content image;
-- **(a) img2img**: diffusers' ``StableDiffusionImg2ImgPipeline`` on the same components (stock attention), strength
-  1.0 (so it runs all ``--steps`` steps), empty prompt, no classifier-free guidance, same batch;
+  self-attention keys/values kept in memory on the device for every content image; one row per
+  ``inversion_stride`` in ``--strides`` (the content and style inversions use every k-th timestep);
+- **(a) img2img, strict**: diffusers' ``StableDiffusionImg2ImgPipeline`` on the same components (stock attention),
+  strength 1.0 (all ``--steps`` steps), empty prompt, no classifier-free guidance, same batch. Ours inverts the
+  content (``steps / stride`` UNet passes) and then samples (``steps`` passes), so against this row ours costs
+  about ``1 + 1 / stride`` times by construction;
+- **(a') img2img, diffusers' defaults**: the same pipeline as diffusers runs it by default, strength 0.8 (80% of
+  the steps) and guidance scale 7.5, whose classifier-free guidance doubles the UNet batch;
 - **(b) StyleID official flow**: one image at a time, DDIM inversion of the style *and* the content every time, the
   recorded features written to disk with ``torch.save`` (pickle) and read back before sampling, as StyleID's
   ``run_styleid.py`` does with its feature pickles.
 
-Targets on a GPU with SD 1.5 at 512 px: ours <= 1.5x (a), >= 10x faster than (b). On a CPU the figures only show
-the shape of the costs (tiny model, small images); the table says which device ran.
+Every method runs on the same UNet/VAE/text encoder (one copy in memory; the attention processors are swapped in
+before each method). The images carry no faces, so the content consistency guidance is idle. The ``UNet
+passes/image`` column counts the UNet evaluations each method made per image (a batch of B counts B).
 
-    python benchmarks/bench_styleid.py                          # tiny model on CPU
-    python benchmarks/bench_styleid.py --model runwayml/stable-diffusion-v1-5 --device cuda --size 512 \\
-        --steps 50 --batch 8 --n-content 16
+Targets on a GPU with SD 1.5 at 512 px: ours <= 1.5x (a), >= 10x faster than (b). ``--sd-shaped`` builds an
+SD-1.5-shaped model with random weights in-process (true per-call cost, nothing downloaded). On a CPU the figures
+only show the shape of the costs; the table says which device ran.
+
+    python benchmarks/bench_styleid.py                                   # tiny model on CPU
+    python benchmarks/bench_styleid.py --sd-shaped --size 256 --steps 10 --batch 2 --n-content 2   # CPU, small
+    python benchmarks/bench_styleid.py --sd-shaped --device cuda --size 512                        # GPU
+    python benchmarks/bench_styleid.py --model runwayml/stable-diffusion-v1-5 --device cuda --size 512
 """
 
 from __future__ import annotations
@@ -29,9 +40,21 @@ from collections.abc import Callable
 import numpy as np
 import psutil
 import torch
+from PIL import Image
 
-from stylid_core.stylize.diffusion.engine import ContentPass, DiffusionStylizer, StyleFeatures
-from stylid_core.stylize.diffusion.tiny import build_tiny_components
+from stylid_core.stylize.diffusion.config import DiffusionConfig
+from stylid_core.stylize.diffusion.engine import (
+    ContentPass,
+    DiffusionStylizer,
+    StyleFeatures,
+    load_components,
+    resolve_device_and_dtype,
+)
+from stylid_core.stylize.diffusion.sd_shaped import SD15_SHAPED_MODEL_NAME, build_sd15_shaped_components
+from stylid_core.stylize.diffusion.tiny import DiffusionComponents, build_tiny_components
+
+IMG2IMG_DEFAULT_STRENGTH = 0.8
+IMG2IMG_DEFAULT_GUIDANCE = 7.5
 
 
 class PeakMemory:
@@ -80,19 +103,41 @@ def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def measure(name: str, device: torch.device, n_images: int, fn: Callable[[], object]) -> dict:
+class UNetPasses:
+    """Counts UNet evaluations (a call on a batch of B counts B) with a forward pre-hook."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.count = 0
+        unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs) -> None:
+        self.count += int((args[0] if args else kwargs["sample"]).shape[0])
+
+
+def measure(name: str, device: torch.device, n_images: int, passes: UNetPasses, fn: Callable[[], object]) -> dict:
     gc.collect()
+    passes.count = 0
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return {"name": name, "s_per_image": seconds / n_images, "peak_mib": mem.peak_bytes / 2**20}
+    row = {
+        "name": name,
+        "s_per_image": seconds / n_images,
+        "peak_mib": mem.peak_bytes / 2**20,
+        "passes": passes.count / n_images,
+    }
+    print(f"  measured {name}: {row['s_per_image']:.3f} s/image", flush=True)
+    return row
 
 
-def official_flow(engine: DiffusionStylizer, contents, style, workdir: str) -> list[np.ndarray]:
-    """StyleID's published flow, one image at a time: invert both, pickle the features to disk, reload, sample."""
+def official_flow(engine: DiffusionStylizer, contents, style, workdir: str, written: list[int] | None = None):
+    """StyleID's published flow, one image at a time: invert both, pickle the features to disk, reload, sample.
+
+    Returns the stylized images; ``written`` gets the bytes of feature files written per image.
+    """
     outputs = []
     for i, content in enumerate(contents):
         size = engine.working_size(*content.shape[:2])
@@ -106,6 +151,8 @@ def official_flow(engine: DiffusionStylizer, contents, style, workdir: str) -> l
         content_traj, content_rec = engine._invert_recording(content_latent, ("q",))
         torch.save({"q": content_rec["q"], "trajectory": content_traj}, os.path.join(workdir, f"content_{i}.pt"))
         del style_rec, content_rec, style_traj, content_traj
+        if written is not None:
+            written.append(sum(os.path.getsize(os.path.join(workdir, f"{w}_{i}.pt")) for w in ("style", "content")))
         s = torch.load(os.path.join(workdir, f"style_{i}.pt"), map_location=engine.device)
         c = torch.load(os.path.join(workdir, f"content_{i}.pt"), map_location=engine.device)
         features = StyleFeatures("official", s["k"], s["v"], s["z_T"])
@@ -117,82 +164,132 @@ def official_flow(engine: DiffusionStylizer, contents, style, workdir: str) -> l
     return outputs
 
 
-def img2img_pipeline(args, engine: DiffusionStylizer):
+def build_components(args) -> tuple[DiffusionComponents, str, torch.device, torch.dtype]:
+    """One copy of the model for every method: (components, model option, device, dtype)."""
+    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    if args.sd_shaped:
+        return build_sd15_shaped_components(), SD15_SHAPED_MODEL_NAME, device, dtype
+    if args.model == "tiny":
+        return build_tiny_components(), "tiny", device, dtype
+    return load_components(DiffusionConfig(model=args.model), dtype), args.model, device, dtype
+
+
+def img2img_pipeline(parts: DiffusionComponents, device: torch.device):
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
-    if args.model == "tiny":
-        parts = build_tiny_components()  # fresh components: stock attention processors
-        pipe = StableDiffusionImg2ImgPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.unet,
-            scheduler=parts.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-            args.model, torch_dtype=engine.dtype, safety_checker=None, requires_safety_checker=False
-        )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=DDIMScheduler.from_config(parts.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(engine.device, engine.dtype)
+    return pipe.to(device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (in-process random model) or an SD folder/hub id")
+    parser.add_argument("--sd-shaped", action="store_true", help="SD-1.5-shaped model with random weights")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, bfloat16")
     parser.add_argument("--size", type=int, default=64, help="working resolution (px, square images)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--n-content", type=int, default=8)
-    parser.add_argument("--inversion-stride", type=int, default=1, help="ours only: invert every k-th timestep")
+    parser.add_argument("--strides", default="1,2,3", help="ours: the inversion_stride of each row")
     parser.add_argument("--workdir", default=None, help="where the official flow writes its feature files")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    strides = sorted({int(s) for s in args.strides.split(",")} | {1})
 
-    options = dict(device=args.device, resolution=args.size, steps=args.steps, batch_size=args.batch)
-    options.update(tiny=True) if args.model == "tiny" else options.update(model=args.model)
-    engine = DiffusionStylizer(**options, inversion_stride=args.inversion_stride)
-    # the official flow: full inversion, one image at a time (an engine of its own when ours strides)
-    official_engine = engine if args.inversion_stride == 1 else DiffusionStylizer(**{**options, "batch_size": 1})
-    device = engine.device
+    parts, model, device, dtype = build_components(args)
+    options = dict(
+        model=model,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        resolution=args.size,
+        steps=args.steps,
+        batch_size=args.batch,
+    )
+    engines, processors = {}, {}
+    for stride in strides:
+        engines[stride] = DiffusionStylizer(components=parts, **options, inversion_stride=stride)
+        processors[stride] = dict(parts.unet.attn_processors)  # each engine's own; reinstalled before it runs
+    engine = engines[1]
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    def use(stride: int | None) -> None:
+        parts.unet.set_attn_processor(dict(processors[stride]) if stride else AttnProcessor2_0())
+
+    pipe = img2img_pipeline(parts, device)
     contents = _images(args.n_content, args.size, seed=1)
     style = _images(1, args.size, seed=2)[0]
-    pipe = img2img_pipeline(args, engine)
-    pil = [__import__("PIL.Image").Image.fromarray(c) for c in contents]
+    pil = [Image.fromarray(c) for c in contents]
+    n, n_c = args.steps, len(contents)
 
-    def ours() -> None:
-        engine.style_cache.clear()  # the style is inverted once per run, inside the timing
-        engine.stylize_batch(contents, [style] * len(contents))
+    def ours(stride: int) -> Callable[[], None]:
+        def run() -> None:
+            use(stride)
+            engines[stride].style_cache.clear()  # the style is inverted once per run, inside the timing
+            engines[stride].stylize_batch(contents, [style] * n_c)
 
-    def img2img() -> None:
-        for start in range(0, len(pil), args.batch):
-            chunk = pil[start : start + args.batch]
-            pipe(
-                prompt=[""] * len(chunk),
-                image=chunk,
-                strength=1.0,
-                num_inference_steps=args.steps,
-                guidance_scale=1.0,
-                output_type="np",
-            )
+        return run
+
+    def img2img(strength: float, guidance: float) -> Callable[[], None]:
+        def run() -> None:
+            use(None)
+            for start in range(0, len(pil), args.batch):
+                chunk = pil[start : start + args.batch]
+                pipe(
+                    prompt=[""] * len(chunk),
+                    image=chunk,
+                    strength=strength,
+                    num_inference_steps=n,
+                    guidance_scale=guidance,
+                    output_type="np",
+                )
+
+        return run
+
+    def warm_up(workdir: str) -> None:
+        if device.type == "cuda":  # every method once: kernels, allocator, lazy module loading
+            for stride in strides:
+                use(stride)
+                engines[stride].stylize_batch(contents[:1], [style])
+            use(1)
+            official_flow(engine, contents[:1], style, workdir)
+            img2img(1.0, 1.0)()
+            return
+        # CPU: one UNet call per batch shape and one VAE round trip (a full pass per method would double the run)
+        use(None)
+        with torch.no_grad():
+            z = engine.encode(engine._to_tensor(contents[:1], engine.working_size(args.size, args.size)))
+            for b in sorted({1, min(args.batch, n_c), 2 * min(args.batch, n_c)}):
+                engine._unet_call(z.expand(b, -1, -1, -1), engine.schedule.timesteps[0])
+            engine.decode(z)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        warm_up(workdir)
+
+        written: list[int] = []
 
         def official() -> None:
-            official_flow(official_engine, contents, style, workdir)
+            use(1)
+            official_flow(engine, contents, style, workdir, written)
 
-        # warm-up (kernels, allocator, lazy imports), then the timed runs
-        engine.stylize_batch(contents[:1], [style]), official_flow(official_engine, contents[:1], style, workdir)
-        pipe(prompt=[""], image=pil[:1], strength=1.0, num_inference_steps=2, guidance_scale=1.0, output_type="np")
-        rows = [
-            measure("ours (batched, in-memory style cache)", device, len(contents), ours),
-            measure("(a) diffusers img2img, same steps/batch", device, len(contents), img2img),
-            measure("(b) StyleID official flow (disk features)", device, len(contents), official),
-        ]
+        passes = UNetPasses(parts.unet)
+        rows = []
+        for stride in strides:
+            name = f"ours, inversion_stride {stride}" + (" (batched, in-memory style)" if stride == 1 else "")
+            rows.append(measure(name, device, n_c, passes, ours(stride)))
+        rows.append(measure("(a) img2img strength 1.0, no CFG", device, n_c, passes, img2img(1.0, 1.0)))
+        defaults = img2img(IMG2IMG_DEFAULT_STRENGTH, IMG2IMG_DEFAULT_GUIDANCE)
+        rows.append(measure("(a') img2img defaults: strength 0.8, CFG 7.5", device, n_c, passes, defaults))
+        rows.append(measure("(b) StyleID official flow (disk features)", device, n_c, passes, official))
 
     on_gpu = device.type == "cuda"
     print()
@@ -202,17 +299,30 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(
         f"device: {name} | model: {engine.model} | dtype: {str(engine.dtype).removeprefix('torch.')} | "
-        f"size {args.size} | steps {args.steps} | batch {args.batch} | contents {args.n_content} | "
-        f"injected layers {len(engine.layers)} | ours: inversion_stride {args.inversion_stride}"
+        f"size {args.size} | steps {n} | batch {args.batch} | contents {n_c} | "
+        f"injected layers {len(engine.layers)} | no faces (consistency guidance idle)"
     )
     mem_kind = "peak GPU MiB" if on_gpu else "peak RSS MiB"
-    print(f"{'method':<45} {'s/image':>10} {mem_kind:>14}")
+    print(f"{'method':<50} {'s/image':>10} {mem_kind:>14} {'UNet passes/image':>18}")
     for row in rows:
-        print(f"{row['name']:<45} {row['s_per_image']:>10.3f} {row['peak_mib']:>14.1f}")
-    ours_t, img_t, off_t = (r["s_per_image"] for r in rows)
-    print(f"ours / img2img time  = {ours_t / img_t:.2f}x   (target on GPU: <= 1.5x)")
-    print(f"official / ours time = {off_t / ours_t:.2f}x   (target on GPU: >= 10x)")
-    print(f"style features cached in memory: {next(iter(engine.style_cache._items.values())).nbytes / 2**20:.1f} MiB")
+        print(f"{row['name']:<50} {row['s_per_image']:>10.3f} {row['peak_mib']:>14.1f} {row['passes']:>18.1f}")
+    ours_rows, (strict, default, off) = rows[: len(strides)], rows[len(strides) :]
+    header = "".join(f"{'stride ' + str(s):>11}" for s in strides)
+    print(f"{'time ratios':<50}{header}")
+    lines = [
+        ("ours / (a) img2img strict", [r["s_per_image"] / strict["s_per_image"] for r in ours_rows], "<= 1.5x"),
+        ("ours / (a') img2img defaults", [r["s_per_image"] / default["s_per_image"] for r in ours_rows], None),
+        ("(b) official / ours", [off["s_per_image"] / r["s_per_image"] for r in ours_rows], ">= 10x"),
+    ]
+    for label, ratios, target in lines:
+        cells = "".join(f"{f'{r:.2f}x':>11}" for r in ratios)
+        print(f"{label:<50}{cells}" + (f"   (target on GPU: {target})" if target else ""))
+    features = next(iter(engine.style_cache._items.values()), None)
+    if features is not None:
+        print(
+            f"style features cached in memory (stride 1): {features.nbytes / 2**20:.1f} MiB; "
+            f"(b) wrote {np.mean(written) / 2**20:.1f} MiB of feature files per image"
+        )
 
 
 if __name__ == "__main__":

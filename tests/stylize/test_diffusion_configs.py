@@ -38,3 +38,33 @@ def test_tiny_config_builds_an_engine_that_runs():
     engine = STYLIZERS.create(cfg.stylize.engine, **{**cfg.stylize.options, "steps": 2})
     content = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     assert engine.stylize(content, content).shape == content.shape
+
+
+def test_sd15_shaped_components_have_sd15s_architecture():
+    import torch
+
+    from stylid_core.stylize.diffusion.processors import default_layers, select_layers
+    from stylid_core.stylize.diffusion.sd_shaped import build_sd15_shaped_components
+
+    with torch.device("meta"):  # shapes only: no 4 GB of random weights
+        parts = build_sd15_shaped_components()
+    counts = [sum(p.numel() for p in m.parameters()) for m in (parts.unet, parts.vae, parts.text_encoder)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]  # SD 1.5's unet, vae and text_encoder
+    assert default_layers(parts.unet) == ["up_blocks.2", "up_blocks.3"]
+    assert len(select_layers(parts.unet, ["up_blocks.2", "up_blocks.3"])) == 6  # StyleID's layers 6-11
+
+
+def test_sd15_shaped_model_option_builds_the_random_sd15(monkeypatch):
+    import stylid_core.stylize.diffusion.engine as engine_module
+    from stylid_core.stylize.diffusion.sd_shaped import SD15_SHAPED_MODEL_NAME
+    from stylid_core.stylize.diffusion.tiny import build_tiny_components
+
+    built = []
+
+    def build():  # the tiny model stands in: the real one is 4 GB of random weights
+        built.append(1)
+        return build_tiny_components()
+
+    monkeypatch.setattr(engine_module, "build_sd15_shaped_components", build)
+    engine = STYLIZERS.create("diffusion", model="sd15-shaped", resolution=32, steps=1)
+    assert built == [1] and engine.model == SD15_SHAPED_MODEL_NAME

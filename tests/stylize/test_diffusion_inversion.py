@@ -102,3 +102,45 @@ def test_inversion_stride_serves_each_sampling_step_from_the_nearest_inverted_on
     engine.state.on_inject = lambda layer, t, q, k, v: used.append(t)
     engine.stylize(_image(1), _image(2))
     assert set(used) == {ts[0], ts[2], ts[4]}
+
+
+def test_sd2_style_checkpoint_with_v_prediction_loads_and_reconstructs(tmp_path):
+    """An SD 2.x-shaped folder: v-prediction scheduler, linear projections, per-block head counts, upcast."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from stylid_core.stylize.diffusion.tiny import build_tiny_components
+
+    parts = build_tiny_components()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=32,
+    )
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1e-3)
+        unet.conv_out.bias.mul_(1e-3)
+    unet.save_pretrained(tmp_path / "unet")
+    DDIMScheduler.from_config(parts.scheduler.config, prediction_type="v_prediction").save_pretrained(
+        tmp_path / "scheduler"
+    )
+    for name in ("vae", "text_encoder", "tokenizer"):
+        getattr(parts, name).save_pretrained(tmp_path / name)
+    options = {k: v for k, v in PLAIN.items() if k != "tiny"}
+    engine = STYLIZERS.create("diffusion", model=str(tmp_path), **options)
+    assert engine.schedule.prediction_type == "v_prediction"
+    latents = engine.encode(engine._to_tensor([_image(0)], (32, 32)))
+    out = engine.stylize_latents(latents, engine.style_features(_image(2)))
+    # DDIM inversion reads the noise at the less noisy latent; with v-prediction that noise estimate follows the
+    # latent itself, so the round trip is looser than epsilon's 0.4%: measured 3%
+    assert _rel(out, latents) < 0.05
+    styled = STYLIZERS.create("diffusion", model=str(tmp_path), resolution=32, steps=4, guidance=False, anchor=False)
+    features = styled.style_features(_image(2))
+    assert len(features.k) == len(styled.layers) == 6 and styled.stylize(_image(0), _image(2)).shape == (32, 32, 3)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _window(value: Any, name: str) -> tuple[float, float]:
@@ -41,13 +42,19 @@ class DiffusionConfig:
 
     Model and runtime:
         model: a local diffusers Stable Diffusion 1.x/2.x folder or a hub id (loaded with ``from_pretrained``;
-            offline when ``HF_HUB_OFFLINE=1`` and the files are local), or ``"tiny"``.
+            offline when ``HF_HUB_OFFLINE=1`` and the files are local), ``"tiny"``, or ``"sd15-shaped"``: SD 1.5's
+            architecture with random weights built in-process (true cost and memory with no download, e.g. for
+            GPU throughput runs; noise-like output).
         tiny: build the tiny in-process random model instead (CPU end-to-end runs; noise-like output).
         revision, variant: passed to ``from_pretrained``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``"auto"`` (float16 on CUDA, float32 on CPU), ``"float32"``, ``"float16"``, ``"bfloat16"``.
-        compile: wrap the UNet in ``torch.compile`` (the injected layers' feature lookups stay eager, so the
-            graphs do not recompile per timestep).
+        compile: wrap the UNet in ``torch.compile``. The processors read features staged per call, so a UNet call
+            is one graph per mode (stock, record, inject) and batch shape, with no graph break and no recompile per
+            timestep or style; the first calls of each mode and shape pay the compilation.
+        compile_backend, compile_mode: ``torch.compile``'s ``backend`` (default ``"inductor"``; any name in
+            ``torch._dynamo.list_backends()``) and, for inductor, its ``mode`` (``None``, ``"default"``,
+            ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``).
         resolution: longest side of the working image in px (default 512; 64 for the tiny model); both sides are
             rounded to the model's size multiple (VAE factor times the UNet's downsampling, 64 for SD).
         steps: DDIM steps of sampling, and of inversion unless ``inversion_stride`` > 1 (StyleID: 50).
@@ -97,6 +104,8 @@ class DiffusionConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
     resolution: int | None = None
     steps: int = 50
     inversion_stride: int = 1
@@ -139,13 +148,21 @@ class DiffusionConfig:
         if not self.tiny and not self.model:
             raise ValueError(
                 "diffusion option 'model' is required: a local Stable Diffusion folder or hub id "
-                "(e.g. runwayml/stable-diffusion-v1-5), or 'tiny' / tiny: true for the in-process test model"
+                "(e.g. runwayml/stable-diffusion-v1-5), 'tiny' / tiny: true for the in-process test model, or "
+                "'sd15-shaped' for SD 1.5's architecture with random weights"
             )
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"diffusion option 'model' must be a string, got {type(self.model).__name__}")
         for name in ("tiny", "compile", "inject_kv", "query_preservation", "adain", "guidance", "reweight", "anchor"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"diffusion option {name!r} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(f"diffusion option 'compile_backend' must be a name, got {self.compile_backend!r}")
+        if self.compile_mode not in _COMPILE_MODES:
+            message = f"diffusion option 'compile_mode' must be one of {_COMPILE_MODES}, got {self.compile_mode!r}"
+            raise ValueError(message)
+        if self.compile_mode is not None and self.compile_backend != "inductor":
+            raise ValueError("diffusion option 'compile_mode' applies to compile_backend 'inductor' only")
         if self.dtype not in _DTYPES:
             raise ValueError(f"diffusion option 'dtype' must be one of {_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.device, str) or not (

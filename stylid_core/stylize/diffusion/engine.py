@@ -35,6 +35,7 @@ from stylid_core.stylize.diffusion.processors import (
     install_processors,
     select_layers,
 )
+from stylid_core.stylize.diffusion.sd_shaped import SD15_SHAPED, SD15_SHAPED_MODEL_NAME, build_sd15_shaped_components
 from stylid_core.stylize.diffusion.tiny import TINY_MODEL_NAME, DiffusionComponents, build_tiny_components
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,28 @@ def _as_rgb(image: np.ndarray, what: str) -> np.ndarray:
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module`` in place to ``device`` and cast it to ``dtype``."""
     module = module.to(device)
-    return module if module.dtype == dtype else module.to(dtype)
+    if module.dtype != dtype:
+        # torch's own ``to``: diffusers' override warns about modules to keep in float32 even when there are none
+        torch.nn.Module.to(module, dtype=dtype)
+    return module
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Torch device and dtype of the ``device``/``dtype`` options ("auto": CUDA in float16, else CPU in float32)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"diffusion option device={device!r} but CUDA is not available")
+    torch_device = torch.device(device)
+    if dtype == "auto":
+        torch_dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = _TORCH_DTYPES[dtype]
+    if torch_device.type == "cpu" and torch_dtype == torch.float16:
+        raise ValueError("diffusion option dtype='float16' is not supported on CPU; use float32 or bfloat16")
+    return torch_device, torch_dtype
 
 
 def load_components(cfg: DiffusionConfig, dtype: torch.dtype) -> DiffusionComponents:
@@ -142,29 +163,28 @@ class DiffusionStylizer(Stylizer):
 
     Constructed from ``stylize.options`` (see ``DiffusionConfig`` for every option); raises ``ValueError`` for a
     bad option or a model that cannot be loaded. Not thread-safe: one instance per actor.
+
+    ``components`` (benchmarks, tests): already-built ``DiffusionComponents`` to use instead of loading ``model``,
+    which then only names them in reports. They are moved and cast in place, and the engine installs its
+    processors on their UNet, so engines sharing components must reinstall their processors before each use
+    (``unet.set_attn_processor``).
     """
 
     name = "diffusion"
 
-    def __init__(self, **options) -> None:
+    def __init__(self, components: DiffusionComponents | None = None, **options) -> None:
         cfg = self.config = DiffusionConfig.from_options(options)
-        if cfg.device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            device = cfg.device
-            if device.startswith("cuda") and not torch.cuda.is_available():
-                raise ValueError(f"diffusion option device={device!r} but CUDA is not available")
-        self.device = torch.device(device)
-        if cfg.dtype == "auto":
-            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        else:
-            self.dtype = _TORCH_DTYPES[cfg.dtype]
-        if self.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("diffusion option dtype='float16' is not supported on CPU; use float32 or bfloat16")
+        self.device, self.dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
 
-        if cfg.tiny:
+        if components is not None:
+            parts = components
+            self.model = TINY_MODEL_NAME if cfg.tiny else str(cfg.model)
+        elif cfg.tiny:
             parts = build_tiny_components()
             self.model = TINY_MODEL_NAME
+        elif cfg.model == SD15_SHAPED:
+            parts = build_sd15_shaped_components()
+            self.model = SD15_SHAPED_MODEL_NAME
         else:
             parts = load_components(cfg, self.dtype)
             self.model = str(cfg.model)
@@ -191,7 +211,17 @@ class DiffusionStylizer(Stylizer):
         self.layers = select_layers(self.unet, cfg.layers or default_layers(self.unet))
         self.state = InjectionState(feature_dtype=self.dtype)
         self.processors = install_processors(self.unet, self.layers, self.state)
-        self._unet = torch.compile(self.unet) if cfg.compile else self.unet
+        self._unet = self.unet
+        if cfg.compile:
+            import torch._dynamo as dynamo
+
+            backends = dynamo.list_backends(exclude_tags=())
+            if cfg.compile_backend not in backends:
+                raise ValueError(
+                    f"diffusion option 'compile_backend' {cfg.compile_backend!r} is not a torch.compile backend; "
+                    f"known: {backends}"
+                )
+            self._unet = torch.compile(self.unet, backend=cfg.compile_backend, mode=cfg.compile_mode)
         self.style_cache = StyleFeatureCache(cfg.style_cache_size)
 
     # ---- sizes and tensors -------------------------------------------------------------------------------------
@@ -223,8 +253,19 @@ class DiffusionStylizer(Stylizer):
         return self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample.float().clamp(-1, 1)
 
     def _unet_call(self, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """One UNet call with the processors' features staged before it and its recordings filed after it."""
         cond = self.empty_prompt.expand(latents.shape[0], -1, -1)
-        return self._unet(latents.to(self.dtype), t, encoder_hidden_states=cond).sample
+        # the timestep as a tensor: a compiled graph would specialize on a Python int (a recompile when it changes),
+        # and diffusers would copy it to the device on every call
+        timestep = torch.tensor(t, device=self.device)
+        self.state.stage()
+        try:
+            out = self._unet(latents.to(self.dtype), timestep, encoder_hidden_states=cond).sample
+            self.state.collect()
+        finally:
+            self.state.staged.clear()
+            self.state.captured.clear()
+        return out
 
     def face_mask(
         self, faces: list[list[Face]], content_sizes: list[tuple[int, int]], latent_hw

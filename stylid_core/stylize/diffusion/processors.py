@@ -4,12 +4,18 @@ A ``StyleInjectionProcessor`` replaces the stock SDPA processor of one decoder s
 callable with the stock signature and does the stock computation unless the shared ``InjectionState`` says
 otherwise:
 
-- ``mode == "record"``: compute as stock, and keep this layer's projected queries/keys/values for the current
-  timestep (``InjectionState.record``) - used while DDIM-inverting the style and the content images;
+- ``mode == "record"``: compute as stock, and keep this layer's projected queries/keys/values - used while
+  DDIM-inverting the style and the content images;
 - ``mode == "inject"``: keys/values come from the style's recording at the same timestep, the query is blended
   with the content's recorded query (query preservation, with a per-token gamma raised inside the face mask),
   the logits are multiplied by the temperature, and optionally content keys/values are appended for query tokens
   inside the face mask (content-attention reweighting).
+
+Every UNet call is bracketed by ``InjectionState.stage()`` and ``InjectionState.collect()`` (the engine does it,
+outside any compiled graph): ``stage`` looks up each layer's features of the current timestep, ``collect`` files
+what record mode kept under the current timestep. Inside the UNet the processors only read and write plain
+per-layer slots, never a timestep-keyed dict, so ``torch.compile`` captures a whole UNet call as one graph per
+mode and shape, with no graph break and no recompilation per timestep or per style.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class InjectionState:
     ``style_k``/``style_v`` ((1 or B, Ns, C) per layer and timestep) and ``content_q`` ((B, N, C)) are used as
     switched on; ``gamma``/``face_gamma``/``temperature`` as in ``DiffusionConfig``. ``face_mask`` is the (B, 1, h, w)
     mask at latent resolution or ``None``. ``on_inject`` (tests) is called with (layer, timestep, q, k, v) after
-    the injected tensors are assembled.
+    the injected tensors are assembled (a Python callback: under ``torch.compile`` it breaks the graph).
+    ``layers`` lists the processors' layers (set by ``install_processors``).
     """
 
     mode: str = "off"  # off | record | inject
@@ -52,39 +59,55 @@ class InjectionState:
     face_mask: torch.Tensor | None = None
     feature_dtype: torch.dtype | None = None
     on_inject: Callable[..., None] | None = None
-    _mask_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    layers: list[str] = field(default_factory=list)
+    #: per UNet call: layer -> the features injected in it ("q", "k", "v", "content_k", "content_v"); set by stage()
+    staged: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    #: per UNet call: layer -> what record mode kept ("q", "k", "v"); filed under the timestep by collect()
+    captured: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def reset_recording(self, keys: tuple[str, ...]) -> None:
         self.record_keys = keys
         self.recorded = {k: {} for k in keys}
 
-    # kept out of torch.compile graphs: the timestep-keyed dict lookups would otherwise guard on every timestep
-    @torch.compiler.disable
-    def record(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        for name, tensor in (("q", q), ("k", k), ("v", v)):
-            if name in self.record_keys:
-                kept = tensor.detach()
-                if self.feature_dtype is not None:
-                    kept = kept.to(self.feature_dtype)
-                self.recorded[name].setdefault(layer, {})[self.timestep] = kept.clone()
+    def stage(self) -> None:
+        """Before a UNet call: put each layer's features of ``feature_timestep`` where its processor reads them."""
+        self.staged.clear()
+        self.captured.clear()
+        if self.mode != "inject":
+            return
+        t = self.feature_timestep
+        sources = {
+            "q": self.content_q if self.gamma is not None else None,
+            "k": self.style_k if self.style_v is not None else None,
+            "v": self.style_v if self.style_k is not None else None,
+            "content_k": self.content_k if self.content_kv_weight > 0 and self.content_v is not None else None,
+            "content_v": self.content_v if self.content_kv_weight > 0 and self.content_k is not None else None,
+        }
+        for layer in self.layers:
+            self.staged[layer] = {name: feats[layer][t] for name, feats in sources.items() if feats is not None}
+
+    def collect(self) -> None:
+        """After a UNet call: file what record mode kept under ``timestep``."""
+        for layer, kept in self.captured.items():
+            for name, tensor in kept.items():
+                self.recorded[name].setdefault(layer, {})[self.timestep] = tensor
+        self.captured.clear()
+        self.staged.clear()
 
     def set_face_mask(self, mask: torch.Tensor | None) -> None:
         self.face_mask = mask
-        self._mask_cache = {}
 
     def token_mask(self, n_tokens: int) -> torch.Tensor | None:
         """The face mask resized to a layer with ``n_tokens`` tokens, as (B, n_tokens, 1)."""
         if self.face_mask is None:
             return None
-        if n_tokens not in self._mask_cache:
-            h, w = self.face_mask.shape[-2:]
-            factor = math.sqrt(h * w / n_tokens)
-            size = (max(1, round(h / factor)), max(1, round(w / factor)))
-            if size[0] * size[1] != n_tokens:
-                raise RuntimeError(f"cannot map a {h}x{w} face mask onto {n_tokens} attention tokens")
-            resized = F.interpolate(self.face_mask.float(), size=size, mode="area")
-            self._mask_cache[n_tokens] = resized.flatten(2).transpose(1, 2)
-        return self._mask_cache[n_tokens]
+        h, w = self.face_mask.shape[-2:]
+        factor = math.sqrt(h * w / n_tokens)
+        size = (max(1, round(h / factor)), max(1, round(w / factor)))
+        if size[0] * size[1] != n_tokens:
+            raise RuntimeError(f"cannot map a {h}x{w} face mask onto {n_tokens} attention tokens")
+        resized = F.interpolate(self.face_mask.float(), size=size, mode="area")
+        return resized.flatten(2).transpose(1, 2)
 
 
 def _batch(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -135,7 +158,7 @@ class StyleInjectionProcessor:
 
         scale = None
         if state.mode == "record":
-            state.record(self.layer, query, key, value)
+            self._record(query, key, value)
         elif state.mode == "inject":
             query, key, value, attention_mask, scale = self._inject(attn, query, key, value, attention_mask)
 
@@ -168,39 +191,49 @@ class StyleInjectionProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    @torch.compiler.disable
+    def _record(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        state = self.state
+        kept = {}
+        for name, tensor in (("q", query), ("k", key), ("v", value)):
+            if name in state.record_keys:
+                tensor = tensor.detach()
+                if state.feature_dtype is not None:
+                    tensor = tensor.to(state.feature_dtype)
+                kept[name] = tensor.clone()
+        state.captured[self.layer] = kept
+
     def _inject(self, attn, query, key, value, attention_mask):
         state = self.state
-        t = state.feature_timestep
+        staged = state.staged[self.layer]
         batch, n_tokens, _ = query.shape
         dtype = query.dtype
         mask = state.token_mask(n_tokens)
-        if state.gamma is not None and state.content_q is not None:
-            q_content = state.content_q[self.layer][t].to(dtype)
-            gamma: float | torch.Tensor = state.gamma
+        if "q" in staged:
+            q_content = staged["q"].to(dtype)
+            gamma: float | torch.Tensor = state.gamma  # type: ignore[assignment]
             if mask is not None and state.face_gamma is not None:
                 gamma = (state.gamma + (state.face_gamma - state.gamma) * mask).to(dtype)
             query = gamma * q_content + (1 - gamma) * query
-        if state.style_k is not None and state.style_v is not None:
-            key = _batch(state.style_k[self.layer][t].to(dtype), batch)
-            value = _batch(state.style_v[self.layer][t].to(dtype), batch)
-        if mask is not None and state.content_kv_weight > 0 and state.content_k is not None:
-            k_content = state.content_k[self.layer][t].to(dtype)
-            v_content = state.content_v[self.layer][t].to(dtype)  # type: ignore[index]
+        if "k" in staged:
+            key = _batch(staged["k"].to(dtype), batch)
+            value = _batch(staged["v"].to(dtype), batch)
+        if mask is not None and "content_k" in staged:
+            k_content = staged["content_k"].to(dtype)
+            v_content = staged["content_v"].to(dtype)
             n_style = key.shape[1]
             key = torch.cat([key, k_content], dim=1)
             value = torch.cat([value, v_content], dim=1)
             # bias (B, 1, N, Ns + Nc): 0 for the style keys; log(w * mask) for the content keys
             content_bias = torch.log(state.content_kv_weight * mask.clamp(min=0)).to(dtype)  # (B, N, 1)
             content_bias = content_bias.clamp(min=torch.finfo(dtype).min / 2)
-            bias = torch.zeros(batch, 1, n_tokens, key.shape[1], dtype=dtype, device=query.device)
-            bias[..., n_style:] = content_bias.unsqueeze(1)
+            style_bias = torch.zeros(batch, n_tokens, n_style, dtype=dtype, device=query.device)
+            bias = torch.cat([style_bias, content_bias.expand(-1, -1, k_content.shape[1])], dim=2).unsqueeze(1)
             attention_mask = bias if attention_mask is None else attention_mask + bias
         scale = None
         if state.temperature != 1.0:
             scale = state.temperature / math.sqrt(key.shape[-1] // attn.heads)
         if state.on_inject is not None:
-            state.on_inject(self.layer, t, query, key, value)
+            state.on_inject(self.layer, state.feature_timestep, query, key, value)
         return query, key, value, attention_mask, scale
 
 
@@ -239,4 +272,5 @@ def install_processors(unet, layers: list[str], state: InjectionState) -> dict[s
         else:
             mapping[name] = proc if proc is not None else AttnProcessor2_0()
     unet.set_attn_processor(mapping)
+    state.layers = list(procs)
     return procs
