@@ -141,35 +141,22 @@ VISION_TOWERS = {
 
 
 def random_sd15_components(sample_size: int = 512, image_encoder: str = "vit-h-14", seed: int = 0) -> SDComponents:
-    """Stable Diffusion 1.5-shaped components with random weights, built from the published configs written out
-    here (no download): the 860M-parameter UNet, the VAE, the CLIP ViT-L/14 text encoder, and a CLIP vision tower
-    (``VISION_TOWERS``). For timings and memory at true size (benchmarks); ``sample_size`` is the image size in px.
-    The tokenizer is the tiny byte-level one (token ids only index the real-sized embedding table)."""
+    """Stable Diffusion 1.5-shaped components with random weights (no download), from the published configs in
+    ``stylid_core.stylize.diffusion.sd_shaped``: the 860M-parameter UNet, the VAE, the CLIP ViT-L/14 text encoder,
+    and a CLIP vision tower (``VISION_TOWERS``). For timings and memory at true size (benchmarks); ``sample_size``
+    is the image size in px. The tokenizer is the tiny byte-level one (token ids only index the real-sized
+    embedding table)."""
     if image_encoder not in VISION_TOWERS:
         raise ValueError(f"image_encoder must be one of {sorted(VISION_TOWERS)}: {image_encoder!r}")
+    from stylid_core.stylize.diffusion.sd_shaped import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size // 8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        sample_size=sample_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
-    )  # fmt: skip
+    unet = UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": sample_size // 8})
+    vae = AutoencoderKL(**{**SD15_VAE_CONFIG, "sample_size": sample_size})
     tokenizer = byte_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-            num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )  # fmt: skip
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**SD15_TEXT_CONFIG, **ids}))
     vision = CLIPVisionModel(CLIPVisionConfig(image_size=224, patch_size=14, **VISION_TOWERS[image_encoder]))
     return SDComponents(
         unet=unet,
@@ -185,10 +172,9 @@ def random_sd15_components(sample_size: int = 512, image_encoder: str = "vit-h-1
 
 
 def _ddim() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
+    from stylid_core.stylize.diffusion.sd_shaped import SD15_SCHEDULER_CONFIG
+
+    return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
 
 
 def load_components(base_model: str, image_encoder: str, dtype: torch.dtype = torch.float32) -> SDComponents:
