@@ -109,11 +109,16 @@ def test_rerun_of_a_finished_run_does_no_work(finished, manifest, monkeypatch):
     assert os.path.isfile(f"{output}/_SUCCESS")
 
 
-@pytest.mark.parametrize("write_batch", [4, 1], ids=["same-batches", "other-batches"])
-def test_resume_processes_exactly_the_missing_rows(finished, manifest, tmp_path, write_batch):
+@pytest.mark.parametrize(
+    "resources",
+    [{}, {"fused": {"batch_size": 1}}, {"fuse_io": False, "write": {"batch_size": 1}}],
+    ids=["same-batches", "other-batches", "other-batches-io-apart"],
+)
+def test_resume_processes_exactly_the_missing_rows(finished, manifest, tmp_path, resources):
     """A crash after a batch's images and face rows were written but before its metrics shard: the rerun redoes
-    those rows, also when they are batched differently (resources are not part of the config's identity)."""
-    config = JobConfig.from_dict({"resources": {"write": {"batch_size": write_batch}}})
+    those rows, also when they are batched differently or written by separate write tasks (resources are not
+    part of the config's identity)."""
+    config = JobConfig.from_dict({"resources": resources})
     output = str(tmp_path / "resumed")
     shutil.copytree(finished[0], output)
     os.remove(f"{output}/_SUCCESS")
@@ -189,3 +194,13 @@ def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkey
     with pytest.raises(ValueError, match="cannot read manifest"):
         run_job(JobConfig(), str(tmp_path / "out"), str(tmp_path / "nope.parquet"))
     assert not os.path.exists(tmp_path / "out" / "run.json")
+
+
+def test_the_default_cpu_job_is_one_operator_and_io_apart_adds_load_and_write(ray_session, manifest, tmp_path):
+    rows = pipelines.stylize.read_manifest(manifest, None)
+    one = pipelines.stylize.build_dataset(JobConfig(), rows, str(tmp_path / "a"))
+    apart = JobConfig.from_dict({"resources": {"fuse_io": False}})
+    three = pipelines.stylize.build_dataset(apart, rows, str(tmp_path / "b"))
+    ops = lambda ds: [line.split("(")[1].rstrip(")") for line in str(ds).splitlines() if "MapBatches(" in line]  # noqa: E731
+    assert ops(one) == ["FusedCPUStage"]
+    assert ops(three) == ["_write", "FusedCPUStage", "_load"]

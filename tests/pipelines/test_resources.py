@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.stylize import _check_fits
+from pipelines.stylize import _check_fits, fused_io, fused_pool_size
 from stylid_core.config import ConfigError, JobConfig
 
 
 def test_default_pools_fit_two_cpus_and_oversized_ones_are_refused():
-    _check_fits(JobConfig(), cpus=2, gpus=0)  # fused CPU pool + load + write
+    _check_fits(JobConfig(), cpus=2, gpus=0)  # the fused CPU pool, loading and writing inside
+    _check_fits(JobConfig.from_dict({"resources": {"fuse_io": False}}), cpus=2, gpus=0)  # + load and write tasks
     three = {"fuse_cpu_stages": False}
     _check_fits(JobConfig.from_dict({"resources": three}), cpus=2, gpus=0)
     gpu = JobConfig.from_dict({"resources": {"stylize": {"num_gpus": 1}}})  # a GPU stage never fuses
@@ -19,3 +20,23 @@ def test_default_pools_fit_two_cpus_and_oversized_ones_are_refused():
     wide = JobConfig.from_dict({"resources": {**three, "faces": {"pool_size": 4}}})
     with pytest.raises(ConfigError, match=r"need 3.5 CPU\(s\).*faces: 0.5 CPU x 4.*load 0.25, write 0.25"):
         _check_fits(wide, cpus=2, gpus=0)
+
+
+def test_fused_pool_size_and_what_it_must_fit_beside():
+    io_inside = JobConfig()
+    assert fused_io(io_inside)
+    # one single-threaded actor per CPU: 16 CPUs / 0.75 would be 21 actors on 16 cores
+    assert fused_pool_size(io_inside, 2) == 2 and fused_pool_size(io_inside, 16) == 16
+    apart = {"fuse_io": False}
+    assert not fused_io(JobConfig.from_dict({"resources": apart}))
+    assert fused_pool_size(JobConfig.from_dict({"resources": apart}), 2) == 2  # 1.5 CPUs beside load and write
+    assert fused_pool_size(JobConfig.from_dict({"resources": {**apart, "fused": {"num_cpus": 1}}}), 2) == 1
+    assert fused_pool_size(JobConfig.from_dict({"resources": {"fused": {"pool_size": 5}}}), 2) == 5
+    assert not fused_io(JobConfig.from_dict({"resources": {"fuse_cpu_stages": False}}))
+    # with the I/O inside, nothing runs beside the pool: three 0.75-CPU actors fit 2.25 CPUs; apart they don't
+    three = {"fused": {"pool_size": 3}}
+    _check_fits(JobConfig.from_dict({"resources": three}), cpus=2.25, gpus=0)
+    with pytest.raises(ConfigError, match=r"fused: 0.75 CPU x 3, load 0.25, write 0.25"):
+        _check_fits(JobConfig.from_dict({"resources": {**three, **apart}}), cpus=2.25, gpus=0)
+    with pytest.raises(ConfigError, match="resources.fuse_io must be true or false"):
+        JobConfig.from_dict({"resources": {"fuse_io": "yes"}})

@@ -119,7 +119,10 @@ def test_job_through_storage_options(ray_session, s3_endpoint, second_endpoint, 
     manifest = _upload(fs2, second_endpoint, inputs)
     options = {"endpoint_url": second_endpoint, "key": "testing", "secret": "testing",
                "client_kwargs": {"region_name": "us-east-1"}}  # fmt: skip
-    config = JobConfig.from_dict({"score": {"redetect": False}, "io": {"storage_options": options}})
+    # load and write as separate tasks here: storage_options must reach those workers too
+    config = JobConfig.from_dict(
+        {"score": {"redetect": False}, "io": {"storage_options": options}, "resources": {"fuse_io": False}}
+    )
     info = run_job(config, f"s3://{BUCKET}/out-opts", manifest)
     _check_output(fs2, f"{BUCKET}/out-opts", config, info)
     # nothing went to the server the environment points at

@@ -156,3 +156,47 @@ def test_fused_cpu_stage_equals_the_three_stages_in_turn(staged, config):
     assert fused["out_pixels"].tolist() == separate["out_pixels"].tolist()  # byte-identical images
     for col in ("id_sim_mean", "style_distance", "content_ssim"):
         np.testing.assert_allclose(fused[col].astype(float), separate[col].astype(float), equal_nan=True)
+
+
+def test_fused_stage_with_io_equals_load_fused_write(batch, staged, config, tmp_path):
+    """``resources.fuse_io``: the actor that also loads and writes returns the same metrics and stores the same
+    files as the load stage, the fused stage and the write stage called in turn."""
+    write = {"config_hash": config.config_hash(), "key_suffix": ""}
+    apart = WriteStage(str(tmp_path / "apart"), io=config.io, **write)(staged["score"]).to_pandas()
+    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io,
+                          write={"output_uri": str(tmp_path / "fused"), **write})  # fmt: skip
+    assert [type(s).__name__ for s in stage.stages] == [
+        "LoadStage", "FaceStage", "StylizeStage", "ScoreStage", "WriteStage"
+    ]  # fmt: skip
+    together = stage(batch).to_pandas()
+    assert list(together.columns) == METRICS_COLUMNS
+    assert together["status"].tolist() == apart["status"].tolist() == list(EXPECTED.values())
+    for col in ("id_sim_mean", "style_distance", "content_ssim", "n_faces"):
+        np.testing.assert_allclose(together[col].astype(float), apart[col].astype(float), equal_nan=True)
+    for sub in ("images", "metrics", "faces"):
+        names = sorted(p.name for p in (tmp_path / "apart" / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "fused" / sub).iterdir()) and names
+    assert (tmp_path / "fused/images/good.png").read_bytes() == (tmp_path / "apart/images/good.png").read_bytes()
+
+
+def test_concurrent_reads_keep_each_row_its_own_bytes_and_failure(inputs, config, tmp_path):
+    """The load batch's reads run in threads: every row still gets its own image and a failed read fails only its
+    row, whatever order the reads finish in."""
+    gone = str(tmp_path / "gone.jpg")
+    ids = ["obama", "gone", "biden", "notimage", "scene", "obama2"]
+    uris = [inputs["obama"], gone, inputs["biden"], inputs["notimage"], inputs["scene"], inputs["obama"]]
+    out = LoadStage(config.io)(prepare_rows(pd.DataFrame({"image_id": ids, "image_uri": uris}), None)).to_pandas()
+    assert out["image_id"].tolist() == ids
+    assert out["status"].tolist() == ["ok", "missing", "ok", "decode_error", "ok", "ok"]
+    one_by_one = {k: LoadStage(config.io)(prepare_rows(pd.DataFrame({"image_id": [k], "image_uri": [u]}), None))
+                  .to_pandas().iloc[0] for k, u in zip(ids, uris)}  # fmt: skip
+    for _, row in out.iterrows():
+        alone = one_by_one[row["image_id"]]
+        assert row["status"] == alone["status"]
+        if row["status"] == "ok":
+            assert row["pixels"] == alone["pixels"] and row["width"] == alone["width"]
+        else:
+            assert row["error"].split(" at 0x")[0] == alone["error"].split(" at 0x")[0]  # PIL names a BytesIO
+            assert not isinstance(row["pixels"], bytes) and not isinstance(alone["pixels"], bytes)
+    assert out.set_index("image_id").at["obama", "pixels"] == out.set_index("image_id").at["obama2", "pixels"]
+    assert out.set_index("image_id").at["obama", "pixels"] != out.set_index("image_id").at["biden", "pixels"]
