@@ -114,19 +114,14 @@ def test_injection_processor_runs_sdpa_with_the_temperature_as_its_scale(monkeyp
     assert _rel(out, ref) < tol
 
 
-INDUCTOR = pytest.mark.skipif(
-    not os.environ.get("STYLID_INDUCTOR_TESTS"), reason="inductor's cold C++ build takes ~1 min on 2 cores; opt in"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=INDUCTOR)])
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_compiled_unet_matches_eager_and_its_processors_still_record_and_inject(backend):
     """torch.compile must not bypass the injection processors, break the graph, or recompile per timestep/style.
 
     Those are properties of dynamo's graph capture (tracing the processors' Python, guarding on their state),
-    which every backend shares; the ``eager`` backend runs the captured graphs as they are and saves inductor's
-    code generation (~50 s of cold C++ compilation here). ``STYLID_INDUCTOR_TESTS=1`` adds the inductor run.
+    which every backend shares; the ``eager`` backend runs the captured graphs as they are, ``inductor`` (the
+    default backend) also generates and compiles C++ for them (~50 s cold on 2 cores).
     """
     import torch._dynamo
 
