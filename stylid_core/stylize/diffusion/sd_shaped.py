@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from stylid_core.stylize.diffusion.tiny import DiffusionComponents, tiny_clip_tokenizer
+from stylid_core.stylize.diffusion.tiny import SD15_SCHEDULER_CONFIG, DiffusionComponents, tiny_clip_tokenizer
 
 #: the ``model`` option that builds it
 SD15_SHAPED = "sd15-shaped"
@@ -63,16 +63,6 @@ SD15_TEXT_CONFIG = dict(
     bos_token_id=0,
     eos_token_id=2,
     pad_token_id=1,
-)
-
-SD15_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
 )
 
 

@@ -16,6 +16,18 @@ import torch
 TINY_MODEL_NAME = "tiny-random (noise-like output)"
 
 
+#: Stable Diffusion 1.x's DDIM schedule (its ``scheduler_config.json``); the tiny and SD-shaped models both use it
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
 @dataclass
 class DiffusionComponents:
     """The pieces of a Stable Diffusion checkpoint the engine uses."""
@@ -99,14 +111,7 @@ def build_tiny_components(seed: int = 0, conv_out_scale: float = 1e-3) -> Diffus
         )
     finally:
         torch.random.set_rng_state(gen_state)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     tokenizer = tiny_clip_tokenizer()
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
