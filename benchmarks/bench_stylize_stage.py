@@ -72,7 +72,8 @@ class GpuBusySampler:
         except Exception as exc:  # no library, no driver or no device
             reasons.append(f"nvml: {type(exc).__name__}: {exc}")
         if shutil.which("nvidia-smi"):
-            query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+            fields = "--query-gpu=utilization.gpu,memory.used"
+            query = ["nvidia-smi", fields, "--format=csv,noheader,nounits", "-i", "0"]
 
             def read_smi() -> tuple[float, float]:
                 out = subprocess.run(query, capture_output=True, text=True, timeout=5, check=True).stdout
