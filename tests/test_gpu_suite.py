@@ -35,7 +35,7 @@ def suite(tmp_path_factory) -> tuple[dict, str]:
     env.pop("PYTHONPATH", None)  # the suite puts the working tree on it itself
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(out), "--smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_suite.json", "gpu_suite.log"]
