@@ -27,7 +27,8 @@
 #  6. gpu_tests (cap 150 s)  pytest -m gpu on the files holding GPU-marked tests (the torch.compile test compiles
 #     the tiny UNet with inductor: the least predictable step, so it runs last).
 #
-# Expected total about 6 min; the caps are also clipped to a suite budget (GPU_SUITE_BUDGET_S, default 460 s), so
+# GPU_SUITE_ONLY="styleid customize" runs only the named steps (a rerun of what failed; the others are recorded as
+# skipped). Expected total about 6 min; the caps are also clipped to a suite budget (GPU_SUITE_BUDGET_S, default 460 s), so
 # the suite ends within 8 min whatever happens; a step stopped by its cap is recorded as "timeout". --smoke runs the
 # same steps at toy sizes on CPU (tiny models, 32 px, 1-3 steps; stylize_stage_sd15 is skipped) in 2-3 min on 2
 # quiet cores (1 min 4 s of CPU time), with caps and a budget (1500 s) wide enough for a machine shared with others.
@@ -75,6 +76,10 @@ EOF
 step() {  # step NAME CAP_S CMD... (the command writes $PARTS/NAME.json or .xml)
     local name=$1 cap=$2
     shift 2
+    if [[ -n ${GPU_SUITE_ONLY:-} && " $GPU_SUITE_ONLY " != *" $name "* ]]; then
+        status_json "$name" 0 "" 0 skipped "not in GPU_SUITE_ONLY ($GPU_SUITE_ONLY)" "$@"
+        return
+    fi
     local left=$((DEADLINE - $(date +%s)))
     if ((left < 15)); then
         say "$name: skipped, the suite's ${BUDGET} s budget is spent"
