@@ -11,11 +11,12 @@ was running) every ``--sample-ms`` through NVML (``nvidia-ml-py``), else ``nvidi
 machine) the busy share is reported as unavailable, never guessed. Figures:
 
 - ``images_per_s``: rows / wall time from the first request to the last row (actor start and model build
-  included); ``images_per_s_working``: rows / the working window, from when the first batch's stylization began
-  (its arrival at the driver less its ``t_stylize``) to the last row;
+  included); ``images_per_s_working``: rows / the working window, from the start of the first ``StylizeStage``
+  batch to the end of the last (each batch is stamped with its wall-clock start and end inside the actor, so the
+  window does not depend on when Ray hands the results to the driver);
 - ``gpu_busy_share`` / ``gpu_busy_share_working``: the mean sampled utilisation over the same two windows;
-- ``stage_busy_share_working``: seconds the actors spent inside ``StylizeStage`` batches (their ``t_stylize``) per
-  second of the working window and actor: where it is high and the GPU's share low, the engine waits on the CPU.
+- ``stage_busy_share_working``: seconds the actors spent inside ``StylizeStage`` batches per second of the working
+  window and actor (1.0 = never idle): where it is high and the GPU's share low, the engine waits on the CPU.
 
     python benchmarks/bench_stylize_stage.py --rows 16 --size 64                       # CPU, tiny model
     python benchmarks/bench_stylize_stage.py --rows 512 --set resources.stylize.num_gpus=1 \\
@@ -38,12 +39,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from pipelines.stages import StylizeStage  # noqa: E402
+
+
+class TimedStylizeStage(StylizeStage):
+    """``StylizeStage`` that stamps each batch's rows with the batch's wall-clock start and end (epoch seconds)."""
+
+    def __call__(self, df: pd.DataFrame) -> pa.Table:
+        start = time.time()
+        table = super().__call__(df)
+        end = time.time()
+        n = table.num_rows
+        table = table.append_column("batch_start", pa.array([start] * n, pa.float64()))
+        return table.append_column("batch_end", pa.array([end] * n, pa.float64()))
 
 
 class GpuBusySampler:
     """Samples GPU 0's utilisation (percent of time a kernel ran) in a thread: NVML, else ``nvidia-smi``.
 
-    ``source`` says which one answered, or why none did; ``samples`` are (perf_counter seconds, percent).
+    ``source`` says which one answered, or why none did; ``samples`` are (epoch seconds, percent).
     """
 
     def __init__(self, interval_s: float = 0.05) -> None:
@@ -98,7 +114,7 @@ class GpuBusySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             util, mem = self._read()
-            self.samples.append((time.perf_counter(), util))
+            self.samples.append((time.time(), util))
             self.memory_used_mib = max(self.memory_used_mib or 0.0, mem)
             self._stop.wait(self.interval_s)
 
@@ -161,7 +177,6 @@ def main(argv: list[str] | None = None) -> dict:
     from jobs.config import load_job_config
     from jobs.ray_cluster import init_ray
     from pipelines.schema import to_table
-    from pipelines.stages import StylizeStage
     from pipelines.stylize import stage_remote_args
     from stylid_core.sample_data import default_style_path
 
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = res.pool_size or 1
     blocks = [to_table(rows.iloc[k : k + res.batch_size]) for k in range(0, len(rows), res.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
-        StylizeStage,
+        TimedStylizeStage,
         fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": config.io},
         batch_format="pandas",
         batch_size=res.batch_size,
@@ -185,25 +200,22 @@ def main(argv: list[str] | None = None) -> dict:
         **stage_remote_args(),
     )
     statuses: dict[str, int] = {}
-    t_stylize, first_batch_s, engine, model, arrivals = [], 0.0, None, None, []
+    spans: set[tuple[float, float]] = set()  # (start, end) of every StylizeStage batch
+    engine = model = None
     with GpuBusySampler(args.sample_ms / 1000.0) as sampler:
-        t_start = time.perf_counter()
-        t_first = None
+        t_start = time.time()
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-            now = time.perf_counter()
-            arrivals.append((round(now - t_start, 3), len(batch)))
             for status, count in batch["status"].value_counts().items():
                 statuses[status] = statuses.get(status, 0) + int(count)
-            seconds = [float(v) for v in batch.loc[batch["status"] == "ok", "t_stylize"]]
-            t_stylize.extend(seconds)
-            if t_first is None:
-                t_first, first_batch_s = now, sum(seconds)
+            spans.update(zip(batch["batch_start"].astype(float), batch["batch_end"].astype(float)))
             engine = engine or (batch["engine"].iloc[0] if len(batch) else None)
             model = model or (batch["model"].iloc[0] if len(batch) else None)
-        t_end = time.perf_counter()
+        t_end = time.time()
     ray.shutdown()
-    t_work = (t_first - first_batch_s) if t_first is not None else t_end
-    working_s = t_end - t_work
+    t_work = min((a for a, _ in spans), default=t_end)
+    t_work_end = max((b for _, b in spans), default=t_end)
+    working_s = t_work_end - t_work
+    stage_s = sum(b - a for a, b in spans)
     options = config.stylize.options
     report = {
         "device_name": torch.cuda.get_device_name(0) if res.num_gpus and torch.cuda.is_available() else "cpu",
@@ -225,19 +237,19 @@ def main(argv: list[str] | None = None) -> dict:
         "size_px": args.size,
         "statuses": statuses,
         "seconds": t_end - t_start,
-        "seconds_to_first_batch": (t_first or t_end) - t_start,
+        "seconds_to_first_batch_start": t_work - t_start,
         "seconds_working": working_s,
+        "batches": len(spans),
         "images_per_s": args.rows / (t_end - t_start),
         "images_per_s_working": args.rows / working_s if working_s > 0 else None,
-        "stage_seconds": sum(t_stylize),
-        "stage_busy_share_working": sum(t_stylize) / (working_s * pool) if working_s > 0 else None,
+        "stage_seconds": stage_s,
+        "stage_busy_share_working": stage_s / (working_s * pool) if working_s > 0 else None,
         "gpu_busy_source": sampler.source,
         "gpu_busy_share": sampler.mean_share(t_start, t_end) if sampler.available else None,
-        "gpu_busy_share_working": sampler.mean_share(t_work, t_end) if sampler.available else None,
+        "gpu_busy_share_working": sampler.mean_share(t_work, t_work_end) if sampler.available else None,
         "gpu_samples": len(sampler.samples),
         "gpu_memory_used_mib_peak": sampler.memory_used_mib,
         "target_gpu_busy_share": 0.9,
-        "arrivals": arrivals,
     }
     print(json.dumps(report, indent=2))
     if args.json:
