@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("prefixes", nargs="+", help="member path prefixes to leave out, e.g. ray/jars/")
     args = p.parse_args(argv)
     dropped, before, after = trim_wheel(args.wheel, args.prefixes)
-    print(f"{os.path.basename(args.wheel)}: {dropped} members dropped, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+    name = os.path.basename(args.wheel)
+    print(f"{name}: {dropped} members dropped, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":
