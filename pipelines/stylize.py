@@ -321,23 +321,14 @@ def _as_tables(manifest: pa.Table | pd.DataFrame | Iterable[pa.Table]) -> Iterab
     return [manifest] if isinstance(manifest, pa.Table) else manifest
 
 
-def process_pending(
-    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
-    output_uri: str,
-    storage_options: dict,
-    build: Callable[[pa.Table], ray.data.Dataset],
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-) -> tuple[pa.ChunkedArray, Counter[str]]:
-    """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger through ``build(rows)``'s dataset and write
-    what comes out into shards of ``rows_per_shard`` rows; returns the manifest's ids already done and the status
-    counts of the rows processed now.
+def plan_pending(
+    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table], output_uri: str, storage_options: dict
+) -> tuple[pa.ChunkedArray, pa.Table]:
+    """(the manifest's ids already in ``output_uri``'s ledger, the manifest's rows not yet there).
 
     ``manifest`` is prepared rows: a table, a frame, or batches of a table (``iter_manifest``); each batch is
-    reduced to its pending rows as it arrives (Arrow ``is_in`` against the ledger's ids), so the plan holds the
-    pending rows and the manifest's ids, never the whole manifest. ``build`` gets the pending rows as one Arrow
-    table; its dataset's rows are the write stage's (metrics columns plus ``FACE_ROWS``), written by a
-    ``ShardWriter`` as they arrive, and what is buffered is flushed when the stream ends or fails. With nothing
-    pending no dataset is built, so no stage starts and no model loads."""
+    reduced to its pending rows as it arrives (Arrow ``is_in`` against the ledger's ids, read concurrently and
+    projected), so the plan holds the pending rows and the done ids, never the whole manifest."""
     done_ledger = ledger.done_ids(output_uri, storage_options)
     done_parts: list[pa.ChunkedArray] = []
     pending_parts: list[pa.Table] = []
@@ -346,17 +337,37 @@ def process_pending(
         is_done = ledger.subtract_done(ids, done_ledger)
         done_parts.append(ids.filter(is_done))
         pending_parts.append(table.filter(pc.invert(is_done)))
-    del done_ledger
     done = pa.chunked_array([c for part in done_parts for c in part.chunks], pa.string())
     pending = pa.concat_tables(pending_parts) if pending_parts else pa.table({"image_id": pa.array([], pa.string())})
+    return done, pending
+
+
+def process_pending(
+    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
+    output_uri: str,
+    storage_options: dict,
+    build: Callable[[pa.Table], ray.data.Dataset],
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+) -> tuple[pa.ChunkedArray, Counter[str]]:
+    """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through ``build(rows)``'s
+    dataset and write what comes out into shards of ``rows_per_shard`` rows; returns the manifest's ids already
+    done and the status counts of the rows processed now.
+
+    ``build`` gets the pending rows as one Arrow table; its dataset's rows are the write stage's (metrics columns
+    plus ``FACE_ROWS``), written by a ``ShardWriter`` as they arrive on this driver, and what is buffered is
+    flushed when the stream ends or fails. With nothing pending no dataset is built, so no stage starts and no
+    model loads."""
+    done, pending = plan_pending(manifest, output_uri, storage_options)
     log.info("manifest: %d rows, %d already in the output, %d to process", len(done) + len(pending), len(done),
              len(pending))  # fmt: skip
     counts: Counter[str] = Counter()
     if len(pending):
         ledger.drop_orphan_face_shards(output_uri, storage_options)
         writer = ShardWriter(output_uri, storage_options, rows_per_shard)
+        dataset = build(pending)
+        del pending  # its rows are in the dataset's blocks now
         try:
-            for batch in build(pending).iter_batches(batch_format="pyarrow", batch_size=None):
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 status = pc.value_counts(batch.column("status"))
                 counts.update(dict(zip(status.field("values").to_pylist(), status.field("counts").to_pylist())))
                 writer.add(batch)
