@@ -328,3 +328,14 @@ def test_rows_per_shard_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="rows_per_shard"):
         JobConfig.from_dict({"io": {"rows_per_shard": 0}})
     assert JobConfig.from_dict({"io": {"rows_per_shard": 7}}).config_hash() == JobConfig().config_hash()
+
+
+def test_stylid_compact_command(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = small_shard_output(str(tmp_path / "out"))
+    assert main(["compact", out, "--rows-per-shard", "10"]) == 0
+    assert "60 rows, 23 metrics shards ->" in capsys.readouterr().out
+    check_ledger(out, 60)
+    assert main(["compact", out, "--rows-per-shard", "10"]) == 0
+    assert "(0 merged groups)" in capsys.readouterr().out
