@@ -14,6 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -50,7 +51,14 @@ def _manifest_dataset(manifest_uri: str, required: str, storage_options: dict | 
     afs, path = arrow_filesystem(manifest_uri, storage_options)
     try:
         dataset = pads.dataset(path, filesystem=afs, format="parquet")
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+        # a prefix's files may differ in their optional columns: the dataset's schema is all of theirs (pyarrow
+        # takes the first file's), each footer read concurrently
+        fragments = list(dataset.get_fragments())
+        if len(fragments) > 1:
+            with ThreadPoolExecutor(max_workers=min(16, len(fragments))) as pool:
+                schemas = list(pool.map(lambda f: f.physical_schema, fragments))
+            dataset = pads.dataset(path, filesystem=afs, format="parquet", schema=pa.unify_schemas(schemas))
+    except (FileNotFoundError, OSError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
     if required not in dataset.schema.names:
         raise ValueError(
