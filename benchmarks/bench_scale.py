@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import resource
 import shutil
@@ -341,6 +342,7 @@ def s3_rerun(work: str, output: str, manifest: str, n: int) -> None:
     import s3fs
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
