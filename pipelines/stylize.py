@@ -367,9 +367,11 @@ def plan_pending(
 ) -> tuple[pa.ChunkedArray, pa.Table]:
     """(the manifest's ids already in ``output_uri``'s ledger, the manifest's rows not yet there).
 
-    ``manifest`` is prepared rows: a table, a frame, or batches of a table (``iter_manifest``); each batch is
-    reduced to its pending rows as it arrives (Arrow ``is_in`` against the ledger's ids, read concurrently and
-    projected), so the plan holds the pending rows and the done ids, never the whole manifest."""
+    The ledger's ids are read concurrently and projected (``stylid_core.ledger.done_ids``). ``manifest`` is a
+    ``ManifestReader`` (``iter_manifest``): one pass over its ids, one Arrow ``is_in`` of all of them against the
+    ledger's, and a second pass keeping only the pending rows, so the plan holds the ids and the pending rows, never
+    the whole manifest. Or prepared rows in memory: a table, a frame, or an iterable of tables, each subtracted as
+    it comes (one ``is_in`` each: for small manifests, such as ``stylid customize``'s)."""
     done_ledger = ledger.done_ids(output_uri, storage_options)
     if isinstance(manifest, ManifestReader):
         ids = manifest.ids()
