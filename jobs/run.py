@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 from jobs.config import load_job_config
 from jobs.ray_cluster import init_ray
 from stylid_core.config import ConfigError, JobConfig
-from stylid_core.report import format_summary, summarize, write_report
-from stylid_core.storage import delete, filesystem, join, read_bytes, read_parquet_dir, write_bytes
+from stylid_core.ledger import METRICS, iter_shards
+from stylid_core.report import format_summary, summarize_output, write_report
+from stylid_core.storage import delete, filesystem, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = "stylid-output"
@@ -108,12 +109,13 @@ def previous_images(output_uri: str, storage_options: dict) -> list[str]:
     """The images of this output that its metrics shards record (both jobs' layouts): for each recorded URI, the
     object of the same name under ``<output_uri>/images/``, so a copied or moved output never reaches back into
     the place it was copied from, and nothing outside ``images/`` is named."""
-    metrics = read_parquet_dir(join(output_uri, "metrics"), storage_options)
-    uris: list[str] = []
-    if "output_uri" in metrics:
-        uris += [u for u in metrics["output_uri"] if isinstance(u, str) and u]
-    if "output_uris" in metrics:
-        uris += [u for v in metrics["output_uris"] if isinstance(v, str) and v for u in json.loads(v)]
+    uris: set[str] = set()
+    for table in iter_shards(output_uri, METRICS, storage_options, ["output_uri", "output_uris"]):
+        if "output_uri" in table.column_names:
+            uris |= {u for u in table.column("output_uri").to_pylist() if isinstance(u, str) and u}
+        if "output_uris" in table.column_names:
+            uris |= {u for v in table.column("output_uris").to_pylist() if isinstance(v, str) and v
+                     for u in json.loads(v)}  # fmt: skip
     return sorted({join(output_uri, "images", posixpath.basename(u)) for u in uris})
 
 
@@ -133,9 +135,7 @@ def run_job(
     delete(join(output_uri, "_SUCCESS"), opts)
     manifest_uri = manifest_uri or write_sample_manifest(output_uri, opts)
     result = run_stylize(config, manifest_uri, output_uri)
-    metrics = read_parquet_dir(join(output_uri, "metrics"), opts)
-    faces = read_parquet_dir(join(output_uri, "faces"), opts)
-    summary = summarize(metrics, faces)
+    summary = summarize_output(output_uri, opts)  # a projected scan of the ledger, shard by shard
     info = {
         "manifest": manifest_uri,
         "output": output_uri,
@@ -149,7 +149,7 @@ def run_job(
         "summary": summary,
     }
     write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
-    if report and len(metrics):
+    if report and summary["rows"]:
         info["report"] = write_report(output_uri, opts)
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
     return info

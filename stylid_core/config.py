@@ -26,7 +26,7 @@ def _check(cond: bool, message: str) -> None:
 class FacesConfig:
     """Which ``FaceAnalyzer`` runs, and how."""
 
-    backend: str = "dlib"  # dlib | insightface
+    backend: str = "dlib"  # dlib | insightface | centered (one centred face per image: pre-cropped faces)
     detector: str = "hog"  # dlib only: hog | cnn
     upsample: int = 2  # dlib HOG/CNN upsampling steps: 1 finds 32-48 px faces, 2 finds 24 px faces
     model_dir: str | None = None  # dlib: folder with the .dat files (default: face_recognition_models');
@@ -42,7 +42,8 @@ class FacesConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.backend in ("dlib", "insightface"), f"faces.backend must be dlib or insightface, got {self.backend!r}"
+            self.backend in ("dlib", "insightface", "centered"),
+            f"faces.backend must be dlib, insightface or centered, got {self.backend!r}",
         )
         _check(self.detector in ("hog", "cnn"), f"faces.detector must be hog or cnn, got {self.detector!r}")
         _check(0 <= self.upsample <= 4, f"faces.upsample must be in 0..4, got {self.upsample}")
@@ -106,10 +107,17 @@ class IOConfig:
     max_pixels: int = 64_000_000
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URI
     image_format: str = "png"
+    #: rows per metrics/faces shard (``stylid_core.ledger``): how the output is laid out, not what it holds, so
+    #: it is not part of the config hash
+    rows_per_shard: int = 5000
 
     def __post_init__(self) -> None:
         _check(self.max_bytes > 0 and self.max_pixels > 0, "io.max_bytes and io.max_pixels must be > 0")
         _check(self.image_format in ("png", "jpg"), "io.image_format must be png or jpg")
+        _check(
+            isinstance(self.rows_per_shard, int) and self.rows_per_shard >= 1,
+            f"io.rows_per_shard must be an integer >= 1, got {self.rows_per_shard!r}",
+        )
 
 
 @dataclass
@@ -183,6 +191,7 @@ class JobConfig:
         d.pop("name")
         d.pop("resources")
         d["io"].pop("storage_options")
+        d["io"].pop("rows_per_shard")
         return d
 
     def config_hash(self) -> str:

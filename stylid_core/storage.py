@@ -121,3 +121,14 @@ def read_parquet_dir(uri: str, storage_options: dict[str, Any] | None = None, co
         with fs.open(path, "rb") as f:
             frames.append(pq.read_table(f, columns=columns).to_pandas())
     return pd.concat(frames, ignore_index=True)
+
+
+def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
+    """A pyarrow filesystem (over fsspec) and path for ``uri``; ``None`` for local paths (pyarrow's own)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, storage_options)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return None, path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
