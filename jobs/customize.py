@@ -10,7 +10,7 @@ import fsspec
 import yaml
 
 from jobs.ray_cluster import init_ray
-from jobs.run import check_output_config, versions
+from jobs.run import check_output_config, versions, write_run_json
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.storage import delete, join, read_parquet_dir, write_bytes
 
@@ -49,7 +49,7 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
     metrics = read_parquet_dir(join(output_uri, "metrics"), opts, columns=["image_id", "status"])
     faces = read_parquet_dir(join(output_uri, "faces"), opts, columns=["detected", "id_match"])
     config_dict = config.to_dict()
-    config_dict["io"].pop("storage_options", None)  # may hold credentials
+    config_dict["io"].pop("storage_options", None)  # may hold credentials (write_run_json redacts them anyway)
     info = {
         "job": "customize",
         "manifest": manifest_uri,
@@ -66,7 +66,7 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
         "faces_detected": int(faces["detected"].fillna(False).sum()) if len(faces) else 0,
         "id_match_rate": float(faces["id_match"].fillna(False).mean()) if len(faces) else None,
     }
-    write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
+    write_run_json(output_uri, info, opts)
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
     return info
 

@@ -27,6 +27,7 @@ from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image, encode_jpeg, encode_png
 from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.sample_data import default_style_path
+from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.mosaic import MosaicRestorer
@@ -426,6 +427,8 @@ class WriteStage:
                     if "scores" in fj:
                         face_rows.append({"image_id": df.at[i, "image_id"], **fj["scores"]})
         faces_df = pd.DataFrame(face_rows, columns=list(FACE_COLUMNS))
+        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
+        df["error"] = [scrub(e, secrets) if isinstance(e, str) else e for e in df["error"]]
         metrics = to_table(df[METRICS_COLUMNS])
         write_shards(self.output_uri, df["image_id"], to_table(faces_df, FACE_COLUMNS), metrics,
                      self.io.storage_options)  # fmt: skip
