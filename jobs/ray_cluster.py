@@ -78,6 +78,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     os.environ[ray_reaper.TOKEN_ENV] = record.token
     try:
         ray.init(
+            address="local",  # a new Ray, never one found through /tmp/ray/ray_current_cluster (`ray start`)
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
