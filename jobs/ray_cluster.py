@@ -73,8 +73,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     ended = ray_reaper.reap_orphaned_sessions(temp_dir)
     if ended:
         log.warning("ended %d processes left by an earlier local Ray of stylid whose driver was killed", ended)
+    # the watchdog starts first, so a driver killed during ray.init leaves nothing either; the token marks the
+    # processes ray.init starts (and, through the raylet, every worker), nothing this process starts later
     record = ray_reaper.new_record()
-    # the token marks the processes ray.init starts (and, through the raylet, every worker); nothing started later
+    record_path = ray_reaper.save_record(record, temp_dir)
+    watchdog = ray_reaper.start_watchdog(record, record_path)
+    _watchdogs.append(watchdog)
     os.environ[ray_reaper.TOKEN_ENV] = record.token
     try:
         ray.init(
@@ -89,16 +93,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     finally:
         os.environ.pop(ray_reaper.TOKEN_ENV, None)
     record.session_dir = _session_dir(ray)
-    global _watchdog
-    _watchdog = ray_reaper.start_watchdog(record, ray_reaper.save_record(record, temp_dir))
+    ray_reaper.save_record(record, temp_dir)
+    ray_reaper.tell_session_dir(watchdog, record.session_dir)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in LOOPBACK:
         ray.shutdown()
         raise RuntimeError(f"the local Ray came up on {node_ip}, not on 127.0.0.1; refusing to run on it")
 
 
-#: the watchdog of this process's local Ray (kept so that its stdin pipe stays open while this process lives)
-_watchdog = None
+#: the watchdogs of this process's local Rays (kept so that their stdin pipes stay open while this process lives)
+_watchdogs: list = []
 
 
 def _session_dir(ray) -> str:

@@ -195,8 +195,13 @@ def watch(record: SessionRecord, record_path: str = "") -> None:
             if key:
                 known[key] = p
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
-        if ready and not sys.stdin.buffer.read1(4096):
-            break  # the driver closed its end: it is exiting
+        if ready:
+            data = sys.stdin.buffer.read1(4096)
+            if not data:
+                break  # the driver closed its end: it is exiting
+            lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+            if lines:  # the driver tells the session folder once Ray is up
+                record.session_dir = lines[-1].strip()
     if owner is not None:  # an exiting driver is shutting Ray down itself: give it a moment
         try:
             owner.wait(timeout=GRACE_S)
@@ -227,6 +232,16 @@ def start_watchdog(record: SessionRecord, record_path: str = "") -> subprocess.P
         env=env,
         start_new_session=True,
     )
+
+
+def tell_session_dir(watchdog: subprocess.Popen, session_dir: str) -> None:
+    """Tell a running watchdog the session's folder (known only once ``ray.init`` has returned)."""
+    if session_dir and watchdog.stdin is not None:
+        try:
+            watchdog.stdin.write(session_dir.encode() + b"\n")
+            watchdog.stdin.flush()
+        except OSError:  # a watchdog that died: the next start's sweep (by the saved record) stands in for it
+            pass
 
 
 def _main(argv: list[str]) -> int:
