@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 
 from jobs import ray_reaper
 
@@ -69,7 +68,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         ray.init(address=address, log_to_driver=not quiet)
         return
     os.environ.setdefault("RAY_num_workers_soft_limit", str(worker_soft_limit(num_cpus or os.cpu_count() or 1)))
-    temp_dir = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    temp_dir = ray_temp_dir()
     ended = ray_reaper.reap_orphaned_sessions(temp_dir)
     if ended:
         log.warning("ended %d processes left by an earlier local Ray of stylid whose driver was killed", ended)
@@ -103,6 +102,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
 
 #: the watchdogs of this process's local Rays (kept so that their stdin pipes stay open while this process lives)
 _watchdogs: list = []
+
+
+def ray_temp_dir() -> str:
+    """Ray's temp folder, by Ray's own rule: ``$RAY_TMPDIR/ray``, else ``$TMPDIR/ray``, else ``/tmp/ray``."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
 
 
 def _session_dir(ray) -> str:

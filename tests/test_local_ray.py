@@ -21,7 +21,8 @@ from stylid_core.sample_data import load_photo
 from tests.pipelines.netcheck import RAY_LISTENERS, ListenerWatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAY_TEMP = os.path.join("/tmp", "ray")
+#: the Ray temp folder of the runs started here (their environment has no RAY_TMPDIR: Ray's rule gives this)
+RAY_TEMP = os.path.join(os.environ.get("TMPDIR") or "/tmp", "ray")
 #: planted credentials, each given one way; none may appear in any file the run or its Ray session writes
 PLANTED = {
     "env_secret": "envSECRETvalue0123456789abcdef",
