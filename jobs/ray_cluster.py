@@ -61,12 +61,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
+    if address:  # the cluster's own settings (token authentication, ...) apply
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=not quiet)
         return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only, this process's own Ray: no token to manage
     os.environ.setdefault("RAY_num_workers_soft_limit", str(worker_soft_limit(num_cpus or os.cpu_count() or 1)))
     temp_dir = ray_temp_dir()
     ended = ray_reaper.reap_orphaned_sessions(temp_dir)
