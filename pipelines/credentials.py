@@ -75,3 +75,17 @@ def with_credentials(stage: type, credentials: StageCredentials | None) -> type:
         stage.__init__(self, *args, **kwargs)
 
     return type(stage.__name__, (stage,), {"__init__": __init__, "__doc__": stage.__doc__})
+
+
+def task_with_credentials(fn, credentials: StageCredentials | None):
+    """For a stage that runs as tasks (a function, or a callable instance): ``fn`` itself when there is nothing to
+    carry, else a function of the same name that exports ``credentials`` in the worker, then calls ``fn``."""
+    if not credentials:
+        return fn
+
+    def call(batch, *args, **kwargs):
+        credentials.export()
+        return fn(batch, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = getattr(fn, "__name__", type(fn).__name__)
+    return call

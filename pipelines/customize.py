@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
 from pipelines.stages import write_shards
 from pipelines.stylize import (
     check_pools_fit,
@@ -359,14 +360,15 @@ def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, outp
     block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
     blocks = [_arrow(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
     ds = ray.data.from_arrow(blocks)
-    env = stage_remote_args()  # AWS_* and offline flags reach every worker
+    env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
+    creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
     return (
-        ds.map_batches(ReferenceStage, **args, **_pool(r.reference))
-        .map_batches(CustomizeStage, **args, **gen)
-        .map_batches(CustomizeScoreStage, **args, **_pool(r.score))
-        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS,
-                     **env)
+        ds.map_batches(with_credentials(ReferenceStage, creds), **args, **_pool(r.reference))
+        .map_batches(with_credentials(CustomizeStage, creds), **args, **gen)
+        .map_batches(with_credentials(CustomizeScoreStage, creds), **args, **_pool(r.score))
+        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config), creds), batch_format="pandas",
+                     batch_size=8, num_cpus=WRITE_CPUS, **env)
     )  # fmt: skip
 
 

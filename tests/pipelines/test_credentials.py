@@ -9,7 +9,7 @@ import pickle
 import pandas as pd
 import pytest
 
-from pipelines.credentials import StageCredentials, stage_runtime_env, with_credentials
+from pipelines.credentials import StageCredentials, stage_runtime_env, task_with_credentials, with_credentials
 from pipelines.stylize import stage_remote_args
 
 TOKEN = "planted-session-token-0123456789"
@@ -66,3 +66,19 @@ def test_a_stage_gets_the_drivers_credentials_in_its_own_process(ray_session, pl
     assert carried["pid"].iloc[0] != os.getpid()
     assert with_credentials(EnvProbe, planted).__name__ == "EnvProbe"  # Ray Data's operator keeps its name
     assert with_credentials(EnvProbe, StageCredentials({})) is EnvProbe
+
+
+def test_a_task_stage_gets_them_too(ray_session, planted):
+    """Stages that run as tasks (a function or a callable instance, like the write stages) are wrapped alike."""
+    ray = ray_session
+    rows = pd.DataFrame({"name": ["AWS_SESSION_TOKEN"]})
+    probe = EnvProbe()  # a callable instance, as ``CustomizeWriteStage(...)`` is
+    task = task_with_credentials(probe, planted)
+    assert task.__name__ == "EnvProbe" and task_with_credentials(probe, StageCredentials({})) is probe
+
+    def run(fn) -> list[str]:
+        ds = ray.data.from_pandas(rows).map_batches(fn, batch_format="pandas", num_cpus=0.25, **stage_remote_args())
+        return ds.to_pandas()["value"].tolist()
+
+    assert run(probe) == [""]  # the task workers never had it
+    assert run(task) == [TOKEN]
