@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import yaml
 
 from jobs.ray_cluster import init_ray
-from jobs.run import check_output_config, versions
+from jobs.run import check_output_config, versions, write_run_json
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.ledger import FACES, METRICS, iter_shards, live_shards
 from stylid_core.storage import delete, join, write_bytes
@@ -59,7 +59,7 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
         detected += int(pc.sum(pc.fill_null(table.column("detected"), False)).as_py() or 0)
         matched += int(pc.sum(pc.fill_null(table.column("id_match"), False)).as_py() or 0)
     config_dict = config.to_dict()
-    config_dict["io"].pop("storage_options", None)  # may hold credentials
+    config_dict["io"].pop("storage_options", None)  # may hold credentials (write_run_json redacts them anyway)
     info = {
         "job": "customize",
         "manifest": manifest_uri,
@@ -76,7 +76,7 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
         "faces_detected": detected,
         "id_match_rate": matched / generated if generated else None,
     }
-    write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
+    write_run_json(output_uri, info, opts)
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
     return info
 

@@ -22,6 +22,7 @@ from jobs.ray_cluster import init_ray
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.ledger import METRICS, iter_shards
 from stylid_core.report import format_summary, summarize_output, write_report
+from stylid_core.secrets import redact, scrub, secret_values
 from stylid_core.storage import delete, filesystem, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,14 @@ def previous_images(output_uri: str, storage_options: dict) -> list[str]:
     return sorted({join(output_uri, "images", posixpath.basename(u)) for u in uris})
 
 
+def write_run_json(output_uri: str, info: dict, storage_options: dict) -> None:
+    """``<output>/run.json``: ``info`` with credentials redacted (secret-named keys) and scrubbed (any known secret
+    value, from the storage options or the environment, wherever it appears in the text). Every job writes its
+    run.json through here."""
+    text = json.dumps(redact(info), indent=2, default=str)
+    write_bytes(join(output_uri, "run.json"), scrub(text, secret_values(storage_options)).encode(), storage_options)
+
+
 def run_job(
     config: JobConfig,
     output_uri: str,
@@ -139,7 +148,7 @@ def run_job(
     info = {
         "manifest": manifest_uri,
         "output": output_uri,
-        "config": config.to_dict(),
+        "config": redact(config.to_dict()),
         "config_hash": config.config_hash(),
         "is_default_config": config.is_default(),
         "versions": versions(),
@@ -148,7 +157,7 @@ def run_job(
         "this_run": result.to_dict(),
         "summary": summary,
     }
-    write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
+    write_run_json(output_uri, info, opts)
     if report and summary["rows"]:
         info["report"] = write_report(output_uri, opts)
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
 from pipelines.stylize import (
     check_pools_fit,
     check_unique_ids,
@@ -364,14 +365,15 @@ def build_customize_dataset(
     block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
     rows = _arrow(rows) if isinstance(rows, pd.DataFrame) else rows
     ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
-    env = stage_remote_args()  # AWS_* and offline flags reach every worker
+    env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
+    creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
     return (
-        ds.map_batches(ReferenceStage, **args, **_pool(r.reference))
-        .map_batches(CustomizeStage, **args, **gen)
-        .map_batches(CustomizeScoreStage, **args, **_pool(r.score))
-        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS,
-                     **env)
+        ds.map_batches(with_credentials(ReferenceStage, creds), **args, **_pool(r.reference))
+        .map_batches(with_credentials(CustomizeStage, creds), **args, **gen)
+        .map_batches(with_credentials(CustomizeScoreStage, creds), **args, **_pool(r.score))
+        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config), creds), batch_format="pandas",
+                     batch_size=8, num_cpus=WRITE_CPUS, **env)
     )  # fmt: skip
 
 

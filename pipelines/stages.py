@@ -28,6 +28,7 @@ from stylid_core.imageio import ImageDecodeError, decode_image, encode_jpeg, enc
 from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
 from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.sample_data import default_style_path
+from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.classical import lab_statistics
@@ -459,6 +460,8 @@ class WriteStage:
                 rows = [{"image_id": df.at[i, "image_id"], **fj["scores"]}
                         for fj in json.loads(df.at[i, "faces_json"]) if "scores" in fj]  # fmt: skip
             face_rows.append(rows)
+        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
+        df["error"] = [scrub(e, secrets) if isinstance(e, str) else e for e in df["error"]]
         metrics = to_table(df[METRICS_COLUMNS])
         return metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
 

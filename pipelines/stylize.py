@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
+from pipelines.credentials import StageCredentials, stage_runtime_env, with_credentials
 from pipelines.stages import (
     FaceStage,
     FusedCPUStage,
@@ -195,20 +195,10 @@ def _check_fits(config: JobConfig, cpus: float, gpus: float) -> None:
     check_pools_fit(pools, tasks, cpus, gpus)
 
 
-#: driver environment variables that every stage needs too (object-store credentials, offline model loading)
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE",
-                 "TRANSFORMERS_OFFLINE", "HF_HOME")  # fmt: skip
-
-
 def stage_remote_args() -> dict:
-    """``runtime_env`` carrying the driver's ``FORWARDED_ENV`` to the stages' workers.
-
-    Workers of a local Ray inherit the environment Ray was started with, not later changes; cluster workers have
-    their own. Forwarding makes ``AWS_*`` set for the job reach every stage either way.
-    """
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    return {"runtime_env": {"env_vars": env}} if env else {}
+    """``ray_remote_args`` for every stage: the driver's non-secret environment (``pipelines.credentials``);
+    credentials go through ``with_credentials`` / the task functions' ``credentials`` argument instead."""
+    return stage_runtime_env()
 
 
 def fused(config: JobConfig) -> bool:
@@ -232,11 +222,15 @@ def fused_pool_size(config: JobConfig, cpus: float) -> int:
     return max(1, min(int(spare / res.fused.num_cpus + 1e-9), int(cpus + 1e-9)))
 
 
-def _load(df, io):
+def _load(df, io, credentials: StageCredentials | None = None):
+    if credentials:
+        credentials.export()
     return LoadStage(io)(df)
 
 
-def _write(df, **kwargs):
+def _write(df, credentials: StageCredentials | None = None, **kwargs):
+    if credentials:
+        credentials.export()
     return WriteStage(**kwargs)(df)
 
 
@@ -254,6 +248,7 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     _check_fits(config, cpus, gpus)
     remote = stage_remote_args()
+    credentials = StageCredentials.from_environ()
     key_suffix = "" if config.is_default() else f"-{config.config_hash()}"
     # an actor takes a whole block: blocks as small as the model stages' batches keep every actor busy to the end,
     # and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some
@@ -271,7 +266,7 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
     if not io_inside:
         ds = ds.map_batches(
             _load,
-            fn_kwargs={"io": io},
+            fn_kwargs={"io": io, "credentials": credentials},
             batch_format="pandas",
             batch_size=res.load.batch_size,
             num_cpus=res.load.num_cpus,
@@ -280,7 +275,7 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
         )
     if fused(config):
         ds = ds.map_batches(
-            FusedCPUStage,
+            with_credentials(FusedCPUStage, credentials),
             fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize, "score": config.score, "io": io,
                                    "write": write_args if io_inside else None},
             batch_format="pandas", batch_size=res.fused.batch_size, num_cpus=res.fused.num_cpus,
@@ -293,12 +288,13 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
             return ds
     else:
         ds = ds.map_batches(
-            FaceStage, fn_constructor_kwargs={"faces": config.faces}, batch_format="pandas",
+            with_credentials(FaceStage, credentials), fn_constructor_kwargs={"faces": config.faces},
+            batch_format="pandas",
             batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus),
             **remote,
         )  # fmt: skip
         ds = ds.map_batches(
-            StylizeStage,
+            with_credentials(StylizeStage, credentials),
             fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": io},
             batch_format="pandas",
             batch_size=res.stylize.batch_size,
@@ -308,7 +304,7 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
             **remote,
         )
         ds = ds.map_batches(
-            ScoreStage,
+            with_credentials(ScoreStage, credentials),
             fn_constructor_kwargs={"faces": config.faces, "score": config.score, "io": io},
             batch_format="pandas",
             batch_size=res.score.batch_size,
@@ -319,7 +315,7 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
         )
     ds = ds.map_batches(
         _write,
-        fn_kwargs={**write_args, "io": io},
+        fn_kwargs={**write_args, "io": io, "credentials": credentials},
         batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus,
         concurrency=res.write.pool_size or None, **remote,
     )  # fmt: skip

@@ -25,6 +25,7 @@ from ray.data import ActorPoolStrategy
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipelines.credentials import StageCredentials, with_credentials
 from pipelines.stylize import read_manifest_columns, stage_remote_args
 from stylid_core.customize.facesnap.training import (
     FacePairExtractor,
@@ -108,7 +109,7 @@ def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: in
     blocks = [pa.Table.from_pandas(rows.iloc[k : k + block_rows], preserve_index=False)
               for k in range(0, len(rows), block_rows)]  # fmt: skip
     return ray.data.from_arrow(blocks).map_batches(
-        FacePairStage,
+        with_credentials(FacePairStage, StageCredentials.from_environ()),
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
         batch_size=batch_size,
         num_cpus=config.pair_cpus,

@@ -105,7 +105,8 @@ class IOConfig:
 
     max_bytes: int = 50_000_000
     max_pixels: int = 64_000_000
-    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URI
+    #: passed to fsspec for every URI; may hold credentials, so it is left out of repr (and redacted in run.json)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     image_format: str = "png"
     #: rows per metrics/faces shard (``stylid_core.ledger``): how the output is laid out, not what it holds, so
     #: it is not part of the config hash
