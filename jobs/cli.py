@@ -10,7 +10,7 @@ import sys
 from stylid_core.config import ConfigError
 
 #: modules exposing ``add_parser(subparsers)``; each sets ``func`` on its parser
-SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer")
+SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer", "jobs.score")
 
 
 def build_parser() -> argparse.ArgumentParser:

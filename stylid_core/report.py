@@ -74,14 +74,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
         for b in summary["buckets"]:
             lines.append(
-                f"{b['size_bucket']:>8} {b['faces']:>6} {b['in_mosaic']:>7} {b['id_sim']:>7.3f} "
-                f"{b['id_sim_no_mosaic']:>9.3f} {b['id_match']:>6.2f} {_fmt(b['redetected']):>6}"
+                f"{b['size_bucket']:>8} {b['faces']:>6} {b['in_mosaic']:>7} {_fmt(b['id_sim'], '.3f'):>7} "
+                f"{_fmt(b['id_sim_no_mosaic'], '.3f'):>9} {_fmt(b['id_match']):>6} {_fmt(b['redetected']):>6}"
             )
     return "\n".join(lines)
 
 
-def _fmt(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
 
 def _thumb(uri: str, storage_options: dict | None, side: int = 220) -> str | None:
@@ -99,8 +99,14 @@ def _thumb(uri: str, storage_options: dict | None, side: int = 220) -> str | Non
 
 
 def render_report(
-    metrics: pd.DataFrame, faces: pd.DataFrame, run_info: dict | None, storage_options: dict | None, max_thumbs: int
+    metrics: pd.DataFrame,
+    faces: pd.DataFrame,
+    run_info: dict | None,
+    storage_options: dict | None,
+    max_thumbs: int,
+    extra_html: str = "",
 ) -> str:
+    """The report page; ``extra_html`` (sections of other jobs, e.g. ``stylid score``'s gate and trend) goes last."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,12 +175,14 @@ def render_report(
             f"<br>{html.escape(str(row['image_id']))}: {int(row['n_faces'] or 0)} faces, id_sim "
             f"{_fmt(row['id_sim_mean'])} (min {_fmt(row['id_sim_min'])})</div>"
         )
-    parts.append("</div></body></html>")
+    parts.append("</div>" + extra_html + "</body></html>")
     return "\n".join(parts)
 
 
-def write_report(output_uri: str, storage_options: dict | None = None, max_thumbs: int = 24) -> str:
-    """Render ``report.html`` from the metrics under ``output_uri``; returns its URI."""
+def write_report(
+    output_uri: str, storage_options: dict | None = None, max_thumbs: int = 24, extra_html: str = ""
+) -> str:
+    """Render ``report.html`` from the metrics under ``output_uri`` (plus ``extra_html`` sections); returns its URI."""
     metrics = read_parquet_dir(join(output_uri, "metrics"), storage_options)
     if metrics.empty:
         raise ValueError(f"no metrics under {output_uri}: is it the output of 'stylid run'?")
@@ -183,7 +191,7 @@ def write_report(output_uri: str, storage_options: dict | None = None, max_thumb
         run_info = json.loads(read_bytes(join(output_uri, "run.json"), storage_options))
     except Exception:
         run_info = None
-    page = render_report(metrics, faces, run_info, storage_options, max_thumbs)
+    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, extra_html)
     uri = join(output_uri, "report.html")
     write_bytes(uri, page.encode(), storage_options)
     return uri
