@@ -220,7 +220,7 @@ def _figure_check(
         status = "noise"  # beyond the threshold, but the interval reaches zero
     else:
         status = "pass"
-    row.update(baseline=base_mean, candidate=float(np.mean(c)), diff=mean,
+    row.update(baseline=base_mean, candidate=float(np.mean(c)), diff=mean + 0.0,
                ci_low=None if ci is None else ci[0], ci_high=None if ci is None else ci[1], drop=drop,
                rel_drop=rel, breached=breached, significant=bool(significant), status=status,
                passed=status != "fail")  # fmt: skip
@@ -270,7 +270,7 @@ def compare_runs(
     unpaired_base = [k for k in map(tuple, bf[key].to_numpy().tolist()) if k not in paired_keys]
     unpaired_cand = [k for k in map(tuple, cf[key].to_numpy().tolist()) if k not in paired_keys]
 
-    images = cm.loc[both_ok].join(bm.loc[both_ok], lsuffix="_c", rsuffix="_b")
+    images = cm.loc[both_ok].add_suffix("_c").join(bm.loc[both_ok].add_suffix("_b"))
     order = [name for name, _ in SIZE_BUCKETS]
     present = [b for b in order if len(pairs) and (pairs["size_bucket_b"] == b).any()]
     checks = []
