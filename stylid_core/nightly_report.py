@@ -27,6 +27,7 @@ def _night(info: dict[str, Any], name: str) -> dict[str, Any]:
         "run": name,
         "finished": str(info.get("finished", "")),
         "buckets": (info.get("summary") or {}).get("buckets") or [],
+        "style_distance": (info.get("summary") or {}).get("style_distance_mean"),
         "gate": None if gate is None else bool(gate.get("passed")),
         "failures": [] if gate is None else list(gate.get("failures") or []),
     }
@@ -83,9 +84,13 @@ def history_section_html(nights: list[dict[str, Any]]) -> str:
     frame = history_frame(nights)
     names = [n["run"] for n in nights]
     x = {name: k for k, name in enumerate(names)}
-    fig, axes = plt.subplots(1, len(TREND_FIGURES), figsize=(5 * len(TREND_FIGURES), 4), squeeze=False)
-    for ax, (figure, label) in zip(axes[0], TREND_FIGURES.items()):
-        for bucket in [b for b, _ in SIZE_BUCKETS]:
+    fig, axes = plt.subplots(1, len(TREND_FIGURES) + 1, figsize=(4.5 * (len(TREND_FIGURES) + 1), 4), squeeze=False)
+    style = [(x[n["run"]], n["style_distance"]) for n in nights if n["style_distance"] is not None]
+    if style:
+        axes[0][-1].plot(*zip(*style), marker="o", color="#555", label="all images")
+    panels = [*TREND_FIGURES.items(), ("style_distance", "style distance (Lab, all images)")]
+    for ax, (figure, label) in zip(axes[0], panels):
+        for bucket in [b for b, _ in SIZE_BUCKETS] if figure in TREND_FIGURES else []:
             sub = frame[frame["bucket"] == bucket].dropna(subset=[figure])
             if len(sub):
                 ax.plot([x[r] for r in sub["run"]], sub[figure].astype(float), marker="o", label=bucket)
@@ -96,7 +101,7 @@ def history_section_html(nights: list[dict[str, Any]]) -> str:
                            color="#3a3" if night["gate"] else "#d22", clip_on=False)  # fmt: skip
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"{label} per size bucket")
+        ax.set_title(f"{label} per size bucket" if figure in TREND_FIGURES else label)
         ax.set_ylabel(label)
     axes[0][0].legend(title="face size", fontsize=8)
     image = _png_of_figure(fig)
