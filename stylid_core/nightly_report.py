@@ -103,7 +103,8 @@ def history_section_html(nights: list[dict[str, Any]]) -> str:
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{label} per size bucket" if figure in TREND_FIGURES else label)
         ax.set_ylabel(label)
-    axes[0][0].legend(title="face size", fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(title="face size", fontsize=8)
     image = _png_of_figure(fig)
     plt.close(fig)
     parts = [

@@ -283,3 +283,14 @@ def test_score_from_s3_to_s3(ray_session, s3_endpoint, score_run):
     _, run_faces = _tables(score_run["output"])
     expected = run_faces[run_faces["image_id"] == "a"].reset_index(drop=True)
     pd.testing.assert_frame_equal(faces.sort_values("face_index").reset_index(drop=True)[IDENTITY], expected[IDENTITY])
+
+
+def test_the_unfused_chain_scores_the_same(score_run, tmp_path):
+    """Faces and score as separate actor pools, load and write as tasks: the same figures as the fused pool."""
+    config, gate = load_score_config("nightly_score", ["resources.fuse_cpu_stages=false"])
+    output = str(tmp_path / "unfused")
+    info = run_score_job(config, gate, score_run["output"], output, baseline_uri=score_run["output"], report=False)
+    assert info["gate"]["passed"] and info["this_run"]["processed"] == 5
+    _, faces = _tables(output)
+    _, run_faces = _tables(score_run["output"])
+    pd.testing.assert_frame_equal(faces[IDENTITY], run_faces[IDENTITY])
