@@ -4,6 +4,8 @@ the figure it damages; the report's trend over the nights."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -29,17 +31,19 @@ def nights(score_run, tmp_path_factory):
     for night, (degrade, _) in NIGHTS.items():
         manifest = degraded_manifest(score_run, str(root / "outputs" / night), degrade)
         output = os.path.join(prefix, night)
-        rc = cli(["score", "--manifest", manifest, "--output", output, "--baseline", score_run["output"],
-                  "--history", prefix, "--set", "gate.min_faces=3"])  # fmt: skip
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = cli(["score", "--manifest", manifest, "--output", output, "--baseline", score_run["output"],
+                      "--history", prefix, "--set", "gate.min_faces=3"])  # fmt: skip
         with open(os.path.join(output, "gate.json")) as f:
-            results[night] = (rc, json.load(f), output)
+            results[night] = (rc, json.load(f), output, stdout.getvalue())
     return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("night", list(NIGHTS))
 def test_a_seeded_degradation_fails_the_gate_naming_bucket_and_figure(nights, night):
-    rc, gate, _ = nights[night]
+    rc, gate, _, stdout = nights[night]
     figure = NIGHTS[night][1]
     assert rc == 1 and not gate["passed"]
     failed = [c for c in gate["checks"] if c["status"] == "fail"]
@@ -49,6 +53,9 @@ def test_a_seeded_degradation_fails_the_gate_naming_bucket_and_figure(nights, ni
         assert c["breached"] and c["significant"] and c["faces"] >= 3
         assert (c["ci_high"] < 0) if c["higher_is_better"] else (c["ci_low"] > 0)
     assert any(f.startswith(f"bucket {b}: {figure} ") for b in buckets for f in gate["failures"])
+    # the printed table says the same: the verdict, and a FAIL line naming bucket and figure
+    assert "gate: FAIL" in stdout
+    assert any(f"FAIL bucket {b}: {figure} " in stdout for b in buckets)
     # every id was compared: nothing lost, nothing new, no row got worse (the run's failures stay failures)
     assert gate["shared_ids"] == 5 and gate["only_in_baseline"] == gate["only_in_candidate"] == []
     assert gate["status_worse"] == []
@@ -56,14 +63,14 @@ def test_a_seeded_degradation_fails_the_gate_naming_bucket_and_figure(nights, ni
 
 @pytest.mark.slow
 def test_a_colour_shift_leaves_identity_alone(nights):
-    _, gate, _ = nights["night-3-colour"]
+    _, gate, _, _ = nights["night-3-colour"]
     failed = {c["figure"] for c in gate["checks"] if c["status"] == "fail"}
     assert "style_distance" in failed and "id_sim" not in failed and "redetected" not in failed
 
 
 @pytest.mark.slow
 def test_the_report_shows_the_trend_and_each_nights_verdict(nights):
-    _, _, output = nights["night-3-colour"]
+    _, _, output, _ = nights["night-3-colour"]
     with open(os.path.join(output, "report.html")) as f:
         page = f.read()
     assert "Regression gate: FAIL" in page and "Nightly trend" in page

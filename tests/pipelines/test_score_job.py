@@ -294,3 +294,21 @@ def test_the_unfused_chain_scores_the_same(score_run, tmp_path):
     _, faces = _tables(output)
     _, run_faces = _tables(score_run["output"])
     pd.testing.assert_frame_equal(faces[IDENTITY], run_faces[IDENTITY])
+
+
+def test_a_customize_output_folder_becomes_one_pair_per_generated_image(tmp_path):
+    folder = tmp_path / "cust"
+    os.makedirs(folder / "metrics")
+    (folder / "run.json").write_text(json.dumps({"job": "customize", "output": "s3://old/place/cust"}))
+    pd.DataFrame([
+        {"image_id": "p1", "reference_uri": "/refs/p1.jpg", "status": "ok", "error": None, "backend": "facesnap",
+         "model": "m", "output_uris": json.dumps(["s3://old/place/cust/images/p1-h-0.png",
+                                                  "s3://old/place/cust/images/p1-h-1.png"])},
+        {"image_id": "p2", "reference_uri": "/refs/p2.jpg", "status": "no_face", "error": "no face in the reference",
+         "backend": "facesnap", "model": "m", "output_uris": None},
+    ]).to_parquet(folder / "metrics" / "part-1.parquet")  # fmt: skip
+    rows = read_score_manifest(str(folder), None).set_index("image_id")
+    assert list(rows.index) == ["p1-0", "p1-1", "p2"]
+    assert rows.at["p1-1", "output_uri"] == os.path.join(str(folder), "images", "p1-h-1.png")  # moved folder
+    assert rows.at["p1-0", "reference_uri"] == rows.at["p1-0", "image_uri"] == "/refs/p1.jpg"
+    assert rows.at["p2", "status"] == "no_face" and rows.at["p2", "error"] == "not scored: no face in the reference"
