@@ -151,8 +151,11 @@ def check_comparable(candidate_info: dict[str, Any], baseline_info: dict[str, An
             " similarities of different backends are not comparable; score the baseline again with this config or"
             " choose another baseline"
         )
-    diffs = [f"faces.{k}: {base['faces'].get(k)!r} in the baseline, {cand['faces'].get(k)!r} here"
-             for k in sorted(set(cand["faces"]) | set(base["faces"])) if cand["faces"].get(k) != base["faces"].get(k)]
+    diffs = [
+        f"faces.{k}: {base['faces'].get(k)!r} in the baseline, {cand['faces'].get(k)!r} here"
+        for k in sorted(set(cand["faces"]) | set(base["faces"]))
+        if cand["faces"].get(k) != base["faces"].get(k)
+    ]
     if cand["redetect"] != base["redetect"]:
         diffs.append(f"score.redetect: {base['redetect']!r} in the baseline, {cand['redetect']!r} here")
     if diffs:
@@ -245,30 +248,35 @@ def compare_runs(
     """
     cm = candidate_metrics.drop_duplicates("image_id").set_index("image_id")
     bm = baseline_metrics.drop_duplicates("image_id").set_index("image_id")
-    only_base = sorted(set(bm.index) - set(cm.index))
-    only_cand = sorted(set(cm.index) - set(bm.index))
-    shared = sorted(set(bm.index) & set(cm.index))
-    if not shared:
+    only_base = [str(i) for i in bm.index.difference(cm.index).sort_values()]
+    only_cand = [str(i) for i in cm.index.difference(bm.index).sort_values()]
+    shared = bm.index.intersection(cm.index).sort_values()
+    if not len(shared):
         raise GateInputError(
             f"the candidate ({len(cm)} ids) and the baseline ({len(bm)} ids) share no image_id: nothing to compare"
             " (a regression gate needs the same inputs scored twice, e.g. a fixed canary set)"
         )
-    worse = [{"image_id": i, "baseline": bm.at[i, "status"], "candidate": cm.at[i, "status"],
-              "error": cm.at[i, "error"] if "error" in cm and isinstance(cm.at[i, "error"], str) else None}
-             for i in shared if bm.at[i, "status"] == "ok" and cm.at[i, "status"] != "ok"]  # fmt: skip
-    both_ok = [i for i in shared if bm.at[i, "status"] == "ok" and cm.at[i, "status"] == "ok"]
+    base_status, cand_status = bm.loc[shared, "status"], cm.loc[shared, "status"]
+    worse_ids = base_status.index[(base_status == "ok") & (cand_status != "ok")]
+    errors = cm["error"] if "error" in cm else pd.Series(None, index=cm.index, dtype=object)
+    worse = [{"image_id": i, "baseline": "ok", "candidate": cand_status[i],
+              "error": errors[i] if isinstance(errors[i], str) else None} for i in worse_ids]  # fmt: skip
+    both_ok = list(base_status.index[(base_status == "ok") & (cand_status == "ok")])
 
     key = ["image_id", "face_index"]
+    box = ["x0", "y0", "x1", "y1"]
     bf = baseline_faces[baseline_faces["image_id"].isin(both_ok)]
     cf = candidate_faces[candidate_faces["image_id"].isin(both_ok)]
-    pairs = bf.merge(cf, on=key, suffixes=("_b", "_c"), how="inner")
-    if len(pairs):
-        box = ["x0", "y0", "x1", "y1"]
-        overlap = _iou(pairs[[f"{c}_b" for c in box]].to_numpy(float), pairs[[f"{c}_c" for c in box]].to_numpy(float))
-        pairs = pairs[overlap >= config.pair_iou]
-    paired_keys = set(map(tuple, pairs[key].to_numpy().tolist())) if len(pairs) else set()
-    unpaired_base = [k for k in map(tuple, bf[key].to_numpy().tolist()) if k not in paired_keys]
-    unpaired_cand = [k for k in map(tuple, cf[key].to_numpy().tolist()) if k not in paired_keys]
+    merged = bf.merge(cf, on=key, suffixes=("_b", "_c"), how="outer", indicator=True)
+    both = (merged["_merge"] == "both").to_numpy().copy()
+    if both.any():
+        overlap = _iou(merged.loc[both, [f"{c}_b" for c in box]].to_numpy(float),
+                       merged.loc[both, [f"{c}_c" for c in box]].to_numpy(float))  # fmt: skip
+        both[both] = overlap >= config.pair_iou
+    pairs = merged[both].drop(columns="_merge")
+    rest = merged[~both]
+    unpaired_base = rest.loc[rest["_merge"] != "right_only", key].to_numpy().tolist()
+    unpaired_cand = rest.loc[rest["_merge"] != "left_only", key].to_numpy().tolist()
 
     images = cm.loc[both_ok].add_suffix("_c").join(bm.loc[both_ok].add_suffix("_b"))
     order = [name for name, _ in SIZE_BUCKETS]
@@ -276,7 +284,7 @@ def compare_runs(
     checks = []
     for bucket in [*present, "all"]:
         sub = pairs if bucket == "all" else pairs[pairs["size_bucket_b"] == bucket]
-        in_bucket = both_ok if bucket == "all" else sorted(set(sub["image_id"]))
+        in_bucket = both_ok if bucket == "all" else list(pd.unique(sub["image_id"]))
         for figure, (table, column, _, _) in FIGURES.items():
             if table == "faces":
                 base, cand = sub[f"{column}_b"], sub[f"{column}_c"]
@@ -300,8 +308,8 @@ def compare_runs(
         "shared_ids": len(shared),
         "scored_in_both": len(both_ok),
         "faces_paired": int(len(pairs)),
-        "faces_unpaired_baseline": [list(k) for k in unpaired_base],
-        "faces_unpaired_candidate": [list(k) for k in unpaired_cand],
+        "faces_unpaired_baseline": [[str(i), int(k)] for i, k in unpaired_base],
+        "faces_unpaired_candidate": [[str(i), int(k)] for i, k in unpaired_cand],
         "only_in_baseline": only_base,
         "only_in_candidate": only_cand,
         "status_worse": worse,

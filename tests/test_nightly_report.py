@@ -33,7 +33,8 @@ def test_history_reads_finished_nights_in_order_and_ends_with_this_run(tmp_path)
     assert [n["gate"] for n in nights] == [None, True, False]
     assert history_frame(nights)["id_sim"].tolist() == [0.92, 0.91, 0.80]
     assert [n["run"] for n in read_history(str(tmp_path), current, str(tmp_path / "d-tonight"), limit=2)] == [
-        "b-second", "d-tonight"
+        "b-second",
+        "d-tonight",
     ]
     page = history_section_html(nights)
     assert page.count("<td>FAIL</td>") == 1 and page.count("<td>pass</td>") == 1
