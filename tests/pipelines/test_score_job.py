@@ -96,6 +96,22 @@ def test_a_finished_score_does_no_model_work_on_rerun(score_run, rescored, monke
     assert os.path.isfile(os.path.join(output, "_SUCCESS"))
 
 
+def test_a_crashed_score_resumes_with_exactly_the_missing_rows(score_run, rescored, tmp_path):
+    output = str(tmp_path / "crashed")
+    shutil.copytree(rescored[1], output)
+    os.remove(os.path.join(output, "_SUCCESS"))
+    shards = sorted(os.listdir(os.path.join(output, "metrics")))
+    lost = pd.read_parquet(os.path.join(output, "metrics", shards[0]))["image_id"].tolist()
+    os.remove(os.path.join(output, "metrics", shards[0]))  # as if the crash came before this shard's ledger write
+    config, gate = load_score_config("nightly_score")
+    info = run_score_job(config, gate, score_run["output"], output, report=False)
+    assert info["this_run"]["processed"] == len(lost) and info["this_run"]["already_done"] == 5 - len(lost)
+    metrics, faces = _tables(output)
+    assert sorted(metrics["image_id"]) == sorted(RUN_STATUS) and metrics["image_id"].is_unique
+    assert not faces.duplicated(["image_id", "face_index"]).any() and len(faces) == 9
+    assert os.path.isfile(os.path.join(output, "_SUCCESS"))
+
+
 @pytest.fixture(scope="module")
 def pairs(score_run, tmp_path_factory):
     """A manifest of pairs made outside stylid: two unchanged outputs, a resized one, a reframed one, broken and
