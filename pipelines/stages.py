@@ -13,7 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -47,9 +47,42 @@ def _one_thread_for_opencv() -> None:
     cv2.setNumThreads(1)
 
 
+#: each pixel column and the row columns that hold its width and height. An output without sizes of its own
+#: (``stylid run``'s stylized pixels) has the source's size.
+PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
+    "pixels": ("width", "height"),
+    "out_pixels": ("out_width", "out_height"),
+    "plain_pixels": ("width", "height"),
+    "ref_pixels": ("ref_width", "ref_height"),
+}
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)
+
+
 def image_of(row: Any, column: str = "pixels") -> np.ndarray:
-    """The RGB image a row carries in ``column`` (raw bytes plus the row's width and height)."""
-    return np.frombuffer(row[column], dtype=np.uint8).reshape(int(row["height"]), int(row["width"]), 3)
+    """The RGB image a row carries in ``column`` (raw bytes plus its width and height, ``PIXEL_SIZE_COLUMNS``)."""
+    w_col, h_col = PIXEL_SIZE_COLUMNS.get(column, ("width", "height"))
+    if not _present(row.get(w_col)):
+        w_col, h_col = "width", "height"
+    return np.frombuffer(row[column], dtype=np.uint8).reshape(int(row[h_col]), int(row[w_col]), 3)
+
+
+class ImageColumn(NamedTuple):
+    """One image a row refers to: the URI column it is read from and the pixel column it is decoded into."""
+
+    uri: str
+    pixels: str
+    required: bool = True  # an empty URI fails the row (``missing``); else the image is skipped
+
+    @property
+    def size_columns(self) -> tuple[str, str]:
+        return PIXEL_SIZE_COLUMNS.get(self.pixels, ("width", "height"))
+
+
+#: ``stylid run`` reads one image a row, the source
+SOURCE_IMAGE: tuple[ImageColumn, ...] = (ImageColumn("image_uri", "pixels"),)
 
 
 def _ok(df: pd.DataFrame) -> pd.Series:
@@ -126,39 +159,65 @@ def prepare_manifest(table: pa.Table, default_style_uri: str | None) -> pa.Table
     return pa.table({"image_id": ids, "image_uri": uris, "style_uri": styles, "status": status, "error": error})
 
 
-def prepare_rows(df: pd.DataFrame, default_style_uri: str | None) -> pd.DataFrame:
-    """``prepare_manifest`` of a pandas frame, as a frame."""
-    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    return prepare_manifest(table, default_style_uri).to_pandas()
+def prepare_rows(df: pd.DataFrame, default_style_uri: str | None, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``prepare_manifest`` of a pandas frame, as a frame; the ``keep`` columns are carried along (``stylid
+    score``'s ``output_uri``, ``reference_uri``)."""
+    df = df.reset_index(drop=True)
+    out = prepare_manifest(pa.Table.from_pandas(df, preserve_index=False), default_style_uri).to_pandas()
+    for col in keep:
+        out[col] = df[col].to_numpy()
+    return out
 
 
 class LoadStage:
-    """Reads each image's bytes through fsspec and decodes it safely to RGB (``stylid_core.imageio``)."""
+    """Reads each image's bytes through fsspec and decodes it safely to RGB (``stylid_core.imageio``).
 
-    def __init__(self, io: IOConfig) -> None:
+    ``images`` names the images of a row (default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
+    reads the output to score and the identity reference. All reads of a batch run concurrently. A row fails at its
+    first image that cannot be read or decoded; the error names the URI column for any image but the first.
+    """
+
+    def __init__(self, io: IOConfig, images: tuple[ImageColumn, ...] = SOURCE_IMAGE) -> None:
         self.io = io
+        self.images = tuple(ImageColumn(*im) for im in images)
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.copy()
-        for col in ("width", "height", "pixels", "t_load"):
-            df[col] = None
-        rows = list(df.index[_ok(df)])
-        reads = self._read_all([df.at[i, "image_uri"] for i in rows])
-        for i, (data, read_s) in zip(rows, reads):
+        for im in self.images:
+            for col in (im.pixels, *im.size_columns):
+                df[col] = None
+        df["t_load"] = None
+        todo = []  # (row, image) pairs to read
+        for i in df.index[_ok(df)]:
+            for k, im in enumerate(self.images):
+                uri = df.at[i, im.uri] if im.uri in df.columns else None
+                if isinstance(uri, str) and uri.strip():
+                    todo.append((i, k))
+                elif im.required:
+                    _fail(df, i, "missing", f"empty {im.uri}")
+                    break
+        todo = [(i, k) for i, k in todo if df.at[i, "status"] == "ok"]
+        reads = self._read_all([df.at[i, self.images[k].uri] for i, k in todo])
+        for (i, k), (data, read_s) in zip(todo, reads):
+            if df.at[i, "status"] != "ok":
+                continue  # an earlier image of this row failed
+            im = self.images[k]
+            prefix = "" if k == 0 else f"{im.uri} {df.at[i, im.uri]}: "
             t0 = time.perf_counter() - read_s
             try:
                 if isinstance(data, Exception):
                     raise data
                 image = decode_image(data, self.io.max_pixels, self.io.max_bytes)
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, exc.status, str(exc))
+                _fail(df, i, exc.status, prefix + str(exc))
                 continue
             except Exception as exc:  # anything else is still this row's problem only
-                _fail(df, i, "load_error", f"{type(exc).__name__}: {exc}")
+                _fail(df, i, "load_error", f"{prefix}{type(exc).__name__}: {exc}")
                 continue
-            df.at[i, "height"], df.at[i, "width"] = image.shape[:2]
-            df.at[i, "pixels"] = image.tobytes()
-            df.at[i, "t_load"] = time.perf_counter() - t0
+            w_col, h_col = im.size_columns
+            df.at[i, h_col], df.at[i, w_col] = image.shape[:2]
+            df.at[i, im.pixels] = image.tobytes()
+            df.at[i, "t_load"] = (df.at[i, "t_load"] or 0.0) + time.perf_counter() - t0
         return to_table(df)
 
     def _read_all(self, uris: list[str]) -> list[tuple[bytes | Exception, float]]:
@@ -179,7 +238,11 @@ class LoadStage:
 
 
 class FaceStage:
-    """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors)."""
+    """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors).
+
+    Faces are found in the row's identity reference when it carries one (``ref_pixels``: ``stylid score`` of a
+    customization output), else in the source (``pixels``).
+    """
 
     def __init__(self, faces: FacesConfig) -> None:
         _one_thread_for_opencv()
@@ -192,8 +255,9 @@ class FaceStage:
             df[col] = None
         for i in df.index[_ok(df)]:
             t0 = time.perf_counter()
+            from_reference = "ref_pixels" in df.columns and isinstance(df.at[i, "ref_pixels"], bytes)
             try:
-                image = image_of(df.loc[i])
+                image = image_of(df.loc[i], "ref_pixels" if from_reference else "pixels")
                 detected = self.analyzer.detect(image)
                 detected.sort(key=lambda f: -f.size_px)
                 faces = detected[: self.config.max_faces]
@@ -208,7 +272,7 @@ class FaceStage:
             df.at[i, "faces_json"] = json.dumps([f.to_dict() for f in faces])
             df.at[i, "t_faces"] = time.perf_counter() - t0
             if not faces:
-                _fail(df, i, "no_face", "no face detected")
+                _fail(df, i, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
         return to_table(df)
 
 
@@ -319,6 +383,56 @@ SCORE_COLUMNS = (
 )
 
 
+#: an output of another size than its source is scored by mapping the source's faces by scale when the aspect ratio
+#: is kept to within this fraction (a resize rounds each side to whole pixels); beyond it no mapping is trusted
+ASPECT_TOLERANCE = 0.02
+
+
+class SizeMismatchError(ValueError):
+    """An output whose aspect ratio differs from its source's: the source's faces cannot be placed in it by scale."""
+
+
+def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[int, int]) -> list[Face]:
+    """The source's ``faces`` where they lie in an output of ``output_hw`` (height, width) pixels.
+
+    The same faces for the same size (stylization keeps geometry). For a resized output whose aspect ratio is kept
+    within ``ASPECT_TOLERANCE``, boxes and keypoints are scaled by ``(w_out / w_src, h_out / h_src)``; the
+    embeddings stay the source's. Any other size raises ``SizeMismatchError``: a crop, pad or reframe would put
+    the faces elsewhere, and comparing at the wrong place would be silently wrong.
+    """
+    (sh, sw), (oh, ow) = source_hw[:2], output_hw[:2]
+    if (sh, sw) == (oh, ow):
+        return faces
+    sx, sy = ow / sw, oh / sh
+    change = abs(sx / sy - 1.0)
+    if change > ASPECT_TOLERANCE:
+        raise SizeMismatchError(
+            f"output is {ow}x{oh} and its source {sw}x{sh}: the aspect ratio changed by {change:.1%} (more than"
+            f" {ASPECT_TOLERANCE:.0%}), so the source's faces cannot be placed in it by scale; give the row a"
+            " reference_uri to score it by re-detection instead"
+        )
+    scale = np.array([sx, sy], dtype=np.float32)
+    return [
+        Face(box=(f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy),
+             keypoints=np.asarray(f.keypoints, np.float32) * scale, score=f.score, embedding=f.embedding)
+        for f in faces
+    ]  # fmt: skip
+
+
+SCORE_COLUMNS = (
+    "id_sim_mean",
+    "id_sim_min",
+    "id_sim_mean_no_mosaic",
+    "id_match_rate",
+    "n_redetected",
+    "style_distance",
+    "style_distance_source",
+    "style_distance_no_mosaic",
+    "content_ssim",
+    "t_score",
+)
+
+
 class ScoreStage:
     """Identity, style and content scores.
 
@@ -328,6 +442,14 @@ class ScoreStage:
     no-mosaic stylization when it was computed; ``redetected`` when the detector finds a face in the output
     overlapping the source box (IoU >= 0.3). Per image: colour-statistics style distance of the output (and of
     the source, and of the no-mosaic output) to the style image, and SSIM of the output to the source.
+
+    Outputs that already exist (``stylid score``): an output of another size gets the source's faces mapped by
+    scale (``place_faces``; a changed aspect ratio fails the row with ``size_mismatch``), and the face rows' boxes,
+    ``size_px`` and ``size_bucket`` are then in the output's pixels, where the face was scored. A row with an
+    identity reference (``ref_pixels``: a customization output, whose pose and framing are new) is scored by
+    re-detection: the reference's largest face against the largest face detected in the output (the rule of
+    ``stylid customize``); no face found gives ``id_match`` false, ``redetected`` false and a null ``id_sim``. A
+    chain without a stylize stage has no no-mosaic counterfactual: those columns stay null.
     """
 
     def __init__(self, faces: FacesConfig, score: ScoreConfig, io: IOConfig) -> None:
@@ -338,6 +460,8 @@ class ScoreStage:
         self.face_rows: list[dict] = []
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
+        if not faces:
+            return []
         embs = self.analyzer.embed(image, [f.keypoints for f in faces])
         out = []
         for face, emb in zip(faces, embs):
@@ -353,6 +477,9 @@ class ScoreStage:
             t0 = time.perf_counter()
             try:
                 self._score_row(df, i)
+            except SizeMismatchError as exc:
+                _fail(df, i, "size_mismatch", str(exc))
+                continue
             except Exception as exc:
                 _fail(df, i, "score_error", f"{type(exc).__name__}: {exc}")
                 continue
@@ -362,26 +489,48 @@ class ScoreStage:
     def _score_row(self, df: pd.DataFrame, i: int) -> None:
         row = df.loc[i]
         source, out = image_of(row), image_of(row, "out_pixels")
-        plain = image_of(row, "plain_pixels") if isinstance(row["plain_pixels"], bytes) else None
+        counterfactual = "plain_pixels" in row.index  # a chain that stylized (``stylid run``)
+        plain = image_of(row, "plain_pixels") if counterfactual and isinstance(row["plain_pixels"], bytes) else None
         faces = faces_of(row)
-        scores = self._score_faces(faces, out)
-        scores_plain = self._score_faces(faces, plain) if plain is not None else scores
-        found = self.analyzer.detect(out) if self.config.redetect else None
+        from_reference = "ref_pixels" in row.index and isinstance(row["ref_pixels"], bytes)
+        found = self.analyzer.detect(out) if self.config.redetect or from_reference else None
+        placed: list[Face | None]
+        if from_reference:
+            faces = faces[:1]
+            largest = max(found, key=lambda g: g.size_px) if found else None
+            placed = [None if largest is None else
+                      Face(box=largest.box, keypoints=largest.keypoints, score=largest.score,
+                           embedding=faces[0].embedding)]  # fmt: skip
+        else:
+            placed = list(place_faces(faces, source.shape, out.shape))
+        scored = iter(self._score_faces([p for p in placed if p is not None], out))
+        scores = [next(scored) if p is not None else (None, None, False) for p in placed]
+        if not counterfactual:
+            scores_plain = [(None, None, None)] * len(placed)
+        elif plain is not None:
+            scores_plain = self._score_faces(placed, plain)
+        else:
+            scores_plain = scores
         records = []
-        for k, face in enumerate(faces):
-            redetected = None if found is None else any(_iou(face.box, g.box) >= 0.3 for g in found)
+        for k, (face, where) in enumerate(zip(faces, placed)):
+            at = where if where is not None else face
+            if from_reference:
+                redetected = where is not None
+            else:
+                redetected = None if found is None else any(_iou(at.box, g.box) >= 0.3 for g in found)
             records.append({
-                "face_index": k, "x0": face.box[0], "y0": face.box[1], "x1": face.box[2], "y1": face.box[3],
-                "det_score": face.score, "size_px": face.size_px, "size_bucket": size_bucket(face.size_px),
+                "face_index": k, "x0": at.box[0], "y0": at.box[1], "x1": at.box[2], "y1": at.box[3],
+                "det_score": at.score, "size_px": at.size_px, "size_bucket": size_bucket(at.size_px),
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
                 "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
             })  # fmt: skip
-        sims = [s[0] for s in scores]
-        df.at[i, "id_sim_mean"] = float(np.mean(sims))
-        df.at[i, "id_sim_min"] = float(np.min(sims))
-        df.at[i, "id_sim_mean_no_mosaic"] = float(np.mean([s[0] for s in scores_plain]))
-        df.at[i, "id_match_rate"] = float(np.mean([s[2] for s in scores]))
+        sims = [s[0] for s in scores if s[0] is not None]
+        plain_sims = [s[0] for s in scores_plain if s[0] is not None]
+        df.at[i, "id_sim_mean"] = float(np.mean(sims)) if sims else None
+        df.at[i, "id_sim_min"] = float(np.min(sims)) if sims else None
+        df.at[i, "id_sim_mean_no_mosaic"] = float(np.mean(plain_sims)) if plain_sims else None
+        df.at[i, "id_match_rate"] = float(np.mean([bool(s[2]) for s in scores]))
         df.at[i, "n_redetected"] = None if found is None else int(sum(bool(r["redetected"]) for r in records))
         style = self.styles.get(row["style_uri"])
         stats = self.styles.statistics(row["style_uri"])
@@ -401,17 +550,25 @@ class FusedCPUStage:
 
     Three CPU pools of one actor each cannot use more cores than the busiest stage allows; one pool of identical
     actors scales with the cores and moves no pixels between processes. The stages and their per-row error
-    handling are the very same classes.
+    handling are the very same classes. ``stylize`` None leaves the stylize stage out (``stylid score``, whose
+    outputs exist already); ``images`` are the load stage's images.
     """
 
     def __init__(
-        self, faces: FacesConfig, stylize: StylizeConfig, score: ScoreConfig, io: IOConfig, write: dict | None = None
+        self,
+        faces: FacesConfig,
+        stylize: StylizeConfig | None,
+        score: ScoreConfig,
+        io: IOConfig,
+        write: dict | None = None,
+        images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
     ) -> None:
-        self.stages: list = [FaceStage(faces), StylizeStage(stylize, score, io), ScoreStage(faces, score, io)]
+        stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
+        self.stages: list = [FaceStage(faces), *stylizing, ScoreStage(faces, score, io)]
         if write is not None:
             # ``resources.fuse_io``: load before and write after, in this actor (``write``: ``WriteStage``'s
             # keyword arguments); the batch then never crosses the object store with its pixels
-            self.stages = [LoadStage(io), *self.stages, WriteStage(io=io, **write)]
+            self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         table = to_table(df)
@@ -427,22 +584,28 @@ class WriteStage:
     per-face rows, a list of ``FACE_COLUMNS`` structs); the job's ``ShardWriter`` (``stylid_core.ledger``), where
     the rows arrive, writes them into faces and metrics shards of ``io.rows_per_shard`` rows. A row reaches it
     only after its image is stored, so the ledger never lists a row whose image is missing.
+    With ``write_images`` false (``stylid score``: the images exist already) no image is written and each row
+    keeps the ``output_uri`` it came with.
     """
 
-    def __init__(self, output_uri: str, config_hash: str, key_suffix: str, io: IOConfig) -> None:
+    def __init__(
+        self, output_uri: str, config_hash: str, key_suffix: str, io: IOConfig, write_images: bool = True
+    ) -> None:
         self.output_uri = output_uri
         self.config_hash = config_hash
         self.key_suffix = key_suffix
         self.io = io
+        self.write_images = write_images
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.copy()
-        df["output_uri"] = None
+        if self.write_images or "output_uri" not in df.columns:
+            df["output_uri"] = None
         df["t_write"] = None
         df["config_hash"] = self.config_hash
         face_rows: list[list[dict]] = []
         for i in df.index:
-            if df.at[i, "status"] == "ok":
+            if self.write_images and df.at[i, "status"] == "ok":
                 t0 = time.perf_counter()
                 try:
                     out = image_of(df.loc[i], "out_pixels")
@@ -462,7 +625,7 @@ class WriteStage:
             face_rows.append(rows)
         secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
         df["error"] = [scrub(e, secrets) if isinstance(e, str) else e for e in df["error"]]
-        metrics = to_table(df[METRICS_COLUMNS])
+        metrics = to_table(df.reindex(columns=METRICS_COLUMNS))  # a chain without a stylize stage lacks its columns
         return metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
 
 

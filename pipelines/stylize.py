@@ -26,8 +26,10 @@ from ray.data import ActorPoolStrategy
 
 from pipelines.credentials import StageCredentials, stage_runtime_env, with_credentials
 from pipelines.stages import (
+    SOURCE_IMAGE,
     FaceStage,
     FusedCPUStage,
+    ImageColumn,
     LoadStage,
     ScoreStage,
     StylizeStage,
@@ -188,9 +190,11 @@ def check_pools_fit(pools: dict[str, StageResources], tasks: dict[str, float], c
         )
 
 
-def _check_fits(config: JobConfig, cpus: float, gpus: float) -> None:
+def _check_fits(config: JobConfig, cpus: float, gpus: float, stylize: bool = True) -> None:
     res = config.resources
     pools = {"fused": res.fused} if fused(config) else {"faces": res.faces, "stylize": res.stylize, "score": res.score}
+    if not stylize:
+        pools.pop("stylize", None)
     tasks = {} if fused_io(config) else {"load": res.load.num_cpus, "write": res.write.num_cpus}
     check_pools_fit(pools, tasks, cpus, gpus)
 
@@ -222,10 +226,10 @@ def fused_pool_size(config: JobConfig, cpus: float) -> int:
     return max(1, min(int(spare / res.fused.num_cpus + 1e-9), int(cpus + 1e-9)))
 
 
-def _load(df, io, credentials: StageCredentials | None = None):
+def _load(df, io, images=SOURCE_IMAGE, credentials: StageCredentials | None = None):
     if credentials:
         credentials.export()
-    return LoadStage(io)(df)
+    return LoadStage(io, images)(df)
 
 
 def _write(df, credentials: StageCredentials | None = None, **kwargs):
@@ -234,7 +238,15 @@ def _write(df, credentials: StageCredentials | None = None, **kwargs):
     return WriteStage(**kwargs)(df)
 
 
-def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: str) -> ray.data.Dataset:
+def build_dataset(
+    config: JobConfig,
+    rows: pa.Table | pd.DataFrame,
+    output_uri: str,
+    *,
+    stylize: bool = True,
+    images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
+    write_images: bool = True,
+) -> ray.data.Dataset:
     """The lazy Ray dataset of the whole stylization job (nothing runs until it is consumed).
 
     ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow). Stages with models (faces, stylize, score) run
@@ -242,14 +254,18 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
     the three model stages in one pool (``fuse_cpu_stages``), and by default load and write inside it too
     (``fuse_io``), which makes the whole job one operator. Rows enter in small blocks (an actor takes a whole
     block), so every actor has work as soon as the first rows are in and until the last.
+
+    ``stylid score`` builds the same chain without the stylize stage (``stylize=False``), loading the output and
+    reference images too (``images``) and writing only the shards (``write_images=False``). ``config`` is then a
+    ``ScoreJobConfig``: anything with ``faces``, ``score``, ``io``, ``resources`` and ``config_hash()``.
     """
     io, res = config.io, config.resources
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    _check_fits(config, cpus, gpus)
+    _check_fits(config, cpus, gpus, stylize)
     remote = stage_remote_args()
     credentials = StageCredentials.from_environ()
-    key_suffix = "" if config.is_default() else f"-{config.config_hash()}"
+    key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
     # an actor takes a whole block: blocks as small as the model stages' batches keep every actor busy to the end,
     # and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some
     first_batch = res.fused.batch_size if fused(config) else res.faces.batch_size
@@ -259,14 +275,15 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
         rows = pa.Table.from_pandas(rows, preserve_index=False)
     # slices share the plan's buffers; Ray serializes a slice's own rows only
     ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
-    write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix}
+    write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
+                  "write_images": write_images}  # fmt: skip
     # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
     # no per-task dispatch of load and write (measured on 2 cores: about 2% more images/s than separate tasks)
     io_inside = fused_io(config)
     if not io_inside:
         ds = ds.map_batches(
             _load,
-            fn_kwargs={"io": io, "credentials": credentials},
+            fn_kwargs={"io": io, "images": images, "credentials": credentials},
             batch_format="pandas",
             batch_size=res.load.batch_size,
             num_cpus=res.load.num_cpus,
@@ -276,8 +293,9 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
     if fused(config):
         ds = ds.map_batches(
             with_credentials(FusedCPUStage, credentials),
-            fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize, "score": config.score, "io": io,
-                                   "write": write_args if io_inside else None},
+            fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize if stylize else None,
+                                   "score": config.score, "io": io, "write": write_args if io_inside else None,
+                                   "images": images},
             batch_format="pandas", batch_size=res.fused.batch_size, num_cpus=res.fused.num_cpus,
             # one pool holds the whole CPU budget: start every actor at once (Ray's autoscaler adds actors only
             # once work queues up, which a steady stream of small blocks rarely shows)
@@ -293,16 +311,17 @@ def build_dataset(config: JobConfig, rows: pa.Table | pd.DataFrame, output_uri: 
             batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus),
             **remote,
         )  # fmt: skip
-        ds = ds.map_batches(
-            with_credentials(StylizeStage, credentials),
-            fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": io},
-            batch_format="pandas",
-            batch_size=res.stylize.batch_size,
-            num_cpus=res.stylize.num_cpus,
-            num_gpus=res.stylize.num_gpus or None,
-            compute=_pool(res.stylize, cpus, gpus),
-            **remote,
-        )
+        if stylize:
+            ds = ds.map_batches(
+                with_credentials(StylizeStage, credentials),
+                fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": io},
+                batch_format="pandas",
+                batch_size=res.stylize.batch_size,
+                num_cpus=res.stylize.num_cpus,
+                num_gpus=res.stylize.num_gpus or None,
+                compute=_pool(res.stylize, cpus, gpus),
+                **remote,
+            )
         ds = ds.map_batches(
             with_credentials(ScoreStage, credentials),
             fn_constructor_kwargs={"faces": config.faces, "score": config.score, "io": io},

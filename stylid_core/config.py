@@ -204,6 +204,45 @@ class JobConfig:
         return self.config_hash() == JobConfig().config_hash()
 
 
+@dataclass
+class ScoreJobConfig:
+    """Everything ``stylid score`` needs besides its manifest, output and gate: how faces are found and scored.
+
+    The same sections as ``JobConfig`` less ``stylize`` (nothing is generated); ``style_uri`` is the style image of
+    rows without one (``None``: the bundled style). The gate's thresholds are not part of it: they do not change
+    what is scored, so changing them never invalidates an output.
+    """
+
+    name: str = "score"
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    style_uri: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ScoreJobConfig:
+        return _build(cls, data or {}, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """The parts that change the scores (not where, how fast or with what credentials)."""
+        d = self.to_dict()
+        d.pop("name")
+        d.pop("resources")
+        d["io"].pop("storage_options")
+        return d
+
+    def config_hash(self) -> str:
+        blob = json.dumps(_normalise(self.semantic_dict()), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def is_default(self) -> bool:
+        return self.config_hash() == ScoreJobConfig().config_hash()
+
+
 def _normalise(value: Any) -> Any:
     """Numbers as floats (YAML's ``64`` and a default's ``64.0`` are the same setting), recursively."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
@@ -236,7 +275,7 @@ def _build(cls: type, data: dict[str, Any], where: str):
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
-        sub = _NESTED.get(key) if cls is JobConfig else None
+        sub = _NESTED.get(key) if cls in (JobConfig, ScoreJobConfig) else None
         if sub is not None:
             value = _build(sub, value or {}, key)
         kwargs[key] = value

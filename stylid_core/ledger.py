@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -210,6 +211,18 @@ def iter_shards(
     for table in _map_concurrent(lambda u: read_shard(u, storage_options, columns), uris, threads):
         if table is not None:
             yield table
+
+
+def read_frame(
+    output_uri: str, kind: str, storage_options: dict | None, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """The live shards of ``kind`` (``metrics`` or ``faces``) as one frame, projected to ``columns``: what a
+    compaction in progress left twice is read once. For the tables a job compares whole (``stylid score``'s gate);
+    summaries stream with ``iter_shards`` instead."""
+    tables = list(iter_shards(output_uri, kind, storage_options, columns))
+    if not tables:
+        return pd.DataFrame(columns=columns or [])
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def done_ids(output_uri: str, storage_options: dict | None) -> pa.ChunkedArray:

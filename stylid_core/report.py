@@ -236,9 +236,11 @@ def render_report(
     storage_options: dict | None,
     max_thumbs: int,
     summary: dict[str, Any] | None = None,
+    extra_html: str = "",
 ) -> str:
     """The report page. ``metrics`` and ``faces`` may be bounded samples (the grid's rows, the scatter's points)
-    when ``summary`` (``summarize_output``) gives the counts and means of the whole output."""
+    when ``summary`` (``summarize_output``) gives the counts and means of the whole output; ``extra_html`` (sections
+    of other jobs, e.g. ``stylid score``'s gate and trend) goes last."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,15 +309,20 @@ def render_report(
             f"<br>{html.escape(str(row['image_id']))}: {int(row['n_faces'] or 0)} faces, id_sim "
             f"{_fmt(row['id_sim_mean'])} (min {_fmt(row['id_sim_min'])})</div>"
         )
-    parts.append("</div></body></html>")
+    parts.append("</div>" + extra_html + "</body></html>")
     return "\n".join(parts)
 
 
 def write_report(
-    output_uri: str, storage_options: dict | None = None, max_thumbs: int = 24, max_face_points: int = 20_000
+    output_uri: str,
+    storage_options: dict | None = None,
+    max_thumbs: int = 24,
+    max_face_points: int = 20_000,
+    extra_html: str = "",
 ) -> str:
-    """Render ``report.html`` for the output's ledger; returns its URI. Counts and means come from a projected scan
-    of every shard; the grid shows ``max_thumbs`` rows and the scatter at most ``max_face_points`` faces."""
+    """Render ``report.html`` for the output's ledger (plus ``extra_html`` sections); returns its URI. Counts and
+    means come from a projected scan of every shard; the grid shows ``max_thumbs`` rows and the scatter at most
+    ``max_face_points`` faces."""
     summary = summarize_output(output_uri, storage_options)
     if not summary["rows"]:
         raise ValueError(f"no metrics under {output_uri}: is it the output of 'stylid run'?")
@@ -325,7 +332,7 @@ def write_report(
         run_info = json.loads(read_bytes(join(output_uri, "run.json"), storage_options))
     except Exception:
         run_info = None
-    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary)
+    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary, extra_html)
     uri = join(output_uri, "report.html")
     write_bytes(uri, page.encode(), storage_options)
     return uri
