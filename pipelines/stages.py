@@ -24,7 +24,7 @@ from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, obj
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
-from stylid_core.imageio import ImageDecodeError, decode_image, encode_jpeg, encode_png
+from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
 from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.sample_data import default_style_path
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
@@ -70,9 +70,9 @@ class StyleCache:
         if uri in self._images:
             self._images.move_to_end(uri)
             return self._images[uri]
-        image = decode_image(
-            read_bytes(uri, self.io.storage_options, self.io.max_bytes), self.io.max_pixels, self.io.max_bytes
-        )
+        data = read_bytes(uri, self.io.storage_options, self.io.max_bytes, self.io.retry)
+        # style statistics and the engines' style inputs need no more than the working resolution
+        image, _ = decode_image_bounded(data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri)
         self._images[uri] = image
         if len(self._images) > self.capacity:
             self._images.popitem(last=False)
@@ -101,28 +101,33 @@ def prepare_rows(df: pd.DataFrame, default_style_uri: str | None) -> pd.DataFram
 
 
 class LoadStage:
-    """Reads each image's bytes through fsspec and decodes it safely to RGB (``stylid_core.imageio``)."""
+    """Reads each image's bytes through fsspec (transient failures retried) and decodes it safely to RGB
+    (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: ``width``/``height`` are the working size,
+    ``source_width``/``source_height`` the image's own. Every error message names the image's URI."""
 
     def __init__(self, io: IOConfig) -> None:
         self.io = io
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.copy()
-        for col in ("width", "height", "pixels", "t_load"):
+        for col in ("width", "height", "source_width", "source_height", "pixels", "t_load"):
             df[col] = None
         rows = list(df.index[_ok(df)])
         reads = self._read_all([df.at[i, "image_uri"] for i in rows])
         for i, (data, read_s) in zip(rows, reads):
             t0 = time.perf_counter() - read_s
+            uri = df.at[i, "image_uri"]
             try:
                 if isinstance(data, Exception):
                     raise data
-                image = decode_image(data, self.io.max_pixels, self.io.max_bytes)
+                image, (df.at[i, "source_width"], df.at[i, "source_height"]) = decode_image_bounded(
+                    data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri
+                )
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, exc.status, str(exc))
+                _fail(df, i, exc.status, str(exc) if uri in str(exc) else f"{uri}: {exc}")
                 continue
             except Exception as exc:  # anything else is still this row's problem only
-                _fail(df, i, "load_error", f"{type(exc).__name__}: {exc}")
+                _fail(df, i, "load_error", f"{uri}: {type(exc).__name__}: {exc}")
                 continue
             df.at[i, "height"], df.at[i, "width"] = image.shape[:2]
             df.at[i, "pixels"] = image.tobytes()
@@ -136,7 +141,8 @@ class LoadStage:
         def read(uri: str) -> tuple[bytes | Exception, float]:
             t0 = time.perf_counter()
             try:
-                return read_bytes(uri, self.io.storage_options, self.io.max_bytes), time.perf_counter() - t0
+                data = read_bytes(uri, self.io.storage_options, self.io.max_bytes, self.io.retry)
+                return data, time.perf_counter() - t0
             except Exception as exc:  # raised again for its row, which fails alone
                 return exc, time.perf_counter() - t0
 
@@ -411,12 +417,12 @@ class WriteStage:
             if df.at[i, "status"] == "ok":
                 t0 = time.perf_counter()
                 try:
-                    out = image_of(df.loc[i], "out_pixels")
+                    out = at_source_size(df.loc[i], image_of(df.loc[i], "out_pixels"))
                     ext = self.io.image_format
                     data = encode_png(out) if ext == "png" else encode_jpeg(out, 92)
                     name = f"{object_key(df.at[i, 'image_id'])}{self.key_suffix}.{ext}"
                     uri = join(self.output_uri, "images", name)
-                    write_bytes(uri, data, self.io.storage_options)
+                    write_bytes(uri, data, self.io.storage_options, self.io.retry)
                     df.at[i, "output_uri"] = uri
                 except Exception as exc:
                     _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
@@ -424,12 +430,39 @@ class WriteStage:
             if isinstance(df.at[i, "faces_json"], str) and df.at[i, "status"] == "ok":
                 for fj in json.loads(df.at[i, "faces_json"]):
                     if "scores" in fj:
-                        face_rows.append({"image_id": df.at[i, "image_id"], **fj["scores"]})
+                        record = box_at_source_size(df.loc[i], fj["scores"])
+                        face_rows.append({"image_id": df.at[i, "image_id"], **record})
         faces_df = pd.DataFrame(face_rows, columns=list(FACE_COLUMNS))
         metrics = to_table(df[METRICS_COLUMNS])
         write_shards(self.output_uri, df["image_id"], to_table(faces_df, FACE_COLUMNS), metrics,
                      self.io.storage_options)  # fmt: skip
         return metrics
+
+
+def _source_scale(row: Any) -> tuple[float, float]:
+    """(x, y) factors from the working size to the source size of a row (1, 1 when it was worked at full size)."""
+    sw, sh = row.get("source_width"), row.get("source_height")
+    if sw is None or sh is None or pd.isna(sw) or pd.isna(sh):
+        return 1.0, 1.0
+    return float(sw) / float(row["width"]), float(sh) / float(row["height"])
+
+
+def at_source_size(row: Any, image: np.ndarray) -> np.ndarray:
+    """``image`` (at the row's working size) resized to the row's source size, for the written output."""
+    sx, sy = _source_scale(row)
+    if (sx, sy) == (1.0, 1.0):
+        return image
+    return resize(np.ascontiguousarray(image, dtype=np.uint8), (int(row["source_width"]), int(row["source_height"])))
+
+
+def box_at_source_size(row: Any, record: dict) -> dict:
+    """A per-face record with its box (``x0``..``y1``) in source pixels; ``size_px`` stays the face's size where
+    it was detected and scored (the working size), which is what its identity scores depend on."""
+    sx, sy = _source_scale(row)
+    if (sx, sy) == (1.0, 1.0):
+        return record
+    return {**record, "x0": record["x0"] * sx, "x1": record["x1"] * sx, "y0": record["y0"] * sy,
+            "y1": record["y1"] * sy}  # fmt: skip
 
 
 def shard_name(image_ids) -> str:

@@ -104,12 +104,31 @@ class IOConfig:
 
     max_bytes: int = 50_000_000
     max_pixels: int = 64_000_000
+    #: images with more pixels are worked on (faces, stylize, score) downscaled to this many, which bounds a
+    #: worker's memory per image; the output is written at the source size and face boxes are in source pixels
+    max_work_pixels: int = 4_200_000
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URI
     image_format: str = "png"
+    #: storage calls: tries in all for a transient failure (5xx, throttling, timeouts), first backoff, and the
+    #: timeout of one S3 request (see ``stylid_core.storage.RetryPolicy``)
+    retries: int = 5
+    retry_backoff_s: float = 0.2
+    request_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(self.max_bytes > 0 and self.max_pixels > 0, "io.max_bytes and io.max_pixels must be > 0")
+        _check(self.max_work_pixels >= 4096, f"io.max_work_pixels must be >= 4096, got {self.max_work_pixels}")
         _check(self.image_format in ("png", "jpg"), "io.image_format must be png or jpg")
+        _check(self.retries >= 1, f"io.retries must be >= 1 (tries in all), got {self.retries}")
+        _check(self.retry_backoff_s >= 0, f"io.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        _check(self.request_timeout_s > 0, f"io.request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+    @property
+    def retry(self):
+        """The ``stylid_core.storage.RetryPolicy`` these settings describe."""
+        from stylid_core.storage import RetryPolicy
+
+        return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s, timeout_s=self.request_timeout_s)
 
 
 @dataclass
@@ -182,7 +201,8 @@ class JobConfig:
         d = self.to_dict()
         d.pop("name")
         d.pop("resources")
-        d["io"].pop("storage_options")
+        for key in ("storage_options", "retries", "retry_backoff_s", "request_timeout_s"):
+            d["io"].pop(key)
         return d
 
     def config_hash(self) -> str:
