@@ -26,7 +26,7 @@ from ray.data import ActorPoolStrategy
 from pipelines.schema import to_table
 from pipelines.stages import FaceStage, FusedCPUStage, LoadStage, ScoreStage, StylizeStage, WriteStage, prepare_rows
 from stylid_core.config import ConfigError, JobConfig, StageResources
-from stylid_core.storage import delete, filesystem, join, list_files, read_parquet_dir
+from stylid_core.storage import delete, filesystem, join, list_files, read_parquet_dir, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,17 @@ def read_manifest_columns(
     on the driver; ``ValueError`` for an unreadable manifest or a missing ``required`` column."""
     afs, path = arrow_filesystem(manifest_uri, storage_options)
     try:
-        dataset = pads.dataset(path, filesystem=afs, format="parquet")
+        dataset = with_retries(lambda: pads.dataset(path, filesystem=afs, format="parquet"), f"read {manifest_uri}")
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
         raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
     names = set(dataset.schema.names)
     if required not in names:
         raise ValueError(f"manifest {manifest_uri} has no '{required}' column (columns: {sorted(names)})")
-    return dataset.to_table(columns=[c for c in (*optional, required) if c in names]).to_pandas()
+    columns = [c for c in (*optional, required) if c in names]
+    try:
+        return with_retries(lambda: dataset.to_table(columns=columns), f"read {manifest_uri}").to_pandas()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
 
 
 def check_unique_ids(df: pd.DataFrame, manifest_uri: str, hint: str) -> None:
