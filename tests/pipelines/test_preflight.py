@@ -2,8 +2,9 @@
 starts and before any model loads, with one line naming the URI and the cause, and exit status 2.
 
 Storage is a real S3 endpoint (moto on 127.0.0.1): a missing bucket, a bucket whose policy denies ``PutObject``
-(moto enforces bucket policies), and local paths. The CLI runs in its own process (``guarded_cli``) with ``init_ray`` and the face-model factories patched to exit
-with status 70 if reached: "before Ray and models" is asserted that way, not by timing.
+(moto enforces bucket policies), and local paths. The CLI runs in its own process (``guarded_cli``) with
+``init_ray`` and the face-model factories patched to exit with status 70 if reached: "before Ray and models" is
+asserted that way, not by timing.
 """
 
 from __future__ import annotations
