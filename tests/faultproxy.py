@@ -101,11 +101,12 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(length) if length else b""
 
-            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes, length: str | None = None):
                 self.send_response(status)
                 for k, v in headers:
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
+                # a HEAD answer carries the length of the body a GET would get
+                self.send_header("Content-Length", length if length is not None else str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -129,7 +130,8 @@ class FaultProxy:
                     resp = conn.getresponse()
                     data = resp.read()
                     out = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP | {"content-length"}]
-                    self._answer(resp.status, out, data)
+                    head_length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self._answer(resp.status, out, data, head_length)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timed out) while the request was held
                 finally:
