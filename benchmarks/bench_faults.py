@@ -122,7 +122,7 @@ class Sampler:
         if "FusedCPUStage" in title:
             return "stage actor (load+faces+stylize+score+write)"
         if title.startswith("ray::"):
-            return title.split()[0]
+            return title.split()[0].split(".")[0]  # the actor or task, not the method it runs right now
         if "jobs.cli" in title:
             return "driver (stylid run)"
         return p.name()

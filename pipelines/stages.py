@@ -234,7 +234,8 @@ class StylizeStage:
             try:
                 styles.append(self.styles.get(df.at[i, "style_uri"]))
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, "style_error", f"style image {df.at[i, 'style_uri']}: {exc}")
+                uri = df.at[i, "style_uri"]
+                _fail(df, i, "style_error", f"style image {exc}" if uri in str(exc) else f"style image {uri}: {exc}")
                 continue
             rows.append(i)
             images.append(image_of(df.loc[i]))
