@@ -74,13 +74,13 @@ def test_with_retries_is_bounded_and_stops_at_permanent_errors():
 def test_reads_and_writes_survive_503s(bucket, s3_endpoint):
     with FaultProxy(s3_endpoint, fail_share=0.4, seed=1, max_requests=2000, lifetime_s=120) as proxy:
         opts = _options(proxy.url)
-        for k in range(12):
-            assert read_bytes(f"s3://{BUCKET}/in/{k}.bin", opts, max_bytes=10_000, retry=FAST) == bytes([k]) * 1000
         for k in range(6):
+            assert read_bytes(f"s3://{BUCKET}/in/{k}.bin", opts, max_bytes=10_000, retry=FAST) == bytes([k]) * 1000
+        for k in range(4):
             write_bytes(f"s3://{BUCKET}/out/{k}.bin", b"w" * k, opts, retry=FAST)
         stats = proxy.stats()
-    assert stats["failed"] >= 5, stats  # faults were injected (and retried through)
-    for k in range(6):
+    assert stats["failed"] >= 3, stats  # faults were injected (and retried through)
+    for k in range(4):
         assert bucket.get_object(Bucket=BUCKET, Key=f"out/{k}.bin")["Body"].read() == b"w" * k
 
 
@@ -88,7 +88,7 @@ def test_without_retries_the_same_faults_fail_as_read_errors_naming_the_uri(buck
     with FaultProxy(s3_endpoint, fail_share=0.4, seed=1, max_requests=2000, lifetime_s=120) as proxy:
         opts = _options(proxy.url)
         errors = []
-        for k in range(12):
+        for k in range(8):
             uri = f"s3://{BUCKET}/in/{k}.bin"
             try:
                 read_bytes(uri, opts, max_bytes=10_000, retry=RetryPolicy(attempts=1, timeout_s=1.0))
