@@ -13,6 +13,7 @@ import yaml
 
 from jobs.ray_cluster import init_ray
 from jobs.run import check_output_config, versions, write_run_json
+from pipelines.preflight import preflight_customize
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.ledger import FACES, METRICS, iter_shards, live_shards
 from stylid_core.storage import delete, join, write_bytes
@@ -83,6 +84,7 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    preflight_customize(config, args.manifest, args.output)  # before Ray starts (see pipelines.preflight)
     init_ray(args.ray_address)
     info = run_customize_job(config, args.manifest, args.output, overwrite=args.overwrite)
     print(json.dumps({k: info[k] for k in ("this_run", "rows", "counts", "id_match_rate")}, indent=2))

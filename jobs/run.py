@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from jobs.config import load_job_config
 from jobs.ray_cluster import init_ray
+from pipelines.preflight import preflight_run
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.ledger import METRICS, iter_shards
 from stylid_core.report import format_summary, summarize_output, write_report
@@ -134,12 +135,16 @@ def run_job(
     manifest_uri: str | None = None,
     overwrite: bool = False,
     report: bool = True,
+    preflight: bool = True,
 ) -> dict:
-    """The whole job on an initialised Ray: returns the content of ``run.json``."""
+    """The whole job on an initialised Ray: returns the content of ``run.json``. With ``preflight`` the manifest,
+    output and style images are checked first (``pipelines.preflight``; ``main`` does it before Ray starts)."""
     from pipelines.stylize import run_stylize
 
     opts = config.io.storage_options
     started = dt.datetime.now(dt.timezone.utc).isoformat()
+    if preflight:
+        preflight_run(config, manifest_uri, output_uri)
     check_output_config(output_uri, config, overwrite)
     delete(join(output_uri, "_SUCCESS"), opts)
     manifest_uri = manifest_uri or write_sample_manifest(output_uri, opts)
@@ -166,8 +171,11 @@ def run_job(
 
 def main(args: argparse.Namespace) -> int:
     config = load_job_config(args.config, args.set)
+    preflight_run(config, args.manifest, args.output)  # before Ray starts: a bad input fails in seconds, in one line
     init_ray(args.address, args.num_cpus)
-    info = run_job(config, args.output, args.manifest, overwrite=args.overwrite, report=not args.no_report)
+    info = run_job(
+        config, args.output, args.manifest, overwrite=args.overwrite, report=not args.no_report, preflight=False
+    )
     r = info["this_run"]
     print()
     print(f"stylid run: {r['total_rows']} rows in the manifest, {r['already_done']} already done, "

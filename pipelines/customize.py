@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -41,7 +40,7 @@ from stylid_core.faces.factory import create_face_analyzer
 from stylid_core.imageio import ImageDecodeError, decode_image, encode_png
 from stylid_core.ledger import FACE_ROWS
 from stylid_core.metrics import identity_similarity
-from stylid_core.storage import join, write_bytes
+from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +88,13 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 def _read_image(uri: str, config: CustomizeJobConfig) -> np.ndarray:
+    """The RGB image at ``uri`` (transient storage failures retried); ``ImageDecodeError`` with the row status and
+    the URI for anything that cannot be used."""
     try:
-        with fsspec.open(uri, "rb", **config.io.storage_options) as f:
-            data = f.read(config.io.max_bytes + 1)
-    except FileNotFoundError as exc:
-        raise ImageDecodeError("missing", f"{uri}: not found") from exc
-    except PermissionError as exc:
-        raise ImageDecodeError("forbidden", f"{uri}: {exc}") from exc
-    if len(data) > config.io.max_bytes:
-        raise ImageDecodeError("too_large", f"{uri}: more than {config.io.max_bytes} bytes")
-    return decode_image(data, max_pixels=config.io.max_pixels, max_bytes=config.io.max_bytes)
+        data = read_bytes(uri, config.io.storage_options, config.io.max_bytes, config.io.retry)
+    except StorageError as exc:
+        raise ImageDecodeError(exc.status, str(exc)) from None
+    return decode_image(data, max_pixels=config.io.max_pixels, max_bytes=config.io.max_bytes, source=uri)
 
 
 def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:

@@ -22,8 +22,10 @@ COLUMNS: dict[str, pa.DataType] = {
     "status": pa.string(),
     "error": pa.string(),
     # load
-    "width": pa.int32(),
+    "width": pa.int32(),  # the working size (``io.max_work_pixels``): what faces, stylize and score see
     "height": pa.int32(),
+    "source_width": pa.int32(),  # the image's own size (after EXIF rotation): the written output's
+    "source_height": pa.int32(),
     "pixels": pa.binary(),  # raw RGB uint8, height*width*3 bytes
     # stylid score: the output read back (null: the stylized pixels, of the source's size) and the reference
     "out_width": pa.int32(),

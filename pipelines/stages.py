@@ -24,7 +24,7 @@ from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, obj
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
-from stylid_core.imageio import ImageDecodeError, decode_image, encode_jpeg, encode_png
+from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
 from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
 from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.sample_data import default_style_path
@@ -107,9 +107,9 @@ class StyleCache:
         if uri in self._images:
             self._images.move_to_end(uri)
             return self._images[uri]
-        image = decode_image(
-            read_bytes(uri, self.io.storage_options, self.io.max_bytes), self.io.max_pixels, self.io.max_bytes
-        )
+        data = read_bytes(uri, self.io.storage_options, self.io.max_bytes, self.io.retry)
+        # style statistics and the engines' style inputs need no more than the working resolution
+        image, _ = decode_image_bounded(data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri)
         self._images[uri] = image
         if len(self._images) > self.capacity:
             evicted, _ = self._images.popitem(last=False)
@@ -170,7 +170,9 @@ def prepare_rows(df: pd.DataFrame, default_style_uri: str | None, keep: tuple[st
 
 
 class LoadStage:
-    """Reads each image's bytes through fsspec and decodes it safely to RGB (``stylid_core.imageio``).
+    """Reads each image's bytes through fsspec (transient failures retried) and decodes it safely to RGB
+    (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: the size columns hold the working size,
+    ``source_width``/``source_height`` the source image's own. Every error message names the image's URI.
 
     ``images`` names the images of a row (default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
     reads the output to score and the identity reference. All reads of a batch run concurrently. A row fails at its
@@ -186,6 +188,8 @@ class LoadStage:
         for im in self.images:
             for col in (im.pixels, *im.size_columns):
                 df[col] = None
+        df["source_width"] = None
+        df["source_height"] = None
         df["t_load"] = None
         todo = []  # (row, image) pairs to read
         for i in df.index[_ok(df)]:
@@ -202,18 +206,23 @@ class LoadStage:
             if df.at[i, "status"] != "ok":
                 continue  # an earlier image of this row failed
             im = self.images[k]
-            prefix = "" if k == 0 else f"{im.uri} {df.at[i, im.uri]}: "
+            uri = df.at[i, im.uri]
+            prefix = "" if k == 0 else f"{im.uri} "
             t0 = time.perf_counter() - read_s
             try:
                 if isinstance(data, Exception):
                     raise data
-                image = decode_image(data, self.io.max_pixels, self.io.max_bytes)
+                image, source_size = decode_image_bounded(
+                    data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri
+                )
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, exc.status, prefix + str(exc))
+                _fail(df, i, exc.status, prefix + (str(exc) if uri in str(exc) else f"{uri}: {exc}"))
                 continue
             except Exception as exc:  # anything else is still this row's problem only
-                _fail(df, i, "load_error", f"{prefix}{type(exc).__name__}: {exc}")
+                _fail(df, i, "load_error", f"{prefix}{uri}: {type(exc).__name__}: {exc}")
                 continue
+            if k == 0:  # the row's own image: its output is written back at this size
+                df.at[i, "source_width"], df.at[i, "source_height"] = source_size
             w_col, h_col = im.size_columns
             df.at[i, h_col], df.at[i, w_col] = image.shape[:2]
             df.at[i, im.pixels] = image.tobytes()
@@ -227,7 +236,8 @@ class LoadStage:
         def read(uri: str) -> tuple[bytes | Exception, float]:
             t0 = time.perf_counter()
             try:
-                return read_bytes(uri, self.io.storage_options, self.io.max_bytes), time.perf_counter() - t0
+                data = read_bytes(uri, self.io.storage_options, self.io.max_bytes, self.io.retry)
+                return data, time.perf_counter() - t0
             except Exception as exc:  # raised again for its row, which fails alone
                 return exc, time.perf_counter() - t0
 
@@ -324,7 +334,8 @@ class StylizeStage:
             try:
                 styles.append(self.styles.get(df.at[i, "style_uri"]))
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, "style_error", f"style image {df.at[i, 'style_uri']}: {exc}")
+                uri = df.at[i, "style_uri"]
+                _fail(df, i, "style_error", f"style image {exc}" if uri in str(exc) else f"style image {uri}: {exc}")
                 continue
             rows.append(i)
             images.append(image_of(df.loc[i]))
@@ -608,19 +619,19 @@ class WriteStage:
             if self.write_images and df.at[i, "status"] == "ok":
                 t0 = time.perf_counter()
                 try:
-                    out = image_of(df.loc[i], "out_pixels")
+                    out = at_source_size(df.loc[i], image_of(df.loc[i], "out_pixels"))
                     ext = self.io.image_format
                     data = encode_png(out) if ext == "png" else encode_jpeg(out, 92)
                     name = f"{object_key(df.at[i, 'image_id'])}{self.key_suffix}.{ext}"
                     uri = join(self.output_uri, "images", name)
-                    write_bytes(uri, data, self.io.storage_options)
+                    write_bytes(uri, data, self.io.storage_options, self.io.retry)
                     df.at[i, "output_uri"] = uri
                 except Exception as exc:
                     _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
                 df.at[i, "t_write"] = time.perf_counter() - t0
             rows = []
             if isinstance(df.at[i, "faces_json"], str) and df.at[i, "status"] == "ok":
-                rows = [{"image_id": df.at[i, "image_id"], **fj["scores"]}
+                rows = [{"image_id": df.at[i, "image_id"], **box_at_source_size(df.loc[i], fj["scores"])}
                         for fj in json.loads(df.at[i, "faces_json"]) if "scores" in fj]  # fmt: skip
             face_rows.append(rows)
         secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
@@ -631,6 +642,32 @@ class WriteStage:
 
 #: the type of ``WriteStage``'s ``FACE_ROWS`` column
 FACE_ROWS_TYPE = pa.list_(pa.struct([pa.field(k, v) for k, v in FACE_COLUMNS.items()]))
+
+
+def _source_scale(row: Any) -> tuple[float, float]:
+    """(x, y) factors from the working size to the source size of a row (1, 1 when it was worked at full size)."""
+    sw, sh = row.get("source_width"), row.get("source_height")
+    if sw is None or sh is None or pd.isna(sw) or pd.isna(sh):
+        return 1.0, 1.0
+    return float(sw) / float(row["width"]), float(sh) / float(row["height"])
+
+
+def at_source_size(row: Any, image: np.ndarray) -> np.ndarray:
+    """``image`` (at the row's working size) resized to the row's source size, for the written output."""
+    sx, sy = _source_scale(row)
+    if (sx, sy) == (1.0, 1.0):
+        return image
+    return resize(np.ascontiguousarray(image, dtype=np.uint8), (int(row["source_width"]), int(row["source_height"])))
+
+
+def box_at_source_size(row: Any, record: dict) -> dict:
+    """A per-face record with its box (``x0``..``y1``) in source pixels; ``size_px`` stays the face's size where
+    it was detected and scored (the working size), which is what its identity scores depend on."""
+    sx, sy = _source_scale(row)
+    if (sx, sy) == (1.0, 1.0):
+        return record
+    return {**record, "x0": record["x0"] * sx, "x1": record["x1"] * sx, "y0": record["y0"] * sy,
+            "y1": record["y1"] * sy}  # fmt: skip
 
 
 def write_shards(output_uri: str, image_ids, faces: pa.Table, metrics: pa.Table, storage_options: dict) -> None:

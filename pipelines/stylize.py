@@ -39,7 +39,7 @@ from pipelines.stages import (
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter
-from stylid_core.storage import arrow_filesystem  # noqa: F401 (re-exported: its home was here)
+from stylid_core.storage import arrow_filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,11 @@ def read_manifest_columns(
     on the driver; ``ValueError`` for an unreadable manifest or a missing ``required`` column."""
     dataset = _manifest_dataset(manifest_uri, required, storage_options)
     names = set(dataset.schema.names)
-    return dataset.to_table(columns=[c for c in (*optional, required) if c in names]).to_pandas()
+    columns = [c for c in (*optional, required) if c in names]
+    try:
+        return with_retries(lambda: dataset.to_table(columns=columns), f"read {manifest_uri}").to_pandas()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
 
 
 def check_unique_ids(rows: pd.DataFrame | pa.Table | pa.ChunkedArray, manifest_uri: str, hint: str) -> None:
@@ -171,12 +175,25 @@ def _pool(res: StageResources, total_cpus: float, total_gpus: float) -> ActorPoo
     return ActorPoolStrategy(min_size=1, max_size=max(1, int(limit)))
 
 
-def check_pools_fit(pools: dict[str, StageResources], tasks: dict[str, float], cpus: float, gpus: float) -> None:
+def check_pools_fit(
+    pools: dict[str, StageResources], tasks: dict[str, float], cpus: float, gpus: float, memory: float | None = None
+) -> None:
     """Every actor pool's first actors (``pool_size``, at least one) must fit at once beside one task of each
     stateless step (``tasks``: name -> CPUs); otherwise Ray Data waits forever for the pool that cannot start.
-    Raise ``ConfigError`` with the numbers instead."""
+    Raise ``ConfigError`` with the numbers instead. ``memory``: the cluster's memory resource in bytes, checked
+    against the pools' declared ``memory_mb`` when given."""
     need_cpu = sum(r.num_cpus * max(1, r.pool_size) for r in pools.values()) + sum(tasks.values())
     need_gpu = sum(r.num_gpus * max(1, r.pool_size) for r in pools.values())
+    need_mem = sum(r.memory_mb * max(1, r.pool_size) for r in pools.values()) * 2**20
+    if memory is not None and need_mem > memory:
+        detail = ", ".join(
+            f"{k}: {r.memory_mb:g} MiB x {max(1, r.pool_size)}" for k, r in pools.items() if r.memory_mb
+        )
+        raise ConfigError(
+            f"the stages declare {need_mem / 2**30:.2f} GiB of memory to run at once ({detail}) but the Ray cluster"
+            f" has {memory / 2**30:.2f} GiB; lower resources.<stage>.memory_mb or pool_size, or lower"
+            " io.max_work_pixels with them"
+        )
     if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
         gpu = lambda r: f" + {r.num_gpus:g} GPU" if r.num_gpus else ""  # noqa: E731
         detail = ", ".join(
@@ -190,13 +207,13 @@ def check_pools_fit(pools: dict[str, StageResources], tasks: dict[str, float], c
         )
 
 
-def _check_fits(config: JobConfig, cpus: float, gpus: float, stylize: bool = True) -> None:
+def _check_fits(config: JobConfig, cpus: float, gpus: float, stylize: bool = True, memory: float | None = None) -> None:
     res = config.resources
     pools = {"fused": res.fused} if fused(config) else {"faces": res.faces, "stylize": res.stylize, "score": res.score}
     if not stylize:
         pools.pop("stylize", None)
     tasks = {} if fused_io(config) else {"load": res.load.num_cpus, "write": res.write.num_cpus}
-    check_pools_fit(pools, tasks, cpus, gpus)
+    check_pools_fit(pools, tasks, cpus, gpus, memory)
 
 
 def stage_remote_args() -> dict:
@@ -216,14 +233,18 @@ def fused_io(config: JobConfig) -> bool:
     return fused(config) and config.resources.fuse_io
 
 
-def fused_pool_size(config: JobConfig, cpus: float) -> int:
+def fused_pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
     """Actors of the fused pool: ``pool_size``, else as many as the CPUs left beside load and write tasks allow,
-    at most one per CPU (each actor is single-threaded CPU work; more would only hold more models in memory)."""
+    at most one per CPU (each actor is single-threaded CPU work; more would only hold more models in memory), and
+    no more than the cluster's ``memory`` (bytes) holds at the declared ``memory_mb`` each."""
     res = config.resources
     if res.fused.pool_size:
         return res.fused.pool_size
     spare = cpus if fused_io(config) else cpus - res.load.num_cpus - res.write.num_cpus
-    return max(1, min(int(spare / res.fused.num_cpus + 1e-9), int(cpus + 1e-9)))
+    size = min(int(spare / res.fused.num_cpus + 1e-9), int(cpus + 1e-9))
+    if memory is not None and res.fused.memory_mb > 0:
+        size = min(size, int(memory / (res.fused.memory_mb * 2**20)))
+    return max(1, size)
 
 
 def _load(df, io, images=SOURCE_IMAGE, credentials: StageCredentials | None = None):
@@ -261,8 +282,8 @@ def build_dataset(
     """
     io, res = config.io, config.resources
     resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    _check_fits(config, cpus, gpus, stylize)
+    cpus, gpus, memory = resources.get("CPU", 1.0), resources.get("GPU", 0.0), resources.get("memory")
+    _check_fits(config, cpus, gpus, stylize, memory)
     remote = stage_remote_args()
     credentials = StageCredentials.from_environ()
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
@@ -288,6 +309,7 @@ def build_dataset(
             batch_size=res.load.batch_size,
             num_cpus=res.load.num_cpus,
             concurrency=res.load.pool_size or None,
+            **res.load.ray_memory(),
             **remote,
         )
     if fused(config):
@@ -299,8 +321,8 @@ def build_dataset(
             batch_format="pandas", batch_size=res.fused.batch_size, num_cpus=res.fused.num_cpus,
             # one pool holds the whole CPU budget: start every actor at once (Ray's autoscaler adds actors only
             # once work queues up, which a steady stream of small blocks rarely shows)
-            compute=ActorPoolStrategy(size=fused_pool_size(config, cpus)),
-            **remote,
+            compute=ActorPoolStrategy(size=fused_pool_size(config, cpus, memory)),
+            **res.fused.ray_memory(), **remote,
         )  # fmt: skip
         if io_inside:
             return ds
@@ -309,7 +331,7 @@ def build_dataset(
             with_credentials(FaceStage, credentials), fn_constructor_kwargs={"faces": config.faces},
             batch_format="pandas",
             batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus),
-            **remote,
+            **res.faces.ray_memory(), **remote,
         )  # fmt: skip
         if stylize:
             ds = ds.map_batches(
@@ -320,6 +342,7 @@ def build_dataset(
                 num_cpus=res.stylize.num_cpus,
                 num_gpus=res.stylize.num_gpus or None,
                 compute=_pool(res.stylize, cpus, gpus),
+                **res.stylize.ray_memory(),
                 **remote,
             )
         ds = ds.map_batches(
@@ -330,13 +353,14 @@ def build_dataset(
             num_cpus=res.score.num_cpus,
             num_gpus=res.score.num_gpus or None,
             compute=_pool(res.score, cpus, gpus),
+            **res.score.ray_memory(),
             **remote,
         )
     ds = ds.map_batches(
         _write,
         fn_kwargs={**write_args, "io": io, "credentials": credentials},
         batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus,
-        concurrency=res.write.pool_size or None, **remote,
+        concurrency=res.write.pool_size or None, **res.write.ray_memory(), **remote,
     )  # fmt: skip
     return ds
 

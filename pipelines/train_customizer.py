@@ -34,6 +34,7 @@ from stylid_core.customize.facesnap.training import (
     cross_photo_references,
 )
 from stylid_core.imageio import decode_image
+from stylid_core.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ class FacePairStage:
         self.extractor = FacePairExtractor(self.config, clip_size, face_embed_dim, num_landmarks)
 
     def _read(self, uri: str) -> np.ndarray:
-        with fsspec.open(uri, "rb", **self.config.storage_options) as f:
-            return decode_image(f.read())
+        return decode_image(read_bytes(uri, self.config.storage_options), source=uri)  # transient errors retried
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         cfg = self.config

@@ -105,20 +105,39 @@ class IOConfig:
 
     max_bytes: int = 50_000_000
     max_pixels: int = 64_000_000
+    #: images with more pixels are worked on (faces, stylize, score) downscaled to this many, which bounds a
+    #: worker's memory per image; the output is written at the source size and face boxes are in source pixels
+    max_work_pixels: int = 4_200_000
     #: passed to fsspec for every URI; may hold credentials, so it is left out of repr (and redacted in run.json)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     image_format: str = "png"
     #: rows per metrics/faces shard (``stylid_core.ledger``): how the output is laid out, not what it holds, so
     #: it is not part of the config hash
     rows_per_shard: int = 5000
+    #: storage calls: tries in all for a transient failure (5xx, throttling, timeouts), first backoff, and the
+    #: timeout of one S3 request (see ``stylid_core.storage.RetryPolicy``)
+    retries: int = 5
+    retry_backoff_s: float = 0.2
+    request_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(self.max_bytes > 0 and self.max_pixels > 0, "io.max_bytes and io.max_pixels must be > 0")
+        _check(self.max_work_pixels >= 4096, f"io.max_work_pixels must be >= 4096, got {self.max_work_pixels}")
         _check(self.image_format in ("png", "jpg"), "io.image_format must be png or jpg")
         _check(
             isinstance(self.rows_per_shard, int) and self.rows_per_shard >= 1,
             f"io.rows_per_shard must be an integer >= 1, got {self.rows_per_shard!r}",
         )
+        _check(self.retries >= 1, f"io.retries must be >= 1 (tries in all), got {self.retries}")
+        _check(self.retry_backoff_s >= 0, f"io.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        _check(self.request_timeout_s > 0, f"io.request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+    @property
+    def retry(self):
+        """The ``stylid_core.storage.RetryPolicy`` these settings describe."""
+        from stylid_core.storage import RetryPolicy
+
+        return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s, timeout_s=self.request_timeout_s)
 
 
 @dataclass
@@ -131,11 +150,19 @@ class StageResources:
     #: model stages: actors (0 = one per CPU, or per GPU, the cluster has); load/write tasks: the most running at
     #: once (0 = as many as the CPUs allow)
     pool_size: int = 0
+    #: memory one worker of this stage needs (MiB), declared to Ray as the task's or actor's ``memory`` so a node
+    #: gets no more workers than its memory holds (0 = not declared)
+    memory_mb: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
         _check(self.pool_size >= 0, "pool_size must be >= 0")
+        _check(self.memory_mb >= 0, f"memory_mb must be >= 0, got {self.memory_mb}")
+
+    def ray_memory(self) -> dict[str, int]:
+        """``{"memory": bytes}`` for Ray's remote arguments when ``memory_mb`` is declared, else ``{}``."""
+        return {"memory": int(self.memory_mb * 2**20)} if self.memory_mb > 0 else {}
 
 
 @dataclass
@@ -155,7 +182,11 @@ class ResourcesConfig:
     #: tasks, e.g. on a high-latency object store with CPUs to spare for I/O.
     fuse_io: bool = True
     #: the fused pool's batch is also its write batch when ``fuse_io``: one metrics/faces shard per batch
-    fused: StageResources = field(default_factory=lambda: StageResources(batch_size=4, num_cpus=0.75))
+    #: memory: one actor holds the models (about 230 MiB) and a batch at the working resolution; measured peak for
+    #: a 16 MP photo worked at io.max_work_pixels (4.2 MP): 1.0 GiB (2.1 GiB at full resolution)
+    fused: StageResources = field(
+        default_factory=lambda: StageResources(batch_size=4, num_cpus=0.75, memory_mb=1536)
+    )
 
     def __post_init__(self) -> None:
         for name in ("fuse_cpu_stages", "fuse_io"):
@@ -191,8 +222,8 @@ class JobConfig:
         d = self.to_dict()
         d.pop("name")
         d.pop("resources")
-        d["io"].pop("storage_options")
-        d["io"].pop("rows_per_shard")
+        for key in ("storage_options", "rows_per_shard", "retries", "retry_backoff_s", "request_timeout_s"):
+            d["io"].pop(key)
         return d
 
     def config_hash(self) -> str:
