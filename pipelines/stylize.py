@@ -207,7 +207,9 @@ def check_pools_fit(
         )
 
 
-def _check_fits(config: JobConfig, cpus: float, gpus: float, stylize: bool = True, memory: float | None = None) -> None:
+def _check_fits(
+    config: JobConfig, cpus: float, gpus: float, stylize: bool = True, memory: float | None = None
+) -> None:
     res = config.resources
     pools = {"fused": res.fused} if fused(config) else {"faces": res.faces, "stylize": res.stylize, "score": res.score}
     if not stylize:
