@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import uuid
 
-import pandas as pd
-
 from stylid_core.config import ConfigError, IOConfig, JobConfig
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded
 from stylid_core.sample_data import default_style_path
@@ -69,7 +67,7 @@ def check_style_images(uris, io: IOConfig) -> None:
             raise PreflightError(f"style image cannot be used ({exc.status}): {_naming(uri, exc)}") from None
 
 
-def _manifest(read, manifest_uri: str) -> pd.DataFrame:
+def _manifest(read, manifest_uri: str):
     try:
         return read()
     except PreflightError:
@@ -78,16 +76,36 @@ def _manifest(read, manifest_uri: str) -> pd.DataFrame:
         raise PreflightError(_naming(manifest_uri, exc)) from None
 
 
+def manifest_styles(reader, limit: int = MAX_STYLES_CHECKED) -> list[str]:
+    """Up to ``limit`` distinct style URIs of the manifest's ``ok`` rows, in one streamed pass (``ManifestReader``
+    batches: the driver never holds the whole manifest)."""
+    import pyarrow.compute as pc
+
+    seen: dict[str, None] = {}
+    for table in reader:
+        ok = pc.equal(table.column("status"), "ok")
+        styles = pc.unique(table.column("style_uri").filter(ok).cast("string")).to_pylist()
+        seen.update(dict.fromkeys(u for u in styles if u))
+        if len(seen) >= limit:
+            break
+    return list(seen)[:limit]
+
+
 def preflight_run(config: JobConfig, manifest_uri: str | None, output_uri: str) -> None:
-    """Everything ``stylid run`` can check before Ray: the manifest (when given; the bundled sample needs none),
-    the output, and the style images the rows use."""
-    from pipelines.stylize import read_manifest
+    """Everything ``stylid run`` can check before Ray: the manifest (when given; the bundled sample needs none:
+    readable, ``image_uri`` there, ids unique, through the reader the job uses), the output, and the style images
+    the rows use."""
+    from pipelines.stylize import ManifestReader
 
     io = config.io
     if manifest_uri:
-        read = lambda: read_manifest(manifest_uri, config.stylize.style_uri, io.storage_options)  # noqa: E731
-        rows = _manifest(read, manifest_uri)
-        styles = rows.loc[rows["status"] == "ok", "style_uri"]
+
+        def read() -> list[str]:
+            reader = ManifestReader(manifest_uri, config.stylize.style_uri, io.storage_options)
+            reader.ids()  # one pass over the ids: ValueError naming duplicates
+            return manifest_styles(reader)
+
+        styles = _manifest(read, manifest_uri)
     else:
         styles = [config.stylize.style_uri or default_style_path()]
     check_output(output_uri, io)
