@@ -14,6 +14,7 @@ from pipelines.stages import FusedCPUStage, prepare_rows
 from pipelines.stylize import _check_fits, fused_pool_size
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.imageio import decode_image_bounded, work_size
+from stylid_core.ledger import FACE_ROWS
 from stylid_core.sample_data import background, place_face
 
 
@@ -60,8 +61,8 @@ def test_a_large_image_is_worked_on_small_and_written_at_its_own_size(tmp_path, 
     assert seen == [(600, 800)]  # the engine got the working size, not the source
     with Image.open(out / "images" / "big.png") as written:
         assert written.size == (1600, 1200)
-    faces = pd.read_parquet(next((out / "faces").glob("*.parquet")))
-    x0, y0, x1, y1 = faces.loc[0, ["x0", "y0", "x1", "y1"]]
+    face = row[FACE_ROWS][0]  # the face rows the driver's shard writer stores
+    x0, y0, x1, y1 = (face[k] for k in ("x0", "y0", "x1", "y1"))
     # the box is in source pixels: around the face placed at the centre of the 1600 x 1200 photo, ~240 px wide
     assert abs((x0 + x1) / 2 - 800) < 60 and abs((y0 + y1) / 2 - 600) < 80 and 150 < x1 - x0 < 360
 
