@@ -58,7 +58,7 @@ EXPECTED = {"good": "ok", "missing": "missing", "notimage": "decode_error", "nof
 def test_prepare_rows_fills_ids_styles_and_flags_empty_uris(batch):
     assert list(batch["image_id"]) == list(EXPECTED)
     assert batch.set_index("image_id").at["empty", "status"] == "missing"
-    assert batch["style_uri"].str.endswith("style_ihc.jpg").all()
+    assert batch["style_uri"].str.endswith("style_painting.jpg").all()
     derived = prepare_rows(pd.DataFrame({"image_uri": ["/a.jpg", "/b.jpg"]}), "s3://b/style.png")
     assert derived["image_id"].str.fullmatch(r"[0-9a-f]{16}").all() and derived["image_id"].nunique() == 2
     assert (derived["style_uri"] == "s3://b/style.png").all()
