@@ -66,8 +66,12 @@ class MosaicConfig:
     upscaler_model: str | None = None  # weights for a model upscaler
     max_faces: int = 32  # at most this many (smallest) faces per mosaic
     feather: float = 0.25  # width of the blend ramp as a fraction of the crop size
+    #: canvas: the image with the face tiles packed beside it, stylized as one picture; sheet: the image as it is
+    #: plus sheets of face tiles of the image's size, stylized in the same batch (see ``stylid_core.stylize.mosaic``)
+    layout: str = "canvas"
 
     def __post_init__(self) -> None:
+        _check(self.layout in ("canvas", "sheet"), f"stylize.mosaic.layout must be canvas or sheet: {self.layout!r}")
         _check(self.max_face_px > 0, "stylize.mosaic.max_face_px must be > 0")
         _check(self.target_face_px >= 16, "stylize.mosaic.target_face_px must be >= 16")
         _check(0 <= self.margin <= 2, f"stylize.mosaic.margin must be in [0, 2], got {self.margin}")
@@ -79,7 +83,7 @@ class MosaicConfig:
 class StylizeConfig:
     """Which ``Stylizer`` runs, with its engine options and the default style image."""
 
-    engine: str = "classical"
+    engine: str = "neural"  # neural (embedded default) | classical | diffusion | a registered engine
     style_uri: str | None = None  # default style for rows without style_uri; None = the bundled style
     options: dict[str, Any] = field(default_factory=dict)  # engine keyword arguments
     mosaic: MosaicConfig = field(default_factory=MosaicConfig)

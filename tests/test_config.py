@@ -37,7 +37,7 @@ def test_parse_override_reads_yaml_values():
 
 
 def test_bundled_config_names_resolve():
-    assert load_job_config("default").stylize.engine == "classical"
+    assert load_job_config("default").stylize.engine == "neural"
     with pytest.raises(ConfigError, match="not found"):
         load_job_config("no_such_config")
 

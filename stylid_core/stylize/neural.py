@@ -149,7 +149,7 @@ class NeuralOptions:
     max_side: int = 2048  # working resolution: longer side capped at this many pixels
     tile_overlap: int = 64  # tiled mode: overlap between 384 px tiles
     batch_size: int = 4  # images (and face variants) per onnxruntime call
-    threads: int = 0  # onnxruntime intra-op threads (0 = onnxruntime's default)
+    threads: int = 0  # onnxruntime intra-op threads; 0: $OMP_NUM_THREADS (Ray sets it per actor), else all cores
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     style_cache_size: int = 16  # style vectors kept per engine
     model_dir: str | None = None  # a folder with the two ONNX files (default: the installed package's)
@@ -223,9 +223,10 @@ class NeuralStylizer(Stylizer):
             raise ValueError(f"onnxruntime providers {missing} are not available here (available: {available})")
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3
-        if self.options.threads:
-            session_options.intra_op_num_threads = self.options.threads
-            session_options.inter_op_num_threads = 1
+        threads = self.options.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
+            session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = 1
         providers = list(self.options.providers)
         predict = str(files["arbitrary_predict.onnx"])
         self._predict = ort.InferenceSession(predict, session_options, providers=providers)

@@ -110,7 +110,7 @@ def test_good_row_gets_faces_output_and_scores(staged, config):
     assert faces[0]["scores"]["id_dist"] < 0.6
     assert faces[0]["scores"]["in_mosaic"] is (faces[0]["size_px"] < config.stylize.mosaic.max_face_px)
     assert row["mosaic_faces"] == int(faces[0]["scores"]["in_mosaic"])
-    assert row["engine"] == "classical"
+    assert row["engine"] == "neural"
 
 
 def test_write_stage_writes_image_faces_and_metrics(staged, config, tmp_path):
