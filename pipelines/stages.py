@@ -26,6 +26,7 @@ from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_buc
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image, encode_jpeg, encode_png
 from stylid_core.metrics import content_similarity, style_distance
+from stylid_core.report import ZOOM_FACE_PX, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
@@ -344,6 +345,7 @@ class ScoreStage:
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
                 "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
+                "zoom_strip": zoom_strip(face.box, source, plain, out) if face.size_px < ZOOM_FACE_PX else None,
             })  # fmt: skip
         sims = [s[0] for s in scores]
         df.at[i, "id_sim_mean"] = float(np.mean(sims))

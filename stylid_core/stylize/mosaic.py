@@ -153,8 +153,9 @@ class MosaicRestorer(Stylizer):
         image_scale = self._engine_scale(width, height)
         engine_scale = image_scale
         # the canvas is wider than the image, so an engine with a working size shrinks it more: iterate the tile
-        # sizes to the canvas' own scale (a fixed point; a few rounds settle it, the tiles only ever grow)
-        for _ in range(6):
+        # sizes to the canvas' own scale (a fixed point that the tiles approach from below; where they would need
+        # more than the engine's whole working size, it does not exist and the rounds stop with smaller tiles)
+        for _ in range(60):
             tiles = self._tiles(faces, crops, engine_scale)
             canvas_size = _pack_columns(tiles, width, height)
             new_scale = self._engine_scale(*canvas_size)
