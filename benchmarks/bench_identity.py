@@ -132,7 +132,7 @@ def variants(engine: str, options: dict, mosaic: MosaicConfig, face_strength: fl
         plain = STYLIZERS.create("diffusion", **off)
         guided = STYLIZERS.create("diffusion", **{**options, "guidance": True, "reweight": True, "anchor": True})
         return {"plain": plain, "mosaic": MosaicRestorer(plain, mosaic), "id": MosaicRestorer(guided, mosaic)}
-    base = STYLIZERS.create(engine, **options)
+    base = STYLIZERS.create(engine, **({**options, "face_style_strength": None} if engine == "neural" else options))
     out = {"plain": base, "mosaic": MosaicRestorer(base, mosaic)}
     if engine == "neural" and face_strength is not None:
         aware = STYLIZERS.create(engine, **{**options, "face_style_strength": face_strength})
@@ -317,7 +317,7 @@ def main() -> None:
     parser.add_argument("--layouts", action="store_true", help="neural: canvas vs sheet layout")
     parser.add_argument("--targets", default="", help="neural: sweep target_face_px (comma list)")
     parser.add_argument("--no-groups", action="store_true")
-    parser.add_argument("--limit", type=int, default=0, help="at most this many scenes (quick runs)")
+    parser.add_argument("--per-size", type=int, default=0, help="at most this many scenes per face size (quick runs)")
     parser.add_argument("--readme-figure", help="write the bundled-sample before/after picture here and stop")
     args = parser.parse_args()
     from stylid_core.stylize.neural import NeuralOptions
@@ -335,9 +335,13 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     analyzer = create_face_analyzer(FacesConfig(backend="dlib", upsample=1))
     cases = load_cases(analyzer, groups=not args.no_groups)
-    if args.limit:
-        scenes = [c for c in cases if c.kind == "scene"][: args.limit]
-        cases = scenes + [c for c in cases if c.kind == "group"]
+    if args.per_size:
+        kept: dict[str, int] = {}
+        for c in cases:
+            group = c.name.rsplit("_", 1)[0] if c.kind == "scene" else c.name
+            kept[group] = kept.get(group, 0) + 1
+            c.outputs["keep"] = kept[group] <= args.per_size or c.kind == "group"  # type: ignore[assignment]
+        cases = [c for c in cases if c.outputs.pop("keep")]
     print(f"{sum(c.kind == 'scene' for c in cases)} scenes, {sum(c.kind == 'group' for c in cases)} group photos, "
           f"{sum(len(c.faces) for c in cases)} faces; mosaic {mosaic}")  # fmt: skip
     report: dict = {}

@@ -180,7 +180,7 @@ def test_style_vectors_are_computed_once_per_style_image(style, portrait, monkey
 
 def test_identity_aware_faces_get_the_weaker_style_only_inside_their_mask(style, portrait):
     face = _face((60.0, 50.0, 120.0, 110.0))
-    plain = STYLIZERS.create("neural", threads=2)
+    plain = STYLIZERS.create("neural", threads=2, face_style_strength=None)
     aware = STYLIZERS.create("neural", threads=2, face_style_strength=0.0, face_mask_margin=0.25)
     own = STYLIZERS.create("neural", threads=2, style_strength=0.0)
     p, a = plain.stylize(portrait, style, [face]), aware.stylize(portrait, style, [face])
