@@ -336,12 +336,14 @@ def main() -> None:
     analyzer = create_face_analyzer(FacesConfig(backend="dlib", upsample=1))
     cases = load_cases(analyzer, groups=not args.no_groups)
     if args.per_size:
-        kept: dict[str, int] = {}
+        seen: dict[str, int] = {}
+        kept = []
         for c in cases:
             group = c.name.rsplit("_", 1)[0] if c.kind == "scene" else c.name
-            kept[group] = kept.get(group, 0) + 1
-            c.outputs["keep"] = kept[group] <= args.per_size or c.kind == "group"  # type: ignore[assignment]
-        cases = [c for c in cases if c.outputs.pop("keep")]
+            seen[group] = seen.get(group, 0) + 1
+            if c.kind == "group" or seen[group] <= args.per_size:
+                kept.append(c)
+        cases = kept
     print(f"{sum(c.kind == 'scene' for c in cases)} scenes, {sum(c.kind == 'group' for c in cases)} group photos, "
           f"{sum(len(c.faces) for c in cases)} faces; mosaic {mosaic}")  # fmt: skip
     report: dict = {}
