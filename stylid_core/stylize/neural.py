@@ -143,9 +143,10 @@ class NeuralOptions:
 
     style_strength: float = 1.0  # 0: the content's own style vector, 1: the style image's
     preserve_color: bool = False  # keep the content's chroma, take the stylized luma
-    #: identity-aware: style strength inside face masks, relative to the image's (None: off). 0.25 from the curve
-    #: of identity against face-region style in the README (bench_identity --curve)
-    face_style_strength: float | None = 0.25
+    #: identity-aware: style strength inside face masks, relative to the image's (None: off). 0.5 is the knee of
+    #: the curve of identity against face-region style (README, bench_identity --curve): the faces' style distance
+    #: stays at plain's; lower values buy a few points of identity with faces that turn photo-like
+    face_style_strength: float | None = 0.5
     face_mask_margin: float = 0.3  # the face mask is each face box grown by this fraction of its size per side
     mode: str = "full"  # full: re-declared dynamic graph at the working size | tiled: fixed 384 px graph in tiles
     max_side: int = 2048  # working resolution: longer side capped at this many pixels
