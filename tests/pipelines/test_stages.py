@@ -131,16 +131,16 @@ def test_write_stage_writes_image_faces_and_metrics(staged, config, tmp_path):
 def test_a_stylize_failure_fails_only_its_row(staged, config, monkeypatch):
     stage = StylizeStage(config.stylize, config.score, config.io)
     two = pd.concat([staged["faces"], staged["faces"].iloc[[0]].assign(image_id="good2")], ignore_index=True)
-    real = stage.stylizer.stylize
+    real = stage.stylizer.stylize_batch
     calls = []
 
-    def flaky(content, style, faces=None, content_region=None):
+    def flaky(contents, styles, faces=None, content_regions=None):
         calls.append(1)
         if len(calls) <= 2:  # the batch call, then the first row's retry
             raise RuntimeError("boom")
-        return real(content, style, faces, content_region=content_region)
+        return real(contents, styles, faces, content_regions=content_regions)
 
-    monkeypatch.setattr(stage.stylizer, "stylize", flaky)
+    monkeypatch.setattr(stage.stylizer, "stylize_batch", flaky)
     out = stage(two).to_pandas().set_index("image_id")
     # the batch call fails (call 1), the first row-by-row retry fails (call 2), the second row succeeds
     assert out.at["good", "status"] == "stylize_error" and "boom" in out.at["good", "error"]
