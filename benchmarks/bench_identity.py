@@ -247,13 +247,13 @@ def check_targets(title: str, res: dict) -> None:
         )
 
 
-def strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic) -> dict:
+def strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic, strengths) -> dict:
     """Identity against face-region style for the mosaic + identity-aware neural engine, per face strength."""
     curve = {}
     small = (base["floor"]["kinds"] == "scene") & (base["floor"]["sizes"] <= 48)
     large = (base["floor"]["kinds"] == "scene") & (base["floor"]["sizes"] > 48)
     d_floor, d_plain = base["floor"]["d"], base["plain"]["d"]
-    for fs in (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.0):
+    for fs in strengths:
         res = evaluate(cases, {"id": variants("neural", neural_options, mosaic, fs)["id"]}, style, analyzer)
         d = res["id"]["d"]
         row = {
@@ -314,6 +314,7 @@ def main() -> None:
     parser.add_argument("--layout", default=MosaicConfig().layout)
     parser.add_argument("--face-strength", type=float, default=None, help="neural face_style_strength (id variant)")
     parser.add_argument("--curve", action="store_true", help="neural: identity vs face style over face strengths")
+    parser.add_argument("--strengths", default="1.0,0.5,0.25,0.0", help="face strengths of --curve")
     parser.add_argument("--layouts", action="store_true", help="neural: canvas vs sheet layout")
     parser.add_argument("--targets", default="", help="neural: sweep target_face_px (comma list)")
     parser.add_argument("--no-groups", action="store_true")
@@ -356,7 +357,8 @@ def main() -> None:
         style = _rgb(os.path.join(STYLES_DIR, f"{style_name}.jpg"))
         if args.curve:
             base = evaluate(cases, {"plain": STYLIZERS.create("neural", **neural_options)}, style, analyzer)
-            curve = strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic)
+            strengths = [float(v) for v in args.strengths.split(",")]
+            curve = strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic, strengths)
             report[f"curve/{style_name}"] = curve
             continue
         if args.layouts or args.targets:
