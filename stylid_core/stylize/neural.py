@@ -151,7 +151,7 @@ class NeuralOptions:
     mode: str = "full"  # full: re-declared dynamic graph at the working size | tiled: fixed 384 px graph in tiles
     max_side: int = 2048  # working resolution: longer side capped at this many pixels
     tile_overlap: int = 64  # tiled mode: overlap between 384 px tiles
-    batch_size: int = 4  # images (and face variants) per onnxruntime call
+    batch_size: int = 2  # images (and face variants) per onnxruntime call (memory grows with it at full size)
     threads: int = 0  # onnxruntime intra-op threads; 0: $OMP_NUM_THREADS (Ray sets it per actor), else all cores
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     style_cache_size: int = 16  # style vectors kept per engine
