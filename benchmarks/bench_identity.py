@@ -266,7 +266,17 @@ def strength_curve(cases, base, style, style_name, analyzer, neural_options, mos
             "whole_change": float(res["id"]["whole_style"].mean() / base["plain"]["whole_style"].mean() - 1),
             "s_per_image": res["id"]["s_per_image"],
         }
+        scenes = base["floor"]["kinds"] == "scene"
+        for s in SIZES:
+            m = scenes & (base["floor"]["sizes"] == s)
+            if m.any():
+                row[f"rec_{s}"] = float((d_plain[m].mean() - d[m].mean()) / (d_plain[m] - d_floor[m]).mean())
+                row[f"match_{s}"] = float((d[m] < 0.6).mean())
         curve[fs] = row
+        per_size = " ".join(
+            f"{s}:{100 * row[f'rec_{s}']:.0f}%/{row[f'match_{s}']:.2f}" for s in SIZES if f"rec_{s}" in row
+        )
+        print(f"curve {style_name} face_style_strength {fs:.2f} per size (recovered/match): {per_size}")
         print(
             f"curve {style_name} face_style_strength {fs:.1f}: faces <=48 px d {row['d_small']:.3f} recovered "
             f"{100 * row['rec_small']:.0f}% match {row['match_small']:.2f}; 64-96 px recovered "
