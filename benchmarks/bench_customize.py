@@ -9,7 +9,11 @@ Without a GPU it runs *small*: random components at ``--size`` px with ``--width
 show the relative overhead of the identity attention, the mixer and the ControlNet branch, not SD 1.5 speed.
 
     python benchmarks/bench_customize.py --device cpu --size 64 --steps 4 --batch 2
-    python benchmarks/bench_customize.py --device cuda --sd15-shapes --size 512 --steps 30 --batch 4
+    python benchmarks/bench_customize.py --device cuda --sd15-shapes --size 512 --steps 30 --batch 4 --dtype float16
+
+``--synthetic-face`` draws the reference's 68 landmarks geometrically (``template_landmarks68``) and gives it a
+random unit embedding instead of running dlib (whose model files are not on the GPU machine); the timed work is
+the same. ``--json PATH`` also writes the report there.
 
 Each engine's time per batch is split into the denoising loop (time inside the UNet and, for FaceSnap, the landmark
 ControlNet; reported per step) and the fixed per-batch rest (text encoder, CLIP image encoder + mixer + landmark
@@ -29,6 +33,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also in the spawned children
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: the face's box in ``skimage.data.astronaut()`` (x0, y0, x1, y1), for ``--synthetic-face``
+SYNTHETIC_FACE_BOX = (176.0, 62.0, 274.0, 183.0)
 
 
 def _components(args):
@@ -79,12 +86,14 @@ def _run(kind: str, args, queue) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     comps = _components(args)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after the shared SD components are built
     if kind == "plain":
         pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                        unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False).to(device)  # fmt: skip
+                                       feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        pipe = pipe.to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
         unet_t, branch_t = _Timer([comps.unet], device.type == "cuda"), None
 
@@ -95,20 +104,28 @@ def _run(kind: str, args, queue) -> None:
     else:
         extra = {"num_tokens": 16, "mixer_dim": 768, "mixer_depth": 4, "mixer_heads": 12} if args.sd15_shapes else {}
         modules = FaceSnapModules(tiny_model_config(comps, **extra), comps.unet)
-        engine = FaceSnapEngine(comps, modules).to(device)
+        engine = FaceSnapEngine(comps, modules).to(device, dtype)
         unet_t = _Timer([comps.unet], device.type == "cuda")
         branch_t = _Timer([modules.identity.controlnet], device.type == "cuda")
         from skimage.data import astronaut
 
-        from stylid_core.customize.facesnap.faceprep import shared_landmarker
-        from stylid_core.customize.facesnap.landmarks import keypoints5_from_68
+        from stylid_core.customize.facesnap.landmarks import keypoints5_from_68, template_landmarks68
         from stylid_core.faces.base import Face
 
         img = astronaut()
-        lm = shared_landmarker()
-        box = lm.detect(img)[0]
-        points = lm.landmarks(img, box)
-        face = Face(box=box, keypoints=keypoints5_from_68(points), score=1.0, embedding=lm.embed(img, box),
+        if args.synthetic_face:  # no dlib: drawn landmarks around the astronaut's face, a random unit embedding
+            box = SYNTHETIC_FACE_BOX
+            points = template_landmarks68(box)
+            embedding = np.random.default_rng(0).normal(size=modules.config.face_embed_dim).astype(np.float32)
+            embedding /= np.linalg.norm(embedding)
+        else:
+            from stylid_core.customize.facesnap.faceprep import shared_landmarker
+
+            lm = shared_landmarker()
+            box = lm.detect(img)[0]
+            points = lm.landmarks(img, box)
+            embedding = lm.embed(img, box)
+        face = Face(box=box, keypoints=keypoints5_from_68(points), score=1.0, embedding=embedding,
                     landmarks=points)  # fmt: skip
 
         def once(seed):
@@ -144,7 +161,11 @@ def _run(kind: str, args, queue) -> None:
     branch_calls = branch_t.calls // n if branch_t is not None else 0
     step_sec = (unet_sec + branch_sec) / args.steps
     fixed_sec = float(np.mean(times)) - unet_sec - branch_sec
-    queue.put({"kind": kind, "sec_per_batch": sec, "images_per_s": args.batch / sec, "peak_mem_mib": peak,
+    used = comps.unet.dtype  # the dtype the UNet actually ran in
+    queue.put({"kind": kind, "dtype": str(used).removeprefix("torch."),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "sec_per_batch": sec,
+               "images_per_s": args.batch / sec, "peak_mem_mib": peak,
                "setup_mem_mib": setup_mib, "sec_per_step": step_sec, "fixed_sec_per_batch": fixed_sec,
                "fixed_share": fixed_sec / float(np.mean(times)), "unet_calls_per_batch": unet_t.calls // n,
                "branch_calls_per_batch": branch_calls,
@@ -171,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="fraction of the steps that run FaceSnap's landmark branch (default: the config's)",
     )
     p.add_argument("--extrapolate-steps", type=int, default=50, help="steps to extrapolate the ratio to")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weights' dtype")
+    p.add_argument("--synthetic-face", action="store_true", help="drawn landmarks, random embedding: no dlib")
+    p.add_argument("--json", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     results = {}
@@ -192,6 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     report = {
         "device": args.device,
+        "device_name": results["plain"]["device_name"],
+        "torch": results["plain"]["torch"],
+        "dtype": results["plain"]["dtype"],
+        "synthetic_face": args.synthetic_face,
+        "repeats": args.repeats,
         "note": ("small random CPU model: relative overhead only, not SD 1.5 throughput"
                  if args.device == "cpu" and not args.sd15_shapes else "as configured"),  # fmt: skip
         "size": args.size, "steps": args.steps, "batch": args.batch, "sd15_shapes": args.sd15_shapes,
@@ -202,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         "denoise_step_ratio": fs["sec_per_step"] / pl["sec_per_step"],
     }  # fmt: skip
     print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     return report
 
 

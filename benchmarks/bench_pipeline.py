@@ -52,9 +52,10 @@ def loop_run(config: JobConfig, manifest: str, output: str) -> tuple[int, float]
     """The same stages, called batch by batch in this process."""
     from pipelines.stages import FaceStage, LoadStage, ScoreStage, StylizeStage, WriteStage
     from pipelines.stylize import read_manifest
+    from stylid_core.ledger import ShardWriter
 
     t0 = time.perf_counter()
-    rows = read_manifest(manifest, config.stylize.style_uri)
+    rows = read_manifest(manifest, config.stylize.style_uri).to_pandas()
     stages = [
         LoadStage(config.io),
         FaceStage(config.faces),
@@ -64,11 +65,15 @@ def loop_run(config: JobConfig, manifest: str, output: str) -> tuple[int, float]
     ]
     n = 0
     bs = config.resources.faces.batch_size
+    writer = ShardWriter(output, config.io.storage_options, config.io.rows_per_shard)
     for k in range(0, len(rows), bs):
         batch = rows.iloc[k : k + bs].reset_index(drop=True)
         for stage in stages:
-            batch = stage(batch).to_pandas()
+            table = stage(batch)
+            batch = table.to_pandas()
+        writer.add(table)  # the shards, as the job's driver writes them
         n += len(batch)
+    writer.flush()
     return n, time.perf_counter() - t0
 
 

@@ -9,12 +9,19 @@
   about ``1 + 1 / stride`` times by construction;
 - **(a') img2img, diffusers' defaults**: the same pipeline as diffusers runs it by default, strength 0.8 (80% of
   the steps) and guidance scale 7.5, whose classifier-free guidance doubles the UNet batch;
-- **(b) StyleID official flow**: one image at a time, DDIM inversion of the style *and* the content every time, the
-  recorded features written to disk with ``torch.save`` (pickle) and read back before sampling, as StyleID's
-  ``run_styleid.py`` does with its feature pickles.
+- **(b) StyleID official flow**, as ``run_styleid.py`` publishes it on a fresh run (no precomputed features): the
+  style DDIM-inverted once, recording the self-attention queries, keys and values of the injected layers at every
+  timestep, its features pickled to disk; then one content image at a time (batch 1): DDIM-inverted the same way,
+  sampled with the style's keys/values and its own queries injected, decoded, its features pickled to disk
+  (``torch.save``). In its own precision (``--official-precision published``, the default): full-precision (float32)
+  weights, the inversions in float32 and the sampling and decoding under ``torch.autocast`` (float16) on CUDA; on
+  a CPU the published autocast does nothing, so all of it is float32. ``--official-precision engine`` runs it in
+  the engine's dtype instead. Its attention is this project's (SDPA); the published code's ldm attention
+  materialises every score matrix, so on a GPU the measured ratio is a lower bound for the published code.
 
 Every method runs on the same UNet/VAE/text encoder (one copy in memory; the attention processors are swapped in
-before each method). The images carry no faces, so the content consistency guidance is idle. The ``UNet
+before each method), except (b) in its published precision when the engine's dtype is not float32: (b) then gets
+its own float32 copy. The images carry no faces, so the content consistency guidance is idle. The ``UNet
 passes/image`` column counts the UNet evaluations each method made per image (a batch of B counts B).
 
 Targets on a GPU with SD 1.5 at 512 px: ours <= 1.5x (a), >= 10x faster than (b). ``--sd-shaped`` builds an
@@ -25,12 +32,15 @@ only show the shape of the costs; the table says which device ran.
     python benchmarks/bench_styleid.py --sd-shaped --size 256 --steps 10 --batch 2 --n-content 2   # CPU, small
     python benchmarks/bench_styleid.py --sd-shaped --device cuda --size 512                        # GPU
     python benchmarks/bench_styleid.py --model runwayml/stable-diffusion-v1-5 --device cuda --size 512
+
+``--json PATH`` also writes every figure (with the device's name, torch's version and each method's dtype) there.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import tempfile
 import threading
@@ -104,17 +114,20 @@ def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 class UNetPasses:
-    """Counts UNet evaluations (a call on a batch of B counts B) with a forward pre-hook."""
+    """Counts UNet evaluations (a call on a batch of B counts B) with a forward pre-hook on each UNet."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, *unets: torch.nn.Module) -> None:
         self.count = 0
-        unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        for unet in {id(u): u for u in unets}.values():
+            unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs) -> None:
         self.count += int((args[0] if args else kwargs["sample"]).shape[0])
 
 
-def measure(name: str, device: torch.device, n_images: int, passes: UNetPasses, fn: Callable[[], object]) -> dict:
+def measure(
+    name: str, device: torch.device, n_images: int, passes: UNetPasses, fn: Callable[[], object], dtype: str
+) -> dict:
     gc.collect()
     passes.count = 0
     with PeakMemory(device) as mem:
@@ -128,45 +141,57 @@ def measure(name: str, device: torch.device, n_images: int, passes: UNetPasses, 
         "s_per_image": seconds / n_images,
         "peak_mib": mem.peak_bytes / 2**20,
         "passes": passes.count / n_images,
+        "dtype": dtype,
     }
     print(f"  measured {name}: {row['s_per_image']:.3f} s/image", flush=True)
     return row
 
 
-def official_flow(engine: DiffusionStylizer, contents, style, workdir: str, written: list[int] | None = None):
-    """StyleID's published flow, one image at a time: invert both, pickle the features to disk, reload, sample.
+def official_flow(
+    engine: DiffusionStylizer, contents, style, workdir: str, autocast: bool, written: list[int] | None = None
+):
+    """StyleID's published flow on a fresh run: the style inverted once and its features pickled to disk, then one
+    content at a time inverted (q, k, v recorded at every injected timestep), sampled (under float16 autocast when
+    ``autocast``), decoded and its features pickled to disk. Inversions run in the engine's own dtype.
 
-    Returns the stylized images; ``written`` gets the bytes of feature files written per image.
+    Returns the stylized images; ``written`` gets the bytes of the feature files: the style's first, then each
+    content's. A content's file is deleted once written and measured (its bytes went through ``torch.save``), so
+    a long run does not fill the disk.
     """
+    first = engine.schedule.timesteps[0]
+    style_latent = engine.encode(engine._to_tensor([style], engine.working_size(*style.shape[:2])))
+    style_traj, style_rec = engine._invert_recording(style_latent, ("q", "k", "v"))
+    style_path = os.path.join(workdir, "style.pt")
+    torch.save({"features": style_rec, "trajectory": style_traj}, style_path)
+    if written is not None:
+        written.append(os.path.getsize(style_path))
+    features = StyleFeatures("official", style_rec["k"], style_rec["v"], style_traj[first])
     outputs = []
     for i, content in enumerate(contents):
-        size = engine.working_size(*content.shape[:2])
-        style_latent = engine.encode(engine._to_tensor([style], engine.working_size(*style.shape[:2])))
-        style_traj, style_rec = engine._invert_recording(style_latent, ("k", "v"))
-        torch.save(
-            {"k": style_rec["k"], "v": style_rec["v"], "z_T": style_traj[engine.schedule.timesteps[0]]},
-            os.path.join(workdir, f"style_{i}.pt"),
-        )
-        content_latent = engine.encode(engine._to_tensor([content], size))
-        content_traj, content_rec = engine._invert_recording(content_latent, ("q",))
-        torch.save({"q": content_rec["q"], "trajectory": content_traj}, os.path.join(workdir, f"content_{i}.pt"))
-        del style_rec, content_rec, style_traj, content_traj
-        if written is not None:
-            written.append(sum(os.path.getsize(os.path.join(workdir, f"{w}_{i}.pt")) for w in ("style", "content")))
-        s = torch.load(os.path.join(workdir, f"style_{i}.pt"), map_location=engine.device)
-        c = torch.load(os.path.join(workdir, f"content_{i}.pt"), map_location=engine.device)
-        features = StyleFeatures("official", s["k"], s["v"], s["z_T"])
-        content_pass = ContentPass(c["q"], None, None, c["trajectory"])
-        z_T = engine.adain(c["trajectory"][engine.schedule.timesteps[0]], s["z_T"])
-        latents = engine.sample(z_T, features, content_pass, None)
-        image = engine.decode(latents)[0]
+        content_latent = engine.encode(engine._to_tensor([content], engine.working_size(*content.shape[:2])))
+        content_traj, content_rec = engine._invert_recording(content_latent, ("q", "k", "v"))
+        content_pass = ContentPass(content_rec["q"], None, None, content_traj)
+        z_T = engine.adain(content_traj[first], features.z_T)
+        with torch.autocast(engine.device.type, dtype=torch.float16, enabled=autocast):
+            latents = engine.sample(z_T, features, content_pass, None)
+            image = engine.decode(latents)[0]
         outputs.append(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+        path = os.path.join(workdir, f"content_{i}.pt")
+        torch.save({"features": content_rec, "trajectory": content_traj}, path)
+        if written is not None:
+            written.append(os.path.getsize(path))
+        os.remove(path)
+        del content_rec, content_traj, content_pass
     return outputs
 
 
-def build_components(args) -> tuple[DiffusionComponents, str, torch.device, torch.dtype]:
-    """One copy of the model for every method: (components, model option, device, dtype)."""
-    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+def build_components(
+    args, dtype: torch.dtype | None = None
+) -> tuple[DiffusionComponents, str, torch.device, torch.dtype]:
+    """One copy of the model for every method: (components, model option, device, dtype); ``dtype`` overrides the
+    ``--dtype`` option (the official flow's float32 copy)."""
+    device, resolved = resolve_device_and_dtype(args.device, args.dtype)
+    dtype = dtype or resolved
     if args.sd_shaped:
         return build_sd15_shaped_components(), SD15_SHAPED_MODEL_NAME, device, dtype
     if args.model == "tiny":
@@ -203,6 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-content", type=int, default=8)
     parser.add_argument("--strides", default="1,2,3", help="ours: the inversion_stride of each row")
     parser.add_argument("--workdir", default=None, help="where the official flow writes its feature files")
+    parser.add_argument(
+        "--official-precision",
+        default="published",
+        choices=("published", "engine"),
+        help="(b)'s precision: as published (float32, sampling under float16 autocast on CUDA) or the engine's dtype",
+    )
+    parser.add_argument("--json", default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)
     strides = sorted({int(s) for s in args.strides.split(",")} | {1})
 
@@ -220,10 +252,26 @@ def main(argv: list[str] | None = None) -> None:
         engines[stride] = DiffusionStylizer(components=parts, **options, inversion_stride=stride)
         processors[stride] = dict(parts.unet.attn_processors)  # each engine's own; reinstalled before it runs
     engine = engines[1]
+    # (b): as published it keeps float32 weights (its own copy when ours runs in another dtype) and samples under
+    # float16 autocast on CUDA; on a CPU the published autocast("cuda") is a no-op, so it is float32 throughout
+    published = args.official_precision == "published"
+    official_autocast = published and device.type == "cuda"
+    if published and dtype != torch.float32:
+        parts_off = build_components(args, torch.float32)[0]
+        official_engine = DiffusionStylizer(components=parts_off, **{**options, "dtype": "float32"})
+        official_processors = dict(parts_off.unet.attn_processors)
+    else:
+        parts_off, official_engine, official_processors = parts, engine, processors[1]
+    official_dtype = str(official_engine.dtype).removeprefix("torch.") + (
+        " (sampling and decoding under float16 autocast)" if official_autocast else ""
+    )
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     def use(stride: int | None) -> None:
         parts.unet.set_attn_processor(dict(processors[stride]) if stride else AttnProcessor2_0())
+
+    def use_official() -> None:
+        parts_off.unet.set_attn_processor(dict(official_processors))
 
     pipe = img2img_pipeline(parts, device)
     contents = _images(args.n_content, args.size, seed=1)
@@ -260,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
             for stride in strides:
                 use(stride)
                 engines[stride].stylize_batch(contents[:1], [style])
-            use(1)
-            official_flow(engine, contents[:1], style, workdir)
+            use_official()
+            official_flow(official_engine, contents[:1], style, workdir, official_autocast)
             img2img(1.0, 1.0)()
             return
         # CPU: one UNet call per batch shape and one VAE round trip (a full pass per method would double the run)
@@ -278,34 +326,41 @@ def main(argv: list[str] | None = None) -> None:
         written: list[int] = []
 
         def official() -> None:
-            use(1)
-            official_flow(engine, contents, style, workdir, written)
+            use_official()
+            official_flow(official_engine, contents, style, workdir, official_autocast, written)
 
-        passes = UNetPasses(parts.unet)
+        passes = UNetPasses(parts.unet, parts_off.unet)
+        ours_dtype = str(engine.dtype).removeprefix("torch.")
         rows = []
         for stride in strides:
             name = f"ours, inversion_stride {stride}" + (" (batched, in-memory style)" if stride == 1 else "")
-            rows.append(measure(name, device, n_c, passes, ours(stride)))
-        rows.append(measure("(a) img2img strength 1.0, no CFG", device, n_c, passes, img2img(1.0, 1.0)))
+            rows.append(measure(name, device, n_c, passes, ours(stride), ours_dtype))
+        rows.append(measure("(a) img2img strength 1.0, no CFG", device, n_c, passes, img2img(1.0, 1.0), ours_dtype))
         defaults = img2img(IMG2IMG_DEFAULT_STRENGTH, IMG2IMG_DEFAULT_GUIDANCE)
-        rows.append(measure("(a') img2img defaults: strength 0.8, CFG 7.5", device, n_c, passes, defaults))
-        rows.append(measure("(b) StyleID official flow (disk features)", device, n_c, passes, official))
+        rows.append(
+            measure("(a') img2img defaults: strength 0.8, CFG 7.5", device, n_c, passes, defaults, ours_dtype)
+        )
+        rows.append(measure("(b) StyleID official flow (batch 1, disk features)", device, n_c, passes, official,
+                            official_dtype))  # fmt: skip
 
     on_gpu = device.type == "cuda"
     print()
     if not on_gpu:
         print("*** RAN ON CPU - no GPU in this session: figures show the shape of the costs only; the GPU targets")
         print("*** (ours <= 1.5x img2img, >= 10x faster than the official flow) apply to SD 1.5 on a GPU.")
-    name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"device: {name} | model: {engine.model} | dtype: {str(engine.dtype).removeprefix('torch.')} | "
+        f"device: {device_name} | model: {engine.model} | dtype: {str(engine.dtype).removeprefix('torch.')} | "
         f"size {args.size} | steps {n} | batch {args.batch} | contents {n_c} | "
         f"injected layers {len(engine.layers)} | no faces (consistency guidance idle)"
     )
     mem_kind = "peak GPU MiB" if on_gpu else "peak RSS MiB"
-    print(f"{'method':<50} {'s/image':>10} {mem_kind:>14} {'UNet passes/image':>18}")
+    print(f"{'method':<50} {'s/image':>10} {mem_kind:>14} {'UNet passes/image':>18}  dtype")
     for row in rows:
-        print(f"{row['name']:<50} {row['s_per_image']:>10.3f} {row['peak_mib']:>14.1f} {row['passes']:>18.1f}")
+        print(
+            f"{row['name']:<50} {row['s_per_image']:>10.3f} {row['peak_mib']:>14.1f} {row['passes']:>18.1f}"
+            f"  {row['dtype']}"
+        )
     ours_rows, (strict, default, off) = rows[: len(strides)], rows[len(strides) :]
     header = "".join(f"{'stride ' + str(s):>11}" for s in strides)
     print(f"{'time ratios':<50}{header}")
@@ -318,11 +373,39 @@ def main(argv: list[str] | None = None) -> None:
         cells = "".join(f"{f'{r:.2f}x':>11}" for r in ratios)
         print(f"{label:<50}{cells}" + (f"   (target on GPU: {target})" if target else ""))
     features = next(iter(engine.style_cache._items.values()), None)
+    cached_mib = features.nbytes / 2**20 if features is not None else None
+    style_file, content_files = (written[0], written[1:]) if written else (0, [0])
     if features is not None:
         print(
-            f"style features cached in memory (stride 1): {features.nbytes / 2**20:.1f} MiB; "
-            f"(b) wrote {np.mean(written) / 2**20:.1f} MiB of feature files per image"
+            f"style features cached in memory (stride 1): {cached_mib:.1f} MiB; (b) wrote "
+            f"{style_file / 2**20:.1f} MiB for the style and {np.mean(content_files) / 2**20:.1f} MiB per content"
         )
+    if args.json:
+        report = {
+            "device": str(device),
+            "device_name": device_name,
+            "torch": torch.__version__,
+            "model": engine.model,
+            "dtype": ours_dtype,
+            "official_dtype": official_dtype,
+            "official_precision": args.official_precision,
+            "size": args.size,
+            "steps": n,
+            "batch": args.batch,
+            "n_content": n_c,
+            "strides": strides,
+            "injected_layers": len(engine.layers),
+            "methods": rows,
+            "ratios": {
+                label: {f"stride_{s}": r for s, r in zip(strides, ratios)} for label, ratios, _ in lines
+            },
+            "targets": {"ours / (a) img2img strict": "<= 1.5", "(b) official / ours": ">= 10"},
+            "style_features_cached_mib": cached_mib,
+            "official_style_file_mib": style_file / 2**20,
+            "official_content_file_mib": float(np.mean(content_files)) / 2**20,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

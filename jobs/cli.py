@@ -8,9 +8,10 @@ import logging
 import sys
 
 from stylid_core.config import ConfigError
+from stylid_core.secrets import scrub, secret_values, secrets_in_overrides
 
 #: modules exposing ``add_parser(subparsers)``; each sets ``func`` on its parser
-SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer")
+SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer", "jobs.compact", "jobs.score")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError) as exc:
-        print(f"stylid {args.command}: error: {exc}", file=sys.stderr)
+        secrets = secret_values() | secrets_in_overrides(getattr(args, "set", None) or [])
+        print(scrub(f"stylid {args.command}: error: {exc}", secrets), file=sys.stderr)
         return 2
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from collections import Counter
 
 import fsspec
+import pyarrow.compute as pc
 import yaml
 
 from jobs.ray_cluster import init_ray
-from jobs.run import check_output_config, versions
+from jobs.run import check_output_config, versions, write_run_json
+from pipelines.preflight import preflight_customize
 from stylid_core.customize.job_config import CustomizeJobConfig
-from stylid_core.storage import delete, join, read_parquet_dir, write_bytes
+from stylid_core.ledger import FACES, METRICS, iter_shards, live_shards
+from stylid_core.storage import delete, join, write_bytes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,10 +50,17 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
     check_output_config(output_uri, config, overwrite)
     delete(join(output_uri, "_SUCCESS"), opts)
     result = run_customize(config, manifest_uri, output_uri)
-    metrics = read_parquet_dir(join(output_uri, "metrics"), opts, columns=["image_id", "status"])
-    faces = read_parquet_dir(join(output_uri, "faces"), opts, columns=["detected", "id_match"])
+    names = live_shards(output_uri, opts)  # the ledger, read projected, shard by shard
+    counts: Counter[str] = Counter()
+    generated = detected = matched = 0
+    for table in iter_shards(output_uri, METRICS, opts, ["status"], names):
+        counts.update(str(s) for s in table.column("status").to_pylist())
+    for table in iter_shards(output_uri, FACES, opts, ["detected", "id_match"], names):
+        generated += table.num_rows
+        detected += int(pc.sum(pc.fill_null(table.column("detected"), False)).as_py() or 0)
+        matched += int(pc.sum(pc.fill_null(table.column("id_match"), False)).as_py() or 0)
     config_dict = config.to_dict()
-    config_dict["io"].pop("storage_options", None)  # may hold credentials
+    config_dict["io"].pop("storage_options", None)  # may hold credentials (write_run_json redacts them anyway)
     info = {
         "job": "customize",
         "manifest": manifest_uri,
@@ -60,19 +71,20 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
         "this_run": result.to_dict(),
-        "rows": int(len(metrics)),
-        "counts": {str(k): int(v) for k, v in metrics["status"].value_counts().items()} if len(metrics) else {},
-        "generated_images": int(len(faces)),
-        "faces_detected": int(faces["detected"].fillna(False).sum()) if len(faces) else 0,
-        "id_match_rate": float(faces["id_match"].fillna(False).mean()) if len(faces) else None,
+        "rows": sum(counts.values()),
+        "counts": dict(counts),
+        "generated_images": generated,
+        "faces_detected": detected,
+        "id_match_rate": matched / generated if generated else None,
     }
-    write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
+    write_run_json(output_uri, info, opts)
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
     return info
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    preflight_customize(config, args.manifest, args.output)  # before Ray starts (see pipelines.preflight)
     init_ray(args.ray_address)
     info = run_customize_job(config, args.manifest, args.output, overwrite=args.overwrite)
     print(json.dumps({k: info[k] for k in ("this_run", "rows", "counts", "id_match_rate")}, indent=2))

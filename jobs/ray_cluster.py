@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+
+from jobs import ray_reaper
 
 log = logging.getLogger(__name__)
 
@@ -22,27 +25,93 @@ def worker_soft_limit(cpus: int) -> int:
     return cpus + 8
 
 
+#: where a local Ray may listen; anything else is refused
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _keep_local_ray_on_loopback() -> None:
+    """Make the local Ray this process starts bind every listener to 127.0.0.1.
+
+    Ray (2.60) binds its gRPC servers (GCS, raylet, object manager, workers, actors), the dashboard and runtime-env
+    agents and the metrics exporter to the node's IP address, and ``ray.init`` replaces a loopback
+    ``_node_ip_address`` with the machine's address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is 0 ("this Ray is
+    not part of a cluster": ``ray._private.services.get_node_ip_address`` then answers 127.0.0.1, and every
+    process is started with that address). Ray reads the variable once, when ``ray._private.ray_constants`` is
+    first imported, so where Ray was imported before this call the module's flag is set to match. The variable
+    is inherited by the processes Ray starts, which read it the same way. Measured with ``ss -ltnp``: with it,
+    every listener of the session is on 127.0.0.1; without it, on ``*`` and on the machine's address.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Join the cluster at ``address`` / ``$RAY_ADDRESS``, or start a local Ray for this process.
+
+    The local Ray listens on 127.0.0.1 only (checked after start: a node on another address is shut down and
+    refused), and a watchdog (``jobs.ray_reaper``) ends every process of it when this process ends, however it
+    ends; leftovers of earlier sessions whose driver and watchdog were both killed are ended first.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _keep_local_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
+    if address:  # the cluster's own settings (token authentication, ...) apply
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=not quiet)
         return
-    # a local Ray for this process only, every listener on loopback (measured here: this variable is what makes
-    # Ray's listeners bind 127.0.0.1; the node address alone did not)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only, this process's own Ray: no token to manage
     os.environ.setdefault("RAY_num_workers_soft_limit", str(worker_soft_limit(num_cpus or os.cpu_count() or 1)))
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=not quiet,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    temp_dir = ray_temp_dir()
+    ended = ray_reaper.reap_orphaned_sessions(temp_dir)
+    if ended:
+        log.warning("ended %d processes left by an earlier local Ray of stylid whose driver was killed", ended)
+    # the watchdog starts first, so a driver killed during ray.init leaves nothing either; the token marks the
+    # processes ray.init starts (and, through the raylet, every worker), nothing this process starts later
+    record = ray_reaper.new_record()
+    record_path = ray_reaper.save_record(record, temp_dir)
+    watchdog = ray_reaper.start_watchdog(record, record_path)
+    _watchdogs.append(watchdog)
+    os.environ[ray_reaper.TOKEN_ENV] = record.token
+    try:
+        ray.init(
+            address="local",  # a new Ray, never one found through /tmp/ray/ray_current_cluster (`ray start`)
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=not quiet,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+    finally:
+        os.environ.pop(ray_reaper.TOKEN_ENV, None)
+    record.session_dir = _session_dir(ray)
+    ray_reaper.save_record(record, temp_dir)
+    ray_reaper.tell_session_dir(watchdog, record.session_dir)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {node_ip}, not on 127.0.0.1; refusing to run on it")
+
+
+#: the watchdogs of this process's local Rays (kept so that their stdin pipes stay open while this process lives)
+_watchdogs: list = []
+
+
+def ray_temp_dir() -> str:
+    """Ray's temp folder, by Ray's own rule: ``$RAY_TMPDIR/ray``, else ``$TMPDIR/ray``, else ``/tmp/ray``."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
+
+
+def _session_dir(ray) -> str:
+    """The local Ray's session folder (its logs; the watchdog finds orphaned agents by the files they hold)."""
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        return ""

@@ -19,9 +19,12 @@ import pyarrow.parquet as pq
 
 from jobs.config import load_job_config
 from jobs.ray_cluster import init_ray
+from pipelines.preflight import preflight_run
 from stylid_core.config import ConfigError, JobConfig
-from stylid_core.report import format_summary, summarize, write_report
-from stylid_core.storage import delete, filesystem, join, read_bytes, read_parquet_dir, write_bytes
+from stylid_core.ledger import METRICS, iter_shards
+from stylid_core.report import format_summary, summarize_output, write_report
+from stylid_core.secrets import redact, scrub, secret_values
+from stylid_core.storage import delete, filesystem, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = "stylid-output"
@@ -108,13 +111,22 @@ def previous_images(output_uri: str, storage_options: dict) -> list[str]:
     """The images of this output that its metrics shards record (both jobs' layouts): for each recorded URI, the
     object of the same name under ``<output_uri>/images/``, so a copied or moved output never reaches back into
     the place it was copied from, and nothing outside ``images/`` is named."""
-    metrics = read_parquet_dir(join(output_uri, "metrics"), storage_options)
-    uris: list[str] = []
-    if "output_uri" in metrics:
-        uris += [u for u in metrics["output_uri"] if isinstance(u, str) and u]
-    if "output_uris" in metrics:
-        uris += [u for v in metrics["output_uris"] if isinstance(v, str) and v for u in json.loads(v)]
+    uris: set[str] = set()
+    for table in iter_shards(output_uri, METRICS, storage_options, ["output_uri", "output_uris"]):
+        if "output_uri" in table.column_names:
+            uris |= {u for u in table.column("output_uri").to_pylist() if isinstance(u, str) and u}
+        if "output_uris" in table.column_names:
+            uris |= {u for v in table.column("output_uris").to_pylist() if isinstance(v, str) and v
+                     for u in json.loads(v)}  # fmt: skip
     return sorted({join(output_uri, "images", posixpath.basename(u)) for u in uris})
+
+
+def write_run_json(output_uri: str, info: dict, storage_options: dict) -> None:
+    """``<output>/run.json``: ``info`` with credentials redacted (secret-named keys) and scrubbed (any known secret
+    value, from the storage options or the environment, wherever it appears in the text). Every job writes its
+    run.json through here."""
+    text = json.dumps(redact(info), indent=2, default=str)
+    write_bytes(join(output_uri, "run.json"), scrub(text, secret_values(storage_options)).encode(), storage_options)
 
 
 def run_job(
@@ -123,23 +135,25 @@ def run_job(
     manifest_uri: str | None = None,
     overwrite: bool = False,
     report: bool = True,
+    preflight: bool = True,
 ) -> dict:
-    """The whole job on an initialised Ray: returns the content of ``run.json``."""
+    """The whole job on an initialised Ray: returns the content of ``run.json``. With ``preflight`` the manifest,
+    output and style images are checked first (``pipelines.preflight``; ``main`` does it before Ray starts)."""
     from pipelines.stylize import run_stylize
 
     opts = config.io.storage_options
     started = dt.datetime.now(dt.timezone.utc).isoformat()
+    if preflight:
+        preflight_run(config, manifest_uri, output_uri)
     check_output_config(output_uri, config, overwrite)
     delete(join(output_uri, "_SUCCESS"), opts)
     manifest_uri = manifest_uri or write_sample_manifest(output_uri, opts)
     result = run_stylize(config, manifest_uri, output_uri)
-    metrics = read_parquet_dir(join(output_uri, "metrics"), opts)
-    faces = read_parquet_dir(join(output_uri, "faces"), opts)
-    summary = summarize(metrics, faces)
+    summary = summarize_output(output_uri, opts)  # a projected scan of the ledger, shard by shard
     info = {
         "manifest": manifest_uri,
         "output": output_uri,
-        "config": config.to_dict(),
+        "config": redact(config.to_dict()),
         "config_hash": config.config_hash(),
         "is_default_config": config.is_default(),
         "versions": versions(),
@@ -148,8 +162,8 @@ def run_job(
         "this_run": result.to_dict(),
         "summary": summary,
     }
-    write_bytes(join(output_uri, "run.json"), json.dumps(info, indent=2, default=str).encode(), opts)
-    if report and len(metrics):
+    write_run_json(output_uri, info, opts)
+    if report and summary["rows"]:
         info["report"] = write_report(output_uri, opts)
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
     return info
@@ -157,8 +171,11 @@ def run_job(
 
 def main(args: argparse.Namespace) -> int:
     config = load_job_config(args.config, args.set)
+    preflight_run(config, args.manifest, args.output)  # before Ray starts: a bad input fails in seconds, in one line
     init_ray(args.address, args.num_cpus)
-    info = run_job(config, args.output, args.manifest, overwrite=args.overwrite, report=not args.no_report)
+    info = run_job(
+        config, args.output, args.manifest, overwrite=args.overwrite, report=not args.no_report, preflight=False
+    )
     r = info["this_run"]
     print()
     print(f"stylid run: {r['total_rows']} rows in the manifest, {r['already_done']} already done, "

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from jobs.ray_cluster import init_ray
-from stylid_core.customize.facesnap.training import FaceSnapTrainConfig
+
+if TYPE_CHECKING:  # torch and diffusers load only when this command runs, not with every ``stylid`` command
+    from stylid_core.customize.facesnap.training import FaceSnapTrainConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +38,8 @@ def load_config(path: str, overrides: dict[str, Any] | None = None) -> FaceSnapT
     if "train" in data:
         data = data["train"]
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from stylid_core.customize.facesnap.training import FaceSnapTrainConfig
+
     return FaceSnapTrainConfig.from_dict(data)
 
 

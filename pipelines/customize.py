@@ -2,9 +2,9 @@
 
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
 comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;
-generated images go to ``<output>/images/<image_id>-<hash>-<k>.png`` and one row per generated image to
-``faces/part-<h>.parquet`` (one put each). Per batch the metrics shard is written last: it is the resume ledger, as
-in ``stylid run``, so a rerun processes only the ids not yet in ``metrics/`` and, with none left, starts no stage.
+generated images go to ``<output>/images/<image_id>-<hash>-<k>.png`` (one put each) and one row per generated
+image to ``faces/part-<h>.parquet``. The shards and the resume ledger are ``stylid run``'s (``stylid_core.ledger``):
+a rerun processes only the ids not yet in ``metrics/`` and, with none left, starts no stage.
 ``run.json`` and ``_SUCCESS`` are written by ``jobs.customize``.
 """
 
@@ -18,14 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipelines.stages import write_shards
+from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
 from pipelines.stylize import (
     check_pools_fit,
     check_unique_ids,
@@ -39,8 +38,9 @@ from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.faces.base import Face
 from stylid_core.faces.factory import create_face_analyzer
 from stylid_core.imageio import ImageDecodeError, decode_image, encode_png
+from stylid_core.ledger import FACE_ROWS
 from stylid_core.metrics import identity_similarity
-from stylid_core.storage import join, write_bytes
+from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,13 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 def _read_image(uri: str, config: CustomizeJobConfig) -> np.ndarray:
+    """The RGB image at ``uri`` (transient storage failures retried); ``ImageDecodeError`` with the row status and
+    the URI for anything that cannot be used."""
     try:
-        with fsspec.open(uri, "rb", **config.io.storage_options) as f:
-            data = f.read(config.io.max_bytes + 1)
-    except FileNotFoundError as exc:
-        raise ImageDecodeError("missing", f"{uri}: not found") from exc
-    except PermissionError as exc:
-        raise ImageDecodeError("forbidden", f"{uri}: {exc}") from exc
-    if len(data) > config.io.max_bytes:
-        raise ImageDecodeError("too_large", f"{uri}: more than {config.io.max_bytes} bytes")
-    return decode_image(data, max_pixels=config.io.max_pixels, max_bytes=config.io.max_bytes)
+        data = read_bytes(uri, config.io.storage_options, config.io.max_bytes, config.io.retry)
+    except StorageError as exc:
+        raise ImageDecodeError(exc.status, str(exc)) from None
+    return decode_image(data, max_pixels=config.io.max_pixels, max_bytes=config.io.max_bytes, source=uri)
 
 
 def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:
@@ -290,18 +287,18 @@ class CustomizeScoreStage:
 
 
 class CustomizeWriteStage:
-    """Writes each generated image in one put, then the batch's ``faces/`` shard (one row per generated image) and
-    last its ``metrics/`` shard (the resume ledger); returns the metrics rows."""
+    """Writes each generated image in one put and returns the metrics rows, each with its per-generated-image rows
+    in ``FACE_ROWS``; the job's ``ShardWriter`` writes them into faces and metrics shards, as in ``stylid run``."""
 
     def __init__(self, output_uri: str, config: CustomizeJobConfig) -> None:
         self.output_uri = output_uri.rstrip("/")
         self.config = config
         self.suffix = config.config_hash()
 
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.reset_index(drop=True).copy()
         opts = self.config.io.storage_options
-        face_rows: list[dict] = []
+        face_rows: list[list[dict]] = [[] for _ in range(len(df))]
         for i in range(len(df)):
             pngs = df.at[i, "out_pngs"]
             if pngs is None or df.at[i, "status"] != "ok":
@@ -318,12 +315,15 @@ class CustomizeWriteStage:
                 continue
             gens = df.at[i, "gen_json"] if "gen_json" in df else None
             if isinstance(gens, str):
-                face_rows += [{"image_id": df.at[i, "image_id"], **g} for g in json.loads(gens)]
+                face_rows[i] = [{"image_id": df.at[i, "image_id"], **g} for g in json.loads(gens)]
         df["config_hash"] = self.suffix
         out = pd.DataFrame({c: df[c] if c in df else None for c in METRIC_COLUMNS}).astype(METRIC_COLUMNS)
-        faces = pd.DataFrame(face_rows, columns=list(FACE_COLUMNS)).astype(FACE_COLUMNS)
-        write_shards(self.output_uri, out["image_id"].tolist(), _arrow(faces), _arrow(out), opts)
-        return out
+        return _arrow(out).append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+
+
+_ARROW_OF = {"string": pa.string(), "Int32": pa.int32(), "boolean": pa.bool_(), "Float64": pa.float64()}
+#: the type of ``CustomizeWriteStage``'s ``FACE_ROWS`` column (``FACE_COLUMNS`` as Arrow)
+FACE_ROWS_TYPE = pa.list_(pa.struct([pa.field(k, _ARROW_OF[v]) for k, v in FACE_COLUMNS.items()]))
 
 
 def _arrow(df: pd.DataFrame) -> pa.Table:
@@ -348,7 +348,9 @@ def _pool(res: StageResources) -> dict[str, Any]:
             "batch_size": res.batch_size}  # fmt: skip
 
 
-def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, output_uri: str) -> ray.data.Dataset:
+def build_customize_dataset(
+    config: CustomizeJobConfig, rows: pa.Table | pd.DataFrame, output_uri: str
+) -> ray.data.Dataset:
     """The lazy dataset of metrics rows for the prepared ``rows`` (``read_customize_manifest``); images, face rows
     and metrics shards are written as a side effect of its last stage. Rows enter in small blocks, so every actor
     pool has work as soon as the first references are read."""
@@ -357,16 +359,17 @@ def build_customize_dataset(config: CustomizeJobConfig, rows: pd.DataFrame, outp
     check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
     block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
-    blocks = [_arrow(rows.iloc[k : k + block_rows]) for k in range(0, len(rows), block_rows)]
-    ds = ray.data.from_arrow(blocks)
-    env = stage_remote_args()  # AWS_* and offline flags reach every worker
+    rows = _arrow(rows) if isinstance(rows, pd.DataFrame) else rows
+    ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
+    env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
+    creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
     return (
-        ds.map_batches(ReferenceStage, **args, **_pool(r.reference))
-        .map_batches(CustomizeStage, **args, **gen)
-        .map_batches(CustomizeScoreStage, **args, **_pool(r.score))
-        .map_batches(CustomizeWriteStage(output_uri, config), batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS,
-                     **env)
+        ds.map_batches(with_credentials(ReferenceStage, creds), **args, **_pool(r.reference))
+        .map_batches(with_credentials(CustomizeStage, creds), **args, **gen)
+        .map_batches(with_credentials(CustomizeScoreStage, creds), **args, **_pool(r.score))
+        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config), creds), batch_format="pandas",
+                     batch_size=8, num_cpus=WRITE_CPUS, **env)
     )  # fmt: skip
 
 
@@ -392,6 +395,7 @@ def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str
     opts = config.io.storage_options
     manifest = read_customize_manifest(manifest_uri, config)
     done, counts = process_pending(
-        manifest, output_uri, opts, lambda rows: build_customize_dataset(config, rows, output_uri)
-    )
+        manifest, output_uri, opts, lambda rows: build_customize_dataset(config, rows, output_uri),
+        config.io.rows_per_shard,
+    )  # fmt: skip
     return CustomizeResult(len(manifest), len(done), sum(counts.values()), time.perf_counter() - t0, dict(counts))

@@ -17,13 +17,22 @@ COLUMNS: dict[str, pa.DataType] = {
     "image_id": pa.string(),
     "image_uri": pa.string(),
     "style_uri": pa.string(),
+    "reference_uri": pa.string(),  # stylid score: the identity reference of a customization output
     # every stage
     "status": pa.string(),
     "error": pa.string(),
     # load
-    "width": pa.int32(),
+    "width": pa.int32(),  # the working size (``io.max_work_pixels``): what faces, stylize and score see
     "height": pa.int32(),
+    "source_width": pa.int32(),  # the image's own size (after EXIF rotation): the written output's
+    "source_height": pa.int32(),
     "pixels": pa.binary(),  # raw RGB uint8, height*width*3 bytes
+    # stylid score: the output read back (null: the stylized pixels, of the source's size) and the reference
+    "out_width": pa.int32(),
+    "out_height": pa.int32(),
+    "ref_width": pa.int32(),
+    "ref_height": pa.int32(),
+    "ref_pixels": pa.binary(),
     # faces
     "n_faces": pa.int32(),
     "n_faces_detected": pa.int32(),  # before the max_faces cap
@@ -56,7 +65,7 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 
 #: the per-image metrics table: everything but pixels and the per-face JSON
-METRICS_COLUMNS = [c for c in COLUMNS if c not in ("pixels", "out_pixels", "plain_pixels", "faces_json")]
+METRICS_COLUMNS = [c for c in COLUMNS if c not in ("pixels", "out_pixels", "plain_pixels", "ref_pixels", "faces_json")]
 
 FACE_COLUMNS: dict[str, pa.DataType] = {
     "image_id": pa.string(),

@@ -8,28 +8,31 @@ GPUs, batch size, pool size) come from ``JobConfig.resources`` and are applied i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, object_key, to_table
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
-from stylid_core.imageio import ImageDecodeError, decode_image, encode_jpeg, encode_png
+from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
+from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
 from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.report import ZOOM_FACE_PX, zoom_strip
 from stylid_core.sample_data import default_style_path
+from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
+from stylid_core.stylize.classical import lab_statistics
 from stylid_core.stylize.mosaic import MosaicRestorer
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,42 @@ def _one_thread_for_opencv() -> None:
     cv2.setNumThreads(1)
 
 
+#: each pixel column and the row columns that hold its width and height. An output without sizes of its own
+#: (``stylid run``'s stylized pixels) has the source's size.
+PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
+    "pixels": ("width", "height"),
+    "out_pixels": ("out_width", "out_height"),
+    "plain_pixels": ("width", "height"),
+    "ref_pixels": ("ref_width", "ref_height"),
+}
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)
+
+
 def image_of(row: Any, column: str = "pixels") -> np.ndarray:
-    """The RGB image a row carries in ``column`` (raw bytes plus the row's width and height)."""
-    return np.frombuffer(row[column], dtype=np.uint8).reshape(int(row["height"]), int(row["width"]), 3)
+    """The RGB image a row carries in ``column`` (raw bytes plus its width and height, ``PIXEL_SIZE_COLUMNS``)."""
+    w_col, h_col = PIXEL_SIZE_COLUMNS.get(column, ("width", "height"))
+    if not _present(row.get(w_col)):
+        w_col, h_col = "width", "height"
+    return np.frombuffer(row[column], dtype=np.uint8).reshape(int(row[h_col]), int(row[w_col]), 3)
+
+
+class ImageColumn(NamedTuple):
+    """One image a row refers to: the URI column it is read from and the pixel column it is decoded into."""
+
+    uri: str
+    pixels: str
+    required: bool = True  # an empty URI fails the row (``missing``); else the image is skipped
+
+    @property
+    def size_columns(self) -> tuple[str, str]:
+        return PIXEL_SIZE_COLUMNS.get(self.pixels, ("width", "height"))
+
+
+#: ``stylid run`` reads one image a row, the source
+SOURCE_IMAGE: tuple[ImageColumn, ...] = (ImageColumn("image_uri", "pixels"),)
 
 
 def _ok(df: pd.DataFrame) -> pd.Series:
@@ -66,68 +102,132 @@ class StyleCache:
         self.io = io
         self.capacity = capacity
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(self, uri: str) -> np.ndarray:
         if uri in self._images:
             self._images.move_to_end(uri)
             return self._images[uri]
-        image = decode_image(
-            read_bytes(uri, self.io.storage_options, self.io.max_bytes), self.io.max_pixels, self.io.max_bytes
-        )
+        data = read_bytes(uri, self.io.storage_options, self.io.max_bytes, self.io.retry)
+        # style statistics and the engines' style inputs need no more than the working resolution
+        image, _ = decode_image_bounded(data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri)
         self._images[uri] = image
         if len(self._images) > self.capacity:
-            self._images.popitem(last=False)
+            evicted, _ = self._images.popitem(last=False)
+            self._statistics.pop(evicted, None)
         return image
 
+    def statistics(self, uri: str) -> tuple[np.ndarray, np.ndarray]:
+        """The style's Lab mean and deviation (``lab_statistics``), computed once per style and worker."""
+        image = self.get(uri)
+        if uri not in self._statistics:
+            self._statistics[uri] = lab_statistics(image)
+        return self._statistics[uri]
 
-def prepare_rows(df: pd.DataFrame, default_style_uri: str | None) -> pd.DataFrame:
-    """Manifest rows with ``image_id`` (a hash of the URI where absent), the effective ``style_uri`` (the row's,
-    else the config's, else the bundled style), ``status`` (``missing`` for an empty URI) and ``error``."""
-    df = df.copy()
+
+def prepare_manifest(table: pa.Table, default_style_uri: str | None) -> pa.Table:
+    """Manifest rows (an Arrow table or batch) as the record's first columns: ``image_id`` (a hash of the URI where
+    absent or empty), ``image_uri``, the effective ``style_uri`` (the row's, else the config's, else the bundled
+    style), ``status`` (``missing`` for an empty URI) and ``error``. Vectorized: a million rows in about a second,
+    Python code only for the ids that must be derived."""
+    n = table.num_rows
     default_style_uri = default_style_uri or default_style_path()
-    for col in ("image_id", "style_uri"):
-        if col not in df.columns:
-            df[col] = None
-    df["image_id"] = [
-        str(i) if isinstance(i, str) and i.strip() else derive_image_id(str(u))
-        for i, u in zip(df["image_id"], df["image_uri"])
-    ]
-    df["style_uri"] = [s if isinstance(s, str) and s else default_style_uri for s in df["style_uri"]]
-    df["status"] = "ok"
-    df["error"] = None
-    bad = df["image_uri"].isna() | (df["image_uri"].astype(str).str.strip() == "")
-    df.loc[bad, "status"] = "missing"
-    df.loc[bad, "error"] = "empty image_uri"
-    return df[["image_id", "image_uri", "style_uri", "status", "error"]].reset_index(drop=True)
+    names = table.column_names
+
+    def column(name: str) -> pa.Array:
+        if name not in names:
+            return pa.nulls(n, pa.string())
+        col = table.column(name)
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        return col if col.type == pa.string() else col.cast(pa.string())
+
+    uris = column("image_uri")
+    empty_uri = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(uris), ""), True)
+    id_type = table.schema.field("image_id").type if "image_id" in names else pa.null()
+    # ids that are not strings (numbers, say) are not used, as before: the row's id is derived from its URI
+    ids = column("image_id") if pa.types.is_string(id_type) or pa.types.is_large_string(id_type) else pa.nulls(n)
+    ids = ids.cast(pa.string())
+    derive = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
+    if pc.any(derive).as_py():
+        # str(None) for a missing URI, as the pandas form did: two such rows collide and are reported as duplicates
+        derived = [derive_image_id(str(u)) for u in uris.filter(derive).to_pylist()]
+        ids = pc.replace_with_mask(ids, derive, pa.array(derived, pa.string()))
+    styles = column("style_uri")
+    no_style = pc.fill_null(pc.equal(styles, ""), True)
+    styles = pc.if_else(no_style, pa.scalar(default_style_uri), styles)
+    status = pc.if_else(empty_uri, pa.scalar("missing"), pa.scalar("ok"))
+    error = pc.if_else(empty_uri, pa.scalar("empty image_uri"), pa.scalar(None, pa.string()))
+    return pa.table({"image_id": ids, "image_uri": uris, "style_uri": styles, "status": status, "error": error})
+
+
+def prepare_rows(df: pd.DataFrame, default_style_uri: str | None, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``prepare_manifest`` of a pandas frame, as a frame; the ``keep`` columns are carried along (``stylid
+    score``'s ``output_uri``, ``reference_uri``)."""
+    df = df.reset_index(drop=True)
+    out = prepare_manifest(pa.Table.from_pandas(df, preserve_index=False), default_style_uri).to_pandas()
+    for col in keep:
+        out[col] = df[col].to_numpy()
+    return out
 
 
 class LoadStage:
-    """Reads each image's bytes through fsspec and decodes it safely to RGB (``stylid_core.imageio``)."""
+    """Reads each image's bytes through fsspec (transient failures retried) and decodes it safely to RGB
+    (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: the size columns hold the working size,
+    ``source_width``/``source_height`` the source image's own. Every error message names the image's URI.
 
-    def __init__(self, io: IOConfig) -> None:
+    ``images`` names the images of a row (default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
+    reads the output to score and the identity reference. All reads of a batch run concurrently. A row fails at its
+    first image that cannot be read or decoded; the error names the URI column for any image but the first.
+    """
+
+    def __init__(self, io: IOConfig, images: tuple[ImageColumn, ...] = SOURCE_IMAGE) -> None:
         self.io = io
+        self.images = tuple(ImageColumn(*im) for im in images)
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.copy()
-        for col in ("width", "height", "pixels", "t_load"):
-            df[col] = None
-        rows = list(df.index[_ok(df)])
-        reads = self._read_all([df.at[i, "image_uri"] for i in rows])
-        for i, (data, read_s) in zip(rows, reads):
+        for im in self.images:
+            for col in (im.pixels, *im.size_columns):
+                df[col] = None
+        df["source_width"] = None
+        df["source_height"] = None
+        df["t_load"] = None
+        todo = []  # (row, image) pairs to read
+        for i in df.index[_ok(df)]:
+            for k, im in enumerate(self.images):
+                uri = df.at[i, im.uri] if im.uri in df.columns else None
+                if isinstance(uri, str) and uri.strip():
+                    todo.append((i, k))
+                elif im.required:
+                    _fail(df, i, "missing", f"empty {im.uri}")
+                    break
+        todo = [(i, k) for i, k in todo if df.at[i, "status"] == "ok"]
+        reads = self._read_all([df.at[i, self.images[k].uri] for i, k in todo])
+        for (i, k), (data, read_s) in zip(todo, reads):
+            if df.at[i, "status"] != "ok":
+                continue  # an earlier image of this row failed
+            im = self.images[k]
+            uri = df.at[i, im.uri]
+            prefix = "" if k == 0 else f"{im.uri} "
             t0 = time.perf_counter() - read_s
             try:
                 if isinstance(data, Exception):
                     raise data
-                image = decode_image(data, self.io.max_pixels, self.io.max_bytes)
+                image, source_size = decode_image_bounded(
+                    data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri
+                )
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, exc.status, str(exc))
+                _fail(df, i, exc.status, prefix + (str(exc) if uri in str(exc) else f"{uri}: {exc}"))
                 continue
             except Exception as exc:  # anything else is still this row's problem only
-                _fail(df, i, "load_error", f"{type(exc).__name__}: {exc}")
+                _fail(df, i, "load_error", f"{prefix}{uri}: {type(exc).__name__}: {exc}")
                 continue
-            df.at[i, "height"], df.at[i, "width"] = image.shape[:2]
-            df.at[i, "pixels"] = image.tobytes()
-            df.at[i, "t_load"] = time.perf_counter() - t0
+            if k == 0:  # the row's own image: its output is written back at this size
+                df.at[i, "source_width"], df.at[i, "source_height"] = source_size
+            w_col, h_col = im.size_columns
+            df.at[i, h_col], df.at[i, w_col] = image.shape[:2]
+            df.at[i, im.pixels] = image.tobytes()
+            df.at[i, "t_load"] = (df.at[i, "t_load"] or 0.0) + time.perf_counter() - t0
         return to_table(df)
 
     def _read_all(self, uris: list[str]) -> list[tuple[bytes | Exception, float]]:
@@ -137,7 +237,8 @@ class LoadStage:
         def read(uri: str) -> tuple[bytes | Exception, float]:
             t0 = time.perf_counter()
             try:
-                return read_bytes(uri, self.io.storage_options, self.io.max_bytes), time.perf_counter() - t0
+                data = read_bytes(uri, self.io.storage_options, self.io.max_bytes, self.io.retry)
+                return data, time.perf_counter() - t0
             except Exception as exc:  # raised again for its row, which fails alone
                 return exc, time.perf_counter() - t0
 
@@ -148,7 +249,11 @@ class LoadStage:
 
 
 class FaceStage:
-    """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors)."""
+    """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors).
+
+    Faces are found in the row's identity reference when it carries one (``ref_pixels``: ``stylid score`` of a
+    customization output), else in the source (``pixels``).
+    """
 
     def __init__(self, faces: FacesConfig) -> None:
         _one_thread_for_opencv()
@@ -161,8 +266,9 @@ class FaceStage:
             df[col] = None
         for i in df.index[_ok(df)]:
             t0 = time.perf_counter()
+            from_reference = "ref_pixels" in df.columns and isinstance(df.at[i, "ref_pixels"], bytes)
             try:
-                image = image_of(df.loc[i])
+                image = image_of(df.loc[i], "ref_pixels" if from_reference else "pixels")
                 detected = self.analyzer.detect(image)
                 detected.sort(key=lambda f: -f.size_px)
                 faces = detected[: self.config.max_faces]
@@ -177,7 +283,7 @@ class FaceStage:
             df.at[i, "faces_json"] = json.dumps([f.to_dict() for f in faces])
             df.at[i, "t_faces"] = time.perf_counter() - t0
             if not faces:
-                _fail(df, i, "no_face", "no face detected")
+                _fail(df, i, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
         return to_table(df)
 
 
@@ -229,7 +335,8 @@ class StylizeStage:
             try:
                 styles.append(self.styles.get(df.at[i, "style_uri"]))
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, "style_error", f"style image {df.at[i, 'style_uri']}: {exc}")
+                uri = df.at[i, "style_uri"]
+                _fail(df, i, "style_error", f"style image {exc}" if uri in str(exc) else f"style image {uri}: {exc}")
                 continue
             rows.append(i)
             images.append(image_of(df.loc[i]))
@@ -288,6 +395,56 @@ SCORE_COLUMNS = (
 )
 
 
+#: an output of another size than its source is scored by mapping the source's faces by scale when the aspect ratio
+#: is kept to within this fraction (a resize rounds each side to whole pixels); beyond it no mapping is trusted
+ASPECT_TOLERANCE = 0.02
+
+
+class SizeMismatchError(ValueError):
+    """An output whose aspect ratio differs from its source's: the source's faces cannot be placed in it by scale."""
+
+
+def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[int, int]) -> list[Face]:
+    """The source's ``faces`` where they lie in an output of ``output_hw`` (height, width) pixels.
+
+    The same faces for the same size (stylization keeps geometry). For a resized output whose aspect ratio is kept
+    within ``ASPECT_TOLERANCE``, boxes and keypoints are scaled by ``(w_out / w_src, h_out / h_src)``; the
+    embeddings stay the source's. Any other size raises ``SizeMismatchError``: a crop, pad or reframe would put
+    the faces elsewhere, and comparing at the wrong place would be silently wrong.
+    """
+    (sh, sw), (oh, ow) = source_hw[:2], output_hw[:2]
+    if (sh, sw) == (oh, ow):
+        return faces
+    sx, sy = ow / sw, oh / sh
+    change = abs(sx / sy - 1.0)
+    if change > ASPECT_TOLERANCE:
+        raise SizeMismatchError(
+            f"output is {ow}x{oh} and its source {sw}x{sh}: the aspect ratio changed by {change:.1%} (more than"
+            f" {ASPECT_TOLERANCE:.0%}), so the source's faces cannot be placed in it by scale; give the row a"
+            " reference_uri to score it by re-detection instead"
+        )
+    scale = np.array([sx, sy], dtype=np.float32)
+    return [
+        Face(box=(f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy),
+             keypoints=np.asarray(f.keypoints, np.float32) * scale, score=f.score, embedding=f.embedding)
+        for f in faces
+    ]  # fmt: skip
+
+
+SCORE_COLUMNS = (
+    "id_sim_mean",
+    "id_sim_min",
+    "id_sim_mean_no_mosaic",
+    "id_match_rate",
+    "n_redetected",
+    "style_distance",
+    "style_distance_source",
+    "style_distance_no_mosaic",
+    "content_ssim",
+    "t_score",
+)
+
+
 class ScoreStage:
     """Identity, style and content scores.
 
@@ -297,6 +454,14 @@ class ScoreStage:
     no-mosaic stylization when it was computed; ``redetected`` when the detector finds a face in the output
     overlapping the source box (IoU >= 0.3). Per image: colour-statistics style distance of the output (and of
     the source, and of the no-mosaic output) to the style image, and SSIM of the output to the source.
+
+    Outputs that already exist (``stylid score``): an output of another size gets the source's faces mapped by
+    scale (``place_faces``; a changed aspect ratio fails the row with ``size_mismatch``), and the face rows' boxes,
+    ``size_px`` and ``size_bucket`` are then in the output's pixels, where the face was scored. A row with an
+    identity reference (``ref_pixels``: a customization output, whose pose and framing are new) is scored by
+    re-detection: the reference's largest face against the largest face detected in the output (the rule of
+    ``stylid customize``); no face found gives ``id_match`` false, ``redetected`` false and a null ``id_sim``. A
+    chain without a stylize stage has no no-mosaic counterfactual: those columns stay null.
     """
 
     def __init__(self, faces: FacesConfig, score: ScoreConfig, io: IOConfig) -> None:
@@ -307,6 +472,8 @@ class ScoreStage:
         self.face_rows: list[dict] = []
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
+        if not faces:
+            return []
         embs = self.analyzer.embed(image, [f.keypoints for f in faces])
         out = []
         for face, emb in zip(faces, embs):
@@ -322,6 +489,9 @@ class ScoreStage:
             t0 = time.perf_counter()
             try:
                 self._score_row(df, i)
+            except SizeMismatchError as exc:
+                _fail(df, i, "size_mismatch", str(exc))
+                continue
             except Exception as exc:
                 _fail(df, i, "score_error", f"{type(exc).__name__}: {exc}")
                 continue
@@ -331,32 +501,55 @@ class ScoreStage:
     def _score_row(self, df: pd.DataFrame, i: int) -> None:
         row = df.loc[i]
         source, out = image_of(row), image_of(row, "out_pixels")
-        plain = image_of(row, "plain_pixels") if isinstance(row["plain_pixels"], bytes) else None
+        counterfactual = "plain_pixels" in row.index  # a chain that stylized (``stylid run``)
+        plain = image_of(row, "plain_pixels") if counterfactual and isinstance(row["plain_pixels"], bytes) else None
         faces = faces_of(row)
-        scores = self._score_faces(faces, out)
-        scores_plain = self._score_faces(faces, plain) if plain is not None else scores
-        found = self.analyzer.detect(out) if self.config.redetect else None
+        from_reference = "ref_pixels" in row.index and isinstance(row["ref_pixels"], bytes)
+        found = self.analyzer.detect(out) if self.config.redetect or from_reference else None
+        placed: list[Face | None]
+        if from_reference:
+            faces = faces[:1]
+            largest = max(found, key=lambda g: g.size_px) if found else None
+            placed = [None if largest is None else
+                      Face(box=largest.box, keypoints=largest.keypoints, score=largest.score,
+                           embedding=faces[0].embedding)]  # fmt: skip
+        else:
+            placed = list(place_faces(faces, source.shape, out.shape))
+        scored = iter(self._score_faces([p for p in placed if p is not None], out))
+        scores = [next(scored) if p is not None else (None, None, False) for p in placed]
+        if not counterfactual:
+            scores_plain = [(None, None, None)] * len(placed)
+        elif plain is not None:
+            scores_plain = self._score_faces(placed, plain)
+        else:
+            scores_plain = scores
         records = []
-        for k, face in enumerate(faces):
-            redetected = None if found is None else any(_iou(face.box, g.box) >= 0.3 for g in found)
+        for k, (face, where) in enumerate(zip(faces, placed)):
+            at = where if where is not None else face
+            if from_reference:
+                redetected = where is not None
+            else:
+                redetected = None if found is None else any(_iou(at.box, g.box) >= 0.3 for g in found)
             records.append({
-                "face_index": k, "x0": face.box[0], "y0": face.box[1], "x1": face.box[2], "y1": face.box[3],
-                "det_score": face.score, "size_px": face.size_px, "size_bucket": size_bucket(face.size_px),
+                "face_index": k, "x0": at.box[0], "y0": at.box[1], "x1": at.box[2], "y1": at.box[3],
+                "det_score": at.score, "size_px": at.size_px, "size_bucket": size_bucket(at.size_px),
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
                 "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
                 "zoom_strip": zoom_strip(face.box, source, plain, out) if face.size_px < ZOOM_FACE_PX else None,
             })  # fmt: skip
-        sims = [s[0] for s in scores]
-        df.at[i, "id_sim_mean"] = float(np.mean(sims))
-        df.at[i, "id_sim_min"] = float(np.min(sims))
-        df.at[i, "id_sim_mean_no_mosaic"] = float(np.mean([s[0] for s in scores_plain]))
-        df.at[i, "id_match_rate"] = float(np.mean([s[2] for s in scores]))
+        sims = [s[0] for s in scores if s[0] is not None]
+        plain_sims = [s[0] for s in scores_plain if s[0] is not None]
+        df.at[i, "id_sim_mean"] = float(np.mean(sims)) if sims else None
+        df.at[i, "id_sim_min"] = float(np.min(sims)) if sims else None
+        df.at[i, "id_sim_mean_no_mosaic"] = float(np.mean(plain_sims)) if plain_sims else None
+        df.at[i, "id_match_rate"] = float(np.mean([bool(s[2]) for s in scores]))
         df.at[i, "n_redetected"] = None if found is None else int(sum(bool(r["redetected"]) for r in records))
         style = self.styles.get(row["style_uri"])
-        df.at[i, "style_distance"] = style_distance(out, style)
-        df.at[i, "style_distance_source"] = style_distance(source, style)
-        df.at[i, "style_distance_no_mosaic"] = style_distance(plain, style) if plain is not None else None
+        stats = self.styles.statistics(row["style_uri"])
+        df.at[i, "style_distance"] = style_distance(out, style, stats)
+        df.at[i, "style_distance_source"] = style_distance(source, style, stats)
+        df.at[i, "style_distance_no_mosaic"] = style_distance(plain, style, stats) if plain is not None else None
         df.at[i, "content_ssim"] = content_similarity(out, source)
         face_json = json.loads(row["faces_json"])
         for rec, fj in zip(records, face_json):
@@ -370,17 +563,25 @@ class FusedCPUStage:
 
     Three CPU pools of one actor each cannot use more cores than the busiest stage allows; one pool of identical
     actors scales with the cores and moves no pixels between processes. The stages and their per-row error
-    handling are the very same classes.
+    handling are the very same classes. ``stylize`` None leaves the stylize stage out (``stylid score``, whose
+    outputs exist already); ``images`` are the load stage's images.
     """
 
     def __init__(
-        self, faces: FacesConfig, stylize: StylizeConfig, score: ScoreConfig, io: IOConfig, write: dict | None = None
+        self,
+        faces: FacesConfig,
+        stylize: StylizeConfig | None,
+        score: ScoreConfig,
+        io: IOConfig,
+        write: dict | None = None,
+        images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
     ) -> None:
-        self.stages: list = [FaceStage(faces), StylizeStage(stylize, score, io), ScoreStage(faces, score, io)]
+        stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
+        self.stages: list = [FaceStage(faces), *stylizing, ScoreStage(faces, score, io)]
         if write is not None:
             # ``resources.fuse_io``: load before and write after, in this actor (``write``: ``WriteStage``'s
             # keyword arguments); the batch then never crosses the object store with its pixels
-            self.stages = [LoadStage(io), *self.stages, WriteStage(io=io, **write)]
+            self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         table = to_table(df)
@@ -390,66 +591,89 @@ class FusedCPUStage:
 
 
 class WriteStage:
-    """Writes stylized images and the metrics of the batch, each object in one put.
+    """Writes each stylized image in one put and returns the batch's metrics rows, each with its face rows.
 
-    Images go to ``images/<key>.<ext>``; the batch's per-face rows to ``faces/part-<h>.parquet`` and its per-image
-    rows to ``metrics/part-<h>.parquet``, ``h`` a hash of the batch's ids. The metrics shard is written last: it
-    is the resume ledger, so a row counts as done only once its image and face rows are stored.
+    Images go to ``images/<key>.<ext>``. The returned table has ``METRICS_COLUMNS`` plus ``FACE_ROWS`` (the row's
+    per-face rows, a list of ``FACE_COLUMNS`` structs); the job's ``ShardWriter`` (``stylid_core.ledger``), where
+    the rows arrive, writes them into faces and metrics shards of ``io.rows_per_shard`` rows. A row reaches it
+    only after its image is stored, so the ledger never lists a row whose image is missing.
+    With ``write_images`` false (``stylid score``: the images exist already) no image is written and each row
+    keeps the ``output_uri`` it came with.
     """
 
-    def __init__(self, output_uri: str, config_hash: str, key_suffix: str, io: IOConfig) -> None:
+    def __init__(
+        self, output_uri: str, config_hash: str, key_suffix: str, io: IOConfig, write_images: bool = True
+    ) -> None:
         self.output_uri = output_uri
         self.config_hash = config_hash
         self.key_suffix = key_suffix
         self.io = io
+        self.write_images = write_images
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.copy()
-        df["output_uri"] = None
+        if self.write_images or "output_uri" not in df.columns:
+            df["output_uri"] = None
         df["t_write"] = None
         df["config_hash"] = self.config_hash
-        face_rows = []
+        face_rows: list[list[dict]] = []
         for i in df.index:
-            if df.at[i, "status"] == "ok":
+            if self.write_images and df.at[i, "status"] == "ok":
                 t0 = time.perf_counter()
                 try:
-                    out = image_of(df.loc[i], "out_pixels")
+                    out = at_source_size(df.loc[i], image_of(df.loc[i], "out_pixels"))
                     ext = self.io.image_format
                     data = encode_png(out) if ext == "png" else encode_jpeg(out, 92)
                     name = f"{object_key(df.at[i, 'image_id'])}{self.key_suffix}.{ext}"
                     uri = join(self.output_uri, "images", name)
-                    write_bytes(uri, data, self.io.storage_options)
+                    write_bytes(uri, data, self.io.storage_options, self.io.retry)
                     df.at[i, "output_uri"] = uri
                 except Exception as exc:
                     _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
                 df.at[i, "t_write"] = time.perf_counter() - t0
+            rows = []
             if isinstance(df.at[i, "faces_json"], str) and df.at[i, "status"] == "ok":
-                for fj in json.loads(df.at[i, "faces_json"]):
-                    if "scores" in fj:
-                        face_rows.append({"image_id": df.at[i, "image_id"], **fj["scores"]})
-        faces_df = pd.DataFrame(face_rows, columns=list(FACE_COLUMNS))
-        metrics = to_table(df[METRICS_COLUMNS])
-        write_shards(self.output_uri, df["image_id"], to_table(faces_df, FACE_COLUMNS), metrics,
-                     self.io.storage_options)  # fmt: skip
-        return metrics
+                rows = [{"image_id": df.at[i, "image_id"], **box_at_source_size(df.loc[i], fj["scores"])}
+                        for fj in json.loads(df.at[i, "faces_json"]) if "scores" in fj]  # fmt: skip
+            face_rows.append(rows)
+        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
+        df["error"] = [scrub(e, secrets) if isinstance(e, str) else e for e in df["error"]]
+        metrics = to_table(df.reindex(columns=METRICS_COLUMNS))  # a chain without a stylize stage lacks its columns
+        return metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
 
 
-def shard_name(image_ids) -> str:
-    """``part-<h>.parquet``, ``h`` a hash of the batch's ids (the same batch always gets the same name)."""
-    digest = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
-    return f"part-{digest}.parquet"
+#: the type of ``WriteStage``'s ``FACE_ROWS`` column
+FACE_ROWS_TYPE = pa.list_(pa.struct([pa.field(k, v) for k, v in FACE_COLUMNS.items()]))
+
+
+def _source_scale(row: Any) -> tuple[float, float]:
+    """(x, y) factors from the working size to the source size of a row (1, 1 when it was worked at full size)."""
+    sw, sh = row.get("source_width"), row.get("source_height")
+    if sw is None or sh is None or pd.isna(sw) or pd.isna(sh):
+        return 1.0, 1.0
+    return float(sw) / float(row["width"]), float(sh) / float(row["height"])
+
+
+def at_source_size(row: Any, image: np.ndarray) -> np.ndarray:
+    """``image`` (at the row's working size) resized to the row's source size, for the written output."""
+    sx, sy = _source_scale(row)
+    if (sx, sy) == (1.0, 1.0):
+        return image
+    return resize(np.ascontiguousarray(image, dtype=np.uint8), (int(row["source_width"]), int(row["source_height"])))
+
+
+def box_at_source_size(row: Any, record: dict) -> dict:
+    """A per-face record with its box (``x0``..``y1``) in source pixels; ``size_px`` stays the face's size where
+    it was detected and scored (the working size), which is what its identity scores depend on."""
+    sx, sy = _source_scale(row)
+    if (sx, sy) == (1.0, 1.0):
+        return record
+    return {**record, "x0": record["x0"] * sx, "x1": record["x1"] * sx, "y0": record["y0"] * sy,
+            "y1": record["y1"] * sy}  # fmt: skip
 
 
 def write_shards(output_uri: str, image_ids, faces: pa.Table, metrics: pa.Table, storage_options: dict) -> None:
-    """A batch's ``faces/`` shard, then its ``metrics/`` shard (the resume ledger: written last), one put each."""
-    name = shard_name(image_ids)
-    write_bytes(join(output_uri, "faces", name), parquet_bytes(faces), storage_options)
-    write_bytes(join(output_uri, "metrics", name), parquet_bytes(metrics), storage_options)
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    """A faces shard, then its metrics shard (the ledger entry, written last), one put each, named after
+    ``metrics``' ids (``image_ids``, kept for callers, must be the same ids). Jobs write through ``ShardWriter``;
+    this writes one pair as it is."""
+    write_shard_pair(output_uri, faces, metrics, storage_options)

@@ -25,6 +25,7 @@ from ray.data import ActorPoolStrategy
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipelines.credentials import StageCredentials, with_credentials
 from pipelines.stylize import read_manifest_columns, stage_remote_args
 from stylid_core.customize.facesnap.training import (
     FacePairExtractor,
@@ -33,6 +34,7 @@ from stylid_core.customize.facesnap.training import (
     cross_photo_references,
 )
 from stylid_core.imageio import decode_image
+from stylid_core.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,7 @@ class FacePairStage:
         self.extractor = FacePairExtractor(self.config, clip_size, face_embed_dim, num_landmarks)
 
     def _read(self, uri: str) -> np.ndarray:
-        with fsspec.open(uri, "rb", **self.config.storage_options) as f:
-            return decode_image(f.read())
+        return decode_image(read_bytes(uri, self.config.storage_options), source=uri)  # transient errors retried
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         cfg = self.config
@@ -108,7 +109,7 @@ def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: in
     blocks = [pa.Table.from_pandas(rows.iloc[k : k + block_rows], preserve_index=False)
               for k in range(0, len(rows), block_rows)]  # fmt: skip
     return ray.data.from_arrow(blocks).map_batches(
-        FacePairStage,
+        with_credentials(FacePairStage, StageCredentials.from_environ()),
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
         batch_size=batch_size,
         num_cpus=config.pair_cpus,

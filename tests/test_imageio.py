@@ -155,3 +155,52 @@ def test_over_max_bytes_is_too_large():
     data = _encode(Image.fromarray(_rgb()), "PNG")
     assert _status(data, max_bytes=len(data) - 1) == "too_large"
     assert decode_image(data, max_bytes=len(data)).shape == (40, 60, 3)
+
+
+# -- the bad-input corpus (tests/bad_inputs.py builds it under tests/data/bad/) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from tests.bad_inputs import build_bad_corpus
+
+    return build_bad_corpus()
+
+
+def test_every_corpus_file_decodes_or_fails_as_its_case_says_naming_its_source(corpus):
+    for case in corpus.values():
+        with open(case.path, "rb") as f:
+            data = f.read()
+        if case.decoded is None:
+            with pytest.raises(ImageDecodeError) as info:
+                decode_image(data, source=case.path)
+            assert info.value.status == case.status, case
+            assert str(info.value).startswith(f"{case.path}: "), str(info.value)
+            assert "BytesIO" not in str(info.value)  # Pillow's "cannot identify image file <_io.BytesIO ...>"
+        else:
+            out = decode_image(data, source=case.path)
+            assert out.shape == (*case.decoded, 3) and out.dtype == np.uint8, (case.name, out.shape)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(float).mean(axis=2).ravel(), b.astype(float).mean(axis=2).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_corpus_images_come_out_upright_and_from_the_first_frame(corpus):
+    from tests.bad_inputs import portrait
+
+    upright = np.asarray(portrait())
+    for name in ("exif6.jpg", "exif8.jpg", "animated.gif", "cmyk.jpg", "portrait.webp", "portrait.tiff", "grey16.png"):
+        with open(corpus[name].path, "rb") as f:
+            out = decode_image(f.read())
+        assert _corr(out, upright) > 0.95, name  # the same picture, the right way up
+    # animated GIF: frame 0 (the portrait), not the flat grey frame 1
+    with open(corpus["animated.gif"].path, "rb") as f:
+        assert decode_image(f.read()).std() > 20
+
+
+def test_an_unidentified_format_says_what_the_bytes_look_like():
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(b"<html>nope</html>", source="s3://b/k.jpg")
+    assert str(info.value) == "s3://b/k.jpg: not an image in a known format (17 bytes, starting b'<html>nope</html')"

@@ -65,5 +65,7 @@ class CustomizeJobConfig:
         d = self.to_dict()
         for key in ("name", "resources"):
             d.pop(key)
-        d["io"].pop("storage_options")
+        # credentials, the output's layout and retry settings change no result
+        for key in ("storage_options", "rows_per_shard", "retries", "retry_backoff_s", "request_timeout_s"):
+            d["io"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]

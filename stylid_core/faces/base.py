@@ -130,5 +130,9 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 FACE_ANALYZERS: Registry[FaceAnalyzer] = Registry(
     "face analyzer",
-    modules={"dlib": "stylid_core.faces.dlib_backend", "insightface": "stylid_core.faces.insightface_backend"},
+    modules={
+        "dlib": "stylid_core.faces.dlib_backend",
+        "insightface": "stylid_core.faces.insightface_backend",
+        "centered": "stylid_core.faces.centered_backend",
+    },
 )

@@ -40,3 +40,6 @@ def write_manifest(path: str, rows: list[dict]) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
+
+
+from tests.pipelines.score_inputs import score_run  # noqa: E402, F401  (the stylid score tests' shared run)

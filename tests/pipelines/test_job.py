@@ -46,8 +46,8 @@ def manifest(inputs, tmp_path_factory):
 def finished(ray_session, manifest, tmp_path_factory):
     """One complete run with the default config; the Ray processes' listening sockets watched while it runs."""
     output = str(tmp_path_factory.mktemp("out") / "run")
-    with ListenerWatch() as watch:
-        info = run_job(JobConfig(), output, manifest)
+    with ListenerWatch() as watch:  # shards of 2 rows (the layout, not the config's identity: still the default)
+        info = run_job(JobConfig.from_dict({"io": {"rows_per_shard": 2}}), output, manifest)
     return output, info, watch
 
 
@@ -115,10 +115,10 @@ def test_rerun_of_a_finished_run_does_no_work(finished, manifest, monkeypatch):
     ids=["same-batches", "other-batches", "other-batches-io-apart"],
 )
 def test_resume_processes_exactly_the_missing_rows(finished, manifest, tmp_path, resources):
-    """A crash after a batch's images and face rows were written but before its metrics shard: the rerun redoes
+    """A crash after a shard's images and face rows were written but before its metrics shard: the rerun redoes
     those rows, also when they are batched differently or written by separate write tasks (resources are not
-    part of the config's identity)."""
-    config = JobConfig.from_dict({"resources": resources})
+    part of the config's identity), and the orphaned faces shard is not counted twice."""
+    config = JobConfig.from_dict({"resources": resources, "io": {"rows_per_shard": 2}})
     output = str(tmp_path / "resumed")
     shutil.copytree(finished[0], output)
     os.remove(f"{output}/_SUCCESS")

@@ -22,6 +22,7 @@ from pipelines.stages import (
     prepare_rows,
 )
 from stylid_core.config import JobConfig
+from stylid_core.ledger import FACE_ROWS, ShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +114,27 @@ def test_good_row_gets_faces_output_and_scores(staged, config):
     assert row["engine"] == "neural"
 
 
-def test_write_stage_writes_image_faces_and_metrics(staged, config, tmp_path):
-    out = WriteStage(str(tmp_path), config.config_hash(), "", config.io)(staged["score"]).to_pandas()
-    assert list(out.columns) == METRICS_COLUMNS
+def test_write_stage_writes_images_and_hands_metrics_with_face_rows_to_the_shard_writer(staged, config, tmp_path):
+    table = WriteStage(str(tmp_path), config.config_hash(), "", config.io)(staged["score"])
+    out = table.to_pandas()
+    assert list(out.columns) == [*METRICS_COLUMNS, FACE_ROWS]
     assert list(out["image_id"]) == list(EXPECTED)
     good = out.set_index("image_id").loc["good"]
     assert good["output_uri"] == str(tmp_path / "images" / "good.png")
     assert (tmp_path / "images" / "good.png").is_file()
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["good.png"]
-    metrics = pq.read_table(next((tmp_path / "metrics").glob("part-*.parquet"))).to_pandas()
-    assert sorted(metrics["image_id"]) == sorted(EXPECTED)
+    assert not (tmp_path / "metrics").exists()  # shards are the ShardWriter's
+    n_faces = {k: len(v) for k, v in zip(out["image_id"], out[FACE_ROWS])}
+    assert n_faces == {"good": 1, "missing": 0, "notimage": 0, "noface": 0, "empty": 0}
+    writer = ShardWriter(str(tmp_path), {}, rows_per_shard=1000)
+    writer.add(table)
+    writer.flush()
+    metrics = pq.read_table(next((tmp_path / "metrics").glob("part-*.parquet")))
+    assert metrics.schema.names == METRICS_COLUMNS and sorted(metrics["image_id"].to_pylist()) == sorted(EXPECTED)
     faces = pq.read_table(next((tmp_path / "faces").glob("part-*.parquet")))
     assert faces.schema.names == list(FACE_COLUMNS)
     assert faces.to_pandas()["image_id"].tolist() == ["good"]
+    assert faces["id_sim"].to_pylist() == [json.loads(staged["score"].at[0, "faces_json"])[0]["scores"]["id_sim"]]
 
 
 def test_a_stylize_failure_fails_only_its_row(staged, config, monkeypatch):
@@ -169,13 +178,13 @@ def test_fused_stage_with_io_equals_load_fused_write(batch, staged, config, tmp_
         "LoadStage", "FaceStage", "StylizeStage", "ScoreStage", "WriteStage"
     ]  # fmt: skip
     together = stage(batch).to_pandas()
-    assert list(together.columns) == METRICS_COLUMNS
+    assert list(together.columns) == [*METRICS_COLUMNS, FACE_ROWS]
     assert together["status"].tolist() == apart["status"].tolist() == list(EXPECTED.values())
     for col in ("id_sim_mean", "style_distance", "content_ssim", "n_faces"):
         np.testing.assert_allclose(together[col].astype(float), apart[col].astype(float), equal_nan=True)
-    for sub in ("images", "metrics", "faces"):
-        names = sorted(p.name for p in (tmp_path / "apart" / sub).iterdir())
-        assert names == sorted(p.name for p in (tmp_path / "fused" / sub).iterdir()) and names
+    assert [len(v) for v in together[FACE_ROWS]] == [len(v) for v in apart[FACE_ROWS]] == [1, 0, 0, 0, 0]
+    names = sorted(p.name for p in (tmp_path / "apart" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fused" / "images").iterdir()) == ["good.png"]
     assert (tmp_path / "fused/images/good.png").read_bytes() == (tmp_path / "apart/images/good.png").read_bytes()
 
 

@@ -30,6 +30,37 @@ def keypoints5_from_68(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48], lm[54]]).astype(np.float32)
 
 
+def template_landmarks68(box: tuple[float, float, float, float]) -> np.ndarray:
+    """A frontal face's 68 iBUG landmarks (pixels) drawn geometrically inside ``box`` (x0, y0, x1, y1).
+
+    Jaw on a half-ellipse, brows and eyes on arcs and ellipses, nose on the centre line, mouth on two ellipses, in
+    dlib's point order. For benchmarks and tests that need 68 plausible points without dlib's predictor file.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = x1 - x0, y1 - y0
+
+    def pts(u, v) -> np.ndarray:  # box-relative (0..1) -> pixels
+        return np.stack([x0 + np.asarray(u) * w, y0 + np.asarray(v) * h], axis=1)
+
+    jaw = np.linspace(math.pi, 0.0, 17)  # from the left temple, under the chin, to the right temple
+    brow = np.linspace(0.0, 1.0, 5)
+    eye = np.linspace(math.pi, -math.pi, 7)[:6]  # 6 points from the outer corner, over the top, round the bottom
+    outer = np.linspace(math.pi, -math.pi, 13)[:12]
+    inner = np.linspace(math.pi, -math.pi, 9)[:8]
+    parts = [
+        pts(0.5 + 0.48 * np.cos(jaw), 0.35 + 0.6 * np.sin(jaw)),  # 0-16 jaw
+        pts(0.12 + 0.26 * brow, 0.3 - 0.06 * np.sin(brow * math.pi)),  # 17-21 right brow (image left)
+        pts(0.62 + 0.26 * brow, 0.3 - 0.06 * np.sin(brow * math.pi)),  # 22-26 left brow
+        pts(np.full(4, 0.5), np.linspace(0.38, 0.58, 4)),  # 27-30 nose bridge down to the tip
+        pts(np.linspace(0.42, 0.58, 5), 0.64 + 0.02 * np.sin(np.linspace(0.0, math.pi, 5))),  # 31-35 nostrils
+        pts(0.31 + 0.08 * np.cos(eye), 0.4 - 0.035 * np.sin(eye)),  # 36-41 right eye
+        pts(0.69 + 0.08 * np.cos(eye), 0.4 - 0.035 * np.sin(eye)),  # 42-47 left eye
+        pts(0.5 + 0.16 * np.cos(outer), 0.78 - 0.06 * np.sin(outer)),  # 48-59 outer lips (48, 54: corners)
+        pts(0.5 + 0.11 * np.cos(inner), 0.78 - 0.025 * np.sin(inner)),  # 60-67 inner lips
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
 def pose_angles_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
     """A crude (yaw, pitch, roll) in radians from 5 or 68 landmarks, enough to drive the predictor by angles.
 

@@ -1,0 +1,372 @@
+"""The regression gate: a scored output against a baseline, per face-size bucket, on the ids both share.
+
+Pure pandas/numpy (no Ray): ``stylid score --baseline RUN`` calls ``compare_runs`` on the two outputs' ``metrics/``
+and ``faces/`` tables and exits 1 when it fails.
+
+Figures, per size bucket and over all faces (``all``):
+
+- ``id_sim`` (mean identity similarity), ``id_match`` (match rate) and ``redetected`` (re-detection rate) are
+  per face. Faces are paired by ``(image_id, face_index)`` where both runs scored the image (status ``ok`` in
+  both) and the two boxes overlap (IoU >= ``pair_iou``); a face's bucket is its bucket in the baseline.
+- ``style_distance`` (lower is better) and ``content_ssim`` are per image; an image counts in every bucket it
+  has a paired face in.
+
+Noise is handled by pairing: each figure's difference (candidate - baseline) is averaged over the pairs, with a
+Student-t confidence interval of that mean (``confidence``, default 95%) from the paired differences. A figure
+fails only when the bucket has at least ``min_faces`` paired faces, its drop (the worsening, in the figure's own
+units) is beyond ``abs_drop`` or its drop relative to the baseline mean is beyond ``rel_drop``, *and* the interval
+excludes zero on the worse side (the drop is not noise). Besides the figures: ids only in the baseline, ids only
+in the candidate, and rows whose status got worse (``ok`` in the baseline, anything else now), each checked
+against its own maximum. Every id of either side is reported: none is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stylid_core.config import ConfigError
+from stylid_core.faces.base import SIZE_BUCKETS
+
+#: figure -> (table, column, higher is better, what it is)
+FIGURES: dict[str, tuple[str, str, bool, str]] = {
+    "id_sim": ("faces", "id_sim", True, "mean identity similarity"),
+    "id_match": ("faces", "id_match", True, "match rate"),
+    "redetected": ("faces", "redetected", True, "re-detection rate"),
+    "style_distance": ("metrics", "style_distance", False, "style distance"),
+    "content_ssim": ("metrics", "content_ssim", True, "content similarity"),
+}
+INTERVAL_METHOD = "Student-t interval of the mean paired difference (candidate - baseline)"
+
+
+class GateInputError(ValueError):
+    """Two outputs that cannot be compared (no shared ids, another face backend or scoring config, ...)."""
+
+
+@dataclass
+class FigureGate:
+    """Largest tolerated drop of one figure: absolute (in the figure's units) and relative to the baseline mean.
+    ``None`` turns that bound off."""
+
+    abs_drop: float | None = None
+    rel_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("abs_drop", "rel_drop"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise ConfigError(f"gate: {name} must be a number >= 0 or null, got {v!r}")
+
+
+@dataclass
+class GateConfig:
+    """Thresholds of the regression gate (``gate:`` in ``configs/nightly_score.yaml``)."""
+
+    confidence: float = 0.95  # of the interval of each paired difference
+    min_faces: int = 20  # paired faces a bucket needs before any of its figures can fail
+    pair_iou: float = 0.5  # a face pairs with the same face_index of the other run only if the boxes overlap so
+    max_status_worse: int | None = 0  # rows ok in the baseline and not ok now
+    max_only_in_baseline: int | None = 0  # ids the candidate lost
+    max_only_in_candidate: int | None = None  # ids new in the candidate (reported; null: never fails)
+    history_runs: int = 14  # nights shown in the report's trend plots (--history)
+    id_sim: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.02, rel_drop=0.03))
+    id_match: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.05))
+    redetected: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.05))
+    style_distance: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.5, rel_drop=0.10))
+    content_ssim: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.03, rel_drop=0.05))
+
+    def __post_init__(self) -> None:
+        for name in FIGURES:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {"abs_drop", "rel_drop"})
+                if unknown:
+                    raise ConfigError(
+                        f"unknown config key(s): gate.{name}.{', '.join(unknown)}; known: abs_drop, rel_drop"
+                    )
+                setattr(self, name, FigureGate(**value))
+            elif not isinstance(value, FigureGate):
+                raise ConfigError(f"gate.{name} must be a mapping with abs_drop and rel_drop, got {value!r}")
+        if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
+            raise ConfigError(f"gate.confidence must be in [0.5, 1), got {self.confidence!r}")
+        if not (isinstance(self.min_faces, int) and self.min_faces >= 1):
+            raise ConfigError(f"gate.min_faces must be an integer >= 1, got {self.min_faces!r}")
+        if not (isinstance(self.pair_iou, (int, float)) and 0 < self.pair_iou <= 1):
+            raise ConfigError(f"gate.pair_iou must be in (0, 1], got {self.pair_iou!r}")
+        if not (isinstance(self.history_runs, int) and self.history_runs >= 1):
+            raise ConfigError(f"gate.history_runs must be an integer >= 1, got {self.history_runs!r}")
+        for name in ("max_status_worse", "max_only_in_baseline", "max_only_in_candidate"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ConfigError(f"gate.{name} must be an integer >= 0 or null, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> GateConfig:
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"gate must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            known = sorted(names)
+            raise ConfigError(f"unknown config key(s): {', '.join('gate.' + k for k in unknown)}; known: {known}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"bad value in gate: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which outputs may be compared
+
+
+def scoring_settings(run_info: dict[str, Any]) -> dict[str, Any]:
+    """What decides the figures of an output (from its ``run.json``): the face analyzer's settings (not its
+    execution providers) and whether outputs were re-detected. ``stylid run`` and ``stylid score`` record both."""
+    config = run_info.get("config") or {}
+    faces = {k: v for k, v in (config.get("faces") or {}).items() if k != "providers"}
+    return {"faces": faces, "redetect": (config.get("score") or {}).get("redetect")}
+
+
+def check_comparable(candidate_info: dict[str, Any], baseline_info: dict[str, Any], baseline_uri: str) -> None:
+    """``GateInputError`` unless both outputs were scored the same way: a baseline of another job kind, face
+    backend or scoring config gives figures that differ for reasons other than the outputs."""
+    job = baseline_info.get("job", "run")
+    if job not in ("run", "score"):
+        raise GateInputError(f"baseline {baseline_uri} is a 'stylid {job}' output; a baseline must be the output of"
+                             " 'stylid score' or 'stylid run'")  # fmt: skip
+    cand, base = scoring_settings(candidate_info), scoring_settings(baseline_info)
+    cb, bb = cand["faces"].get("backend"), base["faces"].get("backend")
+    if cb != bb:
+        raise GateInputError(
+            f"baseline {baseline_uri} was scored with face backend {bb!r} and this run with {cb!r}: identity"
+            " similarities of different backends are not comparable; score the baseline again with this config or"
+            " choose another baseline"
+        )
+    diffs = [
+        f"faces.{k}: {base['faces'].get(k)!r} in the baseline, {cand['faces'].get(k)!r} here"
+        for k in sorted(set(cand["faces"]) | set(base["faces"]))
+        if cand["faces"].get(k) != base["faces"].get(k)
+    ]
+    if cand["redetect"] != base["redetect"]:
+        diffs.append(f"score.redetect: {base['redetect']!r} in the baseline, {cand['redetect']!r} here")
+    if diffs:
+        raise GateInputError(
+            f"baseline {baseline_uri} was scored with another config ({'; '.join(diffs)}): its figures are not"
+            " comparable; score the baseline again with this config or choose another baseline"
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the comparison
+
+
+def paired_interval(diffs: np.ndarray, confidence: float) -> tuple[float, float] | None:
+    """The ``confidence`` Student-t interval of the mean of paired differences; ``None`` for fewer than two."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = float(np.mean(diffs))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of two (N, 4) arrays of x0, y0, x1, y1 boxes."""
+    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = ix * iy
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _figure_check(
+    bucket: str, figure: str, base: pd.Series, cand: pd.Series, n_faces: int, config: GateConfig
+) -> dict[str, Any]:
+    _, _, higher_better, what = FIGURES[figure]
+    keep = base.notna().to_numpy() & cand.notna().to_numpy()
+    b = base[keep].astype(float).to_numpy()
+    c = cand[keep].astype(float).to_numpy()
+    limits: FigureGate = getattr(config, figure)
+    row: dict[str, Any] = {
+        "bucket": bucket, "figure": figure, "what": what, "higher_is_better": higher_better, "faces": n_faces,
+        "pairs": int(len(b)), "baseline": None, "candidate": None, "diff": None, "ci_low": None, "ci_high": None,
+        "drop": None, "rel_drop": None, "abs_threshold": limits.abs_drop, "rel_threshold": limits.rel_drop,
+        "breached": False, "significant": False, "status": "no_data", "passed": True,
+    }  # fmt: skip
+    if not len(b):
+        return row
+    diffs = c - b
+    mean = float(np.mean(diffs))
+    ci = paired_interval(diffs, config.confidence)
+    drop = (-mean if higher_better else mean) + 0.0  # never -0.0
+    base_mean = float(np.mean(b))
+    rel = drop / abs(base_mean) if base_mean != 0 else (math.inf if drop > 0 else 0.0)
+    breached = bool((limits.abs_drop is not None and drop > limits.abs_drop + 1e-12)
+                    or (limits.rel_drop is not None and rel > limits.rel_drop + 1e-12))  # fmt: skip
+    significant = ci is not None and (ci[1] < 0 if higher_better else ci[0] > 0)
+    if n_faces < config.min_faces:
+        status = "too_few_faces"
+    elif breached and significant:
+        status = "fail"
+    elif breached:
+        status = "noise"  # beyond the threshold, but the interval reaches zero
+    else:
+        status = "pass"
+    row.update(baseline=base_mean, candidate=float(np.mean(c)), diff=mean + 0.0,
+               ci_low=None if ci is None else ci[0], ci_high=None if ci is None else ci[1], drop=drop,
+               rel_drop=rel, breached=breached, significant=bool(significant), status=status,
+               passed=status != "fail")  # fmt: skip
+    return row
+
+
+def _count_check(name: str, ids: list, limit: int | None) -> dict[str, Any]:
+    return {"check": name, "count": len(ids), "max": limit, "passed": limit is None or len(ids) <= limit}
+
+
+def compare_runs(
+    candidate_metrics: pd.DataFrame,
+    candidate_faces: pd.DataFrame,
+    baseline_metrics: pd.DataFrame,
+    baseline_faces: pd.DataFrame,
+    config: GateConfig,
+) -> dict[str, Any]:
+    """The gate's verdict and every figure behind it, as a JSON-ready dict (``gate.json``).
+
+    ``*_metrics``: ``image_id``, ``status`` and the per-image figures; ``*_faces``: the per-face rows of the
+    ``faces/`` shards. Raises ``GateInputError`` when no id is shared.
+    """
+    cm = candidate_metrics.drop_duplicates("image_id").set_index("image_id")
+    bm = baseline_metrics.drop_duplicates("image_id").set_index("image_id")
+    only_base = [str(i) for i in bm.index.difference(cm.index).sort_values()]
+    only_cand = [str(i) for i in cm.index.difference(bm.index).sort_values()]
+    shared = bm.index.intersection(cm.index).sort_values()
+    if not len(shared):
+        raise GateInputError(
+            f"the candidate ({len(cm)} ids) and the baseline ({len(bm)} ids) share no image_id: nothing to compare"
+            " (a regression gate needs the same inputs scored twice, e.g. a fixed canary set)"
+        )
+    base_status, cand_status = bm.loc[shared, "status"], cm.loc[shared, "status"]
+    worse_ids = base_status.index[(base_status == "ok") & (cand_status != "ok")]
+    errors = cm["error"] if "error" in cm else pd.Series(None, index=cm.index, dtype=object)
+    worse = [{"image_id": i, "baseline": "ok", "candidate": cand_status[i],
+              "error": errors[i] if isinstance(errors[i], str) else None} for i in worse_ids]  # fmt: skip
+    both_ok = list(base_status.index[(base_status == "ok") & (cand_status == "ok")])
+
+    key = ["image_id", "face_index"]
+    box = ["x0", "y0", "x1", "y1"]
+    bf = baseline_faces[baseline_faces["image_id"].isin(both_ok)]
+    cf = candidate_faces[candidate_faces["image_id"].isin(both_ok)]
+    merged = bf.merge(cf, on=key, suffixes=("_b", "_c"), how="outer", indicator=True)
+    both = (merged["_merge"] == "both").to_numpy().copy()
+    if both.any():
+        overlap = _iou(merged.loc[both, [f"{c}_b" for c in box]].to_numpy(float),
+                       merged.loc[both, [f"{c}_c" for c in box]].to_numpy(float))  # fmt: skip
+        both[both] = overlap >= config.pair_iou
+    pairs = merged[both].drop(columns="_merge")
+    rest = merged[~both]
+    unpaired_base = rest.loc[rest["_merge"] != "right_only", key].to_numpy().tolist()
+    unpaired_cand = rest.loc[rest["_merge"] != "left_only", key].to_numpy().tolist()
+
+    images = cm.loc[both_ok].add_suffix("_c").join(bm.loc[both_ok].add_suffix("_b"))
+    order = [name for name, _ in SIZE_BUCKETS]
+    present = [b for b in order if len(pairs) and (pairs["size_bucket_b"] == b).any()]
+    checks = []
+    for bucket in [*present, "all"]:
+        sub = pairs if bucket == "all" else pairs[pairs["size_bucket_b"] == bucket]
+        in_bucket = both_ok if bucket == "all" else list(pd.unique(sub["image_id"]))
+        for figure, (table, column, _, _) in FIGURES.items():
+            if table == "faces":
+                base, cand = sub[f"{column}_b"], sub[f"{column}_c"]
+            else:
+                rows = images.loc[in_bucket]
+                base, cand = rows[f"{column}_b"], rows[f"{column}_c"]
+            checks.append(_figure_check(bucket, figure, base.reset_index(drop=True), cand.reset_index(drop=True),
+                                        int(len(sub)), config))  # fmt: skip
+    counts = [
+        _count_check("status_worse", worse, config.max_status_worse),
+        _count_check("only_in_baseline", only_base, config.max_only_in_baseline),
+        _count_check("only_in_candidate", only_cand, config.max_only_in_candidate),
+    ]
+    failures = [_describe(c, config) for c in checks if not c["passed"]]
+    failures += [f"{c['check']}: {c['count']} (at most {c['max']})" for c in counts if not c["passed"]]
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "interval": f"{INTERVAL_METHOD}, {config.confidence:.0%}",
+        "thresholds": config.to_dict(),
+        "shared_ids": len(shared),
+        "scored_in_both": len(both_ok),
+        "faces_paired": int(len(pairs)),
+        "faces_unpaired_baseline": [[str(i), int(k)] for i, k in unpaired_base],
+        "faces_unpaired_candidate": [[str(i), int(k)] for i, k in unpaired_cand],
+        "only_in_baseline": only_base,
+        "only_in_candidate": only_cand,
+        "status_worse": worse,
+        "counts": counts,
+        "checks": checks,
+    }
+
+
+def _describe(c: dict[str, Any], config: GateConfig) -> str:
+    limits = " or ".join(
+        ([f"{c['abs_threshold']:g}"] if c["abs_threshold"] is not None else [])
+        + ([f"{c['rel_threshold']:.0%} of the baseline"] if c["rel_threshold"] is not None else [])
+    )
+    return (
+        f"bucket {c['bucket']}: {c['figure']} ({c['what']}) worsened by {c['drop']:.4f} ({c['rel_drop']:.1%}):"
+        f" {c['baseline']:.4f} -> {c['candidate']:.4f} over {c['pairs']} pairs, {config.confidence:.0%} interval of"
+        f" the difference [{c['ci_low']:.4f}, {c['ci_high']:.4f}]; allowed {limits}"
+    )
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def format_gate(result: dict[str, Any]) -> str:
+    """The gate as a readable table (what ``stylid score --baseline`` prints)."""
+    lines = [
+        f"gate: {'PASS' if result['passed'] else 'FAIL'}  (shared ids {result['shared_ids']}, scored in both"
+        f" {result['scored_in_both']}, faces paired {result['faces_paired']}; {result['interval']})",
+        f"{'bucket':>7} {'figure':>14} {'faces':>5} {'pairs':>5} {'baseline':>9} {'candidate':>9} {'diff':>8}"
+        f" {'interval':>19} {'drop':>7} {'allowed':>13} {'verdict':>13}",
+    ]
+    for c in result["checks"]:
+        interval = f"[{_num(c['ci_low'])}, {_num(c['ci_high'])}]" if c["ci_low"] is not None else "-"
+        allowed = "/".join([_num(c["abs_threshold"], "g"), "-" if c["rel_threshold"] is None
+                            else f"{c['rel_threshold']:.0%}"])  # fmt: skip
+        verdict = {"fail": "FAIL", "noise": "noise (pass)", "too_few_faces": "few faces", "no_data": "no data"}.get(
+            c["status"], "pass"
+        )
+        lines.append(
+            f"{c['bucket']:>7} {c['figure']:>14} {c['faces']:>5} {c['pairs']:>5} {_num(c['baseline']):>9}"
+            f" {_num(c['candidate']):>9} {_num(c['diff'], '+.3f'):>8} {interval:>19} {_num(c['drop'], '+.3f'):>7}"
+            f" {allowed:>13} {verdict:>13}"
+        )
+    for c in result["counts"]:
+        ids = {"status_worse": [w["image_id"] for w in result["status_worse"]],
+               "only_in_baseline": result["only_in_baseline"],
+               "only_in_candidate": result["only_in_candidate"]}[c["check"]]  # fmt: skip
+        shown = ", ".join(map(str, ids[:10])) + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+        lines.append(f"{c['check']}: {c['count']} (max {c['max'] if c['max'] is not None else '-'})"
+                     f" {'ok' if c['passed'] else 'FAIL'}" + (f": {shown}" if ids else ""))  # fmt: skip
+    unpaired = len(result["faces_unpaired_baseline"]) + len(result["faces_unpaired_candidate"])
+    if unpaired:
+        lines.append(
+            f"faces not paired: {len(result['faces_unpaired_baseline'])} of the baseline,"
+            f" {len(result['faces_unpaired_candidate'])} of the candidate (another face_index or box)"
+        )
+    for f in result["failures"]:
+        lines.append(f"FAIL {f}")
+    return "\n".join(lines)

@@ -1,0 +1,371 @@
+"""The output's shards and its resume ledger: one implementation for every job (``run``, ``customize``, ``score``).
+
+Layout of an output (see ARCHITECTURE.md, "Shards and the ledger")::
+
+    metrics/part-<h>.parquet   per-image rows; the resume ledger (a row is done once it is in a metrics shard)
+    faces/part-<h>.parquet     per-face rows of exactly the images of metrics/part-<h>.parquet
+    metrics/_compaction-part-<h>.json   only while ``compact`` replaces shards: {"shard": ..., "replaces": [...]}
+
+``h`` is a hash of the shard's ids, so a shard's name says which rows it holds and a rerun, however it draws its
+shard boundaries, never overwrites another shard. Shards hold up to ``rows_per_shard`` rows (thousands): the
+``ShardWriter`` accumulates rows and writes a faces shard, then its metrics shard, one put each, every
+``rows_per_shard`` rows and when its input ends.
+
+Readers never list ``faces/``: the *live* shards are the metrics shards not replaced by a committed compaction,
+and a faces shard is read only beside its live metrics shard. So a faces shard left behind by a crash (written,
+its metrics shard not) is never counted, and ``drop_orphan_face_shards`` removes it before its rows are redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stylid_core.storage import delete, filesystem, join, list_files, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics"
+FACES = "faces"
+#: the column in which a write stage hands each row's per-face rows (a list of structs) to the ``ShardWriter``
+FACE_ROWS = "face_rows"
+#: rows per metrics/faces shard: a million rows make 200 of each
+DEFAULT_ROWS_PER_SHARD = 5000
+#: concurrent shard reads (object stores answer one request per shard; the ledger waits on latency, not CPU)
+READ_THREADS = 16
+_JOURNAL = "_compaction-"
+
+
+def shard_name(image_ids: Iterable[str]) -> str:
+    """``part-<h>.parquet``, ``h`` a hash of the ids (the same rows always get the same name)."""
+    digest = hashlib.sha256("\n".join(sorted(str(i) for i in image_ids)).encode()).hexdigest()[:16]
+    return f"part-{digest}.parquet"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one Parquet file (written in one put)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard_pair(output_uri: str, faces: pa.Table, metrics: pa.Table, storage_options: dict | None) -> str:
+    """The ``faces/`` shard, then the ``metrics/`` shard of the same name (the ledger entry, written last), one put
+    each; returns the name. The name hashes ``metrics``' ids."""
+    name = shard_name(metrics.column("image_id").to_pylist())
+    write_bytes(join(output_uri, FACES, name), parquet_bytes(faces), storage_options)
+    write_bytes(join(output_uri, METRICS, name), parquet_bytes(metrics), storage_options)
+    return name
+
+
+def split_face_rows(table: pa.Table, faces_schema: pa.Schema | None = None) -> tuple[pa.Table, pa.Table]:
+    """(metrics rows, face rows) of a write stage's output: ``FACE_ROWS`` (a list of structs per row) flattened
+    into a table of its own, and dropped from the metrics. A table without the column has no face rows."""
+    if FACE_ROWS not in table.column_names:
+        return table, (faces_schema or pa.schema([])).empty_table()
+    column = table.column(FACE_ROWS).combine_chunks()
+    flat = pc.list_flatten(column)
+    faces = pa.Table.from_struct_array(flat)
+    if faces_schema is not None:
+        faces = faces.select(faces_schema.names).cast(faces_schema)
+    return table.drop_columns([FACE_ROWS]), faces
+
+
+class ShardWriter:
+    """Accumulates a job's output rows (a write stage's tables, with ``FACE_ROWS``) and writes a faces shard and
+    then its metrics shard every ``rows_per_shard`` rows, and the rest at ``flush()``.
+
+    It runs where the rows arrive in order, on the driver that consumes the dataset: Ray Data gives map_batches
+    UDFs no end-of-input hook that the driver waits for (an actor's ``__del__`` runs at a shutdown the driver
+    does not wait on, and never when it is killed), and only the consumer knows that the input has ended. A
+    row reaches the writer after its image is stored, so a row counts as done only once its image and its
+    metrics row are stored; a crash loses at most the rows not yet flushed.
+    """
+
+    def __init__(self, output_uri: str, storage_options: dict | None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.output_uri = output_uri
+        self.storage_options = storage_options
+        self.rows_per_shard = rows_per_shard
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self.rows_written = 0
+        self.shards: list[str] = []
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Buffer ``table``'s rows; write every full shard."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if table.num_rows == 0:
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self.rows_per_shard:
+            buffered = pa.concat_tables(self._pending, promote_options="permissive")
+            start = 0
+            while buffered.num_rows - start >= self.rows_per_shard:
+                self._write(buffered.slice(start, self.rows_per_shard))
+                start += self.rows_per_shard
+            rest = buffered.slice(start)
+            self._pending = [rest] if rest.num_rows else []
+            self._pending_rows = rest.num_rows
+
+    def flush(self) -> None:
+        """Write whatever is buffered as one shard (nothing when empty)."""
+        if self._pending_rows:
+            self._write(pa.concat_tables(self._pending, promote_options="permissive"))
+        self._pending, self._pending_rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
+        metrics, faces = split_face_rows(table)
+        self.shards.append(write_shard_pair(self.output_uri, faces, metrics, self.storage_options))
+        self.rows_written += metrics.num_rows
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class LedgerState:
+    """What ``metrics/`` holds: live shard names, shards replaced by committed compactions, open journals."""
+
+    live: list[str]
+    replaced: set[str] = field(default_factory=set)
+    journals: dict[str, dict] = field(default_factory=dict)  # journal name -> {"shard": ..., "replaces": [...]}
+    present: set[str] = field(default_factory=set)  # every metrics shard on storage
+
+
+def ledger_state(output_uri: str, storage_options: dict | None) -> LedgerState:
+    """One listing of ``metrics/`` (plus the few compaction journals, normally none)."""
+    names = [posixpath.basename(u) for u in list_files(join(output_uri, METRICS), "", storage_options)]
+    present = {n for n in names if n.endswith(".parquet") and not n.startswith("_")}
+    journals = {}
+    for n in names:
+        if n.startswith(_JOURNAL) and n.endswith(".json"):
+            try:
+                journals[n] = json.loads(read_bytes(join(output_uri, METRICS, n), storage_options))
+            except Exception:  # deleted meanwhile: that compaction is over
+                continue
+    replaced: set[str] = set()
+    for j in journals.values():
+        if j["shard"] in present:  # committed: its sources are superseded, whether or not deleted yet
+            replaced |= set(j["replaces"])
+    return LedgerState(sorted(present - replaced), replaced, journals, present)
+
+
+def live_shards(output_uri: str, storage_options: dict | None) -> list[str]:
+    """Names of the metrics shards that make up the ledger (each row in exactly one of them)."""
+    return ledger_state(output_uri, storage_options).live
+
+
+def _map_concurrent(fn: Callable, items: list, threads: int = READ_THREADS) -> Iterator:
+    """``fn`` over ``items`` in order, at most ``threads`` at once and ahead (bounded memory)."""
+    if len(items) <= 1 or threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items[:threads]]
+        for k in range(len(items)):
+            result = futures[k].result()
+            futures[k] = None  # type: ignore[call-overload]
+            if k + threads < len(items):
+                futures.append(pool.submit(fn, items[k + threads]))
+            yield result
+
+
+def read_shard(uri: str, storage_options: dict | None, columns: list[str] | None = None) -> pa.Table | None:
+    """One shard's ``columns`` (all when None; only those the shard has); None when the shard is gone."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+            return pf.read(columns=cols)
+    except FileNotFoundError:
+        return None
+
+
+def iter_shards(
+    output_uri: str,
+    kind: str,
+    storage_options: dict | None,
+    columns: list[str] | None = None,
+    names: list[str] | None = None,
+    threads: int = READ_THREADS,
+) -> Iterator[pa.Table]:
+    """The live shards of ``kind`` (``metrics`` or ``faces``) as tables projected to ``columns``, one shard at a
+    time (read ``threads`` at once), in name order; a faces shard missing beside its metrics shard is skipped."""
+    names = live_shards(output_uri, storage_options) if names is None else names
+    uris = [join(output_uri, kind, n) for n in names]
+    for table in _map_concurrent(lambda u: read_shard(u, storage_options, columns), uris, threads):
+        if table is not None:
+            yield table
+
+
+def read_frame(
+    output_uri: str, kind: str, storage_options: dict | None, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """The live shards of ``kind`` (``metrics`` or ``faces``) as one frame, projected to ``columns``: what a
+    compaction in progress left twice is read once. For the tables a job compares whole (``stylid score``'s gate);
+    summaries stream with ``iter_shards`` instead."""
+    tables = list(iter_shards(output_uri, kind, storage_options, columns))
+    if not tables:
+        return pd.DataFrame(columns=columns or [])
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def done_ids(output_uri: str, storage_options: dict | None) -> pa.ChunkedArray:
+    """Every ``image_id`` in the ledger (each once): the live metrics shards read concurrently, projected to ids."""
+    chunks = [t.column("image_id").combine_chunks() for t in iter_shards(output_uri, METRICS, storage_options,
+                                                                          ["image_id"])]  # fmt: skip
+    return pa.chunked_array([c.cast(pa.string()) for c in chunks], type=pa.string())
+
+
+def subtract_done(ids: pa.Array | pa.ChunkedArray, done: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A boolean mask over ``ids``: true where the id is in ``done`` (a hash lookup in Arrow, no Python set)."""
+    return pc.is_in(ids, value_set=pa.chunked_array(done).combine_chunks() if len(done) else pa.array([], pa.string()))
+
+
+def drop_orphan_face_shards(output_uri: str, storage_options: dict | None) -> list[str]:
+    """Delete ``faces/`` shards that have no metrics shard of their name (and no compaction that will write one):
+    a shard pair that crashed between its two writes. Its rows are redone, possibly into another shard, which
+    would otherwise hold them twice. Returns the deleted URIs."""
+    state = ledger_state(output_uri, storage_options)
+    keep = state.present | {j["shard"] for j in state.journals.values()}
+    dropped = []
+    for uri in list_files(join(output_uri, FACES), ".parquet", storage_options):
+        if posixpath.basename(uri) not in keep:
+            log.info("removing %s: its rows have no metrics shard and are redone", uri)
+            delete(uri, storage_options)
+            dropped.append(uri)
+    return dropped
+
+
+# ------------------------------------------------------------------------------------------------- compaction
+
+
+@dataclass
+class CompactResult:
+    """What one ``compact`` call did."""
+
+    shards_before: int
+    shards_after: int
+    rows: int
+    groups: int
+    recovered: int  # interrupted compactions finished (or undone) first
+
+
+def _journal_name(shard: str) -> str:
+    return f"{_JOURNAL}{shard.removesuffix('.parquet')}.json"
+
+
+def recover_compactions(output_uri: str, storage_options: dict | None) -> int:
+    """Finish every interrupted compaction: where its new metrics shard was written (the commit), delete the
+    shards it replaces; where not, delete its new faces shard. Then remove its journal. Returns how many."""
+    state = ledger_state(output_uri, storage_options)
+    for journal_name, j in sorted(state.journals.items()):
+        if j["shard"] in state.present:
+            for src in j["replaces"]:
+                delete(join(output_uri, METRICS, src), storage_options)
+                delete(join(output_uri, FACES, src), storage_options)
+        else:
+            delete(join(output_uri, FACES, j["shard"]), storage_options)
+        delete(join(output_uri, METRICS, journal_name), storage_options)
+    return len(state.journals)
+
+
+def shard_rows(output_uri: str, names: list[str], storage_options: dict | None) -> dict[str, int]:
+    """Rows of each metrics shard, from the Parquet footers (read concurrently)."""
+
+    def rows(name: str) -> int:
+        fs, path = filesystem(join(output_uri, METRICS, name), storage_options)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    return dict(zip(names, _map_concurrent(rows, names)))
+
+
+def plan_compaction(rows: dict[str, int], rows_per_shard: int) -> list[list[str]]:
+    """Groups of shards to merge: the shards under half of ``rows_per_shard`` rows, in name order, packed while a
+    group stays within ``rows_per_shard``; groups of one are left alone.
+
+    Every group but the last then holds more than half a shard's rows (its next shard, under half, did not fit),
+    so a second compaction finds at most one small shard and does nothing: compaction is idempotent.
+    """
+    small = [n for n in sorted(rows) if rows[n] < rows_per_shard / 2]
+    groups: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for name in small:
+        if current and total + rows[name] > rows_per_shard:
+            groups.append(current)
+            current, total = [], 0
+        current.append(name)
+        total += rows[name]
+    if current:
+        groups.append(current)
+    return [g for g in groups if len(g) > 1]
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def compact_group(output_uri: str, sources: list[str], storage_options: dict | None) -> str:
+    """Replace the shard pairs ``sources`` by one; the commit protocol (each step one put or delete):
+
+    1. the new faces shard (an orphan until step 3: no reader counts it),
+    2. a journal ``metrics/_compaction-<new>.json`` naming ``sources``,
+    3. the new metrics shard: the commit. From here readers skip ``sources`` (the journal says they are
+       replaced), so the ledger shows every row once, before, during and after,
+    4. the sources' metrics and faces shards deleted,
+    5. the journal deleted.
+
+    Interrupted anywhere, ``recover_compactions`` rolls forward (after 3) or back (before 3)."""
+    parts = [read_shard(join(output_uri, METRICS, s), storage_options) for s in sources]
+    if any(p is None for p in parts):
+        raise FileNotFoundError(f"a shard of {sources} under {output_uri}/metrics vanished during compaction")
+    metrics = _concat(parts)
+    faces_parts = [read_shard(join(output_uri, FACES, s), storage_options) for s in sources]
+    faces_parts = [t for t in faces_parts if t is not None]
+    faces = _concat(faces_parts) if faces_parts else pa.schema([("image_id", pa.string())]).empty_table()
+    name = shard_name(metrics.column("image_id").to_pylist())
+    write_bytes(join(output_uri, FACES, name), parquet_bytes(faces), storage_options)
+    journal = {"shard": name, "replaces": sorted(sources)}
+    write_bytes(join(output_uri, METRICS, _journal_name(name)), json.dumps(journal).encode(), storage_options)
+    write_bytes(join(output_uri, METRICS, name), parquet_bytes(metrics), storage_options)
+    for src in sources:
+        delete(join(output_uri, METRICS, src), storage_options)
+        delete(join(output_uri, FACES, src), storage_options)
+    delete(join(output_uri, METRICS, _journal_name(name)), storage_options)
+    return name
+
+
+def compact(
+    output_uri: str, storage_options: dict | None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+) -> CompactResult:
+    """Rewrite an output's small metrics and faces shards (earlier versions wrote one per compute batch; many
+    small reruns leave many small shards) into shards of up to ``rows_per_shard`` rows. Idempotent, and safe to
+    interrupt at any point: the ledger shows every row exactly once throughout (see ``compact_group``)."""
+    if rows_per_shard < 2:
+        raise ValueError(f"rows_per_shard must be >= 2, got {rows_per_shard}")
+    recovered = recover_compactions(output_uri, storage_options)
+    drop_orphan_face_shards(output_uri, storage_options)
+    names = live_shards(output_uri, storage_options)
+    rows = shard_rows(output_uri, names, storage_options)
+    groups = plan_compaction(rows, rows_per_shard)
+    for group in groups:
+        compact_group(output_uri, group, storage_options)
+    after = len(names) - sum(len(g) for g in groups) + len(groups)
+    return CompactResult(len(names), after, sum(rows.values()), len(groups), recovered)

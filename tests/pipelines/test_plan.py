@@ -1,0 +1,64 @@
+"""The driver's plan without Ray: a manifest prefix read in bounded Arrow batches, validated, and the ledger's rows
+subtracted (``ManifestReader`` + ``plan_pending``)."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipelines.schema import derive_image_id
+from pipelines.stylize import ManifestReader, plan_pending, read_manifest
+from stylid_core.ledger import ShardWriter
+
+
+def _prefix(path, frames: list[pd.DataFrame]) -> str:
+    os.makedirs(path, exist_ok=True)
+    for k, df in enumerate(frames):
+        df.to_parquet(os.path.join(path, f"part-{k}.parquet"), index=False)
+    return str(path)
+
+
+def _ledger(output: str, ids: list[str]) -> None:
+    writer = ShardWriter(output, {}, rows_per_shard=4)
+    writer.add(pa.table({"image_id": ids, "status": ["ok"] * len(ids)}))
+    writer.flush()
+
+
+def test_plan_keeps_exactly_the_pending_rows_of_a_manifest_prefix(tmp_path):
+    frames = [
+        pd.DataFrame({"image_id": [f"a{k}" for k in range(9)], "image_uri": [f"/in/a{k}.png" for k in range(9)]}),
+        pd.DataFrame({"image_uri": [f"/in/b{k}.png" for k in range(5)] + [""]}),  # ids derived; an empty URI
+        pd.DataFrame({"image_id": ["c0", "c1"], "image_uri": ["/in/c0.png", "/in/c1.png"],
+                      "style_uri": ["/s/one.png", None]}),  # fmt: skip
+    ]
+    manifest = _prefix(tmp_path / "manifest", frames)
+    derived = [derive_image_id(f"/in/b{k}.png") for k in range(5)]
+    output = str(tmp_path / "out")
+    done_ids = ["a1", "a2", "a8", derived[3], "c1", "not-in-the-manifest"]
+    _ledger(output, done_ids)
+    reader = ManifestReader(manifest, "/s/default.png", batch_rows=4)  # batches cut across files and the ledger
+    done, pending = plan_pending(reader, output, {})
+    all_ids = read_manifest(manifest, "/s/default.png").column("image_id").to_pylist()
+    assert len(all_ids) == 17 and len(set(all_ids)) == 17
+    assert sorted(done.to_pylist()) == sorted(set(done_ids) & set(all_ids))
+    assert pending.column("image_id").to_pylist() == [i for i in all_ids if i not in set(done_ids)]
+    rows = pending.to_pandas().set_index("image_id")
+    assert rows.at["c0", "style_uri"] == "/s/one.png" and rows.at[derived[0], "style_uri"] == "/s/default.png"
+    assert (rows["status"] == "missing").sum() == 1 and rows["error"].dropna().tolist() == ["empty image_uri"]
+    # a plain table plans the same
+    done2, pending2 = plan_pending(read_manifest(manifest, "/s/default.png"), output, {})
+    assert sorted(done2.to_pylist()) == sorted(done.to_pylist())
+    assert pending2.column("image_id").to_pylist() == pending.column("image_id").to_pylist()
+
+
+def test_duplicates_across_files_are_found_before_the_plan(tmp_path):
+    frames = [pd.DataFrame({"image_id": ["x", "y"], "image_uri": ["/a", "/b"]}),
+              pd.DataFrame({"image_id": ["z", "x"], "image_uri": ["/c", "/d"]})]  # fmt: skip
+    reader = ManifestReader(_prefix(tmp_path / "m", frames), None, batch_rows=1)
+    with pytest.raises(ValueError, match=r"1 duplicate image_id\(s\), e.g. \['x'\]"):
+        plan_pending(reader, str(tmp_path / "out"), {})
+    with pytest.raises(ValueError, match="no 'image_uri' column"):
+        ManifestReader(_prefix(tmp_path / "bad", [pd.DataFrame({"path": ["/a"]})]), None)

@@ -1,0 +1,179 @@
+"""The regression gate on hand-built tables (no Ray, no models): pairing, intervals, thresholds, refusals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs.score import load_score_config
+from stylid_core.config import ConfigError, JobConfig, ScoreJobConfig
+from stylid_core.gate import (
+    GateConfig,
+    GateInputError,
+    check_comparable,
+    compare_runs,
+    format_gate,
+    paired_interval,
+)
+
+
+def _tables(n_images: int = 12, faces_per_image: int = 2, size: float = 40.0, seed: int = 0):
+    """Metrics and faces of a run: ``n_images`` ok images with ``faces_per_image`` faces of ``size`` px each."""
+    rng = np.random.default_rng(seed)
+    metrics, faces = [], []
+    for i in range(n_images):
+        image_id = f"img{i:03d}"
+        style, content = 3.0 + rng.normal(0, 0.2), 0.7 + rng.normal(0, 0.02)
+        metrics.append({"image_id": image_id, "status": "ok", "error": None, "style_distance": style,
+                        "content_ssim": content})  # fmt: skip
+        for k in range(faces_per_image):
+            x0 = 10.0 + 100 * k
+            faces.append({"image_id": image_id, "face_index": k, "x0": x0, "y0": 10.0, "x1": x0 + size,
+                          "y1": 10.0 + size, "size_px": size, "size_bucket": "32-48" if size < 48 else "64-128",
+                          "id_sim": 0.95 + rng.normal(0, 0.01), "id_match": True, "redetected": True,
+                          "backend": "dlib"})  # fmt: skip
+    return pd.DataFrame(metrics), pd.DataFrame(faces)
+
+
+def _checks(result: dict) -> dict[tuple[str, str], dict]:
+    return {(c["bucket"], c["figure"]): c for c in result["checks"]}
+
+
+def test_an_identical_candidate_passes_with_zero_differences():
+    m, f = _tables()
+    result = compare_runs(m, f, m.copy(), f.copy(), GateConfig(min_faces=5))
+    assert result["passed"] and result["failures"] == []
+    checks = _checks(result)
+    assert checks[("32-48", "id_sim")]["diff"] == 0 and checks[("32-48", "id_sim")]["status"] == "pass"
+    assert checks[("all", "content_ssim")]["pairs"] == 12 and checks[("all", "id_sim")]["pairs"] == 24
+    assert result["faces_paired"] == 24 and result["shared_ids"] == 12
+
+
+def test_a_consistent_identity_drop_fails_naming_bucket_and_figure():
+    m, f = _tables()
+    worse = f.copy()
+    worse["id_sim"] -= 0.05 + np.random.default_rng(1).normal(0, 0.005, len(worse))
+    result = compare_runs(m, worse, m, f, GateConfig(min_faces=5))
+    assert not result["passed"]
+    check = _checks(result)[("32-48", "id_sim")]
+    assert check["status"] == "fail" and check["significant"] and check["breached"]
+    assert check["ci_high"] < 0 and check["drop"] == pytest.approx(0.05, abs=0.01)
+    assert any(s.startswith("bucket 32-48: id_sim") for s in result["failures"])
+    assert _checks(result)[("32-48", "style_distance")]["status"] == "pass"  # per-image figures untouched
+    table = format_gate(result)
+    assert "FAIL" in table and "32-48" in table and "id_sim" in table
+
+
+def test_a_drop_inside_the_noise_does_not_fail():
+    """Beyond the threshold on average, but the paired interval reaches zero: reported as noise, not a failure."""
+    m, f = _tables(n_images=3, faces_per_image=1)
+    noisy = f.copy()
+    noisy["id_sim"] = noisy["id_sim"].to_numpy() + np.array([-0.20, 0.15, -0.04])
+    result = compare_runs(m, noisy, m, f, GateConfig(min_faces=1))
+    check = _checks(result)[("32-48", "id_sim")]
+    assert check["breached"] and not check["significant"] and check["status"] == "noise"
+    assert check["ci_low"] < 0 < check["ci_high"] and result["passed"]
+
+
+def test_a_bucket_with_too_few_faces_cannot_fail():
+    m, f = _tables()
+    worse = f.copy()
+    worse["id_sim"] -= 0.2
+    result = compare_runs(m, worse, m, f, GateConfig(min_faces=25))  # 24 paired faces
+    assert result["passed"] and _checks(result)[("32-48", "id_sim")]["status"] == "too_few_faces"
+    assert not compare_runs(m, worse, m, f, GateConfig(min_faces=24))["passed"]
+
+
+def test_style_distance_fails_on_a_rise_and_relative_thresholds_apply():
+    m, f = _tables()
+    shifted = m.copy()
+    shifted["style_distance"] *= 1.2  # +20%, +0.6 Lab units
+    config = GateConfig(min_faces=5, style_distance={"abs_drop": None, "rel_drop": 0.10})
+    check = _checks(compare_runs(shifted, f, m, f, config))[("32-48", "style_distance")]
+    assert check["status"] == "fail" and check["rel_drop"] == pytest.approx(0.2, abs=0.01)
+    lenient = GateConfig(min_faces=5, style_distance={"abs_drop": None, "rel_drop": 0.25})
+    assert compare_runs(shifted, f, m, f, lenient)["passed"]
+    better = m.copy()
+    better["style_distance"] *= 0.5  # closer to the style is no regression
+    assert compare_runs(better, f, m, f, config)["passed"]
+
+
+def test_ids_on_one_side_only_and_worse_statuses_are_reported():
+    m, f = _tables()
+    cand_m = m[m["image_id"] != "img000"].copy()  # lost
+    cand_m = pd.concat([cand_m, pd.DataFrame([{"image_id": "new1", "status": "ok"}])], ignore_index=True)
+    cand_m.loc[cand_m["image_id"] == "img001", ["status", "error"]] = ["score_error", "boom"]
+    cand_f = f[~f["image_id"].isin(["img000", "img001"])]
+    result = compare_runs(cand_m, cand_f, m, f, GateConfig(min_faces=5))
+    assert result["only_in_baseline"] == ["img000"] and result["only_in_candidate"] == ["new1"]
+    assert result["status_worse"] == [{"image_id": "img001", "baseline": "ok", "candidate": "score_error",
+                                       "error": "boom"}]  # fmt: skip
+    counts = {c["check"]: c for c in result["counts"]}
+    assert not counts["status_worse"]["passed"] and not counts["only_in_baseline"]["passed"]
+    assert counts["only_in_candidate"]["passed"]  # null maximum: reported only
+    assert not result["passed"] and result["faces_paired"] == 20
+    table = format_gate(result)
+    assert "img000" in table and "new1" in table and "img001" in table
+    lenient = GateConfig(min_faces=5, max_status_worse=1, max_only_in_baseline=1)
+    assert compare_runs(cand_m, cand_f, m, f, lenient)["passed"]
+
+
+def test_faces_whose_boxes_moved_are_not_paired():
+    m, f = _tables()
+    moved = f.copy()
+    moved.loc[0, ["x0", "x1"]] += 30  # IoU of the two boxes: 10/70
+    result = compare_runs(m, moved, m, f, GateConfig(min_faces=5))
+    assert result["faces_paired"] == 23
+    assert result["faces_unpaired_baseline"] == [["img000", 0]] == result["faces_unpaired_candidate"]
+
+
+def test_no_shared_ids_is_bad_input():
+    m, f = _tables()
+    other = m.assign(image_id=m["image_id"] + "-x")
+    with pytest.raises(GateInputError, match="share no image_id"):
+        compare_runs(other, f, m, f, GateConfig())
+
+
+def test_paired_interval_is_the_student_t_interval():
+    low, high = paired_interval(np.array([1.0, 2.0, 3.0]), 0.95)
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+    assert paired_interval(np.array([0.5]), 0.95) is None
+
+
+def _info(config) -> dict:
+    return {"job": "score", "config": config.to_dict()}
+
+
+def test_a_baseline_of_another_backend_or_config_is_refused():
+    here = _info(ScoreJobConfig())
+    check_comparable(here, {"config": JobConfig().to_dict()}, "b")  # a stylid run output of the same faces/score
+    other_backend = JobConfig.from_dict({"faces": {"backend": "insightface"}}).to_dict()
+    with pytest.raises(GateInputError, match="face backend 'insightface'"):
+        check_comparable(here, {"config": other_backend}, "s3://b/base")
+    with pytest.raises(GateInputError, match="faces.upsample: 1 in the baseline, 2 here"):
+        check_comparable(here, _info(ScoreJobConfig.from_dict({"faces": {"upsample": 1}})), "b")
+    with pytest.raises(GateInputError, match="score.redetect"):
+        check_comparable(here, _info(ScoreJobConfig.from_dict({"score": {"redetect": False}})), "b")
+    with pytest.raises(GateInputError, match="stylid customize"):
+        check_comparable(here, {"job": "customize", "config": {}}, "b")
+    # what does not change the figures is no reason to refuse
+    check_comparable(here, _info(ScoreJobConfig.from_dict({"faces": {"providers": ["CUDAExecutionProvider"]}})), "b")
+
+
+def test_gate_thresholds_come_from_the_nightly_config_and_set_overrides():
+    config, gate = load_score_config("nightly_score", ["gate.min_faces=3", "gate.id_sim.abs_drop=0.01"])
+    assert gate.min_faces == 3 and gate.id_sim.abs_drop == 0.01 and gate.id_sim.rel_drop == 0.03
+    assert config.faces == JobConfig().faces  # scored as stylid run scores
+    assert config.config_hash() == load_score_config("nightly_score", ["gate.min_faces=9"])[0].config_hash()
+    with pytest.raises(ConfigError, match="gate.nope"):
+        load_score_config("nightly_score", ["gate.nope=1"])
+    with pytest.raises(ConfigError, match="gate.id_sim.abs"):
+        load_score_config("nightly_score", ["gate.id_sim.abs=1"])
+    with pytest.raises(ConfigError, match="confidence"):
+        load_score_config("nightly_score", ["gate.confidence=1.5"])
+    with pytest.raises(ConfigError, match="abs_drop"):
+        load_score_config("nightly_score", ["gate.content_ssim.abs_drop=-1"])
