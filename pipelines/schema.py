@@ -86,6 +86,7 @@ FACE_COLUMNS: dict[str, pa.DataType] = {
     "id_match_no_mosaic": pa.bool_(),
     "redetected": pa.bool_(),
     "backend": pa.string(),
+    "zoom_strip": pa.string(),  # faces under report.ZOOM_FACE_PX: base64 JPEG of source / no mosaic / mosaic
 }
 
 

@@ -27,6 +27,7 @@ from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
 from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
 from stylid_core.metrics import content_similarity, style_distance
+from stylid_core.report import ZOOM_FACE_PX, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
@@ -535,6 +536,7 @@ class ScoreStage:
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
                 "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
+                "zoom_strip": zoom_strip(face.box, source, plain, out) if face.size_px < ZOOM_FACE_PX else None,
             })  # fmt: skip
         sims = [s[0] for s in scores if s[0] is not None]
         plain_sims = [s[0] for s in scores_plain if s[0] is not None]

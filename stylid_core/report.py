@@ -229,6 +229,55 @@ def _thumb(uri: str, storage_options: dict | None, side: int = 220) -> str | Non
     return base64.b64encode(encode_jpeg(image, 80)).decode()
 
 
+#: faces under this size (px) get a zoomed strip (source crop, without mosaic, with mosaic) in their face row
+ZOOM_FACE_PX = 48
+ZOOM_SIDE = 96  # px of each panel of a strip
+
+
+def zoom_strip(face_box: tuple[float, float, float, float], *images: np.ndarray | None) -> str:
+    """A base64 JPEG of the face's square neighbourhood (the box grown by half its size per side) cut from each of
+    ``images`` (e.g. source, stylized without mosaic, stylized with mosaic; ``None`` panels are skipped), each
+    scaled to ``ZOOM_SIDE`` px and put side by side: a 24 px face shows nothing in a whole-image thumbnail."""
+    import cv2
+
+    x0, y0, x1, y1 = face_box
+    side = 2.0 * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    panels = []
+    for image in images:
+        if image is None:
+            continue
+        h, w = image.shape[:2]
+        a0, b0 = int(max(0, np.floor(cx - side / 2))), int(max(0, np.floor(cy - side / 2)))
+        a1, b1 = int(min(w, np.ceil(cx + side / 2))), int(min(h, np.ceil(cy + side / 2)))
+        crop = np.ascontiguousarray(image[b0:b1, a0:a1])
+        panels.append(cv2.resize(crop, (ZOOM_SIDE, ZOOM_SIDE), interpolation=cv2.INTER_CUBIC))
+    return base64.b64encode(encode_jpeg(np.concatenate(panels, axis=1), 85)).decode()
+
+
+def small_faces_html(faces: pd.DataFrame, max_faces: int = 16) -> str:
+    """The report section of zoomed strips of the smallest faces (from the face rows' ``zoom_strip``)."""
+    if faces.empty or "zoom_strip" not in faces:
+        return ""
+    rows = faces[faces["zoom_strip"].map(lambda v: isinstance(v, str) and len(v) > 0)]
+    if rows.empty:
+        return ""
+    rows = rows.sort_values(["size_px", "image_id", "face_index"]).head(max_faces)
+    parts = [
+        "<h2>Smallest faces, zoomed</h2><p>Each strip: the source around the face, the output without the mosaic, "
+        "the output with it (identity distance without / with the mosaic).</p><div class='grid'>"
+    ]
+    for _, r in rows.iterrows():
+        parts.append(
+            f"<div class='pair'><img src='data:image/jpeg;base64,{r['zoom_strip']}'><br>"
+            f"{html.escape(str(r['image_id']))} "
+            f"face {int(r['face_index'])}, {r['size_px']:.0f} px: id_dist {_fmt(r.get('id_dist_no_mosaic'))} / "
+            f"{_fmt(r.get('id_dist'))}</div>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def render_report(
     metrics: pd.DataFrame,
     faces: pd.DataFrame,
@@ -297,6 +346,7 @@ def render_report(
     }
     parts.append("<p>" + ", ".join(f"{k}: {_fmt(v)}" for k, v in means.items()) + "</p>")
 
+    parts.append(small_faces_html(faces))
     parts.append("<h2>Before / after</h2><div class='grid'>")
     ok = metrics[metrics["status"] == "ok"].sort_values("image_id").head(max_thumbs) if len(metrics) else metrics
     for _, row in ok.iterrows():

@@ -18,7 +18,7 @@ from PIL import Image, ImageFilter
 PORTRAITS = ("biden", "obama", "obama2", "obama3", "astronaut", "grace_hopper")
 PERSON_OF = {"biden": "biden", "obama": "obama", "obama2": "obama", "obama3": "obama",
              "astronaut": "collins", "grace_hopper": "hopper"}  # fmt: skip
-STYLE_FILE = "style_ihc.jpg"
+STYLE_FILE = "style_painting.jpg"
 
 
 def _path(name: str) -> str:

@@ -64,7 +64,7 @@ def cli_output(ray_session, tmp_path_factory):
     pd.DataFrame({"image_id": ["biden"], "image_uri": [str(tmp / "biden.jpg")]}).to_parquet(manifest)
     output = tmp / "out"
     code = main(["run", "--manifest", str(manifest), "--output", str(output), "--num-cpus", "2",
-                 "--set", "score.redetect=false", "--set", "stylize.options.levels=6"])  # fmt: skip
+                 "--set", "score.redetect=false", "--set", "stylize.options.style_strength=0.8"])  # fmt: skip
     assert code == 0
     return output
 
@@ -73,7 +73,7 @@ def test_run_through_the_cli_applies_set_overrides(cli_output):
     with open(cli_output / "run.json") as f:
         run = json.load(f)
     assert run["config"]["score"]["redetect"] is False
-    assert run["config"]["stylize"]["options"] == {"levels": 6}
+    assert run["config"]["stylize"]["options"] == {"style_strength": 0.8}
     assert run["is_default_config"] is False
     assert os.listdir(cli_output / "images") == [f"biden-{run['config_hash']}.png"]
     assert (cli_output / "_SUCCESS").is_file()

@@ -37,7 +37,7 @@ def test_parse_override_reads_yaml_values():
 
 
 def test_bundled_config_names_resolve():
-    assert load_job_config("default").stylize.engine == "classical"
+    assert load_job_config("default").stylize.engine == "neural"
     with pytest.raises(ConfigError, match="not found"):
         load_job_config("no_such_config")
 
@@ -98,5 +98,5 @@ def test_resources_name_and_credentials_do_not_change_the_hash(override):
 
 
 def test_int_and_float_spellings_hash_the_same():
-    assert load_job_config(None, ["stylize.mosaic.max_face_px=64"]).config_hash() == JobConfig().config_hash()
-    assert load_job_config(None, ["stylize.mosaic.max_face_px=64.0"]).config_hash() == JobConfig().config_hash()
+    assert load_job_config(None, ["stylize.mosaic.max_face_px=128"]).config_hash() == JobConfig().config_hash()
+    assert load_job_config(None, ["stylize.mosaic.max_face_px=128.0"]).config_hash() == JobConfig().config_hash()

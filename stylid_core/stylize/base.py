@@ -27,6 +27,16 @@ class Stylizer(abc.ABC):
     #: of upscaled faces whose statistics must not shift the style of the whole.
     accepts_content_region: bool = False
 
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the engine actually runs at for an input of ``height`` x ``width``.
+
+        The default is the input's own size (engines that work at any resolution, such as the classical filters).
+        Engines with a working resolution (the diffusion engine's ``resolution``, the neural engine's ``max_side``)
+        override it; ``MosaicRestorer`` plans its canvas with it, so a face tile reaches ``target_face_px`` at the
+        scale the engine runs at.
+        """
+        return height, width
+
     @abc.abstractmethod
     def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
         """Stylize one image."""
@@ -57,5 +67,6 @@ STYLIZERS: Registry[Stylizer] = Registry(
         "classical": "stylid_core.stylize.classical",
         "identity": "stylid_core.stylize.classical",
         "diffusion": "stylid_core.stylize.diffusion",
+        "neural": "stylid_core.stylize.neural",
     },
 )

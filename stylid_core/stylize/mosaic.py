@@ -1,14 +1,31 @@
 """The mosaic restored content image (arXiv 2506.06802, section on small and distant faces).
 
-Stylizers act at a fixed scale in pixels (filter sizes, or a diffusion model's receptive field), so a 24 px face
-loses its identity to strokes a 200 px face shrugs off. ``MosaicRestorer`` wraps any ``Stylizer``:
+Stylizers act at a fixed scale in pixels (filter sizes, or a network's receptive field), so a 24 px face loses its
+identity to strokes a 200 px face shrugs off. ``MosaicRestorer`` wraps any ``Stylizer``:
 
-1. **plan**: every face under ``max_face_px`` (the smallest ``max_faces`` of them) gets a square crop around its
-   box grown by ``margin`` on each side, and a scale that makes the face ``target_face_px`` wide;
-2. **build the canvas**: the full image at its own size in the top-left corner, the upscaled crops packed in
-   columns to its right (the *mosaic*), the rest filled with the image's mean colour;
-3. **stylize once**: the whole canvas goes through the wrapped stylizer in one call, so the faces and the
-   background share one style (one set of statistics, one diffusion trajectory);
+1. **plan, at the engine's working resolution**: every face under ``max_face_px`` (the smallest ``max_faces`` of
+   them) gets a square crop around its box grown by ``margin`` on each side, and a scale that makes the face
+   ``target_face_px`` wide *where the engine runs*: ``Stylizer.working_size`` says what size the engine resizes
+   each input to (the classical engine: none; the neural engine: ``max_side``; the diffusion engine: its
+   ``resolution``), and the tiles are sized so that after that resize the face is ``target_face_px``;
+2. **lay out**, one of two ``layout`` values:
+
+   - ``canvas``: the full image at its own size in the top-left corner, the upscaled crops packed in columns to its
+     right; the rest of the canvas is filled with copies of the image (alternately mirrored upside down), so the
+     canvas keeps the image's colour statistics and texture (a flat fill would shift a global colour transfer or
+     instance normalization). The filler's own faces are never restored. The canvas is planned at the scale the
+     engine gives the *canvas*; for an engine with a fixed working size that scale is smaller than the image's
+     own, so the plan records ``image_scale`` (the image's scale in the canvas relative to stylizing it alone)
+     and the image loses resolution;
+   - ``sheet``: the image goes to the engine unchanged (exactly as without the mosaic: no shrinking, no change of
+     aspect) and the tiles go on *sheets* of the image's own size, a copy of the image under them as filler,
+     stylized in the same ``stylize_batch`` call with the same style. The engine gives a sheet the image's working
+     scale, so tiles reach ``target_face_px`` at that scale whatever the engine's working size;
+
+3. **stylize once**: the canvas (or image and sheets) go through the wrapped stylizer in one call, so the faces and
+   the background share one style (one set of statistics, one network or diffusion batch); engines with
+   ``accepts_content_region`` get the image's rectangle of the canvas, so tiles and filler do not shift the global
+   statistics they take from the content;
 4. **restore**: each stylized crop is scaled back to its box (area interpolation) and blended into the stylized
    full image through a feathered mask that is 1 over the face and ramps to 0 over the crop's outer
    ``feather`` fraction, so no seam shows.
@@ -53,9 +70,11 @@ class MosaicTile:
 
     face_index: int
     crop: tuple[int, int, int, int]  # x0, y0, x1, y1 in the source image (clipped to it)
-    scale: float
-    position: tuple[int, int]  # top-left corner of the upscaled crop in the canvas
+    scale: float  # upscaled crop px per source px (in the canvas or sheet, before the engine's own resize)
+    position: tuple[int, int]  # top-left corner of the upscaled crop in the canvas or its sheet
     size: tuple[int, int]  # width, height of the upscaled crop
+    sheet: int = -1  # the sheet it is on (``sheet`` layout), -1 in the canvas
+    working_face_px: float = 0.0  # the face's size where the engine runs (target_face_px unless clamped)
 
 
 @dataclass
@@ -63,8 +82,13 @@ class MosaicPlan:
     """The canvas layout for one image."""
 
     image_size: tuple[int, int]  # width, height of the source image
-    canvas_size: tuple[int, int]  # width, height of the canvas
+    canvas_size: tuple[int, int]  # width, height of the canvas (``sheet``: the image's, as is each sheet's)
     tiles: list[MosaicTile]
+    layout: str = "canvas"
+    sheets: int = 0  # number of tile sheets (``sheet`` layout)
+    #: the engine's scale for the image inside the canvas relative to the image stylized alone (1.0: the mosaic
+    #: costs the image no resolution; always 1.0 for ``sheet``, and for engines that run at the input's size)
+    image_scale: float = 1.0
 
     @property
     def face_indices(self) -> set[int]:
@@ -82,13 +106,17 @@ class MosaicRestorer(Stylizer):
         self._upscale = UPSCALERS.create(self.config.upscaler, model=self.config.upscaler_model)
 
     # -- layout -------------------------------------------------------------------------------------------------
-    def plan(self, width: int, height: int, faces: list[Face]) -> MosaicPlan:
+    def _engine_scale(self, width: int, height: int) -> float:
+        """The factor by which the wrapped engine resizes an input of ``width`` x ``height`` (1.0: not at all)."""
+        wh, ww = self.stylizer.working_size(height, width)
+        return min(ww / width, wh / height)
+
+    def _small_faces(self, width: int, height: int, faces: list[Face]) -> list[tuple[int, tuple[int, int, int, int]]]:
         cfg = self.config
         small = [(i, f) for i, f in enumerate(faces) if 0 < f.size_px < cfg.max_face_px]
         small.sort(key=lambda item: item[1].size_px)
-        small = small[: cfg.max_faces]
-        tiles: list[MosaicTile] = []
-        for i, face in small:
+        crops = []
+        for i, face in small[: cfg.max_faces]:
             x0, y0, x1, y1 = face.box
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             side = face.size_px * (1 + 2 * cfg.margin)
@@ -96,62 +124,124 @@ class MosaicRestorer(Stylizer):
             cy0 = int(np.floor(max(0.0, cy - side / 2)))
             cx1 = int(np.ceil(min(float(width), cx + side / 2)))
             cy1 = int(np.ceil(min(float(height), cy + side / 2)))
-            if cx1 - cx0 < 2 or cy1 - cy0 < 2:
-                continue
-            scale = cfg.target_face_px / face.size_px
-            size = (max(2, round((cx1 - cx0) * scale)), max(2, round((cy1 - cy0) * scale)))
-            tiles.append(MosaicTile(face_index=i, crop=(cx0, cy0, cx1, cy1), scale=scale, position=(0, 0), size=size))
-        # pack the tiles in columns to the right of the image, each column as tall as the image (or the tallest tile)
-        panel_h = max([height] + [t.size[1] for t in tiles])
-        x, y, col_w = width, 0, 0
-        for tile in tiles:
-            w, h = tile.size
-            if y > 0 and y + h > panel_h:
-                x, y, col_w = x + col_w, 0, 0
-            tile.position = (x, y)
-            y += h
-            col_w = max(col_w, w)
-        canvas_w = x + col_w if tiles else width
-        canvas_h = panel_h if tiles else height
-        return MosaicPlan(image_size=(width, height), canvas_size=(canvas_w, canvas_h), tiles=tiles)
+            if cx1 - cx0 >= 2 and cy1 - cy0 >= 2:
+                crops.append((i, (cx0, cy0, cx1, cy1)))
+        return crops
 
-    def build_canvas(self, content: np.ndarray, faces: list[Face], plan: MosaicPlan) -> tuple[np.ndarray, list[Face]]:
-        """The mosaic canvas, and the faces in canvas coordinates (originals, then one per tile)."""
-        w, h = plan.image_size
-        cw, ch = plan.canvas_size
-        # fill with the image itself, mirrored, so the canvas keeps the image's colour statistics and texture (a flat
-        # fill would shift a global colour transfer and give a diffusion model an unnatural region to attend to)
-        reps = (-(-ch // h), -(-cw // w), 1)
-        canvas = np.tile(np.concatenate([content, content[::-1]], axis=0)[: 2 * h], (reps[0], reps[1], 1))[:ch, :cw]
-        canvas = np.ascontiguousarray(canvas)
-        canvas[:h, :w] = content
-        canvas_faces = list(faces)
-        for tile in plan.tiles:
+    def plan(self, width: int, height: int, faces: list[Face]) -> MosaicPlan:
+        """The layout for one image of ``width`` x ``height`` with ``faces`` (see the module docstring)."""
+        crops = self._small_faces(width, height, faces)
+        if not crops:
+            size = (width, height)
+            return MosaicPlan(image_size=size, canvas_size=size, tiles=[], layout=self.config.layout)
+        if self.config.layout == "sheet":
+            return self._plan_sheets(width, height, faces, crops)
+        return self._plan_canvas(width, height, faces, crops)
+
+    def _tiles(self, faces, crops, engine_scale: float, max_side: float | None = None) -> list[MosaicTile]:
+        tiles = []
+        for i, (x0, y0, x1, y1) in crops:
+            scale = self.config.target_face_px / (faces[i].size_px * engine_scale)
+            if max_side is not None:  # a tile must fit on a sheet
+                scale = min(scale, max_side / max(x1 - x0, y1 - y0))
+            size = (max(2, round((x1 - x0) * scale)), max(2, round((y1 - y0) * scale)))
+            tiles.append(MosaicTile(i, (x0, y0, x1, y1), scale, (0, 0), size))
+            tiles[-1].working_face_px = faces[i].size_px * scale * engine_scale
+        return tiles
+
+    def _plan_canvas(self, width, height, faces, crops) -> MosaicPlan:
+        image_scale = self._engine_scale(width, height)
+        engine_scale = image_scale
+        # the canvas is wider than the image, so an engine with a working size shrinks it more: iterate the tile
+        # sizes to the canvas' own scale (a fixed point that the tiles approach from below; where they would need
+        # more than the engine's whole working size, it does not exist and the rounds stop with smaller tiles)
+        for _ in range(60):
+            tiles = self._tiles(faces, crops, engine_scale)
+            canvas_size = _pack_columns(tiles, width, height)
+            new_scale = self._engine_scale(*canvas_size)
+            if abs(new_scale - engine_scale) <= 1e-3 * engine_scale:
+                break
+            engine_scale = new_scale
+        for tile in tiles:
+            tile.working_face_px *= self._engine_scale(*canvas_size) / engine_scale
+        return MosaicPlan(
+            image_size=(width, height),
+            canvas_size=canvas_size,
+            tiles=tiles,
+            layout="canvas",
+            image_scale=self._engine_scale(*canvas_size) / image_scale,
+        )
+
+    def _plan_sheets(self, width, height, faces, crops) -> MosaicPlan:
+        engine_scale = self._engine_scale(width, height)
+        tiles = self._tiles(faces, crops, engine_scale, max_side=min(width, height))
+        # shelf packing, largest first: rows of tiles left to right, a new sheet when the rows are full
+        order = sorted(tiles, key=lambda t: -t.size[1])
+        sheet, x, y, row_h = 0, 0, 0, 0
+        for tile in order:
+            w, h = tile.size
+            if x + w > width:
+                x, y, row_h = 0, y + row_h, 0
+            if y + h > height:
+                sheet, x, y, row_h = sheet + 1, 0, 0, 0
+            tile.position, tile.sheet = (x, y), sheet
+            x += w
+            row_h = max(row_h, h)
+        return MosaicPlan(
+            image_size=(width, height), canvas_size=(width, height), tiles=tiles, layout="sheet", sheets=sheet + 1
+        )
+
+    def _paste_tiles(self, target: np.ndarray, content: np.ndarray, tiles, faces) -> list[Face]:
+        """Paste the upscaled crops of ``tiles`` into ``target`` (in place); the faces in ``target`` coordinates."""
+        pasted = []
+        for tile in tiles:
             x0, y0, x1, y1 = tile.crop
             up = self._upscale(np.ascontiguousarray(content[y0:y1, x0:x1]), tile.size)
             px, py = tile.position
-            canvas[py : py + tile.size[1], px : px + tile.size[0]] = up
+            target[py : py + tile.size[1], px : px + tile.size[0]] = up
             face = faces[tile.face_index]
             sx, sy = tile.size[0] / (x1 - x0), tile.size[1] / (y1 - y0)
             fx0, fy0, fx1, fy1 = face.box
             kps = (np.asarray(face.keypoints, dtype=np.float32) - [x0, y0]) * [sx, sy] + [px, py]
-            canvas_faces.append(
+            pasted.append(
                 Face(
                     box=((fx0 - x0) * sx + px, (fy0 - y0) * sy + py, (fx1 - x0) * sx + px, (fy1 - y0) * sy + py),
                     keypoints=kps.astype(np.float32),
                     score=face.score,
                 )
             )
-        return canvas, canvas_faces
+        return pasted
 
-    def restore(self, stylized_canvas: np.ndarray, plan: MosaicPlan) -> np.ndarray:
-        """Cut the stylized crops out of the canvas, scale them back and blend them into the stylized image."""
+    def build_canvas(self, content: np.ndarray, faces: list[Face], plan: MosaicPlan) -> tuple[np.ndarray, list[Face]]:
+        """The ``canvas`` layout's canvas, and the faces in canvas coordinates (originals, then one per tile)."""
+        w, h = plan.image_size
+        cw, ch = plan.canvas_size
+        # filler: copies of the image, every other row of copies mirrored upside down (see the module docstring)
+        reps = (-(-ch // h), -(-cw // w), 1)
+        canvas = np.tile(np.concatenate([content, content[::-1]], axis=0)[: 2 * h], (reps[0], reps[1], 1))[:ch, :cw]
+        canvas = np.ascontiguousarray(canvas)
+        canvas[:h, :w] = content
+        return canvas, list(faces) + self._paste_tiles(canvas, content, [t for t in plan.tiles if t.sheet < 0], faces)
+
+    def build_sheets(
+        self, content: np.ndarray, faces: list[Face], plan: MosaicPlan
+    ) -> list[tuple[np.ndarray, list[Face]]]:
+        """The ``sheet`` layout's sheets (a copy of the image under the tiles), each with its tiles' faces."""
+        sheets = []
+        for k in range(plan.sheets):
+            sheet = np.array(content, dtype=np.uint8, copy=True)
+            sheets.append((sheet, self._paste_tiles(sheet, content, [t for t in plan.tiles if t.sheet == k], faces)))
+        return sheets
+
+    def restore(self, stylized_canvas: np.ndarray, plan: MosaicPlan, sheets: list[np.ndarray] | None = None):
+        """Cut the stylized crops out of the canvas (or sheets), scale them back and blend them into the image."""
         w, h = plan.image_size
         out = stylized_canvas[:h, :w].astype(np.float32)
         for tile in plan.tiles:
+            source = stylized_canvas if tile.sheet < 0 else sheets[tile.sheet]  # type: ignore[index]
             x0, y0, x1, y1 = tile.crop
             px, py = tile.position
-            piece = stylized_canvas[py : py + tile.size[1], px : px + tile.size[0]]
+            piece = source[py : py + tile.size[1], px : px + tile.size[0]]
             piece = cv2.resize(piece, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)
             mask = feather_mask(x1 - x0, y1 - y0, self.config.feather)[..., None]
             region = out[y0:y1, x0:x1]
@@ -159,6 +249,9 @@ class MosaicRestorer(Stylizer):
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     # -- Stylizer -----------------------------------------------------------------------------------------------
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.stylizer.working_size(height, width)
+
     def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
         return self.stylize_batch([content], [style], [faces or []])[0]
 
@@ -166,19 +259,53 @@ class MosaicRestorer(Stylizer):
         self, contents: list[np.ndarray], styles: list[np.ndarray], faces: list[list[Face]] | None = None
     ) -> list[np.ndarray]:
         faces = faces if faces is not None else [[] for _ in contents]
-        plans, canvases, canvas_faces = [], [], []
-        for content, fs in zip(contents, faces):
+        plans = []
+        # everything goes to the engine in one call: canvases (or images), then every image's sheets
+        inputs, input_styles, input_faces, regions = [], [], [], []
+        sheet_slots: list[list[int]] = []
+        for content, style, fs in zip(contents, styles, faces):
             plan = self.plan(content.shape[1], content.shape[0], fs)
-            canvas, cfs = self.build_canvas(content, fs, plan)
             plans.append(plan)
-            canvases.append(canvas)
-            canvas_faces.append(cfs)
+            if plan.layout == "canvas":
+                canvas, cfs = self.build_canvas(content, fs, plan)
+                inputs.append(canvas)
+                input_faces.append(cfs)
+            else:
+                inputs.append(content)
+                input_faces.append(list(fs))
+            input_styles.append(style)
+            regions.append((0, 0, *plan.image_size))
+            sheet_slots.append([])
+        for k, (content, style, fs, plan) in enumerate(zip(contents, styles, faces, plans)):
+            if plan.layout == "sheet" and plan.tiles:
+                for sheet, sfs in self.build_sheets(content, fs, plan):
+                    sheet_slots[k].append(len(inputs))
+                    inputs.append(sheet)
+                    input_styles.append(style)
+                    input_faces.append(sfs)
+                    regions.append(None)
         if self.stylizer.accepts_content_region:
-            regions = [(0, 0, *p.image_size) for p in plans]
-            stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces, content_regions=regions)
+            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, content_regions=regions)
         else:  # engines without content regions may implement the three-argument stylize_batch
-            stylized = self.stylizer.stylize_batch(canvases, styles, canvas_faces)
-        return [self.restore(s, p) for s, p in zip(stylized, plans)]
+            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces)
+        return [
+            self.restore(stylized[k], plan, [stylized[j] for j in sheet_slots[k]]) for k, plan in enumerate(plans)
+        ]
+
+
+def _pack_columns(tiles: list[MosaicTile], width: int, height: int) -> tuple[int, int]:
+    """Pack ``tiles`` in columns to the right of a ``width`` x ``height`` image (sets their positions); returns the
+    canvas size. Each column is as tall as the image (or the tallest tile)."""
+    panel_h = max([height] + [t.size[1] for t in tiles])
+    x, y, col_w = width, 0, 0
+    for tile in tiles:
+        w, h = tile.size
+        if y > 0 and y + h > panel_h:
+            x, y, col_w = x + col_w, 0, 0
+        tile.position = (x, y)
+        y += h
+        col_w = max(col_w, w)
+    return (x + col_w if tiles else width), (panel_h if tiles else height)
 
 
 def feather_mask(width: int, height: int, feather: float) -> np.ndarray:

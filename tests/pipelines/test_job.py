@@ -146,7 +146,7 @@ def test_another_config_into_the_same_output_needs_overwrite(finished, inputs, t
     output = str(tmp_path / "other")
     shutil.copytree(finished[0], output)
     small = write_manifest(str(tmp_path / "small.parquet"), [{"image_id": "biden", "image_uri": inputs["biden"]}])
-    other = JobConfig.from_dict({"stylize": {"options": {"levels": 6}}, "score": {"redetect": False}})
+    other = JobConfig.from_dict({"stylize": {"options": {"style_strength": 0.8}}, "score": {"redetect": False}})
     with pytest.raises(ConfigError, match="another config"):
         run_job(other, output, small)
     assert sorted(os.listdir(f"{output}/images")) == ["biden.png", "obama.png", "scene.png"]

@@ -59,7 +59,7 @@ EXPECTED = {"good": "ok", "missing": "missing", "notimage": "decode_error", "nof
 def test_prepare_rows_fills_ids_styles_and_flags_empty_uris(batch):
     assert list(batch["image_id"]) == list(EXPECTED)
     assert batch.set_index("image_id").at["empty", "status"] == "missing"
-    assert batch["style_uri"].str.endswith("style_ihc.jpg").all()
+    assert batch["style_uri"].str.endswith("style_painting.jpg").all()
     derived = prepare_rows(pd.DataFrame({"image_uri": ["/a.jpg", "/b.jpg"]}), "s3://b/style.png")
     assert derived["image_id"].str.fullmatch(r"[0-9a-f]{16}").all() and derived["image_id"].nunique() == 2
     assert (derived["style_uri"] == "s3://b/style.png").all()
@@ -111,7 +111,7 @@ def test_good_row_gets_faces_output_and_scores(staged, config):
     assert faces[0]["scores"]["id_dist"] < 0.6
     assert faces[0]["scores"]["in_mosaic"] is (faces[0]["size_px"] < config.stylize.mosaic.max_face_px)
     assert row["mosaic_faces"] == int(faces[0]["scores"]["in_mosaic"])
-    assert row["engine"] == "classical"
+    assert row["engine"] == "neural"
 
 
 def test_write_stage_writes_images_and_hands_metrics_with_face_rows_to_the_shard_writer(staged, config, tmp_path):
@@ -140,16 +140,16 @@ def test_write_stage_writes_images_and_hands_metrics_with_face_rows_to_the_shard
 def test_a_stylize_failure_fails_only_its_row(staged, config, monkeypatch):
     stage = StylizeStage(config.stylize, config.score, config.io)
     two = pd.concat([staged["faces"], staged["faces"].iloc[[0]].assign(image_id="good2")], ignore_index=True)
-    real = stage.stylizer.stylize
+    real = stage.stylizer.stylize_batch
     calls = []
 
-    def flaky(content, style, faces=None, content_region=None):
+    def flaky(contents, styles, faces=None, content_regions=None):
         calls.append(1)
         if len(calls) <= 2:  # the batch call, then the first row's retry
             raise RuntimeError("boom")
-        return real(content, style, faces, content_region=content_region)
+        return real(contents, styles, faces, content_regions=content_regions)
 
-    monkeypatch.setattr(stage.stylizer, "stylize", flaky)
+    monkeypatch.setattr(stage.stylizer, "stylize_batch", flaky)
     out = stage(two).to_pandas().set_index("image_id")
     # the batch call fails (call 1), the first row-by-row retry fails (call 2), the second row succeeds
     assert out.at["good", "status"] == "stylize_error" and "boom" in out.at["good", "error"]

@@ -38,7 +38,8 @@ def _overlap(a, b) -> bool:
 def test_identity_stylizer_restores_exactly_outside_crops_and_closely_inside():
     content = _smooth(120, 160)
     faces = [_face((20, 30, 44, 54)), _face((100, 60, 130, 90)), _face((60, 0, 160, 100))]  # the last is large
-    restorer = MosaicRestorer(STYLIZERS.create("identity"), MosaicConfig(max_face_px=64, target_face_px=96))
+    cfg = MosaicConfig(max_face_px=64, target_face_px=96, layout="canvas")
+    restorer = MosaicRestorer(STYLIZERS.create("identity"), cfg)
     plan = restorer.plan(160, 120, faces)
     assert plan.face_indices == {0, 1}
     out = restorer.stylize(content, content, faces)
@@ -70,7 +71,7 @@ def test_plan_layout(n_faces, max_faces):
         s = float(rng.uniform(10, 120))
         x0, y0 = float(rng.uniform(0, w - 10)), float(rng.uniform(0, h - 10))
         faces.append(_face((x0, y0, min(w, x0 + s), min(h, y0 + s))))
-    cfg = MosaicConfig(max_face_px=64, target_face_px=128, max_faces=max_faces)
+    cfg = MosaicConfig(max_face_px=64, target_face_px=128, max_faces=max_faces, layout="canvas")
     plan = MosaicRestorer(STYLIZERS.create("identity"), cfg).plan(w, h, faces)
     small = [i for i, f in enumerate(faces) if f.size_px < cfg.max_face_px]
     assert plan.image_size == (w, h)
