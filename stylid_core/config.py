@@ -39,6 +39,9 @@ class FacesConfig:
     max_faces: int = 64  # the largest N faces of an image are kept (hundreds of faces stay bounded)
     min_face_px: float = 12.0  # smaller detections are dropped
     max_detect_side: int = 1600  # images are downscaled to this longer side for detection only
+    # same person when distance < this; None: the backend's calibrated value for the model it loaded (dlib 0.6,
+    # insightface: per recognizer, see insightface_backend.CALIBRATED_RECOGNIZERS)
+    match_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -52,6 +55,10 @@ class FacesConfig:
             f"faces.det_size must be a multiple of 32, got {self.det_size}",
         )
         _check(self.max_detect_side >= 64, f"faces.max_detect_side must be >= 64, got {self.max_detect_side}")
+        _check(
+            self.match_threshold is None or self.match_threshold > 0,
+            f"faces.match_threshold must be > 0 (or null: the model's calibrated one), got {self.match_threshold}",
+        )
 
 
 @dataclass
