@@ -13,7 +13,7 @@ is measured, at the keypoints dlib found there (scaled), so detection plays no p
 
 Match rate = distance under dlib's 0.6. ``ms/face`` is the upscaler call alone on one face crop (2 threads).
 
-    flock /tmp/stylid-bench.lock python benchmarks/bench_upscaler.py [--style PATH] [--limit N]
+    flock /tmp/stylid-bench.lock python benchmarks/bench_upscaler.py [--style PATH] [--per-person N] [--limit N]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--style", default=default_style_path(), help="style image for the classical stylizer")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (0: all)")
+    parser.add_argument("--per-person", type=int, default=0, help="use at most N photos of each person (0: all)")
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args()
     if not (FACES_DIR / "people").is_dir():
@@ -55,7 +56,10 @@ def main() -> None:
     style = _rgb(args.style)
     stylizer = ClassicalStylizer()
     restorers = {u: MosaicRestorer(stylizer, MosaicConfig(upscaler=u, max_face_px=max(SIZES) + 1)) for u in UPSCALERS}
-    photos = sorted((FACES_DIR / "people").glob("*.jpg"))[: args.limit or None]
+    photos = sorted((FACES_DIR / "people").glob("*.jpg"))
+    if args.per_person:
+        photos = [p for p in photos if int(p.stem.rsplit("__", 1)[1]) <= args.per_person]
+    photos = photos[: args.limit or None]
 
     def dist(image: np.ndarray, keypoints: np.ndarray, ref: np.ndarray) -> float:
         return analyzer.distance(analyzer.embed(image, [keypoints])[0], ref)
@@ -96,6 +100,8 @@ def main() -> None:
                 row[f"{name}_tile+cl"] = dist(styled, tile_kps, ref.embedding)
                 row[f"{name}_final"] = dist(restorer.restore(styled, plan), kps, ref.embedding)
             rows.append(row)
+        if args.json:  # after every photo, so an interrupted run keeps its rows
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
         print(f"{path.name}: " + ", ".join(f"{r['size']}px {r['lanczos_final']:.3f}/{r['realesrgan_final']:.3f}"
                                            for r in rows[-len(SIZES):]), flush=True)  # fmt: skip
 
