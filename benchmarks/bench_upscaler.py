@@ -11,7 +11,8 @@ is measured, at the keypoints dlib found there (scaled), so detection plays no p
 - ``final``: the stylized tile restored into the small image (the pipeline's output at the face), next to
   ``plain``, the small image stylized without the mosaic.
 
-Match rate = distance under dlib's 0.6. ``ms/face`` is the upscaler call alone on one face crop (2 threads).
+Match rate = distance under dlib's 0.6. ``ms/face`` is the median time of the upscaler call alone on one face
+crop (ncnn on one thread, its default).
 
     flock /tmp/stylid-bench.lock python benchmarks/bench_upscaler.py [--style PATH] [--per-person N] [--limit N]
 """
@@ -42,16 +43,50 @@ def _rgb(path: Path | str) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
 
 
+def summarize(rows: list[dict], threshold: float) -> dict:
+    """Print the per-size table and the realesrgan-minus-lanczos gains; return the figures."""
+    sizes = sorted({r["size"] for r in rows})
+    photos = len({r["photo"] for r in rows})
+    print(f"\n{photos} photos; dlib distance to the full-resolution face (match rate at 0.6)")
+    keys = ["small", "plain"] + [f"{u}_{k}" for k in ("tile", "tile+cl", "final") for u in UPSCALERS]
+    print("| face px | " + " | ".join(keys) + " | lanczos ms/face | realesrgan ms/face |")
+    print("|" + " --- |" * (len(keys) + 3))
+    summary = {}
+    for size in sizes:
+        sel = [r for r in rows if r["size"] == size]
+        cells, fig = [], {}
+        for k in keys:
+            d = np.array([r[k] for r in sel])
+            fig[k] = {"mean": float(d.mean()), "match": float((d < threshold).mean())}
+            cells.append(f"{d.mean():.3f} ({fig[k]['match']:.2f})")
+        for u in UPSCALERS:
+            fig[f"{u}_ms"] = float(np.median([r[f"{u}_ms"] for r in sel]))
+        summary[size] = fig
+        print(f"| {size} | " + " | ".join(cells) + f" | {fig['lanczos_ms']:.1f} | {fig['realesrgan_ms']:.0f} |")
+    print("\nidentity gain of realesrgan over lanczos (mean distance lanczos - realesrgan; > 0: realesrgan closer)")
+    for size in sizes:
+        gains = {k: summary[size][f"lanczos_{k}"]["mean"] - summary[size][f"realesrgan_{k}"]["mean"]
+                 for k in ("tile", "tile+cl", "final")}  # fmt: skip
+        print(f"  {size:>3} px: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--style", default=default_style_path(), help="style image for the classical stylizer")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (0: all)")
     parser.add_argument("--per-person", type=int, default=0, help="use at most N photos of each person (0: all)")
     parser.add_argument("--json", default="", help="also write the figures here")
+    parser.add_argument("--reverse", action="store_true", help="take the photos in reverse order")
+    parser.add_argument("--from-json", default="", help="print saved runs (--json files, comma-separated)")
     args = parser.parse_args()
+    if args.from_json:
+        saved = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]  # several: merged
+        rows = {(r["photo"], r["size"]): r for run in saved for r in run["rows"]}
+        summarize(list(rows.values()), saved[0].get("threshold", 0.6))
+        return
     if not (FACES_DIR / "people").is_dir():
         raise SystemExit(f"no face photos at {FACES_DIR}/people (set STYLID_TEST_FACES)")
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
     analyzer = create_face_analyzer(FacesConfig(backend="dlib", upsample=1))
     style = _rgb(args.style)
     stylizer = ClassicalStylizer()
@@ -59,7 +94,7 @@ def main() -> None:
     photos = sorted((FACES_DIR / "people").glob("*.jpg"))
     if args.per_person:
         photos = [p for p in photos if int(p.stem.rsplit("__", 1)[1]) <= args.per_person]
-    photos = photos[: args.limit or None]
+    photos = (photos[::-1] if args.reverse else photos)[: args.limit or None]
 
     def dist(image: np.ndarray, keypoints: np.ndarray, ref: np.ndarray) -> float:
         return analyzer.distance(analyzer.embed(image, [keypoints])[0], ref)
@@ -101,33 +136,15 @@ def main() -> None:
                 row[f"{name}_final"] = dist(restorer.restore(styled, plan), kps, ref.embedding)
             rows.append(row)
         if args.json:  # after every photo, so an interrupted run keeps its rows
-            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+            Path(args.json).write_text(json.dumps({"rows": rows, "threshold": analyzer.match_threshold}, indent=1))
         print(f"{path.name}: " + ", ".join(f"{r['size']}px {r['lanczos_final']:.3f}/{r['realesrgan_final']:.3f}"
                                            for r in rows[-len(SIZES):]), flush=True)  # fmt: skip
 
-    print(f"\n{len(rows) // len(SIZES)} photos; dlib distance to the full-resolution face (match rate at 0.6)")
-    keys = ["small", "plain"] + [f"{u}_{k}" for k in ("tile", "tile+cl", "final") for u in UPSCALERS]
-    print("| face px | " + " | ".join(keys) + " | lanczos ms/face | realesrgan ms/face |")
-    print("|" + " --- |" * (len(keys) + 3))
-    summary = {}
-    for size in SIZES:
-        sel = [r for r in rows if r["size"] == size]
-        cells, fig = [], {}
-        for k in keys:
-            d = np.array([r[k] for r in sel])
-            fig[k] = {"mean": float(d.mean()), "match": float((d < analyzer.match_threshold).mean())}
-            cells.append(f"{d.mean():.3f} ({fig[k]['match']:.2f})")
-        for u in UPSCALERS:
-            fig[f"{u}_ms"] = float(np.median([r[f"{u}_ms"] for r in sel]))
-        summary[size] = fig
-        print(f"| {size} | " + " | ".join(cells) + f" | {fig['lanczos_ms']:.1f} | {fig['realesrgan_ms']:.0f} |")
-    print("\nidentity gain of realesrgan over lanczos (mean distance lanczos - realesrgan; > 0: realesrgan closer)")
-    for size in SIZES:
-        gains = {k: summary[size][f"lanczos_{k}"]["mean"] - summary[size][f"realesrgan_{k}"]["mean"]
-                 for k in ("tile", "tile+cl", "final")}  # fmt: skip
-        print(f"  {size:>3} px: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
+    summary = summarize(rows, analyzer.match_threshold)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "threshold": analyzer.match_threshold, "summary": summary}, indent=1)
+        )
 
 
 if __name__ == "__main__":

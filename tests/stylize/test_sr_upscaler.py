@@ -26,7 +26,7 @@ class Identity:
 
 @pytest.fixture(scope="module")
 def x4plus() -> SuperResolutionUpscaler:
-    return UPSCALERS.create("realesrgan", num_threads=2)
+    return UPSCALERS.create("realesrgan")
 
 
 def _face_crop(side: int) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_tiled_realesrgan_matches_one_pass_up_to_the_seams(x4plus):
 
 def test_ncnn_param_file_and_bundled_default_agree(x4plus):
     param, _ = sr_upscaler.bundled_realesrgan_files()
-    from_file = UPSCALERS.create("realesrgan", model=param, num_threads=2)
+    from_file = UPSCALERS.create("realesrgan", model=param)
     small, _ = _face_crop(16)
     np.testing.assert_array_equal(from_file.upscale_native(small), x4plus.upscale_native(small))
 
