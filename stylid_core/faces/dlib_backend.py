@@ -54,6 +54,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         min_face_px: float = 12.0,
         max_detect_side: int = 1600,
         num_jitters: int = 0,
+        match_threshold: float | None = None,
     ) -> None:
         try:
             import dlib
@@ -78,6 +79,8 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         self.min_face_px = float(min_face_px)
         self.max_detect_side = int(max_detect_side)
         self.num_jitters = int(num_jitters)
+        if match_threshold is not None:
+            self.match_threshold = float(match_threshold)
 
     def detect(self, image: np.ndarray) -> list[Face]:
         dlib = self._dlib
@@ -139,4 +142,5 @@ def _create_dlib(config: FacesConfig) -> DlibFaceAnalyzer:
         hog_threshold=config.hog_threshold,
         min_face_px=config.min_face_px,
         max_detect_side=config.max_detect_side,
+        match_threshold=config.match_threshold,
     )

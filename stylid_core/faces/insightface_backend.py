@@ -5,15 +5,23 @@ its role from its input/output shapes (SCRFD detector: 5 or more outputs; ArcFac
 or more). Only the detection and recognition models are loaded; the landmark and gender/age models that ship in
 ``buffalo_l`` are skipped.
 
+The embedding size is read off the recognizer, and the match threshold comes from the recognizer that was loaded:
+``faces.match_threshold`` when set, else the calibration recorded in ``CALIBRATED_RECOGNIZERS`` for that file
+(matched by sha256), else, for an unknown 512-d ArcFace, the literature's 0.6 (with a warning that it is
+uncalibrated); an unknown recognizer of another size refuses to start without ``faces.match_threshold``.
+``benchmarks/calibrate_face_threshold.py`` measures a model's threshold on ``../shared/faces/pairs.csv``.
+
 Nothing is ever downloaded: the folder must exist before the analyzer is built, otherwise construction raises a
 ``ValueError`` that names the folder that was looked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,6 +42,43 @@ _HOW_TO_PROVIDE = (
     "recognizer (w600k_*.onnx, ArcFace), e.g. the unzipped buffalo_l.zip from the insightface model zoo, or set "
     "faces.root so that <root>/models/<model name> is such a folder; stylid never downloads models"
 )
+
+
+@dataclass(frozen=True)
+class RecognizerCalibration:
+    """A recognizer's measured operating point: "same person" when the cosine distance is under ``match_threshold``."""
+
+    name: str
+    embedding_dim: int
+    match_threshold: float
+    measured: str  # how and on what the threshold was measured
+
+
+#: recognizers whose threshold was calibrated, by the sha256 of their .onnx file
+CALIBRATED_RECOGNIZERS: dict[str, RecognizerCalibration] = {
+    "e72a5710cce378dc46472b6b845cb90647634f2738d8c3e581735cf195b9866f": RecognizerCalibration(
+        name="MobileFaceNet (128-d; ../shared/models/insightface_small/mobilefacenet.onnx)",
+        embedding_dim=128,
+        match_threshold=0.58,
+        measured=(
+            "benchmarks/calibrate_face_threshold.py on ../shared/faces/pairs.csv (39 photos, SCRFD-2.5G detections): "
+            "36 same-person pairs at cosine distance 0.004-0.505 (mean 0.210), 705 different-person pairs at "
+            "0.654-1.282 (mean 0.964); every threshold in (0.505, 0.654) separates them without error; 0.58 is the "
+            "best-accuracy (and equal-error) midpoint"
+        ),
+    ),
+}
+#: the usual ArcFace-512 (buffalo_l w600k_r50) operating point from the literature, used only for unknown 512-d models
+ARCFACE_512_THRESHOLD = 0.6
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_model_dir(model_dir: str | None, root: str | None) -> Path:
@@ -89,22 +134,23 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
 
 
 class InsightFaceAnalyzer(FaceAnalyzer):
-    """SCRFD detection with 5 keypoints, and 512-d ArcFace identity embeddings (insightface's ``buffalo_l``).
+    """SCRFD detection with 5 keypoints, and ArcFace-style embeddings (buffalo_l's 512-d, MobileFaceNet's 128-d).
 
     ``embed`` returns **L2-normalised** float32 embeddings, so the cosine similarity of two of them is their dot
-    product; ``distance`` is the cosine distance ``1 - cos``.
+    product; ``distance`` is the cosine distance ``1 - cos``. ``embedding_dim`` is the recognizer's output size.
 
-    ``match_threshold`` is 0.6 cosine distance, i.e. two faces are the same person when their cosine similarity is
-    above 0.4. ArcFace models such as buffalo_l's ``w600k_r50`` usually place same-person photo pairs at
-    similarity 0.5-0.8 and different people near 0-0.2; published operating points sit around 0.3-0.4 similarity
-    (deepface's tuned ArcFace threshold is 0.68 distance, i.e. similarity 0.32). We take the stricter end of that
-    range, because the score is used to claim that a stylized face still *is* the person, and a false "same" is the
-    costlier error there. These figures come from the literature, not from a measurement in this repository.
+    ``match_threshold`` (cosine distance) belongs to the recognizer loaded; ``threshold_source`` says where it came
+    from (see the module docstring). Measured: MobileFaceNet 0.58 (``CALIBRATED_RECOGNIZERS``). For an unknown
+    512-d ArcFace such as buffalo_l's ``w600k_r50``, 0.6 (similarity 0.4): such models usually place same-person
+    pairs at similarity 0.5-0.8 and different people near 0-0.2, published operating points sit around 0.3-0.4
+    similarity, and we take the stricter end because a false "same" is the costlier error when claiming that a
+    stylized face still *is* the person. That 512-d figure comes from the literature, not from a measurement here.
     """
 
     name = "insightface"
     embedding_dim = 512
-    match_threshold = 0.6
+    match_threshold = ARCFACE_512_THRESHOLD
+    threshold_source = "literature (ArcFace-512)"
     distance_kind = "cosine"
     #: faces per recognizer call; ``analyze`` keeps at most ``max_faces`` faces, so one call is the usual case
     embed_batch_size = 256
@@ -150,7 +196,34 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             self.embedding_dim = out_dim
         batch_dim = self._recognizer.input_shape[0]
         self._recognizer_batches = not (isinstance(batch_dim, int) and batch_dim == 1)
+        self.recognizer_sha256 = file_sha256(self._recognizer.model_file)
+        self.match_threshold, self.threshold_source = self._threshold_for_recognizer(config.match_threshold)
         logger.info("insightface models from %s on %s", self.model_dir, self.session_providers)
+
+    def _threshold_for_recognizer(self, configured: float | None) -> tuple[float, str]:
+        """The match threshold and where it came from: config, this file's calibration, or the ArcFace-512 figure."""
+        model_file = os.path.basename(self._recognizer.model_file)
+        if configured is not None:
+            return float(configured), "faces.match_threshold"
+        calibration = CALIBRATED_RECOGNIZERS.get(self.recognizer_sha256)
+        if calibration is not None:
+            if calibration.embedding_dim != self.embedding_dim:
+                raise ValueError(
+                    f"{model_file} matches the calibration of {calibration.name} by sha256 but gives "
+                    f"{self.embedding_dim}-d embeddings, not {calibration.embedding_dim}-d"
+                )
+            return calibration.match_threshold, f"calibrated: {calibration.name}"
+        how = "measure one with benchmarks/calibrate_face_threshold.py and set faces.match_threshold"
+        if self.embedding_dim == 512:
+            logger.warning(
+                "recognizer %s (sha256 %s) has no calibrated match threshold; using ArcFace-512's %.2f from the "
+                "literature (%s)", model_file, self.recognizer_sha256[:12], ARCFACE_512_THRESHOLD, how,
+            )  # fmt: skip
+            return ARCFACE_512_THRESHOLD, "literature (ArcFace-512)"
+        raise ValueError(
+            f"recognizer {model_file} in {str(self.model_dir)!r} gives {self.embedding_dim}-d embeddings and has no "
+            f"calibrated match threshold (known: {', '.join(c.name for c in CALIBRATED_RECOGNIZERS.values())}); {how}"
+        )
 
     def __repr__(self) -> str:
         return f"InsightFaceAnalyzer(model_dir={str(self.model_dir)!r}, providers={self.providers})"
@@ -199,7 +272,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         return faces
 
     def embed(self, image: np.ndarray, keypoints: list[np.ndarray]) -> np.ndarray:
-        """L2-normalised ArcFace embeddings (N, 512) float32 of the faces at ``keypoints`` in ``image``.
+        """L2-normalised embeddings (N, ``embedding_dim``) float32 of the faces at ``keypoints`` in ``image``.
 
         Each face is aligned from its five keypoints with insightface's ``norm_crop`` (the ArcFace template; parts
         of the crop outside the image are black), and all crops go through the recognizer in one batched call.

@@ -16,20 +16,64 @@ from stylid_core.faces.base import Face
 
 @pytest.fixture(scope="module")
 def facesnap():
-    return CUSTOMIZERS.create("facesnap", config={"tiny": {}, "num_inference_steps": 2, "guidance_scale": 3.0})
+    # the landmark branch on both steps (the default 0.4 of 2 steps is none)
+    config = {"tiny": {}, "num_inference_steps": 2, "guidance_scale": 3.0, "landmark_steps_end": 1.0}
+    c = CUSTOMIZERS.create("facesnap", config=config)
+    modules = c.engine.modules
+    # untrained, the landmark predictor's correction and the ControlNet's zero convolutions are exactly zero, so
+    # neither the pose nor the landmark map could change anything; give them small random weights
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in [*modules.predictor.decoder[-1].parameters(), *modules.identity.controlnet.parameters()]:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return c
+
+
+def _centre_and_scale(points: np.ndarray) -> tuple[np.ndarray, float]:
+    centre = points.mean(0)
+    return centre, float(np.sqrt(((points - centre) ** 2).sum(1).mean()))
 
 
 def test_facesnap_generates_with_each_pose_kind(facesnap, astronaut, astronaut_face):
+    from stylid_core.customize.facesnap.faceprep import relative_landmarks
+
+    engine = facesnap.engine
     images = facesnap.generate(astronaut, astronaut_face, "a watercolor portrait", num_images=3, seed=1)
     assert len(images) == 3 and all(i.shape == (32, 32, 3) and i.dtype == np.uint8 for i in images)
     again = facesnap.generate(astronaut, astronaut_face, "a watercolor portrait", num_images=3, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(images, again))  # deterministic per seed
-    by_image = facesnap.generate(astronaut, astronaut_face, "x", pose=astronaut[:, ::-1].copy())
-    by_angles = facesnap.generate(astronaut, astronaut_face, "x", pose=np.array([0.3, 0.0, 0.1], np.float32))
-    assert by_image[0].shape == by_angles[0].shape == (32, 32, 3)
+
+    h, w = astronaut.shape[:2]
+    ref = relative_landmarks(astronaut_face.landmarks, h, w)
+    mirrored = astronaut[:, ::-1].copy()
+    targets = {
+        "none": engine.target_landmarks(astronaut, astronaut_face, None)[0].numpy(),
+        "own landmarks": engine.target_landmarks(astronaut, astronaut_face, ref)[0].numpy(),
+        "image": engine.target_landmarks(astronaut, astronaut_face, mirrored)[0].numpy(),
+        "angles": engine.target_landmarks(astronaut, astronaut_face, np.array([0.6, 0.0, 0.4], np.float32))[0].numpy(),
+    }
+    # no pose = the reference as its own driving face
+    np.testing.assert_allclose(targets["none"], targets["own landmarks"], atol=1e-6)
+    c_ref, s_ref = _centre_and_scale(ref)
+    # a driving image places the face where the driving face is: the mirrored photo's face is mirrored in x
+    c_img, s_img = _centre_and_scale(targets["image"])
+    assert abs(c_img[0] - (1 - c_ref[0])) < 0.02 and abs(c_img[1] - c_ref[1]) < 0.02 and abs(s_img / s_ref - 1) < 0.1
+    # angles keep the reference's place and size (up to the predicted correction) but change the shape
+    c_ang, s_ang = _centre_and_scale(targets["angles"])
+    assert np.abs(c_ang - c_ref).max() < 0.01 and abs(s_ang / s_ref - 1) < 0.1
+    assert np.abs(targets["angles"] - targets["none"]).max() > 1e-3
+
+    # the target landmarks reach the image through the landmark branch
+    def one(pose):
+        return facesnap.generate(astronaut, astronaut_face, "x", pose=pose, seed=2)[0].astype(int)
+
+    plain = one(None)
+    assert np.array_equal(plain, one(ref))
+    for pose in (mirrored, np.array([0.6, 0.0, 0.4], np.float32)):
+        assert np.abs(one(pose) - plain).max() > 0
     # the dense landmarks are found from the box when the face analyzer gives only 5 keypoints
     sparse = dataclasses.replace(astronaut_face, landmarks=None)
-    assert facesnap.generate(astronaut, sparse, "x")[0].shape == (32, 32, 3)
+    assert np.abs(facesnap.generate(astronaut, sparse, "x", seed=2)[0].astype(int) - plain).mean() < 2.0
 
 
 def test_facesnap_rejects_a_wrong_embedding(facesnap, astronaut, astronaut_face):

@@ -119,6 +119,40 @@ def test_scale_zero_without_landmarks_equals_plain_sd_pipeline(tiny):
     assert np.abs(with_id - plain).max() > 1e-3
 
 
+def test_landmark_branch_without_identity_gets_zeroed_identity_tokens_as_in_training(tiny):
+    comps, modules = tiny
+    with torch.no_grad():  # the zero convolutions would hide what the ControlNet was given
+        for p in modules.identity.controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine = FaceSnapEngine(comps, modules)
+    seen = []
+    forward = modules.identity.controlnet.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["encoder_hidden_states"].detach().clone())
+        return forward(*args, **kwargs)
+
+    modules.identity.controlnet.forward = spy
+    cond = engine.encode_prompt(["a portrait"]).expand(2, -1, -1)
+    landmarks = torch.rand(1, modules.config.num_landmarks, 2) * 0.5 + 0.25
+    engine.sample(cond, engine.encode_prompt([""]), None, landmarks, 32, 2, 5.0, torch.Generator().manual_seed(3),
+                  identity_scale=0.0, landmark_scale=1.0)  # fmt: skip
+    cfg = modules.config
+    assert len(seen) == 2 and all(c.shape == (4, cfg.num_tokens, cfg.cross_attention_dim) for c in seen)
+    assert all(float(c.abs().max()) == 0.0 for c in seen)  # zeroed tokens, not the prompt's text embeddings
+    # the same noise prediction as training's identity-dropout input: zeroed tokens, identity attention off
+    lat, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), cond
+    lmap = render_landmark_map(landmarks.expand(2, -1, -1), 16, 16, cfg.landmark_channels)
+    with torch.no_grad():
+        no_tokens = modules.identity.predict_noise(comps.unet, lat, t, text, None, lmap, 0.0, 1.0)
+        zeroed = modules.identity.predict_noise(
+            comps.unet, lat, t, text, torch.zeros(2, cfg.num_tokens, cfg.cross_attention_dim), lmap, 0.0, 1.0
+        )
+        with_text = modules.identity.predict_noise(comps.unet, lat, t, text, text, lmap, 0.0, 1.0)
+    torch.testing.assert_close(no_tokens, zeroed)
+    assert float((no_tokens - with_text).abs().max()) > 1e-4  # what was given before the fix differs
+
+
 def test_save_load_roundtrip_reproduces_outputs(tiny, tmp_path):
     comps, modules = tiny
     with torch.no_grad():  # make the zero-initialised parts non-trivial

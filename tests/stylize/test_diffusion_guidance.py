@@ -99,3 +99,71 @@ def test_guidance_without_faces_changes_nothing():
     plain = STYLIZERS.create("diffusion", **BASE, **NONE)
     content, style = _image(3), _image(4)
     assert np.array_equal(engine.stylize(content, style, []), plain.stylize(content, style, []))
+
+
+def test_unet_guidance_gradient_is_the_loss_gradient_through_the_unet():
+    # the tiny UNet's conv_out is scaled to 1e-3 so that inversion reconstructs; scaled back up, its prediction (and
+    # so x0_pred) depends on its input, and a gradient that skipped the UNet (its output detached) would be wrong
+    engine = STYLIZERS.create("diffusion", **BASE, **{**NONE, "guidance": True}, guidance_grad="unet", adain=False)
+    with torch.no_grad():
+        engine.unet.conv_out.weight.mul_(300.0)
+        engine.unet.conv_out.bias.mul_(300.0)
+    latents = engine.encode(engine._to_tensor([_image(7)], (32, 32)))
+    mask = engine.face_mask([[_face((8, 8, 24, 24))]], [(32, 32)], latents.shape[-2:])
+    index = 2
+    t, a_t = engine.schedule.timesteps[index], engine.schedule.alpha_t[index]
+    x = ddim_move_noise(latents, a_t, seed=0)
+    eps, grad = engine.guidance_gradient(x, index, mask, latents)
+
+    def loss(z: torch.Tensor) -> float:
+        with torch.no_grad():
+            _, x0 = engine.schedule.eps_and_x0(engine._unet_call(z, t).float(), z, a_t)
+            return float(0.5 * (mask * (x0 - latents) ** 2).double().sum())
+
+    gen = torch.Generator().manual_seed(1)
+    h = 1e-2
+    for _ in range(3):  # directional derivatives by central differences
+        v = mask * torch.randn(x.shape, generator=gen)
+        v = v / v.norm()
+        fd = (loss(x + h * v) - loss(x - h * v)) / (2 * h)
+        assert abs(float((grad * v).sum()) - fd) < 0.1 * abs(fd), (float((grad * v).sum()), fd)
+    _, x0 = engine.schedule.eps_and_x0(eps, x, a_t)
+    held_fixed = mask * (x0 - latents) / a_t**0.5  # what a detached UNet output gives
+    assert float((grad - held_fixed).norm() / held_fixed.norm()) > 0.2
+
+
+def ddim_move_noise(latents: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
+    """A latent at noise level ``alpha`` around ``latents`` (seeded noise)."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    return alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_anchoring_lowers_the_masked_loss_at_every_inversion_stride(stride):
+    def loss(**options) -> float:
+        return _masked_loss({**NONE, "inversion_stride": stride, **options})
+
+    unanchored = loss()
+    anchored = loss(anchor=True, anchor_weight=0.5, anchor_steps=[0.0, 1.0])
+    assert anchored < 0.5 * unanchored, (stride, anchored, unanchored)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_anchor_target_is_the_content_latent_at_the_step_s_own_noise_level(stride):
+    # the stride-1 inversion has a latent at every level: the reference for what a strided one must rebuild
+    full = STYLIZERS.create("diffusion", **BASE, **NONE, adain=False)
+    strided = STYLIZERS.create("diffusion", **BASE, **NONE, adain=False, inversion_stride=stride)
+    latents = full.encode(full._to_tensor([_image(8)], (32, 32)))
+    exact, content = full.content_pass(latents), strided.content_pass(latents)
+    ts = full.schedule.timesteps
+    for index in range(len(ts) - 1):
+        lands_on = exact.trajectory[ts[index + 1]]  # where sampling step `index` lands
+        target = strided.anchor_target(content, index)
+        torch.testing.assert_close(full.anchor_target(exact, index), lands_on)
+        err = float((target - lands_on).norm() / lands_on.norm())
+        if (index + 1) % stride == 0:
+            assert err < 1e-5  # an inverted level: its own latent
+        else:  # between inverted levels: far closer than the noisier inverted neighbour
+            noisier = content.trajectory[ts[(index + 1) // stride * stride]]
+            assert err < 0.02 and err < 0.1 * float((noisier - lands_on).norm() / lands_on.norm())
+    assert torch.equal(strided.anchor_target(content, len(ts) - 1), latents)  # after the last step: the clean one

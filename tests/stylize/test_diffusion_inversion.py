@@ -52,6 +52,40 @@ def test_inversion_then_sampling_reconstructs_content_latent(engine):
     assert _rel(z_T, latents) > 0.5
 
 
+def test_each_inversion_step_feeds_the_unet_the_less_noisy_latent():
+    # conv_out scaled back up: noise predictions of order 0.1-1 that depend on the UNet's input, so a step that fed
+    # the UNet another latent (the noisier one, or a stale one) would land elsewhere
+    engine = STYLIZERS.create("diffusion", **PLAIN)
+    with torch.no_grad():
+        engine.unet.conv_out.weight.mul_(300.0)
+        engine.unet.conv_out.bias.mul_(300.0)
+    calls = []
+    unet = engine._unet
+
+    def spy(x, t, **kw):
+        out = unet(x, t, **kw)
+        calls.append((x.detach().clone(), int(t), out.sample.detach().clone()))
+        return out
+
+    engine._unet = spy
+    latents = engine.encode(engine._to_tensor([_image(4)], (32, 32)))
+    trajectory = engine.content_pass(latents).trajectory
+    s = engine.schedule
+    assert [t for _, t, _ in calls] == s.timesteps[::-1]
+    previous = latents
+    for (seen, t, eps), index in zip(calls, reversed(range(len(s)))):
+        assert torch.equal(seen, previous), t  # the latent at a_prev (the clean one first), told t
+        assert float(eps.std()) > 0.05  # non-trivial noise predictions
+        x0 = (previous - (1 - s.alpha_prev[index]) ** 0.5 * eps) / s.alpha_prev[index] ** 0.5
+        torch.testing.assert_close(trajectory[t], s.alpha_t[index] ** 0.5 * x0 + (1 - s.alpha_t[index]) ** 0.5 * eps)
+        previous = trajectory[t]
+    # the predictions depend on the latent: the same step on another latent predicts other noise
+    x_other = previous + 0.5 * torch.randn(previous.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        other = unet(x_other, s.timesteps[0], encoder_hidden_states=engine.empty_prompt).sample
+    assert float((other - calls[-1][2]).norm() / calls[-1][2].norm()) > 0.05
+
+
 def test_inversion_trajectory_has_every_timestep(engine):
     latents = engine.encode(engine._to_tensor([_image(3)], (32, 32)))
     trajectory = engine.content_pass(latents).trajectory

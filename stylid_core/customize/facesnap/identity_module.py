@@ -114,10 +114,17 @@ class IdentityPreservingModule(nn.Module):
         identity_scale: float = 1.0,
         landmark_scale: float = 1.0,
     ) -> torch.Tensor:
-        """The UNet's noise prediction with identity attention and the landmark branch (each skipped at scale 0)."""
+        """The UNet's noise prediction with identity attention and the landmark branch (each skipped at scale 0).
+
+        The ControlNet always attends over identity tokens, as in training; without any (identity scale 0) it gets
+        zeroed ones, the input training gives it on identity dropout, never the text embeddings it has not seen.
+        """
         down = mid = None
         if self.controlnet is not None and landmark_map is not None and landmark_scale > 0:
-            context = identity_tokens if identity_tokens is not None else text_embeddings
+            context = identity_tokens
+            if context is None:
+                cfg = self.config
+                context = latents.new_zeros(latents.shape[0], cfg.num_tokens, cfg.cross_attention_dim)
             down, mid = self.controlnet(
                 latents,
                 timesteps,

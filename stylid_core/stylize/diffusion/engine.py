@@ -311,12 +311,60 @@ class DiffusionStylizer(Stylizer):
         self._recorded_indices = {i for i in inverted if in_window(cfg.injection_steps, i, n)}
         ts = self.schedule.timesteps
         self._feature_t: dict[int, int] = {}
-        self._anchor_t: dict[int, int] = {}
         for i, t in enumerate(ts):
             if self._recorded_indices:
                 self._feature_t[t] = ts[min(self._recorded_indices, key=lambda j: (abs(j - i), j))]
-            if i + 1 < n:
-                self._anchor_t[t] = ts[min(inverted, key=lambda j: (abs(j - (i + 1)), j))]
+        # Anchoring after sampling step i needs the content latent at the level the step lands on, alpha_prev[i]
+        # (sampling index i + 1). With stride 1 that is an inverted latent. Otherwise no inverted latent has that
+        # level (the nearest is one stride noisier or cleaner, and pulling towards it adds or removes noise), so
+        # the target is rebuilt at exactly that level, ddim_move(z_0, eps, alpha_prev[i]), from the clean content
+        # latent and the inversion's noise eps_j = (z_j - sqrt(a_j) z_0) / sqrt(1 - a_j), interpolated linearly
+        # between the inverted neighbours (only the cleaner side's past the last inverted one). At an inverted
+        # level this gives z_j back exactly.
+        self._anchor_noise: dict[int, list[tuple[int, float, float]]] = {}  # t -> [(t_j, a_j, weight)]
+        alpha_of = dict(zip(ts, self.schedule.alpha_t))
+        for i, t in enumerate(ts[:-1]):
+            target = i + 1
+            lo = max(j for j in inverted if j <= target)
+            hi = min((j for j in inverted if j >= target), default=None)
+            if hi is None or hi == lo:
+                parts = [(lo, 1.0)]
+            else:
+                w = (target - lo) / (hi - lo)
+                parts = [(lo, 1.0 - w), (hi, w)]
+            self._anchor_noise[t] = [(ts[j], alpha_of[ts[j]], wj) for j, wj in parts if wj > 0]
+
+    def guidance_gradient(
+        self, x: torch.Tensor, index: int, mask: torch.Tensor, z_content: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's noise prediction and ``dL/dx`` of ``L = 0.5 * sum(mask * (x0_pred(x) - z_content) ** 2)``.
+
+        ``guidance_grad="unet"`` backpropagates through the UNet's prediction; ``"x0"`` holds it fixed, which gives
+        ``mask * (x0 - z_content) / sqrt(a_t)``.
+        """
+        schedule, t = self.schedule, self.schedule.timesteps[index]
+        a_t = schedule.alpha_t[index]
+        if self.config.guidance_grad == "unet":
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                eps, x0 = schedule.eps_and_x0(self._unet_call(x_in, t).float(), x_in, a_t)
+                loss = 0.5 * (mask * (x0 - z_content) ** 2).sum()
+                (grad,) = torch.autograd.grad(loss, x_in)
+            return eps.detach(), grad
+        with torch.no_grad():
+            eps, x0 = schedule.eps_and_x0(self._unet_call(x, t).float(), x, a_t)
+        return eps, mask * (x0 - z_content) / a_t**0.5
+
+    def anchor_target(self, content: ContentPass, index: int) -> torch.Tensor:
+        """The content latent at the noise level sampling step ``index`` lands on (the clean latent after the last)."""
+        z_0 = content.trajectory[-1]
+        if index + 1 >= len(self.schedule):
+            return z_0
+        eps = sum(
+            w * (content.trajectory[t_j] - a_j**0.5 * z_0) / (1 - a_j) ** 0.5
+            for t_j, a_j, w in self._anchor_noise[self.schedule.timesteps[index]]
+        )
+        return ddim_move(z_0, eps, self.schedule.alpha_prev[index])
 
     def _invert_recording(self, latents: torch.Tensor, keys: tuple[str, ...]):
         state = self.state
@@ -360,13 +408,14 @@ class DiffusionStylizer(Stylizer):
         log.debug("style %s inverted: %.1f MiB of features", key[:12], features.nbytes / 2**20)
         return features
 
-    def content_pass(self, latents: torch.Tensor) -> ContentPass:
-        """DDIM-invert content latents, recording queries (and keys/values for content-attention mixing)."""
+    def content_pass(self, latents: torch.Tensor, faces: bool = True) -> ContentPass:
+        """DDIM-invert content latents, recording queries (and, with ``faces``, keys/values for content-attention
+        reweighting, which only acts inside a face mask)."""
         cfg = self.config
         keys: tuple[str, ...] = ()
         if cfg.query_preservation:
             keys += ("q",)
-        if cfg.reweight and cfg.content_kv_weight > 0:
+        if faces and cfg.reweight and cfg.content_kv_weight > 0:
             keys += ("k", "v")
         trajectory, recorded = self._invert_recording(latents, keys)
         return ContentPass(recorded.get("q"), recorded.get("k"), recorded.get("v"), trajectory)
@@ -412,25 +461,16 @@ class DiffusionStylizer(Stylizer):
                 injecting = self._injecting() and self._feature_t and in_window(cfg.injection_steps, index, n)
                 state.mode = "inject" if injecting else "off"
                 guided = mask is not None and cfg.guidance and in_window(cfg.guidance_steps, index, n)
-                if guided and cfg.guidance_grad == "unet":
-                    with torch.enable_grad():
-                        x_in = x.detach().requires_grad_(True)
-                        eps, x0 = schedule.eps_and_x0(self._unet_call(x_in, t).float(), x_in, a_t)
-                        loss = 0.5 * (mask * (x0 - z_content) ** 2).sum()
-                        (grad,) = torch.autograd.grad(loss, x_in)
-                    eps = eps.detach()
+                if guided:
+                    eps, grad = self.guidance_gradient(x, index, mask, z_content)
                     x = x - cfg.guidance_weight * a_t * grad
                 else:
                     with torch.no_grad():
-                        eps, x0 = schedule.eps_and_x0(self._unet_call(x, t).float(), x, a_t)
-                    if guided:
-                        # dL/dz with the noise prediction held fixed: mask * (x0 - z_content) / sqrt(a_t)
-                        x = x - cfg.guidance_weight * a_t * (mask * (x0 - z_content) / a_t**0.5)
+                        eps, _ = schedule.eps_and_x0(self._unet_call(x, t).float(), x, a_t)
                 x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
                 x = ddim_move(x0, eps, a_prev)
                 if mask is not None and cfg.anchor and in_window(cfg.anchor_steps, index, n):
-                    target = content.trajectory[self._anchor_t[t]] if index + 1 < n else z_content
-                    x = x + cfg.anchor_weight * mask * (target - x)
+                    x = x + cfg.anchor_weight * mask * (self.anchor_target(content, index) - x)
         finally:
             state.mode = "off"
             state.style_k = state.style_v = state.content_q = state.content_k = state.content_v = None
@@ -495,7 +535,7 @@ class DiffusionStylizer(Stylizer):
         region: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Stylize clean content latents (B, C, h, w) after cached style features; returns clean latents."""
-        content = self.content_pass(latents)
+        content = self.content_pass(latents, faces=mask is not None)
         z_T = content.trajectory[self.schedule.timesteps[0]]
         if self.config.adain:
             z_T = self.adain(z_T, style.z_T, region)
