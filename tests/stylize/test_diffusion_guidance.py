@@ -129,7 +129,7 @@ def test_unet_guidance_gradient_is_the_loss_gradient_through_the_unet():
         assert abs(float((grad * v).sum()) - fd) < 0.1 * abs(fd), (float((grad * v).sum()), fd)
     _, x0 = engine.schedule.eps_and_x0(eps, x, a_t)
     held_fixed = mask * (x0 - latents) / a_t**0.5  # what a detached UNet output gives
-    assert float((grad - held_fixed).norm() / held_fixed.norm()) > 0.2
+    assert float((grad - held_fixed).norm() / held_fixed.norm()) > 0.1  # 0.15 here; 0 with the output detached
 
 
 def ddim_move_noise(latents: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
@@ -161,9 +161,10 @@ def test_anchor_target_is_the_content_latent_at_the_step_s_own_noise_level(strid
         target = strided.anchor_target(content, index)
         torch.testing.assert_close(full.anchor_target(exact, index), lands_on)
         err = float((target - lands_on).norm() / lands_on.norm())
-        if (index + 1) % stride == 0:
-            assert err < 1e-5  # an inverted level: its own latent
-        else:  # between inverted levels: far closer than the noisier inverted neighbour
+        assert err < 0.01  # (the strided inversion's own latents differ from the stride-1 ones by ~5e-4)
+        if (index + 1) % stride == 0:  # an inverted level: the strided inversion's own latent
+            torch.testing.assert_close(target, content.trajectory[ts[index + 1]], atol=1e-5, rtol=1e-4)
+        else:  # between inverted levels: far closer than the noisier inverted neighbour (0.07-0.43 away)
             noisier = content.trajectory[ts[(index + 1) // stride * stride]]
-            assert err < 0.02 and err < 0.1 * float((noisier - lands_on).norm() / lands_on.norm())
+            assert err < 0.1 * float((noisier - lands_on).norm() / lands_on.norm())
     assert torch.equal(strided.anchor_target(content, len(ts) - 1), latents)  # after the last step: the clean one
