@@ -90,3 +90,16 @@ def test_retry_settings_do_not_change_the_config_identity():
     assert JobConfig.from_dict({"io": {"max_work_pixels": 1_000_000}}).config_hash() != base.config_hash()
     with pytest.raises(ConfigError):
         JobConfig.from_dict({"io": {"retries": 0}})
+
+
+def test_the_gpu_config_declares_every_stage_memory_and_a_small_node_is_refused():
+    from jobs.config import load_job_config
+
+    config = load_job_config("stylize_sd15", [])
+    res = config.resources
+    declared = {k: getattr(res, k).ray_memory().get("memory", 0) for k in ("faces", "stylize", "score")}
+    assert all(v > 0 for v in declared.values()), declared  # each pool tells Ray what it holds
+    need = sum(declared.values())
+    _check_fits(config, cpus=16, gpus=1, memory=need + 2**30)  # fits
+    with pytest.raises(ConfigError, match="memory"):
+        _check_fits(config, cpus=16, gpus=1, memory=need - 2**30)  # a node too small is refused up front
