@@ -40,7 +40,7 @@ ray start --address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --num-cpus="$WORK
 echo "== listeners"; ss -ltnH | awk '{print $4}' | sort -u | tr '\n' ' '; echo
 echo "== job"
 set +e
-ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "$RUNTIME_ENV" -- $JOB_COMMAND
+ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "$RUNTIME_ENV" -- bash -c "$JOB_COMMAND"
 code=$?
 echo "== job exit code $code"
 ray stop --force >/dev/null 2>&1
@@ -71,15 +71,18 @@ class Submission:
 
 
 def submit_in_namespace(
-    command: list[str], runtime_env: dict | None = None, worker_cpus: int = 2, timeout: float = 240
+    command: list[str] | str, runtime_env: dict | None = None, worker_cpus: int = 2, timeout: float = 240
 ) -> Submission:
-    """Start the cluster, submit ``command`` from the repo root with ``--working-dir .``, wait, stop everything."""
+    """Start the cluster, submit ``command`` from the repo root with ``--working-dir .``, wait, stop everything.
+
+    ``command`` is the job's entrypoint: argv (quoted with ``shlex``) or a shell line (``a && b``), which the job
+    runs through a shell as ``ray job submit`` does."""
     ray_dir = tempfile.mkdtemp(prefix="stylid-ns-ray-")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({
         "REPO": REPO, "VENV_BIN": VENV_BIN, "RAY_PRIVATE_TMP": ray_dir, "WORKER_CPUS": str(worker_cpus),
         "RUNTIME_ENV": json.dumps(runtime_env or {"env_vars": {"HF_HUB_OFFLINE": "1"}}),
-        "JOB_COMMAND": shlex.join(command),
+        "JOB_COMMAND": command if isinstance(command, str) else shlex.join(command),
     })  # fmt: skip
     proc = subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "bash", "-c", SCRIPT], env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -46,7 +46,7 @@ def test_stylid_run_then_score_submitted_to_a_two_node_cluster_write_every_id_on
     run = shlex.join(["stylid", "run", "--manifest", str(tmp_path / "manifest.parquet"), "--output", str(output),
                       "--no-report"])  # fmt: skip
     score = shlex.join(["stylid", "score", "--manifest", str(output), "--output", str(scores), "--no-report"])
-    result = submit_in_namespace(["bash", "-c", f"{run} && {score}"])
+    result = submit_in_namespace(f"{run} && {score}")
     request.addfinalizer(lambda: shutil.rmtree(result.ray_dir, ignore_errors=True))
     assert result.returncode == 0, result.log[-4000:]
     assert result.interfaces == ["lo:"], result.interfaces  # the cluster could reach nothing, and nothing it
