@@ -155,7 +155,7 @@ def test_mosaic_through_the_diffusion_engine_restores_faces_in_place_without_sea
         return inner(canvases, styles, canvas_faces, content_regions=content_regions)
 
     engine.stylize_batch = spy
-    restorer = MosaicRestorer(engine, MosaicConfig(max_face_px=32, target_face_px=32, margin=0.5))
+    restorer = MosaicRestorer(engine, MosaicConfig(max_face_px=32, target_face_px=32, margin=0.5, layout="canvas"))
     out = restorer.stylize(content, _image(3, 48, 48), faces)
     assert out.shape == content.shape and out.dtype == np.uint8
     ((canvas_shape, n_faces, region),) = calls
