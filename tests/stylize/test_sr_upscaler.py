@@ -11,17 +11,19 @@ from stylid_core import sample_data
 from stylid_core.config import MosaicConfig
 from stylid_core.faces.base import Face
 from stylid_core.stylize import sr_upscaler
+from stylid_core.stylize.base import Stylizer
 from stylid_core.stylize.mosaic import UPSCALERS, MosaicRestorer
 from stylid_core.stylize.sr_upscaler import RRDBNet, SuperResolutionUpscaler, load_rrdbnet, run_tiled
 
 
-class Identity:
+class Identity(Stylizer):
+    """Returns its input: what the mosaic pastes back is then exactly the upscaled tile, scaled to the box."""
+
     name, model = "identity", ""
-
-    def stylize_batch(self, contents, styles, faces=None):
-        return [c.copy() for c in contents]
-
     accepts_content_region = False
+
+    def stylize(self, content, style, faces=None):
+        return content.copy()
 
 
 @pytest.fixture(scope="module")
