@@ -40,7 +40,8 @@ ray start --address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --num-cpus="$WORK
 echo "== listeners"; ss -ltnH | awk '{print $4}' | sort -u | tr '\n' ' '; echo
 echo "== job"
 set +e
-ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "$RUNTIME_ENV" -- bash -c "$JOB_COMMAND"
+ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "$RUNTIME_ENV" \
+  -- bash -c "$JOB_COMMAND"
 code=$?
 echo "== job exit code $code"
 ray stop --force >/dev/null 2>&1
