@@ -431,20 +431,6 @@ def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[
     ]  # fmt: skip
 
 
-SCORE_COLUMNS = (
-    "id_sim_mean",
-    "id_sim_min",
-    "id_sim_mean_no_mosaic",
-    "id_match_rate",
-    "n_redetected",
-    "style_distance",
-    "style_distance_source",
-    "style_distance_no_mosaic",
-    "content_ssim",
-    "t_score",
-)
-
-
 class ScoreStage:
     """Identity, style and content scores.
 

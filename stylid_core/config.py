@@ -153,6 +153,11 @@ class IOConfig:
         return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s, timeout_s=self.request_timeout_s)
 
 
+#: ``io`` settings that change where, how fast or with what credentials a job works, never what it computes: they
+#: stay out of every job's config hash (a rerun with other retries or shard sizes is the same run)
+IO_NOT_SEMANTIC = ("storage_options", "rows_per_shard", "retries", "retry_backoff_s", "request_timeout_s")
+
+
 @dataclass
 class StageResources:
     """Resources of one stage's workers."""
@@ -235,7 +240,7 @@ class JobConfig:
         d = self.to_dict()
         d.pop("name")
         d.pop("resources")
-        for key in ("storage_options", "rows_per_shard", "retries", "retry_backoff_s", "request_timeout_s"):
+        for key in IO_NOT_SEMANTIC:
             d["io"].pop(key)
         return d
 
@@ -276,7 +281,8 @@ class ScoreJobConfig:
         d = self.to_dict()
         d.pop("name")
         d.pop("resources")
-        d["io"].pop("storage_options")
+        for key in IO_NOT_SEMANTIC:
+            d["io"].pop(key)
         return d
 
     def config_hash(self) -> str:

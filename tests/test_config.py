@@ -100,3 +100,14 @@ def test_resources_name_and_credentials_do_not_change_the_hash(override):
 def test_int_and_float_spellings_hash_the_same():
     assert load_job_config(None, ["stylize.mosaic.max_face_px=128"]).config_hash() == JobConfig().config_hash()
     assert load_job_config(None, ["stylize.mosaic.max_face_px=128.0"]).config_hash() == JobConfig().config_hash()
+
+
+def test_layout_retry_and_credential_settings_leave_every_jobs_config_hash_alone():
+    from stylid_core.config import ScoreJobConfig
+    from stylid_core.customize.job_config import CustomizeJobConfig
+
+    io = {"rows_per_shard": 7, "retries": 2, "retry_backoff_s": 1.0, "request_timeout_s": 5.0,
+          "storage_options": {"key": "k"}}  # fmt: skip
+    for cls in (JobConfig, ScoreJobConfig, CustomizeJobConfig):
+        assert cls.from_dict({"io": io}).config_hash() == cls.from_dict({}).config_hash(), cls.__name__
+        assert cls.from_dict({"io": {"max_bytes": 1000}}).config_hash() != cls.from_dict({}).config_hash()

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from stylid_core.config import FacesConfig, IOConfig, StageResources, _check
+from stylid_core.config import IO_NOT_SEMANTIC, FacesConfig, IOConfig, StageResources, _check
 from stylid_core.customize.facesnap.config import build_config
 
 
@@ -66,6 +66,6 @@ class CustomizeJobConfig:
         for key in ("name", "resources"):
             d.pop(key)
         # credentials, the output's layout and retry settings change no result
-        for key in ("storage_options", "rows_per_shard", "retries", "retry_backoff_s", "request_timeout_s"):
+        for key in IO_NOT_SEMANTIC:
             d["io"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
