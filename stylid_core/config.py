@@ -217,19 +217,12 @@ class ResourcesConfig:
                 setattr(self, f.name, _build(StageResources, {**base, **value}, f"resources.{f.name}"))
 
 
-@dataclass
-class JobConfig:
-    """Everything ``stylid run`` needs besides the manifest and output locations."""
-
-    name: str = "default"
-    faces: FacesConfig = field(default_factory=FacesConfig)
-    stylize: StylizeConfig = field(default_factory=StylizeConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    io: IOConfig = field(default_factory=IOConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+class _JobSections:
+    """What every job config (``JobConfig``, ``ScoreJobConfig``) does with its sections: build from a dict, and
+    hash what changes results (``name``, ``resources`` and ``IO_NOT_SEMANTIC`` left out) for its output keys."""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> JobConfig:
+    def from_dict(cls, data: dict[str, Any] | None):
         return _build(cls, data or {}, "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,11 +243,23 @@ class JobConfig:
         return hashlib.sha256(blob).hexdigest()[:10]
 
     def is_default(self) -> bool:
-        return self.config_hash() == JobConfig().config_hash()
+        return self.config_hash() == type(self)().config_hash()
 
 
 @dataclass
-class ScoreJobConfig:
+class JobConfig(_JobSections):
+    """Everything ``stylid run`` needs besides the manifest and output locations."""
+
+    name: str = "default"
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    stylize: StylizeConfig = field(default_factory=StylizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+@dataclass
+class ScoreJobConfig(_JobSections):
     """Everything ``stylid score`` needs besides its manifest, output and gate: how faces are found and scored.
 
     The same sections as ``JobConfig`` less ``stylize`` (nothing is generated); ``style_uri`` is the style image of
@@ -268,29 +273,6 @@ class ScoreJobConfig:
     io: IOConfig = field(default_factory=IOConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     style_uri: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ScoreJobConfig:
-        return _build(cls, data or {}, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def semantic_dict(self) -> dict[str, Any]:
-        """The parts that change the scores (not where, how fast or with what credentials)."""
-        d = self.to_dict()
-        d.pop("name")
-        d.pop("resources")
-        for key in IO_NOT_SEMANTIC:
-            d["io"].pop(key)
-        return d
-
-    def config_hash(self) -> str:
-        blob = json.dumps(_normalise(self.semantic_dict()), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
-
-    def is_default(self) -> bool:
-        return self.config_hash() == ScoreJobConfig().config_hash()
 
 
 def _normalise(value: Any) -> Any:
