@@ -33,6 +33,7 @@ from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.classical import lab_statistics
+from stylid_core.stylize.face_detail import FaceDetailTransfer
 from stylid_core.stylize.mosaic import MosaicRestorer
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,8 @@ def faces_of(row: Any) -> list[Face]:
 
 
 class StylizeStage:
-    """Stylizes each image after its style with the configured engine, wrapped in the ``MosaicRestorer``.
+    """Stylizes each image after its style with the configured engine, wrapped in the ``MosaicRestorer`` and the
+    face detail transfer (``stylid_core.stylize.face_detail``) when they are on.
 
     The engine is built once per actor; a batch goes to the engine in one ``stylize_batch`` call (one UNet batch
     for the diffusion engine). If that call fails, the rows are retried one by one so only the bad row fails.
@@ -304,18 +306,24 @@ class StylizeStage:
         self.compare = score.compare_without_mosaic
         self.stylizer: Stylizer = STYLIZERS.create(stylize.engine, **stylize.options)
         self.restorer = MosaicRestorer(self.stylizer, stylize.mosaic) if stylize.mosaic.enabled else None
+        self.detail = stylize.face_detail.strength > 0
+        chain: Stylizer = self.restorer or self.stylizer
+        self.chain: Stylizer = FaceDetailTransfer(chain, stylize.face_detail) if self.detail else chain
         self.styles = StyleCache(io)
 
     def _run(self, images, styles, faces) -> list[tuple[np.ndarray, np.ndarray | None, set[int]]]:
-        """(output, output without mosaic or None, indices of the faces that went into the mosaic) per image."""
-        if self.restorer is None:
-            outs = self.stylizer.stylize_batch(images, styles, faces)
-            return [(o, None, set()) for o in outs]
-        tiles = [self.restorer.plan(im.shape[1], im.shape[0], fs).face_indices for im, fs in zip(images, faces)]
-        outs = self.restorer.stylize_batch(images, styles, faces)
+        """(output, output of the engine alone or None, indices of the faces that went into the mosaic) per image.
+
+        The engine-alone output (no mosaic, no detail transfer: the ``*_no_mosaic`` scores) is computed only for
+        images whose faces the restoration touched."""
+        if self.restorer is not None:
+            tiles = [self.restorer.plan(im.shape[1], im.shape[0], fs).face_indices for im, fs in zip(images, faces)]
+        else:
+            tiles = [set() for _ in images]
+        outs = self.chain.stylize_batch(images, styles, faces)
         plains: list[np.ndarray | None] = [None] * len(images)
-        if self.compare:
-            need = [k for k, t in enumerate(tiles) if t]
+        if self.compare and self.chain is not self.stylizer:
+            need = [k for k, t in enumerate(tiles) if t or (self.detail and faces[k])]
             if need:
                 done = self.stylizer.stylize_batch(
                     [images[k] for k in need], [styles[k] for k in need], [faces[k] for k in need]
