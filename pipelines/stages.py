@@ -130,6 +130,18 @@ def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:
     df.at[i, "error"] = error[:2000]
 
 
+class FrameStage:
+    """A stage that adds columns to a batch: ``frame`` (pandas in, pandas out, object columns) does the work;
+    called as Ray's ``map_batches`` function it returns the typed Arrow table. ``FusedCPUStage`` chains the
+    frames and converts once, at the end."""
+
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def __call__(self, df: pd.DataFrame) -> pa.Table:
+        return to_table(self.frame(df))
+
+
 class StyleCache:
     """Style images loaded once per worker and kept (a few distinct styles serve a whole dataset)."""
 
@@ -205,7 +217,7 @@ def prepare_rows(df: pd.DataFrame, default_style_uri: str | None, keep: tuple[st
     return out
 
 
-class LoadStage:
+class LoadStage(FrameStage):
     """Reads each image's bytes through fsspec (transient failures retried) and decodes it safely to RGB
     (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: the size columns hold the working size,
     ``source_width``/``source_height`` the source image's own. Every error message names the image's URI.
@@ -219,7 +231,7 @@ class LoadStage:
         self.io = io
         self.images = tuple(ImageColumn(*im) for im in images)
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
         df, rows = _batch(df)
         names = [col for im in self.images for col in (im.pixels, *im.size_columns)]
         new = NewColumns(list(dict.fromkeys([*names, "source_width", "source_height", "t_load"])), len(df))
@@ -259,7 +271,7 @@ class LoadStage:
             new[h_col][i], new[w_col][i] = image.shape[:2]
             new[im.pixels][i] = image.tobytes()
             new["t_load"][i] = (new["t_load"][i] or 0.0) + time.perf_counter() - t0
-        return to_table(new.assign(df))
+        return new.assign(df)
 
     def _read_all(self, uris: list[str]) -> list[tuple[bytes | Exception, float]]:
         """Each URI's bytes (or the exception reading it raised) and seconds taken, read concurrently: on an object
@@ -279,7 +291,7 @@ class LoadStage:
             return list(pool.map(read, uris))
 
 
-class FaceStage:
+class FaceStage(FrameStage):
     """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors).
 
     Faces are found in the row's identity reference when it carries one (``ref_pixels``: ``stylid score`` of a
@@ -291,7 +303,7 @@ class FaceStage:
         self.config = faces
         self.analyzer: FaceAnalyzer = create_face_analyzer(faces)
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
         df, rows = _batch(df)
         new = NewColumns(("n_faces", "n_faces_detected", "faces_json", "t_faces"), len(df))
         for i in df.index[_ok(df)]:
@@ -314,14 +326,14 @@ class FaceStage:
             new["t_faces"][i] = time.perf_counter() - t0
             if not faces:
                 _fail(df, i, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
-        return to_table(new.assign(df))
+        return new.assign(df)
 
 
 def faces_of(row: Any) -> list[Face]:
     return [Face.from_dict(d) for d in json.loads(row["faces_json"] or "[]")]
 
 
-class StylizeStage:
+class StylizeStage(FrameStage):
     """Stylizes each image after its style with the configured engine, wrapped in the ``MosaicRestorer``.
 
     The engine is built once per actor; a batch goes to the engine in one ``stylize_batch`` call (one UNet batch
@@ -354,7 +366,7 @@ class StylizeStage:
                     plains[k] = out
         return list(zip(outs, plains, tiles))
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
         df, records = _batch(df)
         new = NewColumns(("out_pixels", "plain_pixels", "mosaic_faces", "t_stylize"), len(df))
         new.update(df, "faces_json")
@@ -372,7 +384,7 @@ class StylizeStage:
             images.append(image_of(records[i]))
             faces.append(faces_of(records[i]))
         if not rows:
-            return to_table(new.assign(df))
+            return new.assign(df)
         t0 = time.perf_counter()
         try:
             results = self._run(images, styles, faces)
@@ -400,7 +412,7 @@ class StylizeStage:
                 fj["in_mosaic"] = k in in_mosaic
             new["faces_json"][i] = json.dumps(face_json)
             new["t_stylize"][i] = t
-        return to_table(new.assign(df))
+        return new.assign(df)
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -461,7 +473,7 @@ def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[
     ]  # fmt: skip
 
 
-class ScoreStage:
+class ScoreStage(FrameStage):
     """Identity, style and content scores.
 
     Per face: the output is embedded at the *source* face's keypoints (stylization keeps geometry), and compared
@@ -497,7 +509,7 @@ class ScoreStage:
             out.append((cosine_similarity(face.embedding, emb), dist, dist < self.analyzer.match_threshold))
         return out
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
         df, rows = _batch(df)
         new = NewColumns(SCORE_COLUMNS, len(df))
         new.update(df, "faces_json")
@@ -512,7 +524,7 @@ class ScoreStage:
                 _fail(df, i, "score_error", f"{type(exc).__name__}: {exc}")
                 continue
             new["t_score"][i] = time.perf_counter() - t0
-        return to_table(new.assign(df))
+        return new.assign(df)
 
     def _score_row(self, row: dict, new: NewColumns, i: int) -> None:
         """Scores row ``i`` (``row``, its values) into ``new``, the stage's columns; a failure changes nothing."""
@@ -604,10 +616,10 @@ class FusedCPUStage:
             self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        table = to_table(df)
-        for stage in self.stages:
-            table = stage(object_frame(table))
-        return table
+        df = object_frame(to_table(df))  # typed as the job's columns once, then plain Python values
+        for stage in self.stages[:-1]:
+            df = stage.frame(df)
+        return self.stages[-1](df)
 
 
 class WriteStage:
