@@ -30,7 +30,7 @@ from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.report import ZOOM_FACE_PX, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
-from stylid_core.storage import StorageError, join, read_bytes, write_bytes
+from stylid_core.storage import StorageError, join, local_path, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.classical import lab_statistics
 from stylid_core.stylize.mosaic import MosaicRestorer
@@ -274,8 +274,8 @@ class LoadStage(FrameStage):
         return new.assign(df)
 
     def _read_all(self, uris: list[str]) -> list[tuple[bytes | Exception, float]]:
-        """Each URI's bytes (or the exception reading it raised) and seconds taken, read concurrently: on an object
-        store a batch then waits about one request's latency instead of one per row."""
+        """Each URI's bytes (or the exception reading it raised) and seconds taken, read concurrently unless all are
+        local files: on an object store a batch then waits about one request's latency instead of one per row."""
 
         def read(uri: str) -> tuple[bytes | Exception, float]:
             t0 = time.perf_counter()
@@ -285,8 +285,8 @@ class LoadStage(FrameStage):
             except Exception as exc:  # raised again for its row, which fails alone
                 return exc, time.perf_counter() - t0
 
-        if len(uris) <= 1:
-            return [read(u) for u in uris]
+        if len(uris) <= 1 or all(local_path(u) is not None for u in uris):
+            return [read(u) for u in uris]  # local files: a read is a few microseconds of I/O, threads only cost
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
             return list(pool.map(read, uris))
 
