@@ -297,6 +297,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"{'rows':>8} {'cpus':>4} {'rows/s':>7} {'ms/row/core':>11} {'objects':>7} {'metrics':>9}"
               f" {'faces':>9} {'driver MB':>9} {'worker MB':>9} {'rerun s':>7} {'(wall)':>6} {'resume s':>8}"
               f" {'redone':>7}")  # fmt: skip
+        print(f"  (ms/row/core: the whole job's cost, model work and Ray included; its split into model work and the"
+              f" pipeline's own is the stages mode's; loadavg at start {loadavg()})", flush=True)
         for n in args.rows:
             manifest = write_manifest(os.path.join(work, f"manifest{n}"), n, crops)
             output = os.path.join(work, f"out{n}-{args.cpus}")
@@ -312,7 +314,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
             print(f"{n:>8} {args.cpus:>4} {rate:>7.0f} {1000 * args.cpus / rate:>11.2f} {objects:>7}"
                   f" {mbytes / 1e6:>7.1f}MB {fbytes / 1e6:>7.1f}MB {mb(first['driver_peak']):>9}"
                   f" {mb(first['worker_peak']):>9} {rerun['job_s']:>7.1f} {rerun['wall_s']:>6.1f}"
-                  f" {resume['job_s']:>8.1f} {resume['processed']:>7}", flush=True)  # fmt: skip
+                  f" {resume['job_s']:>8.1f} {resume['processed']:>7}  loadavg {loadavg()}", flush=True)  # fmt: skip
             if args.crash:
                 print(f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
                       f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)", flush=True)
