@@ -113,9 +113,13 @@ def child_job(args: argparse.Namespace) -> None:
         info = run_job(config, args.output, args.manifest, report=not args.no_report)
         t2 = time.perf_counter()
     r = info["this_run"]
-    print(json.dumps({"processed": r["processed"], "already_done": r["already_done"], "stylize_s": r["seconds"],
+    status = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines() if ln.startswith("Rss"))
+    print(json.dumps({"rss_anon": int(status["RssAnon"].split()[0]) * 1024,
+                      "rss_shmem": int(status["RssShmem"].split()[0]) * 1024,
+                      "rss_file": int(status["RssFile"].split()[0]) * 1024,
+                      **{"processed": r["processed"], "already_done": r["already_done"], "stylize_s": r["seconds"],
                       "job_s": t2 - t1, "wall_s": time.perf_counter() - t0, "driver_peak": watch.driver_peak(),
-                      "worker_peak": watch.worker_peak}))  # fmt: skip
+                      "worker_peak": watch.worker_peak}}))  # fmt: skip
 
 
 def child_plan(args: argparse.Namespace) -> None:
@@ -315,6 +319,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                   f" {mbytes / 1e6:>7.1f}MB {fbytes / 1e6:>7.1f}MB {mb(first['driver_peak']):>9}"
                   f" {mb(first['worker_peak']):>9} {rerun['job_s']:>7.1f} {rerun['wall_s']:>6.1f}"
                   f" {resume['job_s']:>8.1f} {resume['processed']:>7}  loadavg {loadavg()}", flush=True)  # fmt: skip
+            print(f"         driver at the end: {mb(first['rss_anon'])} MB anonymous, {mb(first['rss_shmem'])} MB"
+                  f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files", flush=True)
             if args.crash:
                 print(f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
                       f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)", flush=True)
