@@ -12,6 +12,12 @@ Three parts, each run in fresh processes (so peak RSS is the run's own):
               shards of ``io.rows_per_shard`` rows, realistic columns; no images), then a rerun of the whole job
               over a manifest of the same rows: the time to find nothing to do, on local disk and (``--s3``) on
               moto's S3 server on 127.0.0.1.
+``stages``    The fused actor (``FusedCPUStage``: load, faces, stylize, score, write) in this one process on
+              ``--rows`` rows, in the job's batches: the whole cost per row on one core, and its split, measured by
+              timing every call into model work (face detector and embedder, stylizer, the metric kernels
+              ``style_distance`` / ``content_similarity``) against the rest, the pipeline's own cost (reads, decode,
+              per-row bookkeeping, JSON, zoom strips, PNG encode, puts, Arrow conversions). The issue's target
+              (<= 1 ms per row per core) is for the pipeline's own figure.
 ``plan``      A manifest of ``--manifest-rows`` rows (a prefix of Parquet files) and a ledger of ``--done-rows``:
               the driver's peak RSS and the time to read, validate and plan the run (``iter_manifest`` +
               ``plan_pending``: the done rows subtracted), without processing.
@@ -19,6 +25,7 @@ Three parts, each run in fresh processes (so peak RSS is the run's own):
     python benchmarks/bench_scale.py pipeline --rows 10000 100000 --cpus 2 --crash
     python benchmarks/bench_scale.py pipeline --rows 10000 --cpus 1
     python benchmarks/bench_scale.py ledger --rows 1000000 --s3
+    python benchmarks/bench_scale.py stages --rows 5000
     python benchmarks/bench_scale.py plan --manifest-rows 10000000 --done-rows 5000000
 """
 
@@ -106,9 +113,13 @@ def child_job(args: argparse.Namespace) -> None:
         info = run_job(config, args.output, args.manifest, report=not args.no_report)
         t2 = time.perf_counter()
     r = info["this_run"]
-    print(json.dumps({"processed": r["processed"], "already_done": r["already_done"], "stylize_s": r["seconds"],
+    status = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines() if ln.startswith("Rss"))
+    print(json.dumps({"rss_anon": int(status["RssAnon"].split()[0]) * 1024,
+                      "rss_shmem": int(status["RssShmem"].split()[0]) * 1024,
+                      "rss_file": int(status["RssFile"].split()[0]) * 1024,
+                      **{"processed": r["processed"], "already_done": r["already_done"], "stylize_s": r["seconds"],
                       "job_s": t2 - t1, "wall_s": time.perf_counter() - t0, "driver_peak": watch.driver_peak(),
-                      "worker_peak": watch.worker_peak}))  # fmt: skip
+                      "worker_peak": watch.worker_peak}}))  # fmt: skip
 
 
 def child_plan(args: argparse.Namespace) -> None:
@@ -290,6 +301,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"{'rows':>8} {'cpus':>4} {'rows/s':>7} {'ms/row/core':>11} {'objects':>7} {'metrics':>9}"
               f" {'faces':>9} {'driver MB':>9} {'worker MB':>9} {'rerun s':>7} {'(wall)':>6} {'resume s':>8}"
               f" {'redone':>7}")  # fmt: skip
+        print(f"  (ms/row/core: the whole job's cost, model work and Ray included; its split into model work and the"
+              f" pipeline's own is the stages mode's; loadavg at start {loadavg()})", flush=True)
         for n in args.rows:
             manifest = write_manifest(os.path.join(work, f"manifest{n}"), n, crops)
             output = os.path.join(work, f"out{n}-{args.cpus}")
@@ -305,7 +318,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
             print(f"{n:>8} {args.cpus:>4} {rate:>7.0f} {1000 * args.cpus / rate:>11.2f} {objects:>7}"
                   f" {mbytes / 1e6:>7.1f}MB {fbytes / 1e6:>7.1f}MB {mb(first['driver_peak']):>9}"
                   f" {mb(first['worker_peak']):>9} {rerun['job_s']:>7.1f} {rerun['wall_s']:>6.1f}"
-                  f" {resume['job_s']:>8.1f} {resume['processed']:>7}", flush=True)  # fmt: skip
+                  f" {resume['job_s']:>8.1f} {resume['processed']:>7}  loadavg {loadavg()}", flush=True)  # fmt: skip
+            print(f"         driver at the end: {mb(first['rss_anon'])} MB anonymous, {mb(first['rss_shmem'])} MB"
+                  f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files", flush=True)
             if args.crash:
                 print(f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
                       f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)", flush=True)
@@ -365,6 +380,79 @@ def s3_rerun(work: str, output: str, manifest: str, n: int) -> None:
         server.stop()
 
 
+class ModelClock:
+    """Seconds spent inside wrapped callables (the model work of ``cmd_stages``), summed per name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+
+def cmd_stages(args: argparse.Namespace) -> None:
+    with bench_lock():
+        _cmd_stages(args)
+
+
+def _cmd_stages(args: argparse.Namespace) -> None:
+    import pipelines.stages as stages
+    from jobs.config import load_job_config
+    from stylid_core.sample_data import write_face_crops
+
+    work = tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir)
+    try:
+        crops = write_face_crops(os.path.join(work, "crops"), CROPS)
+        config = load_job_config(CONFIG, [])
+        n, batch = args.rows, config.resources.fused.batch_size
+        manifest = pa.table({"image_id": [f"row{k:08d}" for k in range(n + batch)],
+                             "image_uri": [crops[k % len(crops)] for k in range(n + batch)]})  # fmt: skip
+        rows = stages.prepare_manifest(manifest, None)
+        write = {"output_uri": os.path.join(work, "out"), "config_hash": config.config_hash(), "key_suffix": "",
+                 "write_images": True}  # fmt: skip
+        fused = stages.FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+        fused(rows.slice(0, batch).to_pandas())  # warm-up: first calls, style cache
+        clock = ModelClock()
+        for stage in fused.stages:
+            for attr in ("analyzer", "stylizer"):
+                obj = getattr(stage, attr, None)
+                if obj is not None:
+                    for method in ("detect", "embed", "stylize_batch"):
+                        if hasattr(obj, method):
+                            setattr(obj, method, clock.wrap(f"{attr}.{method}", getattr(obj, method)))
+        for name in ("style_distance", "content_similarity"):
+            setattr(stages, name, clock.wrap(name, getattr(stages, name)))
+        batches = [rows.slice(k, batch).to_pandas() for k in range(batch, n + batch, batch)]
+        t0 = time.perf_counter()
+        done = 0
+        for b in batches:
+            out = fused(b)
+            done += sum(s == "ok" for s in out.column("status").to_pylist())
+        total = time.perf_counter() - t0
+        assert done == n, f"{n - done} rows failed"
+        model = sum(clock.seconds.values())
+        print(f"fused actor, {n} rows of 32 px in batches of {batch}, one core, loadavg {loadavg()}")
+        print(f"  whole cost:      {1000 * total / n:.3f} ms per row per core ({n / total:.0f} rows/s)")
+        print(f"  model work:      {1000 * model / n:.3f} ms per row ("
+              + ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in sorted(clock.seconds.items())) + ")")
+        print(f"  pipeline's own:  {1000 * (total - model) / n:.3f} ms per row per core   <- the target (<= 1 ms)",
+              flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     work = tempfile.mkdtemp(prefix="bench-plan-", dir=args.workdir)
     try:
@@ -396,6 +484,9 @@ def main() -> None:
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
     p.add_argument("--s3", action="store_true")
     p.add_argument("--workdir", default=None)
+    p = sub.add_parser("stages")
+    p.add_argument("--rows", type=int, default=5000)
+    p.add_argument("--workdir", default=None)
     p = sub.add_parser("plan")
     p.add_argument("--manifest-rows", type=int, default=10_000_000)
     p.add_argument("--done-rows", type=int, default=5_000_000)
@@ -408,9 +499,9 @@ def main() -> None:
         p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
         p.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
-    {"pipeline": cmd_pipeline, "ledger": cmd_ledger, "plan": cmd_plan, "_job": child_job, "_plan": child_plan}[
-        args.mode
-    ](args)
+    modes = {"pipeline": cmd_pipeline, "ledger": cmd_ledger, "plan": cmd_plan, "stages": cmd_stages,
+             "_job": child_job, "_plan": child_plan}  # fmt: skip
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from stylid_core.metrics import content_similarity, style_distance
 from stylid_core.report import ZOOM_FACE_PX, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
-from stylid_core.storage import StorageError, join, read_bytes, write_bytes
+from stylid_core.storage import StorageError, join, local_path, read_bytes, write_bytes
 from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.classical import lab_statistics
 from stylid_core.stylize.face_detail import FaceDetailTransfer
@@ -57,6 +57,13 @@ PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
     "plain_pixels": ("width", "height"),
     "ref_pixels": ("ref_width", "ref_height"),
 }
+
+
+def object_frame(table: pa.Table) -> pd.DataFrame:
+    """``table`` as a pandas frame of plain Python values (object columns; nulls are None), for the stages' row
+    by row work: pandas' own Arrow-backed string columns and float-for-nullable-int columns cost several times more
+    per cell read and write (measured in ``benchmarks/bench_scale.py stages``)."""
+    return pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
 
 
 def _present(value: Any) -> bool:
@@ -91,9 +98,49 @@ def _ok(df: pd.DataFrame) -> pd.Series:
     return df["status"] == "ok"
 
 
+class NewColumns:
+    """The columns a stage adds to its batch, filled row by row in plain lists and put into the frame in one
+    assignment each (``assign``): a pandas cell write costs tens of microseconds, a list item well under one."""
+
+    def __init__(self, names: tuple[str, ...] | list[str], n: int) -> None:
+        self.values: dict[str, list] = {name: [None] * n for name in names}
+
+    def __getitem__(self, name: str) -> list:
+        return self.values[name]
+
+    def update(self, df: pd.DataFrame, name: str) -> None:
+        """Take over ``df``'s existing column ``name``, to change some of its rows."""
+        self.values[name] = df[name].tolist()
+
+    def assign(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` with every column set (object columns, nulls None)."""
+        for name, values in self.values.items():
+            df[name] = pd.Series(values, index=df.index, dtype=object)
+        return df
+
+
+def _batch(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """The stage's own copy of ``df`` (positional index) and its rows as dicts, read once: ``df.loc[i]`` builds a
+    Series of every column per call."""
+    df = df.reset_index(drop=True)
+    return df, df.to_dict("records")
+
+
 def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:
     df.at[i, "status"] = status
     df.at[i, "error"] = error[:2000]
+
+
+class FrameStage:
+    """A stage that adds columns to a batch: ``frame`` (pandas in, pandas out, object columns) does the work;
+    called as Ray's ``map_batches`` function it returns the typed Arrow table. ``FusedCPUStage`` chains the
+    frames and converts once, at the end."""
+
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def __call__(self, df: pd.DataFrame) -> pa.Table:
+        return to_table(self.frame(df))
 
 
 class StyleCache:
@@ -171,7 +218,7 @@ def prepare_rows(df: pd.DataFrame, default_style_uri: str | None, keep: tuple[st
     return out
 
 
-class LoadStage:
+class LoadStage(FrameStage):
     """Reads each image's bytes through fsspec (transient failures retried) and decodes it safely to RGB
     (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: the size columns hold the working size,
     ``source_width``/``source_height`` the source image's own. Every error message names the image's URI.
@@ -185,30 +232,26 @@ class LoadStage:
         self.io = io
         self.images = tuple(ImageColumn(*im) for im in images)
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = df.copy()
-        for im in self.images:
-            for col in (im.pixels, *im.size_columns):
-                df[col] = None
-        df["source_width"] = None
-        df["source_height"] = None
-        df["t_load"] = None
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        df, rows = _batch(df)
+        names = [col for im in self.images for col in (im.pixels, *im.size_columns)]
+        new = NewColumns(list(dict.fromkeys([*names, "source_width", "source_height", "t_load"])), len(df))
         todo = []  # (row, image) pairs to read
         for i in df.index[_ok(df)]:
             for k, im in enumerate(self.images):
-                uri = df.at[i, im.uri] if im.uri in df.columns else None
+                uri = rows[i].get(im.uri)
                 if isinstance(uri, str) and uri.strip():
                     todo.append((i, k))
                 elif im.required:
                     _fail(df, i, "missing", f"empty {im.uri}")
                     break
         todo = [(i, k) for i, k in todo if df.at[i, "status"] == "ok"]
-        reads = self._read_all([df.at[i, self.images[k].uri] for i, k in todo])
+        reads = self._read_all([rows[i][self.images[k].uri] for i, k in todo])
         for (i, k), (data, read_s) in zip(todo, reads):
             if df.at[i, "status"] != "ok":
                 continue  # an earlier image of this row failed
             im = self.images[k]
-            uri = df.at[i, im.uri]
+            uri = rows[i][im.uri]
             prefix = "" if k == 0 else f"{im.uri} "
             t0 = time.perf_counter() - read_s
             try:
@@ -224,16 +267,16 @@ class LoadStage:
                 _fail(df, i, "load_error", f"{prefix}{uri}: {type(exc).__name__}: {exc}")
                 continue
             if k == 0:  # the row's own image: its output is written back at this size
-                df.at[i, "source_width"], df.at[i, "source_height"] = source_size
+                new["source_width"][i], new["source_height"][i] = source_size
             w_col, h_col = im.size_columns
-            df.at[i, h_col], df.at[i, w_col] = image.shape[:2]
-            df.at[i, im.pixels] = image.tobytes()
-            df.at[i, "t_load"] = (df.at[i, "t_load"] or 0.0) + time.perf_counter() - t0
-        return to_table(df)
+            new[h_col][i], new[w_col][i] = image.shape[:2]
+            new[im.pixels][i] = image.tobytes()
+            new["t_load"][i] = (new["t_load"][i] or 0.0) + time.perf_counter() - t0
+        return new.assign(df)
 
     def _read_all(self, uris: list[str]) -> list[tuple[bytes | Exception, float]]:
-        """Each URI's bytes (or the exception reading it raised) and seconds taken, read concurrently: on an object
-        store a batch then waits about one request's latency instead of one per row."""
+        """Each URI's bytes (or the exception reading it raised) and seconds taken, read concurrently unless all are
+        local files: on an object store a batch then waits about one request's latency instead of one per row."""
 
         def read(uri: str) -> tuple[bytes | Exception, float]:
             t0 = time.perf_counter()
@@ -243,13 +286,13 @@ class LoadStage:
             except Exception as exc:  # raised again for its row, which fails alone
                 return exc, time.perf_counter() - t0
 
-        if len(uris) <= 1:
-            return [read(u) for u in uris]
+        if len(uris) <= 1 or all(local_path(u) is not None for u in uris):
+            return [read(u) for u in uris]  # local files: a read is a few microseconds of I/O, threads only cost
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(uris))) as pool:
             return list(pool.map(read, uris))
 
 
-class FaceStage:
+class FaceStage(FrameStage):
     """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors).
 
     Faces are found in the row's identity reference when it carries one (``ref_pixels``: ``stylid score`` of a
@@ -261,15 +304,14 @@ class FaceStage:
         self.config = faces
         self.analyzer: FaceAnalyzer = create_face_analyzer(faces)
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = df.copy()
-        for col in ("n_faces", "n_faces_detected", "faces_json", "t_faces"):
-            df[col] = None
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        df, rows = _batch(df)
+        new = NewColumns(("n_faces", "n_faces_detected", "faces_json", "t_faces"), len(df))
         for i in df.index[_ok(df)]:
             t0 = time.perf_counter()
-            from_reference = "ref_pixels" in df.columns and isinstance(df.at[i, "ref_pixels"], bytes)
+            from_reference = isinstance(rows[i].get("ref_pixels"), bytes)
             try:
-                image = image_of(df.loc[i], "ref_pixels" if from_reference else "pixels")
+                image = image_of(rows[i], "ref_pixels" if from_reference else "pixels")
                 detected = self.analyzer.detect(image)
                 detected.sort(key=lambda f: -f.size_px)
                 faces = detected[: self.config.max_faces]
@@ -279,20 +321,20 @@ class FaceStage:
             except Exception as exc:
                 _fail(df, i, "face_error", f"{type(exc).__name__}: {exc}")
                 continue
-            df.at[i, "n_faces_detected"] = len(detected)
-            df.at[i, "n_faces"] = len(faces)
-            df.at[i, "faces_json"] = json.dumps([f.to_dict() for f in faces])
-            df.at[i, "t_faces"] = time.perf_counter() - t0
+            new["n_faces_detected"][i] = len(detected)
+            new["n_faces"][i] = len(faces)
+            new["faces_json"][i] = json.dumps([f.to_dict() for f in faces])
+            new["t_faces"][i] = time.perf_counter() - t0
             if not faces:
                 _fail(df, i, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
-        return to_table(df)
+        return new.assign(df)
 
 
 def faces_of(row: Any) -> list[Face]:
     return [Face.from_dict(d) for d in json.loads(row["faces_json"] or "[]")]
 
 
-class StylizeStage:
+class StylizeStage(FrameStage):
     """Stylizes each image after its style with the configured engine, wrapped in the ``MosaicRestorer`` and the
     face detail transfer (``stylid_core.stylize.face_detail``) when they are on.
 
@@ -332,25 +374,25 @@ class StylizeStage:
                     plains[k] = out
         return list(zip(outs, plains, tiles))
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = df.copy()
-        for col in ("out_pixels", "plain_pixels", "mosaic_faces", "t_stylize"):
-            df[col] = None
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        df, records = _batch(df)
+        new = NewColumns(("out_pixels", "plain_pixels", "mosaic_faces", "t_stylize"), len(df))
+        new.update(df, "faces_json")
         df["engine"] = self.stylizer.name
         df["model"] = self.stylizer.model
         rows, images, styles, faces = [], [], [], []
         for i in df.index[_ok(df)]:
+            uri = records[i]["style_uri"]
             try:
-                styles.append(self.styles.get(df.at[i, "style_uri"]))
+                styles.append(self.styles.get(uri))
             except (StorageError, ImageDecodeError) as exc:
-                uri = df.at[i, "style_uri"]
                 _fail(df, i, "style_error", f"style image {exc}" if uri in str(exc) else f"style image {uri}: {exc}")
                 continue
             rows.append(i)
-            images.append(image_of(df.loc[i]))
-            faces.append(faces_of(df.loc[i]))
+            images.append(image_of(records[i]))
+            faces.append(faces_of(records[i]))
         if not rows:
-            return to_table(df)
+            return new.assign(df)
         t0 = time.perf_counter()
         try:
             results = self._run(images, styles, faces)
@@ -370,15 +412,15 @@ class StylizeStage:
             if result is None:
                 continue
             out, plain, in_mosaic = result
-            df.at[i, "out_pixels"] = np.ascontiguousarray(out, dtype=np.uint8).tobytes()
-            df.at[i, "plain_pixels"] = None if plain is None else np.ascontiguousarray(plain, np.uint8).tobytes()
-            df.at[i, "mosaic_faces"] = len(in_mosaic)
-            face_json = json.loads(df.at[i, "faces_json"])
+            new["out_pixels"][i] = np.ascontiguousarray(out, dtype=np.uint8).tobytes()
+            new["plain_pixels"][i] = None if plain is None else np.ascontiguousarray(plain, np.uint8).tobytes()
+            new["mosaic_faces"][i] = len(in_mosaic)
+            face_json = json.loads(records[i]["faces_json"])
             for k, fj in enumerate(face_json):
                 fj["in_mosaic"] = k in in_mosaic
-            df.at[i, "faces_json"] = json.dumps(face_json)
-            df.at[i, "t_stylize"] = t
-        return to_table(df)
+            new["faces_json"][i] = json.dumps(face_json)
+            new["t_stylize"][i] = t
+        return new.assign(df)
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -439,7 +481,7 @@ def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[
     ]  # fmt: skip
 
 
-class ScoreStage:
+class ScoreStage(FrameStage):
     """Identity, style and content scores.
 
     Per face: the output is embedded at the *source* face's keypoints (stylization keeps geometry), and compared
@@ -475,30 +517,30 @@ class ScoreStage:
             out.append((cosine_similarity(face.embedding, emb), dist, dist < self.analyzer.match_threshold))
         return out
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = df.copy()
-        for col in SCORE_COLUMNS:
-            df[col] = None
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        df, rows = _batch(df)
+        new = NewColumns(SCORE_COLUMNS, len(df))
+        new.update(df, "faces_json")
         for i in df.index[_ok(df)]:
             t0 = time.perf_counter()
             try:
-                self._score_row(df, i)
+                self._score_row(rows[i], new, i)
             except SizeMismatchError as exc:
                 _fail(df, i, "size_mismatch", str(exc))
                 continue
             except Exception as exc:
                 _fail(df, i, "score_error", f"{type(exc).__name__}: {exc}")
                 continue
-            df.at[i, "t_score"] = time.perf_counter() - t0
-        return to_table(df)
+            new["t_score"][i] = time.perf_counter() - t0
+        return new.assign(df)
 
-    def _score_row(self, df: pd.DataFrame, i: int) -> None:
-        row = df.loc[i]
+    def _score_row(self, row: dict, new: NewColumns, i: int) -> None:
+        """Scores row ``i`` (``row``, its values) into ``new``, the stage's columns; a failure changes nothing."""
         source, out = image_of(row), image_of(row, "out_pixels")
-        counterfactual = "plain_pixels" in row.index  # a chain that stylized (``stylid run``)
+        counterfactual = "plain_pixels" in row  # a chain that stylized (``stylid run``)
         plain = image_of(row, "plain_pixels") if counterfactual and isinstance(row["plain_pixels"], bytes) else None
         faces = faces_of(row)
-        from_reference = "ref_pixels" in row.index and isinstance(row["ref_pixels"], bytes)
+        from_reference = isinstance(row.get("ref_pixels"), bytes)
         found = self.analyzer.detect(out) if self.config.redetect or from_reference else None
         placed: list[Face | None]
         if from_reference:
@@ -534,22 +576,26 @@ class ScoreStage:
             })  # fmt: skip
         sims = [s[0] for s in scores if s[0] is not None]
         plain_sims = [s[0] for s in scores_plain if s[0] is not None]
-        df.at[i, "id_sim_mean"] = float(np.mean(sims)) if sims else None
-        df.at[i, "id_sim_min"] = float(np.min(sims)) if sims else None
-        df.at[i, "id_sim_mean_no_mosaic"] = float(np.mean(plain_sims)) if plain_sims else None
-        df.at[i, "id_match_rate"] = float(np.mean([bool(s[2]) for s in scores]))
-        df.at[i, "n_redetected"] = None if found is None else int(sum(bool(r["redetected"]) for r in records))
         style = self.styles.get(row["style_uri"])
         stats = self.styles.statistics(row["style_uri"])
-        df.at[i, "style_distance"] = style_distance(out, style, stats)
-        df.at[i, "style_distance_source"] = style_distance(source, style, stats)
-        df.at[i, "style_distance_no_mosaic"] = style_distance(plain, style, stats) if plain is not None else None
-        df.at[i, "content_ssim"] = content_similarity(out, source)
+        values = {
+            "id_sim_mean": float(np.mean(sims)) if sims else None,
+            "id_sim_min": float(np.min(sims)) if sims else None,
+            "id_sim_mean_no_mosaic": float(np.mean(plain_sims)) if plain_sims else None,
+            "id_match_rate": float(np.mean([bool(s[2]) for s in scores])),
+            "n_redetected": None if found is None else int(sum(bool(r["redetected"]) for r in records)),
+            "style_distance": style_distance(out, style, stats),
+            "style_distance_source": style_distance(source, style, stats),
+            "style_distance_no_mosaic": style_distance(plain, style, stats) if plain is not None else None,
+            "content_ssim": content_similarity(out, source),
+        }
         face_json = json.loads(row["faces_json"])
         for rec, fj in zip(records, face_json):
             rec["in_mosaic"] = bool(fj.get("in_mosaic", False))
             fj["scores"] = rec
-        df.at[i, "faces_json"] = json.dumps(face_json)
+        values["faces_json"] = json.dumps(face_json)
+        for name, value in values.items():  # all or nothing: a row that raised above keeps its columns empty
+            new[name][i] = value
 
 
 class FusedCPUStage:
@@ -578,10 +624,10 @@ class FusedCPUStage:
             self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        table = to_table(df)
-        for stage in self.stages:
-            table = stage(table.to_pandas())
-        return table
+        df = object_frame(to_table(df))  # typed as the job's columns once, then plain Python values
+        for stage in self.stages[:-1]:
+            df = stage.frame(df)
+        return self.stages[-1](df)
 
 
 class WriteStage:
@@ -605,31 +651,32 @@ class WriteStage:
         self.write_images = write_images
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = df.copy()
-        if self.write_images or "output_uri" not in df.columns:
-            df["output_uri"] = None
-        df["t_write"] = None
+        df, records = _batch(df)
+        new = NewColumns(("output_uri", "t_write"), len(df))
+        if not self.write_images and "output_uri" in df.columns:
+            new.update(df, "output_uri")
         df["config_hash"] = self.config_hash
         face_rows: list[list[dict]] = []
-        for i in df.index:
+        for i, row in enumerate(records):
             if self.write_images and df.at[i, "status"] == "ok":
                 t0 = time.perf_counter()
                 try:
-                    out = at_source_size(df.loc[i], image_of(df.loc[i], "out_pixels"))
+                    out = at_source_size(row, image_of(row, "out_pixels"))
                     ext = self.io.image_format
                     data = encode_png(out) if ext == "png" else encode_jpeg(out, 92)
-                    name = f"{object_key(df.at[i, 'image_id'])}{self.key_suffix}.{ext}"
+                    name = f"{object_key(row['image_id'])}{self.key_suffix}.{ext}"
                     uri = join(self.output_uri, "images", name)
                     write_bytes(uri, data, self.io.storage_options, self.io.retry)
-                    df.at[i, "output_uri"] = uri
+                    new["output_uri"][i] = uri
                 except Exception as exc:
                     _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
-                df.at[i, "t_write"] = time.perf_counter() - t0
+                new["t_write"][i] = time.perf_counter() - t0
             rows = []
-            if isinstance(df.at[i, "faces_json"], str) and df.at[i, "status"] == "ok":
-                rows = [{"image_id": df.at[i, "image_id"], **box_at_source_size(df.loc[i], fj["scores"])}
-                        for fj in json.loads(df.at[i, "faces_json"]) if "scores" in fj]  # fmt: skip
+            if isinstance(row.get("faces_json"), str) and df.at[i, "status"] == "ok":
+                rows = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
+                        for fj in json.loads(row["faces_json"]) if "scores" in fj]  # fmt: skip
             face_rows.append(rows)
+        new.assign(df)
         secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
         df["error"] = [scrub(e, secrets) if isinstance(e, str) else e for e in df["error"]]
         metrics = to_table(df.reindex(columns=METRICS_COLUMNS))  # a chain without a stylize stage lacks its columns

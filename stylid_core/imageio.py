@@ -135,11 +135,22 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+#: zlib level of written PNGs: lossless at any level; 3 is about as small as 6 on photos and faster
+PNG_COMPRESS_LEVEL = 3
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an RGB uint8 image."""
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
+    """PNG bytes of an RGB uint8 image. Encoded by OpenCV (libpng): the same pixels as Pillow's encoder, about
+    2.5x faster on small images (0.06 against 0.15 ms for 32 px, ``benchmarks/bench_scale.py stages``)."""
+    import cv2
+
+    rgb = np.asarray(image, dtype=np.uint8)
+    if rgb.ndim == 3 and rgb.shape[2] in (3, 4):  # OpenCV's order is BGR(A)
+        rgb = rgb[..., [2, 1, 0, 3][: rgb.shape[2]]]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL])
+    if not ok:
+        raise ValueError(f"PNG encode failed for an image of shape {rgb.shape}")
+    return buf.tobytes()
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:

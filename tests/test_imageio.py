@@ -204,3 +204,14 @@ def test_an_unidentified_format_says_what_the_bytes_look_like():
     with pytest.raises(ImageDecodeError) as info:
         decode_image(b"<html>nope</html>", source="s3://b/k.jpg")
     assert str(info.value) == "s3://b/k.jpg: not an image in a known format (17 bytes, starting b'<html>nope</html')"
+
+
+def test_encode_png_is_lossless_and_keeps_channel_order():
+    from stylid_core.imageio import encode_png
+
+    rgb = _rgb()
+    rgb[0, 0] = (255, 0, 0)  # pure red stays red (OpenCV's own order is BGR)
+    back = decode_image(encode_png(rgb))
+    assert back.dtype == np.uint8 and np.array_equal(back, rgb)
+    assert tuple(back[0, 0]) == (255, 0, 0)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(rgb[..., 0])))), rgb[..., 0])

@@ -4,6 +4,7 @@ failed rows pass later stages untouched."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -188,12 +189,14 @@ def test_fused_stage_with_io_equals_load_fused_write(batch, staged, config, tmp_
     assert (tmp_path / "fused/images/good.png").read_bytes() == (tmp_path / "apart/images/good.png").read_bytes()
 
 
-def test_concurrent_reads_keep_each_row_its_own_bytes_and_failure(inputs, config, tmp_path):
-    """The load batch's reads run in threads: every row still gets its own image and a failed read fails only its
-    row, whatever order the reads finish in."""
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_concurrent_reads_keep_each_row_its_own_bytes_and_failure(inputs, config, tmp_path, scheme):
+    """The load batch's reads run in threads (URIs with a protocol; plain local paths are read in turn): every
+    row still gets its own image and a failed read fails only its row, whatever order the reads finish in."""
     gone = str(tmp_path / "gone.jpg")
     ids = ["obama", "gone", "biden", "notimage", "scene", "obama2"]
-    uris = [inputs["obama"], gone, inputs["biden"], inputs["notimage"], inputs["scene"], inputs["obama"]]
+    uris = [scheme + os.path.abspath(u) for u in
+            (inputs["obama"], gone, inputs["biden"], inputs["notimage"], inputs["scene"], inputs["obama"])]
     out = LoadStage(config.io)(prepare_rows(pd.DataFrame({"image_id": ids, "image_uri": uris}), None)).to_pandas()
     assert out["image_id"].tolist() == ids
     assert out["status"].tolist() == ["ok", "missing", "ok", "decode_error", "ok", "ok"]
