@@ -11,14 +11,15 @@ photo's five dlib keypoints mapped into the scene through the truth box. On the 
 each face is compared with itself unstylized, keypoints from dlib's 5-point model on the annotated box.
 
 Per face size it prints: ``d_floor`` (the unstylized scene: what shrinking alone costs), ``d_plain``, ``d_mosaic``
-and ``d_id`` (mosaic plus identity-aware stylization), the share of the loss recovered
-``(d_plain - d_x) / (d_plain - d_floor)``, match rates, the whole image's style distance to the style image and the
-*face regions'* style distance to it (Lab-statistics distance of the face boxes: a restored face that is only the
-photo pasted back shows up there), and the time per image of each variant.
+and ``d_id`` (mosaic plus identity-aware stylization: the engine's own mode and the face detail transfer), the
+share of the loss recovered ``(d_plain - d_x) / (d_plain - d_floor)``, match rates, the whole image's style
+distance to the style image and the *face regions'* style distance to it (Lab-statistics distance of the face
+boxes: a restored face that is only the photo pasted back shows up there), and the time per image of each variant.
 
     python benchmarks/bench_identity.py                            # neural engine, Starry Night and The Scream
     python benchmarks/bench_identity.py --engines classical,neural,diffusion --styles starry_night,the_scream,shipwreck
     python benchmarks/bench_identity.py --curve                    # identity vs face style, face_style_strength
+    python benchmarks/bench_identity.py --detail 0.1,0.2,0.3          # face detail transfer: sigma sweep
     python benchmarks/bench_identity.py --layouts                  # mosaic canvas vs sheet layout
     python benchmarks/bench_identity.py --targets 96,128,192 --max-face-px 128    # target_face_px sweep
     python benchmarks/bench_identity.py --readme-figure docs/group_scene_neural.jpg   # from the bundled sample
@@ -39,10 +40,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from stylid_core.config import FacesConfig, MosaicConfig
+from stylid_core.config import FaceDetailConfig, FacesConfig, MosaicConfig
 from stylid_core.faces import Face, create_face_analyzer
 from stylid_core.metrics import style_distance
 from stylid_core.stylize import STYLIZERS
+from stylid_core.stylize.face_detail import FaceDetailTransfer
 from stylid_core.stylize.mosaic import MosaicRestorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,18 +127,25 @@ def face_region_style(image: np.ndarray, faces: list[Face], style: np.ndarray) -
     return out
 
 
-def variants(engine: str, options: dict, mosaic: MosaicConfig, face_strength: float | None) -> dict:
-    """name -> a Stylizer: plain (no mosaic, no identity-aware), mosaic, mosaic + identity-aware."""
+def variants(
+    engine: str, options: dict, mosaic: MosaicConfig, face_strength: float | None, detail: FaceDetailConfig
+) -> dict:
+    """name -> a Stylizer: plain (no mosaic, no identity-aware), mosaic, and mosaic + identity-aware: the engine's
+    own identity-aware mode (neural: ``face_style_strength``; diffusion: content consistency guidance) and the
+    face detail transfer (``stylid_core.stylize.face_detail``, what ``stylid run`` does by default)."""
     if engine == "diffusion":
         off = {**options, "guidance": False, "reweight": False, "anchor": False}
         plain = STYLIZERS.create("diffusion", **off)
         guided = STYLIZERS.create("diffusion", **{**options, "guidance": True, "reweight": True, "anchor": True})
-        return {"plain": plain, "mosaic": MosaicRestorer(plain, mosaic), "id": MosaicRestorer(guided, mosaic)}
+        out = {"plain": plain, "mosaic": MosaicRestorer(plain, mosaic)}
+        out["id"] = FaceDetailTransfer(MosaicRestorer(guided, mosaic), detail)
+        return out
     base = STYLIZERS.create(engine, **({**options, "face_style_strength": None} if engine == "neural" else options))
     out = {"plain": base, "mosaic": MosaicRestorer(base, mosaic)}
+    aware = base
     if engine == "neural" and face_strength is not None:
         aware = STYLIZERS.create(engine, **{**options, "face_style_strength": face_strength})
-        out["id"] = MosaicRestorer(aware, mosaic)
+    out["id"] = FaceDetailTransfer(MosaicRestorer(aware, mosaic), detail)
     return out
 
 
@@ -254,7 +263,8 @@ def strength_curve(cases, base, style, style_name, analyzer, neural_options, mos
     large = (base["floor"]["kinds"] == "scene") & (base["floor"]["sizes"] > 48)
     d_floor, d_plain = base["floor"]["d"], base["plain"]["d"]
     for fs in strengths:
-        res = evaluate(cases, {"id": variants("neural", neural_options, mosaic, fs)["id"]}, style, analyzer)
+        off = FaceDetailConfig(strength=0.0)  # the curve of face_style_strength alone
+        res = evaluate(cases, {"id": variants("neural", neural_options, mosaic, fs, off)["id"]}, style, analyzer)
         d = res["id"]["d"]
         row = {
             "d_small": float(d[small].mean()),
@@ -296,7 +306,9 @@ def save_group_picture(case: Case, path: str, names=("floor", "plain", "mosaic",
     Image.fromarray(np.concatenate(rows, axis=0)).save(path, quality=88)
 
 
-def readme_figure(path: str, options: dict, mosaic: MosaicConfig, face_strength: float | None) -> None:
+def readme_figure(
+    path: str, options: dict, mosaic: MosaicConfig, face_strength: float | None, detail: FaceDetailConfig
+) -> None:
     """Before/after of the bundled group scene with the bundled style (committed material only)."""
     from stylid_core.sample_data import SCENES, build_scene, default_style_path
 
@@ -305,7 +317,7 @@ def readme_figure(path: str, options: dict, mosaic: MosaicConfig, face_strength:
     faces = analyzer.detect(scene)
     style = _rgb(default_style_path())
     case = Case("scene_group_small", scene, faces, [], [], "scene")
-    for name, stylizer in variants("neural", options, mosaic, face_strength).items():
+    for name, stylizer in variants("neural", options, mosaic, face_strength, detail).items():
         case.outputs[name] = stylizer.stylize(scene, style, faces)
     case.outputs["floor"] = scene
     save_group_picture(case, path)
@@ -327,6 +339,9 @@ def main() -> None:
     parser.add_argument("--strengths", default="1.0,0.5,0.25,0.0", help="face strengths of --curve")
     parser.add_argument("--layouts", action="store_true", help="neural: canvas vs sheet layout")
     parser.add_argument("--targets", default="", help="neural: sweep target_face_px (comma list)")
+    parser.add_argument("--detail-strength", type=float, default=FaceDetailConfig().strength)
+    parser.add_argument("--detail-sigma", type=float, default=FaceDetailConfig().sigma)
+    parser.add_argument("--detail", default="", help="neural: sweep the face detail transfer's sigma (comma list)")
     parser.add_argument("--no-groups", action="store_true")
     parser.add_argument("--per-size", type=int, default=0, help="at most this many scenes per face size (quick runs)")
     parser.add_argument("--readme-figure", help="write the bundled-sample before/after picture here and stop")
@@ -337,9 +352,10 @@ def main() -> None:
     if face_strength is None:
         face_strength = NeuralOptions().face_style_strength
     mosaic = MosaicConfig(max_face_px=args.max_face_px, target_face_px=args.target_face_px, layout=args.layout)
+    detail = FaceDetailConfig(strength=args.detail_strength, sigma=args.detail_sigma)
     neural_options = json.loads(args.neural_options)
     if args.readme_figure:
-        readme_figure(args.readme_figure, neural_options, mosaic, face_strength)
+        readme_figure(args.readme_figure, neural_options, mosaic, face_strength, detail)
         return
     if not os.path.isdir(FACES_DIR) or not os.path.isdir(STYLES_DIR):
         print(f"bench_identity skipped: needs {FACES_DIR} and {STYLES_DIR} (STYLID_FACES_DIR, STYLID_STYLES_DIR)")
@@ -372,6 +388,14 @@ def main() -> None:
             curve = strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic, strengths)
             report[f"curve/{style_name}"] = curve
             continue
+        if args.detail:
+            for sigma in (float(v) for v in args.detail.split(",")):
+                cfg = FaceDetailConfig(strength=args.detail_strength, sigma=sigma)
+                res = evaluate(cases, variants("neural", neural_options, mosaic, face_strength, cfg), style, analyzer)
+                title = f"neural / {style_name} / face detail sigma {sigma}"
+                report[title] = print_tables(title, res)
+                check_targets(title, res)
+            continue
         if args.layouts or args.targets:
             configs = {}
             if args.layouts:
@@ -379,13 +403,13 @@ def main() -> None:
             for t in filter(None, args.targets.split(",")):
                 configs[f"target {t}"] = MosaicConfig(**{**mosaic.__dict__, "target_face_px": int(t)})
             for label, cfg in configs.items():
-                res = evaluate(cases, variants("neural", neural_options, cfg, face_strength), style, analyzer)
+                res = evaluate(cases, variants("neural", neural_options, cfg, face_strength, detail), style, analyzer)
                 title = f"neural / {style_name} / {label}"
                 report[title] = print_tables(title, res)
                 check_targets(title, res)
             continue
         for engine in args.engines.split(","):
-            stylizers = variants(engine, options[engine], mosaic, face_strength)
+            stylizers = variants(engine, options[engine], mosaic, face_strength, detail)
             title = f"{engine} / {style_name}"
             res = evaluate(cases, stylizers, style, analyzer)
             report[title] = print_tables(title, res)
