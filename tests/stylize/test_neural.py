@@ -13,12 +13,12 @@ from stylid_core.faces import Face
 from stylid_core.metrics import content_similarity
 from stylid_core.sample_data import load_photo
 from stylid_core.stylize import STYLIZERS
+from stylid_core.stylize.face_detail import face_blend_mask
 from stylid_core.stylize.neural import (
     MODEL_SHA256,
     TRANSFORM_SIZE,
     NeuralModelError,
     NeuralStylizer,
-    face_blend_mask,
     package_model_dir,
     verified_model_files,
 )
