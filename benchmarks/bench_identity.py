@@ -256,15 +256,18 @@ def check_targets(title: str, res: dict) -> None:
         )
 
 
-def strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic, strengths) -> dict:
-    """Identity against face-region style for the mosaic + identity-aware neural engine, per face strength."""
+def strength_curve(
+    cases, base, style, style_name, analyzer, neural_options, mosaic, strengths, detail: FaceDetailConfig | None = None
+) -> dict:
+    """Identity against face-region style for the mosaic + identity-aware neural engine, per face strength: with
+    ``detail`` None the face style strength alone, else with that face detail transfer after it."""
     curve = {}
     small = (base["floor"]["kinds"] == "scene") & (base["floor"]["sizes"] <= 48)
     large = (base["floor"]["kinds"] == "scene") & (base["floor"]["sizes"] > 48)
     d_floor, d_plain = base["floor"]["d"], base["plain"]["d"]
     for fs in strengths:
-        off = FaceDetailConfig(strength=0.0)  # the curve of face_style_strength alone
-        res = evaluate(cases, {"id": variants("neural", neural_options, mosaic, fs, off)["id"]}, style, analyzer)
+        cfg = detail if detail is not None else FaceDetailConfig(strength=0.0)
+        res = evaluate(cases, {"id": variants("neural", neural_options, mosaic, fs, cfg)["id"]}, style, analyzer)
         d = res["id"]["d"]
         row = {
             "d_small": float(d[small].mean()),
@@ -282,11 +285,15 @@ def strength_curve(cases, base, style, style_name, analyzer, neural_options, mos
             if m.any():
                 row[f"rec_{s}"] = float((d_plain[m].mean() - d[m].mean()) / (d_plain[m] - d_floor[m]).mean())
                 row[f"match_{s}"] = float((d[m] < 0.6).mean())
+                plain_face = float(np.nanmean(base["plain"]["face_style"][m]))
+                row[f"face_style_{s}"] = float(np.nanmean(res["id"]["face_style"][m])) / plain_face - 1
         curve[fs] = row
         per_size = " ".join(
-            f"{s}:{100 * row[f'rec_{s}']:.0f}%/{row[f'match_{s}']:.2f}" for s in SIZES if f"rec_{s}" in row
+            f"{s}:{100 * row[f'rec_{s}']:.1f}%/{row[f'match_{s}']:.2f}/{100 * row[f'face_style_{s}']:+.0f}%"
+            for s in SIZES
+            if f"rec_{s}" in row
         )
-        print(f"curve {style_name} face_style_strength {fs:.2f} per size (recovered/match): {per_size}")
+        print(f"curve {style_name} face_style_strength {fs:.2f} per size (recovered/match/face style): {per_size}")
         print(
             f"curve {style_name} face_style_strength {fs:.1f}: faces <=48 px d {row['d_small']:.3f} recovered "
             f"{100 * row['rec_small']:.0f}% match {row['match_small']:.2f}; 64-96 px recovered "
@@ -337,6 +344,7 @@ def main() -> None:
     parser.add_argument("--face-strength", type=float, default=None, help="neural face_style_strength (id variant)")
     parser.add_argument("--curve", action="store_true", help="neural: identity vs face style over face strengths")
     parser.add_argument("--strengths", default="1.0,0.5,0.25,0.0", help="face strengths of --curve")
+    parser.add_argument("--curve-detail", action="store_true", help="--curve with the face detail transfer on")
     parser.add_argument("--layouts", action="store_true", help="neural: canvas vs sheet layout")
     parser.add_argument("--targets", default="", help="neural: sweep target_face_px (comma list)")
     parser.add_argument("--detail-strength", type=float, default=FaceDetailConfig().strength)
@@ -385,7 +393,10 @@ def main() -> None:
         if args.curve:
             base = evaluate(cases, {"plain": STYLIZERS.create("neural", **neural_options)}, style, analyzer)
             strengths = [float(v) for v in args.strengths.split(",")]
-            curve = strength_curve(cases, base, style, style_name, analyzer, neural_options, mosaic, strengths)
+            curve_detail = detail if args.curve_detail else None
+            curve = strength_curve(
+                cases, base, style, style_name, analyzer, neural_options, mosaic, strengths, curve_detail
+            )
             report[f"curve/{style_name}"] = curve
             continue
         if args.detail:

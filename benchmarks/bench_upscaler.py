@@ -14,7 +14,12 @@ is measured, at the keypoints dlib found there (scaled), so detection plays no p
 Match rate = distance under dlib's 0.6. ``ms/face`` is the median time of the upscaler call alone on one face
 crop (ncnn on one thread, its default).
 
+``--engine neural`` (with a painting as ``--style``) runs what ``stylid run`` runs instead: the neural engine, its
+``face_style_strength`` 0.5 inside the mosaic, and the face detail transfer (``FaceDetailTransfer``), once per
+upscaler; only ``plain`` and ``final`` are measured then (the sheet layout has no single canvas to score).
+
     flock /tmp/stylid-bench.lock python benchmarks/bench_upscaler.py [--style PATH] [--per-person N] [--limit N]
+    python benchmarks/bench_upscaler.py --engine neural --style ../shared/styles/starry_night.jpg --per-person 1
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stylid_core.config import FacesConfig, MosaicConfig
+from stylid_core.config import FaceDetailConfig, FacesConfig, MosaicConfig
 from stylid_core.faces import Face, create_face_analyzer
 from stylid_core.sample_data import default_style_path
+from stylid_core.stylize import STYLIZERS
 from stylid_core.stylize.classical import ClassicalStylizer
+from stylid_core.stylize.face_detail import FaceDetailTransfer
 from stylid_core.stylize.mosaic import MosaicRestorer
 
 FACES_DIR = Path(os.environ.get("STYLID_TEST_FACES", Path(__file__).resolve().parents[1].parent / "shared" / "faces"))
@@ -48,7 +55,8 @@ def summarize(rows: list[dict], threshold: float) -> dict:
     sizes = sorted({r["size"] for r in rows})
     photos = len({r["photo"] for r in rows})
     print(f"\n{photos} photos; dlib distance to the full-resolution face (match rate at 0.6)")
-    keys = ["small", "plain"] + [f"{u}_{k}" for k in ("tile", "tile+cl", "final") for u in UPSCALERS]
+    stages = [k for k in ("tile", "tile+cl", "final") if f"lanczos_{k}" in rows[0]]
+    keys = ["small", "plain"] + [f"{u}_{k}" for k in stages for u in UPSCALERS]
     print("| face px | " + " | ".join(keys) + " | lanczos ms/face | realesrgan ms/face |")
     print("|" + " --- |" * (len(keys) + 3))
     summary = {}
@@ -66,14 +74,16 @@ def summarize(rows: list[dict], threshold: float) -> dict:
     print("\nidentity gain of realesrgan over lanczos (mean distance lanczos - realesrgan; > 0: realesrgan closer)")
     for size in sizes:
         gains = {k: summary[size][f"lanczos_{k}"]["mean"] - summary[size][f"realesrgan_{k}"]["mean"]
-                 for k in ("tile", "tile+cl", "final")}  # fmt: skip
+                 for k in stages}  # fmt: skip
         print(f"  {size:>3} px: " + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
     return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--style", default=default_style_path(), help="style image for the classical stylizer")
+    parser.add_argument("--style", default=default_style_path(), help="style image")
+    parser.add_argument("--engine", default="classical", choices=("classical", "neural"))
+    parser.add_argument("--threads", type=int, default=2, help="neural: onnxruntime threads")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (0: all)")
     parser.add_argument("--per-person", type=int, default=0, help="use at most N photos of each person (0: all)")
     parser.add_argument("--json", default="", help="also write the figures here")
@@ -89,8 +99,15 @@ def main() -> None:
         raise SystemExit(f"no face photos at {FACES_DIR}/people (set STYLID_TEST_FACES)")
     analyzer = create_face_analyzer(FacesConfig(backend="dlib", upsample=1))
     style = _rgb(args.style)
-    stylizer = ClassicalStylizer()
-    restorers = {u: MosaicRestorer(stylizer, MosaicConfig(upscaler=u, max_face_px=max(SIZES) + 1)) for u in UPSCALERS}
+    if args.engine == "neural":
+        stylizer = STYLIZERS.create("neural", threads=args.threads, face_style_strength=None)
+        aware = STYLIZERS.create("neural", threads=args.threads, face_style_strength=0.5)
+    else:
+        stylizer = aware = ClassicalStylizer()
+    restorers = {u: MosaicRestorer(aware, MosaicConfig(upscaler=u, max_face_px=max(SIZES) + 1)) for u in UPSCALERS}
+    pipelines = {u: FaceDetailTransfer(r, FaceDetailConfig()) for u, r in restorers.items()}
+    print(f"engine: {stylizer.name} ({stylizer.model})"
+          f", style {Path(args.style).name}")  # fmt: skip
     photos = sorted((FACES_DIR / "people").glob("*.jpg"))
     if args.per_person:
         photos = [p for p in photos if int(p.stem.rsplit("__", 1)[1]) <= args.per_person]
@@ -128,6 +145,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 restorer._upscale(crop, tile.size)
                 row[f"{name}_ms"] = 1000 * (time.perf_counter() - t0)
+                if args.engine == "neural":
+                    row[f"{name}_final"] = dist(pipelines[name].stylize(small, style, [face]), kps, ref.embedding)
+                    continue
                 canvas, canvas_faces = restorer.build_canvas(small, [face], plan)
                 tile_kps = canvas_faces[-1].keypoints
                 styled = stylizer.stylize(canvas, style, canvas_faces, content_region=region)
