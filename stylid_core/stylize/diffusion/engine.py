@@ -235,7 +235,8 @@ class DiffusionStylizer(Stylizer):
     def _to_tensor(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
         batch = []
         for image in images:
-            x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+            # a read-only array (a decoded image, a view) is copied once: torch tensors must own writable memory
+            x = torch.from_numpy(image if image.flags.writeable else image.copy()).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
             batch.append(x)
