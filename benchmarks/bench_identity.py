@@ -391,7 +391,9 @@ def main() -> None:
     for style_name in args.styles.split(","):
         style = _rgb(os.path.join(STYLES_DIR, f"{style_name}.jpg"))
         if args.curve:
-            base = evaluate(cases, {"plain": STYLIZERS.create("neural", **neural_options)}, style, analyzer)
+            # plain as in the tables: the engine alone, no weaker style inside the faces
+            plain = STYLIZERS.create("neural", **{**neural_options, "face_style_strength": None})
+            base = evaluate(cases, {"plain": plain}, style, analyzer)
             strengths = [float(v) for v in args.strengths.split(",")]
             curve_detail = detail if args.curve_detail else None
             curve = strength_curve(
