@@ -86,7 +86,9 @@ FACE_COLUMNS: dict[str, pa.DataType] = {
     "id_match_no_mosaic": pa.bool_(),
     "redetected": pa.bool_(),
     "backend": pa.string(),
-    "zoom_strip": pa.string(),  # faces under report.ZOOM_FACE_PX: base64 JPEG of source / no mosaic / mosaic
+    # base64 JPEG of source / no mosaic / mosaic, for the faces that may be among the report's smallest
+    # (report.SmallestFaces: under report.ZOOM_FACE_PX, a few hundred per million faces); else null
+    "zoom_strip": pa.string(),
 }
 
 

@@ -27,7 +27,7 @@ from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
 from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
 from stylid_core.metrics import content_similarity, style_distance
-from stylid_core.report import ZOOM_FACE_PX, zoom_strip
+from stylid_core.report import SmallestFaces, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, local_path, read_bytes, write_bytes
@@ -505,7 +505,7 @@ class ScoreStage(FrameStage):
         self.config = score
         self.analyzer = create_face_analyzer(faces)
         self.styles = StyleCache(io)
-        self.face_rows: list[dict] = []
+        self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
         if not faces:
@@ -572,7 +572,7 @@ class ScoreStage(FrameStage):
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
                 "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
-                "zoom_strip": zoom_strip(face.box, source, plain, out) if face.size_px < ZOOM_FACE_PX else None,
+                "zoom_strip": None,
             })  # fmt: skip
         sims = [s[0] for s in scores if s[0] is not None]
         plain_sims = [s[0] for s in scores_plain if s[0] is not None]
@@ -589,6 +589,9 @@ class ScoreStage(FrameStage):
             "style_distance_no_mosaic": style_distance(plain, style, stats) if plain is not None else None,
             "content_ssim": content_similarity(out, source),
         }
+        for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest
+            if self.strips.admit(face.size_px, row["image_id"], rec["face_index"]):
+                rec["zoom_strip"] = zoom_strip(face.box, source, plain, out)
         face_json = json.loads(row["faces_json"])
         for rec, fj in zip(records, face_json):
             rec["in_mosaic"] = bool(fj.get("in_mosaic", False))
