@@ -104,6 +104,18 @@ def to_table(df: pd.DataFrame, columns: dict[str, pa.DataType] | None = None) ->
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def to_table_of_rows(rows: list[dict], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """``rows`` (dicts of plain Python values) as an Arrow table of the columns ``names``, typed from ``columns``
+    (default: ``COLUMNS``); a value a row lacks is null."""
+    columns = columns or COLUMNS
+    fields = [pa.field(name, columns.get(name, pa.string())) for name in names]
+    arrays = []
+    for field in fields:
+        values = [row.get(field.name) for row in rows]
+        arrays.append(pa.array([None if _is_missing(v) else v for v in values], type=field.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
 def _is_missing(v: object) -> bool:
     try:
         return v is None or (isinstance(v, float) and v != v) or v is pd.NA or v is pd.NaT
