@@ -28,6 +28,7 @@ from pipelines.credentials import StageCredentials, task_with_credentials, with_
 from pipelines.stylize import (
     check_pools_fit,
     check_unique_ids,
+    input_blocks,
     process_pending,
     read_manifest_columns,
     stage_remote_args,
@@ -358,9 +359,7 @@ def build_customize_dataset(
     resources = ray.cluster_resources()
     check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
-    block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
-    rows = _arrow(rows) if isinstance(rows, pd.DataFrame) else rows
-    ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
+    ds = ray.data.from_arrow(input_blocks(rows, r.reference.batch_size, resources.get("CPU", 1.0)))
     env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
     creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}

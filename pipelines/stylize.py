@@ -265,6 +265,24 @@ def _write(df, credentials: StageCredentials | None = None, **kwargs):
 MAX_INPUT_BLOCKS = 500
 
 
+def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -> list[pa.Table]:
+    """A job's rows cut into Ray's input blocks (``ray.data.from_arrow``), for every job (``stylid run``, ``score``,
+    ``customize``, the customizer's training pairs).
+
+    An actor takes a whole block: blocks as small as the first stage's batches (``first_batch``) keep every actor
+    busy to the end, and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some;
+    but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block from ``from_arrow`` costs the driver
+    about 40 kB for the whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks made its RSS
+    grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor. The blocks are
+    slices sharing ``rows``' buffers; Ray serializes a slice's own rows only."""
+    if isinstance(rows, pd.DataFrame):
+        rows = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+    per_cpu = -(-len(rows) // max(1, int(cpus)))
+    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
+    block_rows = max(min(first_batch, per_cpu), -(-len(rows) // max_blocks), 1)
+    return [rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)]
+
+
 def build_dataset(
     config: JobConfig,
     rows: pa.Table | pd.DataFrame,
@@ -293,19 +311,8 @@ def build_dataset(
     remote = stage_remote_args()
     credentials = StageCredentials.from_environ()
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
-    # an actor takes a whole block: blocks as small as the model stages' batches keep every actor busy to the end,
-    # and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some
     first_batch = res.fused.batch_size if fused(config) else res.faces.batch_size
-    per_cpu = -(-len(rows) // max(1, int(cpus)))
-    # but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block from ``from_arrow`` costs the
-    # driver about 40 kB for the whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks
-    # made its RSS grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor
-    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
-    block_rows = max(min(first_batch, per_cpu), -(-len(rows) // max_blocks), 1)
-    if isinstance(rows, pd.DataFrame):
-        rows = pa.Table.from_pandas(rows, preserve_index=False)
-    # slices share the plan's buffers; Ray serializes a slice's own rows only
-    ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
+    ds = ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
     write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
                   "write_images": write_images}  # fmt: skip
     # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
