@@ -228,6 +228,8 @@ def synthesize_output(output: str, n: int, rows_per_shard: int, faces: bool = Tr
                 cols[name] = pa.array([config_hash] * m, pa.string())
             elif name in ("engine", "model"):
                 cols[name] = pa.array(["identity" if name == "engine" else "none"] * m, pa.string())
+            elif pa.types.is_string(t):  # any other text column (``reference_uri``: stylid score's) stays null
+                cols[name] = pa.nulls(m, t)
             elif pa.types.is_integer(t):
                 cols[name] = pa.array(np.full(m, 32 if name in ("width", "height") else 1), t)
             else:

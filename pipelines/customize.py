@@ -26,10 +26,12 @@ from ray.data import ActorPoolStrategy
 
 from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
 from pipelines.stylize import (
+    MANIFEST_BATCH_ROWS,
+    ManifestReader,
     check_pools_fit,
     check_unique_ids,
+    input_blocks,
     process_pending,
-    read_manifest_columns,
     stage_remote_args,
 )
 from stylid_core.config import StageResources
@@ -131,17 +133,40 @@ class PrepareCustomizeRows:
         return df[[*MANIFEST_COLUMNS, "status", "error", "backend"]]
 
 
+#: how ``stylid customize`` derives a missing id (named in the duplicate-ids error)
+CUSTOMIZE_ID_HINT = "rows without one get a hash of reference_uri and prompt"
+
+
+def iter_customize_manifest(
+    manifest_uri: str, config: CustomizeJobConfig, batch_rows: int = MANIFEST_BATCH_ROWS
+) -> ManifestReader:
+    """The customize manifest streamed as ``stylid run``'s is (``ManifestReader``: pyarrow batches of
+    ``batch_rows``, each prepared by ``PrepareCustomizeRows``), for ``process_pending``: the driver holds the ids
+    and the pending rows, never the whole manifest in pandas. ``ValueError`` for a missing manifest or no
+    ``reference_uri`` column at construction, for duplicate ids when the plan reads the ids."""
+    prepare = PrepareCustomizeRows(config)
+
+    def prepared(table: pa.Table) -> pa.Table:
+        return pa.Table.from_pandas(prepare(table.to_pandas()), preserve_index=False)
+
+    return ManifestReader(
+        manifest_uri, None, config.io.storage_options, batch_rows, required="reference_uri",
+        columns=MANIFEST_COLUMNS, id_columns=("image_id", "reference_uri", "prompt"), prepare=prepared,
+        id_hint=CUSTOMIZE_ID_HINT,
+    )  # fmt: skip
+
+
 def read_customize_manifest(manifest_uri: str, config: CustomizeJobConfig) -> pd.DataFrame:
-    """The prepared manifest rows (``PrepareCustomizeRows``), read on the driver. Raises ``ValueError`` for a
-    missing manifest, no ``reference_uri`` column or duplicate ids."""
-    raw = read_manifest_columns(
-        manifest_uri,
-        "reference_uri",
-        tuple(c for c in MANIFEST_COLUMNS if c != "reference_uri"),
-        config.io.storage_options,
-    )
-    df = PrepareCustomizeRows(config)(raw)
-    check_unique_ids(df, manifest_uri, "rows without one get a hash of reference_uri and prompt")
+    """The whole prepared manifest (``iter_customize_manifest``'s batches) as one frame; ``stylid customize``
+    streams them into ``process_pending`` instead. Raises ``ValueError`` for a missing manifest, no
+    ``reference_uri`` column or duplicate ids."""
+    reader = iter_customize_manifest(manifest_uri, config)
+    parts = list(reader)
+    if not parts:
+        empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in MANIFEST_COLUMNS})
+        return PrepareCustomizeRows(config)(empty)
+    df = pa.concat_tables(parts, promote_options="permissive").to_pandas()
+    check_unique_ids(df, manifest_uri, CUSTOMIZE_ID_HINT)
     return df
 
 
@@ -358,9 +383,7 @@ def build_customize_dataset(
     resources = ray.cluster_resources()
     check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
-    block_rows = max(r.reference.batch_size, -(-len(rows) // 20_000))
-    rows = _arrow(rows) if isinstance(rows, pd.DataFrame) else rows
-    ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
+    ds = ray.data.from_arrow(input_blocks(rows, r.reference.batch_size, resources.get("CPU", 1.0)))
     env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
     creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
@@ -393,9 +416,10 @@ def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str
     With nothing pending no dataset is built, so no stage starts and no model loads."""
     t0 = time.perf_counter()
     opts = config.io.storage_options
-    manifest = read_customize_manifest(manifest_uri, config)
+    manifest = iter_customize_manifest(manifest_uri, config)
     done, counts = process_pending(
         manifest, output_uri, opts, lambda rows: build_customize_dataset(config, rows, output_uri),
         config.io.rows_per_shard,
     )  # fmt: skip
-    return CustomizeResult(len(manifest), len(done), sum(counts.values()), time.perf_counter() - t0, dict(counts))
+    processed = sum(counts.values())
+    return CustomizeResult(len(done) + processed, len(done), processed, time.perf_counter() - t0, dict(counts))

@@ -114,7 +114,8 @@ def preflight_run(config: JobConfig, manifest_uri: str | None, output_uri: str) 
 
 def preflight_customize(config, manifest_uri: str, output_uri: str) -> None:
     """Everything ``stylid customize`` can check before Ray: its manifest and the output."""
-    from pipelines.customize import read_customize_manifest
+    from pipelines.customize import iter_customize_manifest
 
-    _manifest(lambda: read_customize_manifest(manifest_uri, config), manifest_uri)
+    # the job's reader, one streamed pass over the ids: ValueError naming duplicates
+    _manifest(lambda: iter_customize_manifest(manifest_uri, config).ids(), manifest_uri)
     check_output(output_uri, config.io)

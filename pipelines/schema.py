@@ -86,7 +86,9 @@ FACE_COLUMNS: dict[str, pa.DataType] = {
     "id_match_no_mosaic": pa.bool_(),
     "redetected": pa.bool_(),
     "backend": pa.string(),
-    "zoom_strip": pa.string(),  # faces under report.ZOOM_FACE_PX: base64 JPEG of source / no mosaic / mosaic
+    # base64 JPEG of source / no mosaic / mosaic, for the faces that may be among the report's smallest
+    # (report.SmallestFaces: under report.ZOOM_FACE_PX, a few hundred per million faces); else null
+    "zoom_strip": pa.string(),
 }
 
 
@@ -99,6 +101,18 @@ def to_table(df: pd.DataFrame, columns: dict[str, pa.DataType] | None = None) ->
         values = df[field.name].tolist()
         values = [None if _is_missing(v) else v for v in values]
         arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def to_table_of_rows(rows: list[dict], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """``rows`` (dicts of plain Python values) as an Arrow table of the columns ``names``, typed from ``columns``
+    (default: ``COLUMNS``); a value a row lacks is null."""
+    columns = columns or COLUMNS
+    fields = [pa.field(name, columns.get(name, pa.string())) for name in names]
+    arrays = []
+    for field in fields:
+        values = [row.get(field.name) for row in rows]
+        arrays.append(pa.array([None if _is_missing(v) else v for v in values], type=field.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 

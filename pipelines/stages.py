@@ -20,14 +20,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, object_key, to_table
+from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, object_key, to_table, to_table_of_rows
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
 from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
 from stylid_core.metrics import content_similarity, style_distance
-from stylid_core.report import ZOOM_FACE_PX, zoom_strip
+from stylid_core.report import SmallestFaces, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, local_path, read_bytes, write_bytes
@@ -59,13 +59,6 @@ PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 
-def object_frame(table: pa.Table) -> pd.DataFrame:
-    """``table`` as a pandas frame of plain Python values (object columns; nulls are None), for the stages' row
-    by row work: pandas' own Arrow-backed string columns and float-for-nullable-int columns cost several times more
-    per cell read and write (measured in ``benchmarks/bench_scale.py stages``)."""
-    return pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
-
-
 def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and value != value)
 
@@ -94,53 +87,57 @@ class ImageColumn(NamedTuple):
 SOURCE_IMAGE: tuple[ImageColumn, ...] = (ImageColumn("image_uri", "pixels"),)
 
 
-def _ok(df: pd.DataFrame) -> pd.Series:
-    return df["status"] == "ok"
+#: one record of a batch as the stages work on it: column name -> plain Python value (None for null); the parsed
+#: faces may stand in ``faces_json`` as a list of dicts (``face_records``), turned back into JSON at the Arrow boundary
+Row = dict[str, Any]
 
 
-class NewColumns:
-    """The columns a stage adds to its batch, filled row by row in plain lists and put into the frame in one
-    assignment each (``assign``): a pandas cell write costs tens of microseconds, a list item well under one."""
-
-    def __init__(self, names: tuple[str, ...] | list[str], n: int) -> None:
-        self.values: dict[str, list] = {name: [None] * n for name in names}
-
-    def __getitem__(self, name: str) -> list:
-        return self.values[name]
-
-    def update(self, df: pd.DataFrame, name: str) -> None:
-        """Take over ``df``'s existing column ``name``, to change some of its rows."""
-        self.values[name] = df[name].tolist()
-
-    def assign(self, df: pd.DataFrame) -> pd.DataFrame:
-        """``df`` with every column set (object columns, nulls None)."""
-        for name, values in self.values.items():
-            df[name] = pd.Series(values, index=df.index, dtype=object)
-        return df
+def _fail(row: Row, status: str, error: str) -> None:
+    row["status"] = status
+    row["error"] = error[:2000]
 
 
-def _batch(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
-    """The stage's own copy of ``df`` (positional index) and its rows as dicts, read once: ``df.loc[i]`` builds a
-    Series of every column per call."""
-    df = df.reset_index(drop=True)
-    return df, df.to_dict("records")
+def face_records(row: Row) -> list[dict]:
+    """The row's faces (``Face.to_dict`` records, with what later stages added: ``in_mosaic``, ``scores``), parsed
+    from ``faces_json`` once and kept parsed in the row: the stages of one actor change them in place and the JSON is
+    written only where the batch leaves as an Arrow table (``rows_table``)."""
+    value = row.get("faces_json")
+    if isinstance(value, str):
+        value = row["faces_json"] = json.loads(value)
+    return value or []
 
 
-def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:
-    df.at[i, "status"] = status
-    df.at[i, "error"] = error[:2000]
+def rows_table(rows: list[Row], names: list[str]) -> pa.Table:
+    """``rows`` as an Arrow table of the columns ``names`` (typed from ``COLUMNS``; absent values null), parsed faces
+    written back as JSON."""
+    for row in rows:
+        if isinstance(row.get("faces_json"), list):
+            row["faces_json"] = json.dumps(row["faces_json"])
+    return to_table_of_rows(rows, names)
 
 
 class FrameStage:
-    """A stage that adds columns to a batch: ``frame`` (pandas in, pandas out, object columns) does the work;
-    called as Ray's ``map_batches`` function it returns the typed Arrow table. ``FusedCPUStage`` chains the
-    frames and converts once, at the end."""
+    """A stage that adds columns (``adds``) to each row of a batch: ``rows`` does the work on plain dicts (``Row``),
+    in place; called as Ray's ``map_batches`` function, a stage takes its batch (pandas) and returns the typed
+    Arrow table. ``FusedCPUStage`` chains the stages' ``rows`` and converts once, at the end: a pandas cell read or
+    write costs tens of microseconds (Arrow-backed strings more), a dict item well under one."""
 
-    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+    adds: tuple[str, ...] = ()
+
+    def rows(self, rows: list[Row]) -> list[Row]:
         raise NotImplementedError
 
+    def start(self, rows: list[Row]) -> list[Row]:
+        """Every row with this stage's columns reset to null (a row that fails keeps them null)."""
+        empty = dict.fromkeys(self.adds)
+        for row in rows:
+            row.update(empty)
+        return rows
+
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        return to_table(self.frame(df))
+        table = to_table(df)
+        names = list(dict.fromkeys([*table.column_names, *self.adds]))
+        return rows_table(self.rows(table.to_pylist()), names)
 
 
 class StyleCache:
@@ -231,27 +228,29 @@ class LoadStage(FrameStage):
     def __init__(self, io: IOConfig, images: tuple[ImageColumn, ...] = SOURCE_IMAGE) -> None:
         self.io = io
         self.images = tuple(ImageColumn(*im) for im in images)
-
-    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
-        df, rows = _batch(df)
         names = [col for im in self.images for col in (im.pixels, *im.size_columns)]
-        new = NewColumns(list(dict.fromkeys([*names, "source_width", "source_height", "t_load"])), len(df))
+        self.adds = tuple(dict.fromkeys([*names, "source_width", "source_height", "t_load"]))
+
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
         todo = []  # (row, image) pairs to read
-        for i in df.index[_ok(df)]:
+        for row in rows:
+            if row["status"] != "ok":
+                continue
             for k, im in enumerate(self.images):
-                uri = rows[i].get(im.uri)
+                uri = row.get(im.uri)
                 if isinstance(uri, str) and uri.strip():
-                    todo.append((i, k))
+                    todo.append((row, k))
                 elif im.required:
-                    _fail(df, i, "missing", f"empty {im.uri}")
+                    _fail(row, "missing", f"empty {im.uri}")
                     break
-        todo = [(i, k) for i, k in todo if df.at[i, "status"] == "ok"]
-        reads = self._read_all([rows[i][self.images[k].uri] for i, k in todo])
-        for (i, k), (data, read_s) in zip(todo, reads):
-            if df.at[i, "status"] != "ok":
+        todo = [(row, k) for row, k in todo if row["status"] == "ok"]
+        reads = self._read_all([row[self.images[k].uri] for row, k in todo])
+        for (row, k), (data, read_s) in zip(todo, reads):
+            if row["status"] != "ok":
                 continue  # an earlier image of this row failed
             im = self.images[k]
-            uri = rows[i][im.uri]
+            uri = row[im.uri]
             prefix = "" if k == 0 else f"{im.uri} "
             t0 = time.perf_counter() - read_s
             try:
@@ -261,18 +260,18 @@ class LoadStage(FrameStage):
                     data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri
                 )
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, exc.status, prefix + (str(exc) if uri in str(exc) else f"{uri}: {exc}"))
+                _fail(row, exc.status, prefix + (str(exc) if uri in str(exc) else f"{uri}: {exc}"))
                 continue
             except Exception as exc:  # anything else is still this row's problem only
-                _fail(df, i, "load_error", f"{prefix}{uri}: {type(exc).__name__}: {exc}")
+                _fail(row, "load_error", f"{prefix}{uri}: {type(exc).__name__}: {exc}")
                 continue
             if k == 0:  # the row's own image: its output is written back at this size
-                new["source_width"][i], new["source_height"][i] = source_size
+                row["source_width"], row["source_height"] = source_size
             w_col, h_col = im.size_columns
-            new[h_col][i], new[w_col][i] = image.shape[:2]
-            new[im.pixels][i] = image.tobytes()
-            new["t_load"][i] = (new["t_load"][i] or 0.0) + time.perf_counter() - t0
-        return new.assign(df)
+            row[h_col], row[w_col] = image.shape[:2]
+            row[im.pixels] = image.tobytes()
+            row["t_load"] = (row["t_load"] or 0.0) + time.perf_counter() - t0
+        return rows
 
     def _read_all(self, uris: list[str]) -> list[tuple[bytes | Exception, float]]:
         """Each URI's bytes (or the exception reading it raised) and seconds taken, read concurrently unless all are
@@ -304,14 +303,17 @@ class FaceStage(FrameStage):
         self.config = faces
         self.analyzer: FaceAnalyzer = create_face_analyzer(faces)
 
-    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
-        df, rows = _batch(df)
-        new = NewColumns(("n_faces", "n_faces_detected", "faces_json", "t_faces"), len(df))
-        for i in df.index[_ok(df)]:
+    adds = ("n_faces", "n_faces_detected", "faces_json", "t_faces")
+
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
+        for row in rows:
+            if row["status"] != "ok":
+                continue
             t0 = time.perf_counter()
-            from_reference = isinstance(rows[i].get("ref_pixels"), bytes)
+            from_reference = isinstance(row.get("ref_pixels"), bytes)
             try:
-                image = image_of(rows[i], "ref_pixels" if from_reference else "pixels")
+                image = image_of(row, "ref_pixels" if from_reference else "pixels")
                 detected = self.analyzer.detect(image)
                 detected.sort(key=lambda f: -f.size_px)
                 faces = detected[: self.config.max_faces]
@@ -319,19 +321,20 @@ class FaceStage(FrameStage):
                     for face, emb in zip(faces, self.analyzer.embed(image, [f.keypoints for f in faces])):
                         face.embedding = emb
             except Exception as exc:
-                _fail(df, i, "face_error", f"{type(exc).__name__}: {exc}")
+                _fail(row, "face_error", f"{type(exc).__name__}: {exc}")
                 continue
-            new["n_faces_detected"][i] = len(detected)
-            new["n_faces"][i] = len(faces)
-            new["faces_json"][i] = json.dumps([f.to_dict() for f in faces])
-            new["t_faces"][i] = time.perf_counter() - t0
+            row["n_faces_detected"] = len(detected)
+            row["n_faces"] = len(faces)
+            row["faces_json"] = [f.to_dict() for f in faces]  # parsed; JSON where the batch leaves (rows_table)
+            row["t_faces"] = time.perf_counter() - t0
             if not faces:
-                _fail(df, i, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
-        return new.assign(df)
+                _fail(row, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
+        return rows
 
 
-def faces_of(row: Any) -> list[Face]:
-    return [Face.from_dict(d) for d in json.loads(row["faces_json"] or "[]")]
+def faces_of(row: Row) -> list[Face]:
+    """The row's faces as ``Face`` objects (``face_records``)."""
+    return [Face.from_dict(d) for d in face_records(row)]
 
 
 class StylizeStage(FrameStage):
@@ -374,53 +377,53 @@ class StylizeStage(FrameStage):
                     plains[k] = out
         return list(zip(outs, plains, tiles))
 
-    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
-        df, records = _batch(df)
-        new = NewColumns(("out_pixels", "plain_pixels", "mosaic_faces", "t_stylize"), len(df))
-        new.update(df, "faces_json")
-        df["engine"] = self.stylizer.name
-        df["model"] = self.stylizer.model
-        rows, images, styles, faces = [], [], [], []
-        for i in df.index[_ok(df)]:
-            uri = records[i]["style_uri"]
+    adds = ("out_pixels", "plain_pixels", "mosaic_faces", "t_stylize", "engine", "model")
+
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
+        todo, images, styles, faces = [], [], [], []
+        for row in rows:
+            row["engine"] = self.stylizer.name
+            row["model"] = self.stylizer.model
+            if row["status"] != "ok":
+                continue
+            uri = row["style_uri"]
             try:
                 styles.append(self.styles.get(uri))
             except (StorageError, ImageDecodeError) as exc:
-                _fail(df, i, "style_error", f"style image {exc}" if uri in str(exc) else f"style image {uri}: {exc}")
+                _fail(row, "style_error", f"style image {exc}" if uri in str(exc) else f"style image {uri}: {exc}")
                 continue
-            rows.append(i)
-            images.append(image_of(records[i]))
-            faces.append(faces_of(records[i]))
-        if not rows:
-            return new.assign(df)
+            todo.append(row)
+            images.append(image_of(row))
+            faces.append(faces_of(row))
+        if not todo:
+            return rows
         t0 = time.perf_counter()
         try:
             results = self._run(images, styles, faces)
-            per_row = [(time.perf_counter() - t0) / len(rows)] * len(rows)
+            per_row = [(time.perf_counter() - t0) / len(todo)] * len(todo)
         except Exception:
             log.warning("batch stylization failed; retrying row by row", exc_info=True)
             results, per_row = [], []
-            for k, i in enumerate(rows):
+            for k, row in enumerate(todo):
                 t1 = time.perf_counter()
                 try:
                     results.append(self._run([images[k]], [styles[k]], [faces[k]])[0])
                 except Exception as exc:
-                    _fail(df, i, "stylize_error", f"{type(exc).__name__}: {exc}")
+                    _fail(row, "stylize_error", f"{type(exc).__name__}: {exc}")
                     results.append(None)
                 per_row.append(time.perf_counter() - t1)
-        for i, result, t in zip(rows, results, per_row):
+        for row, result, t in zip(todo, results, per_row):
             if result is None:
                 continue
             out, plain, in_mosaic = result
-            new["out_pixels"][i] = np.ascontiguousarray(out, dtype=np.uint8).tobytes()
-            new["plain_pixels"][i] = None if plain is None else np.ascontiguousarray(plain, np.uint8).tobytes()
-            new["mosaic_faces"][i] = len(in_mosaic)
-            face_json = json.loads(records[i]["faces_json"])
-            for k, fj in enumerate(face_json):
+            row["out_pixels"] = np.ascontiguousarray(out, dtype=np.uint8).tobytes()
+            row["plain_pixels"] = None if plain is None else np.ascontiguousarray(plain, np.uint8).tobytes()
+            row["mosaic_faces"] = len(in_mosaic)
+            for k, fj in enumerate(face_records(row)):
                 fj["in_mosaic"] = k in in_mosaic
-            new["faces_json"][i] = json.dumps(face_json)
-            new["t_stylize"][i] = t
-        return new.assign(df)
+            row["t_stylize"] = t
+        return rows
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -505,7 +508,7 @@ class ScoreStage(FrameStage):
         self.config = score
         self.analyzer = create_face_analyzer(faces)
         self.styles = StyleCache(io)
-        self.face_rows: list[dict] = []
+        self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
         if not faces:
@@ -517,25 +520,27 @@ class ScoreStage(FrameStage):
             out.append((cosine_similarity(face.embedding, emb), dist, dist < self.analyzer.match_threshold))
         return out
 
-    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
-        df, rows = _batch(df)
-        new = NewColumns(SCORE_COLUMNS, len(df))
-        new.update(df, "faces_json")
-        for i in df.index[_ok(df)]:
+    adds = SCORE_COLUMNS
+
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
+        for row in rows:
+            if row["status"] != "ok":
+                continue
             t0 = time.perf_counter()
             try:
-                self._score_row(rows[i], new, i)
+                self._score_row(row)
             except SizeMismatchError as exc:
-                _fail(df, i, "size_mismatch", str(exc))
+                _fail(row, "size_mismatch", str(exc))
                 continue
             except Exception as exc:
-                _fail(df, i, "score_error", f"{type(exc).__name__}: {exc}")
+                _fail(row, "score_error", f"{type(exc).__name__}: {exc}")
                 continue
-            new["t_score"][i] = time.perf_counter() - t0
-        return new.assign(df)
+            row["t_score"] = time.perf_counter() - t0
+        return rows
 
-    def _score_row(self, row: dict, new: NewColumns, i: int) -> None:
-        """Scores row ``i`` (``row``, its values) into ``new``, the stage's columns; a failure changes nothing."""
+    def _score_row(self, row: Row) -> None:
+        """Scores ``row`` into its score columns and its face records; a failure changes nothing."""
         source, out = image_of(row), image_of(row, "out_pixels")
         counterfactual = "plain_pixels" in row  # a chain that stylized (``stylid run``)
         plain = image_of(row, "plain_pixels") if counterfactual and isinstance(row["plain_pixels"], bytes) else None
@@ -572,7 +577,7 @@ class ScoreStage(FrameStage):
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
                 "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
-                "zoom_strip": zoom_strip(face.box, source, plain, out) if face.size_px < ZOOM_FACE_PX else None,
+                "zoom_strip": None,
             })  # fmt: skip
         sims = [s[0] for s in scores if s[0] is not None]
         plain_sims = [s[0] for s in scores_plain if s[0] is not None]
@@ -589,13 +594,13 @@ class ScoreStage(FrameStage):
             "style_distance_no_mosaic": style_distance(plain, style, stats) if plain is not None else None,
             "content_ssim": content_similarity(out, source),
         }
-        face_json = json.loads(row["faces_json"])
-        for rec, fj in zip(records, face_json):
+        for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest
+            if self.strips.admit(face.size_px, row["image_id"], rec["face_index"]):
+                rec["zoom_strip"] = zoom_strip(face.box, source, plain, out)
+        for rec, fj in zip(records, face_records(row)):  # all or nothing: a row that raised above is unchanged
             rec["in_mosaic"] = bool(fj.get("in_mosaic", False))
             fj["scores"] = rec
-        values["faces_json"] = json.dumps(face_json)
-        for name, value in values.items():  # all or nothing: a row that raised above keeps its columns empty
-            new[name][i] = value
+        row.update(values)
 
 
 class FusedCPUStage:
@@ -624,10 +629,15 @@ class FusedCPUStage:
             self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = object_frame(to_table(df))  # typed as the job's columns once, then plain Python values
+        table = to_table(df)  # typed as the job's columns once, then plain Python values
+        rows = table.to_pylist()
         for stage in self.stages[:-1]:
-            df = stage.frame(df)
-        return self.stages[-1](df)
+            rows = stage.rows(rows)
+        last = self.stages[-1]
+        if isinstance(last, WriteStage):
+            return last.table(rows)
+        names = list(dict.fromkeys([*table.column_names, *(a for stage in self.stages for a in stage.adds)]))
+        return rows_table(last.rows(rows), names)
 
 
 class WriteStage:
@@ -651,14 +661,19 @@ class WriteStage:
         self.write_images = write_images
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df, records = _batch(df)
-        new = NewColumns(("output_uri", "t_write"), len(df))
-        if not self.write_images and "output_uri" in df.columns:
-            new.update(df, "output_uri")
-        df["config_hash"] = self.config_hash
+        return self.table(to_table(df).to_pylist())
+
+    def table(self, rows: list[Row]) -> pa.Table:
+        """The metrics rows of ``rows`` (written images: ``output_uri``), each with its face rows (``FACE_ROWS``)."""
+        keep_uri = not self.write_images
         face_rows: list[list[dict]] = []
-        for i, row in enumerate(records):
-            if self.write_images and df.at[i, "status"] == "ok":
+        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
+        for row in rows:
+            row["config_hash"] = self.config_hash
+            row["t_write"] = None
+            if not (keep_uri and "output_uri" in row):
+                row["output_uri"] = None
+            if self.write_images and row["status"] == "ok":
                 t0 = time.perf_counter()
                 try:
                     out = at_source_size(row, image_of(row, "out_pixels"))
@@ -667,19 +682,18 @@ class WriteStage:
                     name = f"{object_key(row['image_id'])}{self.key_suffix}.{ext}"
                     uri = join(self.output_uri, "images", name)
                     write_bytes(uri, data, self.io.storage_options, self.io.retry)
-                    new["output_uri"][i] = uri
+                    row["output_uri"] = uri
                 except Exception as exc:
-                    _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
-                new["t_write"][i] = time.perf_counter() - t0
-            rows = []
-            if isinstance(row.get("faces_json"), str) and df.at[i, "status"] == "ok":
-                rows = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
-                        for fj in json.loads(row["faces_json"]) if "scores" in fj]  # fmt: skip
-            face_rows.append(rows)
-        new.assign(df)
-        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
-        df["error"] = [scrub(e, secrets) if isinstance(e, str) else e for e in df["error"]]
-        metrics = to_table(df.reindex(columns=METRICS_COLUMNS))  # a chain without a stylize stage lacks its columns
+                    _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
+                row["t_write"] = time.perf_counter() - t0
+            faces = []
+            if row.get("faces_json") and row["status"] == "ok":
+                faces = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
+                         for fj in face_records(row) if "scores" in fj]  # fmt: skip
+            face_rows.append(faces)
+            if isinstance(row.get("error"), str):
+                row["error"] = scrub(row["error"], secrets)
+        metrics = to_table_of_rows(rows, METRICS_COLUMNS)  # a chain without a stylize stage lacks its columns
         return metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
 
 

@@ -76,7 +76,11 @@ class ManifestReader:
 
     ``ids()`` is one pass over the ids only, checked unique; ``plan_pending`` then subtracts the ledger from all of
     them in one hash lookup and keeps, in a second pass, only the pending rows, so the driver never holds the
-    whole manifest (ten million rows: the ids, about 20 bytes each, and the pending rows)."""
+    whole manifest (ten million rows: the ids, about 20 bytes each, and the pending rows).
+
+    ``stylid customize`` reads its manifest with the same reader (``pipelines.customize.iter_customize_manifest``):
+    its own ``required`` column, ``columns``, ``id_columns`` (what a derived id depends on) and ``prepare``
+    (manifest batch -> prepared rows); ``id_hint`` says how its ids are derived."""
 
     def __init__(
         self,
@@ -84,28 +88,39 @@ class ManifestReader:
         default_style_uri: str | None,
         storage_options: dict | None = None,
         batch_rows: int = MANIFEST_BATCH_ROWS,
+        *,
+        required: str = "image_uri",
+        columns: tuple[str, ...] = ("image_id", "image_uri", "style_uri"),
+        id_columns: tuple[str, ...] = ("image_id", "image_uri"),
+        prepare: Callable[[pa.Table], pa.Table] | None = None,
+        id_hint: str = DERIVED_ID_HINT,
     ) -> None:
         self.manifest_uri = manifest_uri
         self.default_style_uri = default_style_uri
         self.batch_rows = batch_rows
-        self.dataset = _manifest_dataset(manifest_uri, "image_uri", storage_options)
+        self.columns, self.id_columns, self.id_hint = columns, id_columns, id_hint
+        self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
+        self.dataset = _manifest_dataset(manifest_uri, required, storage_options)
 
     def _batches(self, columns: tuple[str, ...]) -> Iterator[pa.Table]:
         names = [c for c in columns if c in self.dataset.schema.names]
         for batch in self.dataset.to_batches(columns=names, batch_size=self.batch_rows, use_threads=False):
             if batch.num_rows:
-                yield prepare_manifest(pa.Table.from_batches([batch]), self.default_style_uri)
+                yield self.prepare(pa.Table.from_batches([batch]))
 
     def __iter__(self) -> Iterator[pa.Table]:
-        for table in self._batches(("image_id", "image_uri", "style_uri")):
-            # one style serves most rows: a dictionary keeps it once per batch instead of once per row
-            yield table.set_column(2, "style_uri", pc.dictionary_encode(table.column("style_uri")))
+        for table in self._batches(self.columns):
+            if "style_uri" in table.column_names:
+                # one style serves most rows: a dictionary keeps it once per batch instead of once per row
+                k = table.column_names.index("style_uri")
+                table = table.set_column(k, "style_uri", pc.dictionary_encode(table.column("style_uri")))
+            yield table
 
     def ids(self) -> pa.ChunkedArray:
         """Every row's ``image_id``, in manifest order; ``ValueError`` naming a few duplicates."""
-        batches = self._batches(("image_id", "image_uri"))
-        ids = pa.chunked_array([t.column("image_id").combine_chunks() for t in batches], pa.string())
-        check_unique_ids(ids, self.manifest_uri, DERIVED_ID_HINT)
+        batches = self._batches(self.id_columns)
+        ids = pa.chunked_array([t.column("image_id").cast(pa.string()).combine_chunks() for t in batches], pa.string())
+        check_unique_ids(ids, self.manifest_uri, self.id_hint)
         return ids
 
 
@@ -265,6 +280,24 @@ def _write(df, credentials: StageCredentials | None = None, **kwargs):
 MAX_INPUT_BLOCKS = 500
 
 
+def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -> list[pa.Table]:
+    """A job's rows cut into Ray's input blocks (``ray.data.from_arrow``), for every job (``stylid run``, ``score``,
+    ``customize``, the customizer's training pairs).
+
+    An actor takes a whole block: blocks as small as the first stage's batches (``first_batch``) keep every actor
+    busy to the end, and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some;
+    but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block from ``from_arrow`` costs the driver
+    about 40 kB for the whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks made its RSS
+    grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor. The blocks are
+    slices sharing ``rows``' buffers; Ray serializes a slice's own rows only."""
+    if isinstance(rows, pd.DataFrame):
+        rows = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+    per_cpu = -(-len(rows) // max(1, int(cpus)))
+    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
+    block_rows = max(min(first_batch, per_cpu), -(-len(rows) // max_blocks), 1)
+    return [rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)]
+
+
 def build_dataset(
     config: JobConfig,
     rows: pa.Table | pd.DataFrame,
@@ -293,19 +326,8 @@ def build_dataset(
     remote = stage_remote_args()
     credentials = StageCredentials.from_environ()
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
-    # an actor takes a whole block: blocks as small as the model stages' batches keep every actor busy to the end,
-    # and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some
     first_batch = res.fused.batch_size if fused(config) else res.faces.batch_size
-    per_cpu = -(-len(rows) // max(1, int(cpus)))
-    # but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block from ``from_arrow`` costs the
-    # driver about 40 kB for the whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks
-    # made its RSS grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor
-    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
-    block_rows = max(min(first_batch, per_cpu), -(-len(rows) // max_blocks), 1)
-    if isinstance(rows, pd.DataFrame):
-        rows = pa.Table.from_pandas(rows, preserve_index=False)
-    # slices share the plan's buffers; Ray serializes a slice's own rows only
-    ds = ray.data.from_arrow([rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)])
+    ds = ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
     write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
                   "write_images": write_images}  # fmt: skip
     # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
@@ -434,7 +456,9 @@ def plan_pending(
         if offset != len(ids):
             raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(ids)} != {offset})")
         empty = pa.table({"image_id": pa.array([], pa.string())})
-        return ids.filter(is_done), pa.concat_tables(pending_parts) if pending_parts else empty
+        # permissive: a prepared column all null in one batch (null type) is typed by the others
+        pending = pa.concat_tables(pending_parts, promote_options="permissive") if pending_parts else empty
+        return ids.filter(is_done), pending
     done_parts: list[pa.ChunkedArray] = []
     pending_parts = []
     for table in _as_tables(manifest):

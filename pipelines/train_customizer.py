@@ -17,7 +17,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -26,7 +25,7 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.credentials import StageCredentials, with_credentials
-from pipelines.stylize import read_manifest_columns, stage_remote_args
+from pipelines.stylize import input_blocks, read_manifest_columns, stage_remote_args
 from stylid_core.customize.facesnap.training import (
     FacePairExtractor,
     FaceSnapTrainConfig,
@@ -105,9 +104,7 @@ def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: in
     """The Ray Dataset of training pairs from ``config.manifest`` (``pair_rows``, then ``FacePairStage``)."""
     rows = pair_rows(config)
     batch_size = 4
-    block_rows = max(batch_size, -(-len(rows) // 20_000))
-    blocks = [pa.Table.from_pandas(rows.iloc[k : k + block_rows], preserve_index=False)
-              for k in range(0, len(rows), block_rows)]  # fmt: skip
+    blocks = input_blocks(rows, batch_size, ray.cluster_resources().get("CPU", 1.0))
     return ray.data.from_arrow(blocks).map_batches(
         with_credentials(FacePairStage, StageCredentials.from_environ()),
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),

@@ -182,11 +182,17 @@ def sample_ok_rows(output_uri: str, storage_options: dict | None, k: int) -> pd.
     return rows.sort_values("image_id").reset_index(drop=True)
 
 
+#: the face columns the report's scatter reads (not the zoomed strips: a few kB each)
+SCATTER_FACES_COLUMNS = ["image_id", "face_index", "size_px", "in_mosaic", "id_sim", "id_sim_no_mosaic"]
+#: the face columns of the zoomed strips section
+STRIP_FACES_COLUMNS = ["image_id", "face_index", "size_px", "id_dist", "id_dist_no_mosaic", "zoom_strip"]
+
+
 def sample_faces(output_uri: str, storage_options: dict | None, k: int) -> pd.DataFrame:
-    """Up to ``k`` face rows for the report's scatter plot, read shard by shard in name order (names hash the
-    ids, so the first shards are a spread sample) until ``k`` are in."""
+    """Up to ``k`` face rows (``SCATTER_FACES_COLUMNS``) for the report's scatter plot, read shard by shard in
+    name order (names hash the ids, so the first shards are a spread sample) until ``k`` are in."""
     parts, n = [], 0
-    for table in iter_shards(output_uri, FACES, storage_options, threads=4):
+    for table in iter_shards(output_uri, FACES, storage_options, SCATTER_FACES_COLUMNS, threads=4):
         parts.append(table.slice(0, k - n))
         n += parts[-1].num_rows
         if n >= k:
@@ -232,6 +238,40 @@ def _thumb(uri: str, storage_options: dict | None, side: int = 220) -> str | Non
 #: faces under this size (px) get a zoomed strip (source crop, without mosaic, with mosaic) in their face row
 ZOOM_FACE_PX = 48
 ZOOM_SIDE = 96  # px of each panel of a strip
+#: the report shows the strips of this many smallest faces; a scoring stage encodes a strip only for a face that
+#: can be among them (``SmallestFaces``), not for every small face
+ZOOM_MAX_FACES = 16
+
+
+class SmallestFaces:
+    """The ``capacity`` smallest faces under ``ZOOM_FACE_PX`` that one stage instance has admitted, in the report's
+    order (``size_px``, ``image_id``, ``face_index``): which faces get a zoomed strip.
+
+    ``admit`` is true for a face that is, when it is seen, among the ``capacity`` smallest this instance has seen.
+    Every face of the whole output's ``capacity`` smallest is also among the smallest its own instance had seen at
+    the time (fewer than ``capacity`` faces anywhere precede it), so it carries a strip, whatever the number of
+    actors, batches, reruns or restarts; the report keeps the smallest of the faces with a strip
+    (``smallest_face_strips``). Rows arrive in no particular size order, so an instance encodes about
+    ``capacity * ln(faces / capacity)`` strips, not one per small face (a few hundred per million faces).
+    """
+
+    def __init__(self, capacity: int = ZOOM_MAX_FACES) -> None:
+        self.capacity = capacity
+        self._kept: list[tuple[float, str, int]] = []  # sorted; at most ``capacity``
+
+    def admit(self, size_px: float, image_id: str, face_index: int) -> bool:
+        """Whether this face gets a strip (and, if so, it is counted among the smallest from now on)."""
+        import bisect
+
+        if size_px >= ZOOM_FACE_PX or self.capacity <= 0:
+            return False
+        key = (float(size_px), str(image_id), int(face_index))
+        if len(self._kept) >= self.capacity and key >= self._kept[-1]:
+            return key in self._kept
+        if key not in self._kept:
+            bisect.insort(self._kept, key)
+            del self._kept[self.capacity :]
+        return True
 
 
 def zoom_strip(face_box: tuple[float, float, float, float], *images: np.ndarray | None) -> str:
@@ -255,7 +295,7 @@ def zoom_strip(face_box: tuple[float, float, float, float], *images: np.ndarray 
     return base64.b64encode(encode_jpeg(np.concatenate(panels, axis=1), 85)).decode()
 
 
-def small_faces_html(faces: pd.DataFrame, max_faces: int = 16) -> str:
+def small_faces_html(faces: pd.DataFrame, max_faces: int = ZOOM_MAX_FACES) -> str:
     """The report section of zoomed strips of the smallest faces (from the face rows' ``zoom_strip``)."""
     if faces.empty or "zoom_strip" not in faces:
         return ""
@@ -278,6 +318,24 @@ def small_faces_html(faces: pd.DataFrame, max_faces: int = 16) -> str:
     return "".join(parts)
 
 
+def smallest_face_strips(output_uri: str, storage_options: dict | None, k: int = ZOOM_MAX_FACES) -> pd.DataFrame:
+    """The ``k`` smallest faces of the output that carry a zoomed strip (``STRIP_FACES_COLUMNS``), in the report's
+    order: one projected scan of the live faces shards, the strips' nulls filtered out shard by shard (the scoring
+    stages encode few strips: ``SmallestFaces``), a running top ``k``."""
+    best: pa.Table | None = None
+    order = [("size_px", "ascending"), ("image_id", "ascending"), ("face_index", "ascending")]
+    for table in iter_shards(output_uri, FACES, storage_options, STRIP_FACES_COLUMNS, threads=4):
+        if "zoom_strip" not in table.column_names:
+            continue
+        table = table.filter(pc.is_valid(table.column("zoom_strip")))
+        best = table if best is None else pa.concat_tables([best, table], promote_options="permissive")
+        if best.num_rows > k:
+            best = best.take(pc.select_k_unstable(best, k, order))
+    if best is None or not best.num_rows:
+        return pd.DataFrame(columns=STRIP_FACES_COLUMNS)
+    return best.to_pandas().sort_values(["size_px", "image_id", "face_index"]).reset_index(drop=True)
+
+
 def render_report(
     metrics: pd.DataFrame,
     faces: pd.DataFrame,
@@ -286,10 +344,12 @@ def render_report(
     max_thumbs: int,
     summary: dict[str, Any] | None = None,
     extra_html: str = "",
+    strips: pd.DataFrame | None = None,
 ) -> str:
     """The report page. ``metrics`` and ``faces`` may be bounded samples (the grid's rows, the scatter's points)
     when ``summary`` (``summarize_output``) gives the counts and means of the whole output; ``extra_html`` (sections
-    of other jobs, e.g. ``stylid score``'s gate and trend) goes last."""
+    of other jobs, e.g. ``stylid score``'s gate and trend) goes last. ``strips`` are the face rows whose zoomed
+    strips are shown (``smallest_face_strips``; default: those of ``faces``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,7 +406,7 @@ def render_report(
     }
     parts.append("<p>" + ", ".join(f"{k}: {_fmt(v)}" for k, v in means.items()) + "</p>")
 
-    parts.append(small_faces_html(faces))
+    parts.append(small_faces_html(faces if strips is None else strips))
     parts.append("<h2>Before / after</h2><div class='grid'>")
     ok = metrics[metrics["status"] == "ok"].sort_values("image_id").head(max_thumbs) if len(metrics) else metrics
     for _, row in ok.iterrows():
@@ -378,11 +438,12 @@ def write_report(
         raise ValueError(f"no metrics under {output_uri}: is it the output of 'stylid run'?")
     metrics = sample_ok_rows(output_uri, storage_options, max_thumbs)
     faces = sample_faces(output_uri, storage_options, max_face_points)
+    strips = smallest_face_strips(output_uri, storage_options)
     try:
         run_info = json.loads(read_bytes(join(output_uri, "run.json"), storage_options))
     except Exception:
         run_info = None
-    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary, extra_html)
+    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary, extra_html, strips)
     uri = join(output_uri, "report.html")
     write_bytes(uri, page.encode(), storage_options)
     return uri

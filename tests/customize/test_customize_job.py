@@ -192,6 +192,32 @@ def test_manifest_errors_raise_before_any_work(config, tmp_path):
     assert df["image_id"].is_unique and list(df["status"]) == ["ok", "missing"]
 
 
+def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, tmp_path):
+    """``stylid customize`` reads its manifest as ``stylid run`` does (pyarrow batches, each prepared; the plan
+    keeps the pending rows only): the same rows as a whole read, duplicates found across batches."""
+    from pipelines.customize import iter_customize_manifest, read_customize_manifest
+    from pipelines.stylize import plan_pending
+
+    prefix = tmp_path / "manifest"
+    prefix.mkdir()
+    pd.DataFrame({"reference_uri": ["r1", "r2", "r3"], "prompt": ["a", "b", None],
+                  "pose_uri": [None, None, None]}).to_parquet(prefix / "part-0.parquet")  # fmt: skip
+    pd.DataFrame({"image_id": ["x", "y"], "reference_uri": ["r4", ""], "prompt": ["c", "d"],
+                  "pose_uri": ["p4", None], "num_images": [2, 99]}).to_parquet(prefix / "part-1.parquet")  # fmt: skip
+    whole = read_customize_manifest(str(prefix), config)
+    reader = iter_customize_manifest(str(prefix), config, batch_rows=2)
+    assert [t.num_rows for t in reader] == [2, 1, 2]  # batches, not the whole manifest
+    done, pending = plan_pending(reader, str(tmp_path / "out"), {})
+    assert len(done) == 0
+    got = pending.to_pandas()
+    assert got["image_id"].tolist() == whole["image_id"].tolist() and got["image_id"].is_unique
+    assert got["status"].tolist() == ["ok", "ok", "ok", "ok", "missing"]
+    assert got["pose_uri"].tolist()[3] == "p4" and got["num_images"].tolist()[3:] == [2, config.max_num_images]
+    pd.DataFrame({"image_id": ["x"], "reference_uri": ["r9"]}).to_parquet(prefix / "part-2.parquet")
+    with pytest.raises(ValueError, match="duplicate image_id"):
+        plan_pending(iter_customize_manifest(str(prefix), config, batch_rows=2), str(tmp_path / "out"), {})
+
+
 def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face):
     """The reference itself as a 'generated' image: detected, cosine ~1, a match; a blank one: a miss."""
     from pipelines.customize import CustomizeScoreStage

@@ -164,6 +164,8 @@ def test_fused_cpu_stage_equals_the_three_stages_in_turn(staged, config):
     assert list(fused.columns) == list(separate.columns)
     assert fused["status"].tolist() == separate["status"].tolist()
     assert fused["out_pixels"].tolist() == separate["out_pixels"].tolist()  # byte-identical images
+    # the faces crossed the fused stages parsed and were written as JSON once: the same text as three round trips
+    assert fused["faces_json"].tolist() == separate["faces_json"].tolist()
     for col in ("id_sim_mean", "style_distance", "content_ssim"):
         np.testing.assert_allclose(fused[col].astype(float), separate[col].astype(float), equal_nan=True)
 
@@ -184,6 +186,7 @@ def test_fused_stage_with_io_equals_load_fused_write(batch, staged, config, tmp_
     for col in ("id_sim_mean", "style_distance", "content_ssim", "n_faces"):
         np.testing.assert_allclose(together[col].astype(float), apart[col].astype(float), equal_nan=True)
     assert [len(v) for v in together[FACE_ROWS]] == [len(v) for v in apart[FACE_ROWS]] == [1, 0, 0, 0, 0]
+    assert together[FACE_ROWS].tolist()[0] == apart[FACE_ROWS].tolist()[0]  # the same face rows, strip included
     names = sorted(p.name for p in (tmp_path / "apart" / "images").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "fused" / "images").iterdir()) == ["good.png"]
     assert (tmp_path / "fused/images/good.png").read_bytes() == (tmp_path / "apart/images/good.png").read_bytes()
@@ -212,3 +215,27 @@ def test_concurrent_reads_keep_each_row_its_own_bytes_and_failure(inputs, config
             assert not isinstance(row["pixels"], bytes) and not isinstance(alone["pixels"], bytes)
     assert out.set_index("image_id").at["obama", "pixels"] == out.set_index("image_id").at["obama2", "pixels"]
     assert out.set_index("image_id").at["obama", "pixels"] != out.set_index("image_id").at["biden", "pixels"]
+
+
+def test_the_fused_actor_encodes_and_parses_no_json_between_its_stages(batch, config, tmp_path, monkeypatch):
+    """Inside one actor the faces stay Python records from the face stage to the write stage: no JSON encode or
+    parse per row and stage (they cost more than the rest of the per-row bookkeeping at 32 px)."""
+    import pipelines.stages as stages
+
+    calls = {"dumps": 0, "loads": 0}
+
+    class CountingJSON:
+        def dumps(self, *a, **k):
+            calls["dumps"] += 1
+            return json.dumps(*a, **k)
+
+        def loads(self, *a, **k):
+            calls["loads"] += 1
+            return json.loads(*a, **k)
+
+    write = {"output_uri": str(tmp_path), "config_hash": config.config_hash(), "key_suffix": ""}
+    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+    monkeypatch.setattr(stages, "json", CountingJSON())
+    out = stage(batch).to_pandas()
+    assert calls == {"dumps": 0, "loads": 0}
+    assert [len(v) for v in out[FACE_ROWS]] == [1, 0, 0, 0, 0] and out[FACE_ROWS][0][0]["id_sim"] is not None
