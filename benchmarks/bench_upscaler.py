@@ -15,7 +15,7 @@ Match rate = distance under dlib's 0.6. ``ms/face`` is the median time of the up
 crop (ncnn on one thread, its default).
 
 ``--engine neural`` (with a painting as ``--style``) runs what ``stylid run`` runs instead: the neural engine, its
-``face_style_strength`` 0.5 inside the mosaic, and the face detail transfer (``FaceDetailTransfer``), once per
+default ``face_style_strength`` inside the mosaic, and the face detail transfer (``FaceDetailTransfer``), once per
 upscaler; only ``plain`` and ``final`` are measured then (the sheet layout has no single canvas to score).
 
     flock /tmp/stylid-bench.lock python benchmarks/bench_upscaler.py [--style PATH] [--per-person N] [--limit N]
@@ -101,7 +101,7 @@ def main() -> None:
     style = _rgb(args.style)
     if args.engine == "neural":
         stylizer = STYLIZERS.create("neural", threads=args.threads, face_style_strength=None)
-        aware = STYLIZERS.create("neural", threads=args.threads, face_style_strength=0.5)
+        aware = STYLIZERS.create("neural", threads=args.threads)  # its default face_style_strength
     else:
         stylizer = aware = ClassicalStylizer()
     restorers = {u: MosaicRestorer(aware, MosaicConfig(upscaler=u, max_face_px=max(SIZES) + 1)) for u in UPSCALERS}
