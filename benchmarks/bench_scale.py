@@ -123,16 +123,12 @@ def child_job(args: argparse.Namespace) -> None:
 
 
 def child_plan(args: argparse.Namespace) -> None:
-    from pipelines.stylize import PendingFiles, iter_manifest, plan_pending, plan_spill_dir
+    from pipelines.stylize import iter_manifest, plan_pending
 
     t0 = time.perf_counter()
-    spill_dir = plan_spill_dir(args.output) if args.spill else None
-    done, pending = plan_pending(iter_manifest(args.manifest, None), args.output, {}, spill_dir)
-    files = len(pending.paths) if isinstance(pending, PendingFiles) else 0
+    done, pending = plan_pending(iter_manifest(args.manifest, None), args.output, {})
     print(json.dumps({"plan_s": time.perf_counter() - t0, "done": len(done), "pending": len(pending),
-                      "files": files, "driver_peak": RSSWatch.driver_peak()}))  # fmt: skip
-    if isinstance(pending, PendingFiles):
-        pending.remove()
+                      "driver_peak": RSSWatch.driver_peak()}))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -468,13 +464,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
         synthesize_output(output, args.done_rows, DEFAULT_ROWS_PER_SHARD, faces=False)
         print(f"synthesized a {args.manifest_rows}-row manifest (10 files) and a {args.done_rows}-row ledger in"
               f" {time.perf_counter() - t0:.0f} s", flush=True)
-        for how, extra in (("in memory", []), ("spilled to Parquet", ["--spill"])):
-            r = run_child("_plan", "--manifest", manifest, "--output", output, *extra)
-            assert r["done"] == args.done_rows and r["pending"] == args.manifest_rows - args.done_rows
-            files = f", {r['files']} files" if extra else ""
-            print(f"plan of {args.manifest_rows} rows against a {args.done_rows}-row ledger, pending rows {how}:"
-                  f" {r['plan_s']:.1f} s, driver peak RSS {mb(r['driver_peak'])} MB ({r['pending']} rows"
-                  f" pending{files})  loadavg {loadavg()}", flush=True)  # fmt: skip
+        r = run_child("_plan", "--manifest", manifest, "--output", output)
+        assert r["done"] == args.done_rows and r["pending"] == args.manifest_rows - args.done_rows
+        print(f"plan of {args.manifest_rows} rows against a {args.done_rows}-row ledger: {r['plan_s']:.1f} s,"
+              f" driver peak RSS {mb(r['driver_peak'])} MB ({r['pending']} rows pending)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -507,7 +500,6 @@ def main() -> None:
         p.add_argument("--cpus", type=int, default=2)
         p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
         p.add_argument("--no-report", action="store_true")
-        p.add_argument("--spill", action="store_true")
     args = parser.parse_args()
     modes = {"pipeline": cmd_pipeline, "ledger": cmd_ledger, "plan": cmd_plan, "stages": cmd_stages,
              "_job": child_job, "_plan": child_plan}  # fmt: skip

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +20,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -45,7 +39,7 @@ from pipelines.stages import (
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter
-from stylid_core.storage import arrow_filesystem, local_path, with_retries
+from stylid_core.storage import arrow_filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -286,45 +280,27 @@ def _write(df, credentials: StageCredentials | None = None, **kwargs):
 MAX_INPUT_BLOCKS = 500
 
 
-def input_block_rows(num_rows: int, first_batch: int, cpus: float) -> int:
-    """Rows of each of a job's input blocks (``input_blocks``, ``input_dataset``).
+def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -> list[pa.Table]:
+    """A job's rows cut into Ray's input blocks (``ray.data.from_arrow``), for every job (``stylid run``, ``score``,
+    ``customize``, the customizer's training pairs).
 
     An actor takes a whole block: blocks as small as the first stage's batches (``first_batch``) keep every actor
     busy to the end, and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some;
-    but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block costs the driver about 40 kB for the
-    whole run (measured with ``from_arrow``: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks made its RSS
-    grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor."""
-    per_cpu = -(-num_rows // max(1, int(cpus)))
-    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
-    return max(min(first_batch, per_cpu), -(-num_rows // max_blocks), 1)
-
-
-def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -> list[pa.Table]:
-    """A job's rows cut into Ray's input blocks of ``input_block_rows`` rows (``ray.data.from_arrow``), for every
-    job (``stylid run``, ``score``, ``customize``, the customizer's training pairs). The blocks are slices sharing
-    ``rows``' buffers; Ray serializes a slice's own rows only."""
+    but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block from ``from_arrow`` costs the driver
+    about 40 kB for the whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks made its RSS
+    grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor. The blocks are
+    slices sharing ``rows``' buffers; Ray serializes a slice's own rows only."""
     if isinstance(rows, pd.DataFrame):
         rows = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
-    block_rows = input_block_rows(len(rows), first_batch, cpus)
+    per_cpu = -(-len(rows) // max(1, int(cpus)))
+    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
+    block_rows = max(min(first_batch, per_cpu), -(-len(rows) // max_blocks), 1)
     return [rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)]
-
-
-def input_dataset(rows: pa.Table | pd.DataFrame | PendingFiles, first_batch: int, cpus: float) -> ray.data.Dataset:
-    """A job's first dataset: rows in memory as ``input_blocks`` (``from_arrow``: the driver puts every block into
-    the object store), or a plan spilled to Parquet (``PendingFiles``) read by Ray's tasks in as many blocks, so the
-    driver never holds the pending rows."""
-    if isinstance(rows, PendingFiles):
-        blocks = -(-len(rows) // input_block_rows(len(rows), first_batch, cpus))
-        # the read tasks reserve no CPU: the stages' pools may hold every CPU (a fused pool does), and a read task
-        # waiting for one would never start (from_arrow has no tasks); each reads a few MB of ids and URIs
-        return ray.data.read_parquet(rows.paths, filesystem=pafs.LocalFileSystem(), partitioning=None, num_cpus=0,
-                                     override_num_blocks=max(blocks, len(rows.paths)))  # fmt: skip
-    return ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
 
 
 def build_dataset(
     config: JobConfig,
-    rows: pa.Table | pd.DataFrame | PendingFiles,
+    rows: pa.Table | pd.DataFrame,
     output_uri: str,
     *,
     stylize: bool = True,
@@ -333,8 +309,7 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray dataset of the whole stylization job (nothing runs until it is consumed).
 
-    ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow), or a plan spilled to Parquet
-    (``PendingFiles``, ``input_dataset``). Stages with models (faces, stylize, score) run
+    ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow). Stages with models (faces, stylize, score) run
     as actor pools, so models load once per actor; stateless steps (load, write) as tasks. A CPU-only config runs
     the three model stages in one pool (``fuse_cpu_stages``), and by default load and write inside it too
     (``fuse_io``), which makes the whole job one operator. Rows enter in small blocks (an actor takes a whole
@@ -352,7 +327,7 @@ def build_dataset(
     credentials = StageCredentials.from_environ()
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
     first_batch = res.fused.batch_size if fused(config) else res.faces.batch_size
-    ds = input_dataset(rows, first_batch, cpus)
+    ds = ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
     write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
                   "write_images": write_images}  # fmt: skip
     # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
@@ -458,136 +433,28 @@ def _as_tables(manifest: pa.Table | pd.DataFrame | Iterable[pa.Table]) -> Iterab
     return [manifest] if isinstance(manifest, pa.Table) else manifest
 
 
-#: where a spilled plan lies under a local output (``plan_spill_dir``), one folder a run, removed at its end
-PLAN_DIR = "_plan"
-
-
-@dataclass
-class PendingFiles:
-    """A plan's pending rows spilled to local Parquet files (``plan_pending`` with a ``spill_dir``), each written
-    batch by batch, so neither the plan nor the dataset holds them on the driver: Ray's read tasks load them
-    (``input_dataset``). ``remove`` deletes the folder (and the output's ``_plan/`` once empty)."""
-
-    directory: str
-    paths: list[str] = field(default_factory=list)
-    num_rows: int = 0
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def to_table(self) -> pa.Table:
-        """All the pending rows in one table (for checks on small plans; a job reads them through Ray)."""
-        if not self.paths:
-            return pa.table({"image_id": pa.array([], pa.string())})
-        return pads.dataset(self.paths, format="parquet").to_table()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-        parent = os.path.dirname(self.directory.rstrip(os.sep))
-        if os.path.basename(parent) == PLAN_DIR:
-            try:
-                os.rmdir(parent)  # only when no other run's plan is there
-            except OSError:
-                pass
-
-
-class _PendingSpill:
-    """Writes pending rows to ``PendingFiles`` of ``rows_per_file`` rows (the last may hold fewer), one open
-    ``ParquetWriter`` at a time; every table is cast to the first one's schema."""
-
-    def __init__(self, directory: str, rows_per_file: int) -> None:
-        self.files = PendingFiles(directory)
-        self.rows_per_file = rows_per_file
-        self._writer: pq.ParquetWriter | None = None
-        self._in_file = 0
-
-    def add(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self._writer is None:
-                os.makedirs(self.files.directory, exist_ok=True)
-                path = os.path.join(self.files.directory, f"pending-{len(self.files.paths):05d}.parquet")
-                self._writer = pq.ParquetWriter(path, table.schema)
-                self.files.paths.append(path)
-                self._in_file = 0
-            part = table.slice(0, self.rows_per_file - self._in_file)
-            table = table.slice(part.num_rows)
-            if not part.schema.equals(self._writer.schema):
-                part = part.cast(self._writer.schema)
-            self._writer.write_table(part)
-            self._in_file += part.num_rows
-            self.files.num_rows += part.num_rows
-            if self._in_file >= self.rows_per_file:
-                self.close()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def plan_spill_dir(output_uri: str) -> str | None:
-    """Where this run's plan spills its pending rows (``plan_pending``), a folder no other run uses: under a local
-    output, ``<output>/_plan/<run id>`` (the workers already share that disk: they write the output there); else a
-    local temporary folder when the Ray cluster is this machine alone; else None (the rows stay in memory, as the
-    workers could not read the driver's disk)."""
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    path = local_path(output_uri)
-    if path is not None:
-        return os.path.join(os.path.abspath(path), PLAN_DIR, run_id)
-    if ray.is_initialized():
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
-            return tempfile.mkdtemp(prefix=f"stylid-plan-{run_id}-")
-    return None
-
-
 def plan_pending(
-    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
-    output_uri: str,
-    storage_options: dict,
-    spill_dir: str | None = None,
-) -> tuple[pa.ChunkedArray, pa.Table | PendingFiles]:
+    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table], output_uri: str, storage_options: dict
+) -> tuple[pa.ChunkedArray, pa.Table]:
     """(the manifest's ids already in ``output_uri``'s ledger, the manifest's rows not yet there).
 
     The ledger's ids are read concurrently and projected (``stylid_core.ledger.done_ids``). ``manifest`` is a
     ``ManifestReader`` (``iter_manifest``): one pass over its ids, one Arrow ``is_in`` of all of them against the
     ledger's, and a second pass keeping only the pending rows, so the plan holds the ids and the pending rows, never
-    the whole manifest; with a ``spill_dir`` (``plan_spill_dir``) not even the pending rows: each batch's are
-    written there as it comes, into at most ``MAX_INPUT_BLOCKS`` Parquet files (``PendingFiles``; the folder is
-    removed if the plan fails). Or prepared rows in memory: a table, a frame, or an iterable of tables, each
-    subtracted as it comes (one ``is_in`` each: for small manifests, such as ``stylid score``'s)."""
+    the whole manifest. Or prepared rows in memory: a table, a frame, or an iterable of tables, each subtracted as
+    it comes (one ``is_in`` each: for small manifests, such as ``stylid customize``'s)."""
     done_ledger = ledger.done_ids(output_uri, storage_options)
     if isinstance(manifest, ManifestReader):
         ids = manifest.ids()
         is_done = ledger.subtract_done(ids, done_ledger)  # one hash table of the ledger's ids, one probe each
         del done_ledger
-        n_pending = len(ids) - pc.sum(is_done).as_py() if len(ids) else 0
-        spill = None
-        if spill_dir is not None:
-            spill = _PendingSpill(spill_dir, max(manifest.batch_rows, -(-n_pending // MAX_INPUT_BLOCKS)))
         pending_parts, offset = [], 0
-        try:
-            for table in manifest:  # the second pass keeps only the pending rows
-                mask = is_done.slice(offset, table.num_rows)
-                offset += table.num_rows
-                kept = table.filter(pc.invert(mask))
-                if spill is not None:
-                    spill.add(kept)
-                else:
-                    pending_parts.append(kept)
-            if offset != len(ids):
-                raise RuntimeError(
-                    f"manifest {manifest.manifest_uri} changed while it was read ({len(ids)} != {offset})"
-                )
-            if spill is not None:
-                spill.close()
-        except BaseException:
-            if spill is not None:
-                spill.close()
-                spill.files.remove()
-            raise
-        if spill is not None:
-            return ids.filter(is_done), spill.files
+        for table in manifest:  # the second pass keeps only the pending rows
+            mask = is_done.slice(offset, table.num_rows)
+            offset += table.num_rows
+            pending_parts.append(table.filter(pc.invert(mask)))
+        if offset != len(ids):
+            raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(ids)} != {offset})")
         empty = pa.table({"image_id": pa.array([], pa.string())})
         # permissive: a prepared column all null in one batch (null type) is typed by the others
         pending = pa.concat_tables(pending_parts, promote_options="permissive") if pending_parts else empty
@@ -608,40 +475,33 @@ def process_pending(
     manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
     output_uri: str,
     storage_options: dict,
-    build: Callable[[pa.Table | PendingFiles], ray.data.Dataset],
+    build: Callable[[pa.Table], ray.data.Dataset],
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    spill: bool = False,
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
     """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through ``build(rows)``'s
     dataset and write what comes out into shards of ``rows_per_shard`` rows; returns the manifest's ids already
     done and the status counts of the rows processed now.
 
-    ``build`` gets the pending rows as one Arrow table, or with ``spill`` (a ``ManifestReader`` manifest, a
-    ``plan_spill_dir``) as ``PendingFiles``, removed when the run ends or fails. Its dataset's rows are the write
-    stage's (metrics columns plus ``FACE_ROWS``), written by a ``ShardWriter`` as they arrive on this driver, and
-    what is buffered is flushed when the stream ends or fails. With nothing pending no dataset is built, so no stage
-    starts and no model loads."""
-    done, pending = plan_pending(manifest, output_uri, storage_options, plan_spill_dir(output_uri) if spill else None)
+    ``build`` gets the pending rows as one Arrow table; its dataset's rows are the write stage's (metrics columns
+    plus ``FACE_ROWS``), written by a ``ShardWriter`` as they arrive on this driver, and what is buffered is
+    flushed when the stream ends or fails. With nothing pending no dataset is built, so no stage starts and no
+    model loads."""
+    done, pending = plan_pending(manifest, output_uri, storage_options)
     log.info("manifest: %d rows, %d already in the output, %d to process", len(done) + len(pending), len(done),
              len(pending))  # fmt: skip
     counts: Counter[str] = Counter()
-    spilled = pending if isinstance(pending, PendingFiles) else None
-    try:
-        if len(pending):
-            ledger.drop_orphan_face_shards(output_uri, storage_options)
-            writer = ShardWriter(output_uri, storage_options, rows_per_shard)
-            dataset = build(pending)
-            del pending  # its rows are in the dataset's blocks (or its files) now
-            try:
-                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                    status = pc.value_counts(batch.column("status"))
-                    counts.update(dict(zip(status.field("values").to_pylist(), status.field("counts").to_pylist())))
-                    writer.add(batch)
-            finally:
-                writer.flush()  # the rows that did come out are complete (their images are stored)
-    finally:
-        if spilled is not None:
-            spilled.remove()
+    if len(pending):
+        ledger.drop_orphan_face_shards(output_uri, storage_options)
+        writer = ShardWriter(output_uri, storage_options, rows_per_shard)
+        dataset = build(pending)
+        del pending  # its rows are in the dataset's blocks now
+        try:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                status = pc.value_counts(batch.column("status"))
+                counts.update(dict(zip(status.field("values").to_pylist(), status.field("counts").to_pylist())))
+                writer.add(batch)
+        finally:
+            writer.flush()  # the rows that did come out are complete (their images are stored)
     return done, counts
 
 
