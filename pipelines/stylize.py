@@ -280,27 +280,56 @@ def _write(df, credentials: StageCredentials | None = None, **kwargs):
 MAX_INPUT_BLOCKS = 500
 
 
-def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -> list[pa.Table]:
-    """A job's rows cut into Ray's input blocks (``ray.data.from_arrow``), for every job (``stylid run``, ``score``,
-    ``customize``, the customizer's training pairs).
+def input_block_rows(num_rows: int, first_batch: int, cpus: float) -> int:
+    """Rows of each of a job's input blocks (``input_blocks``, and ``plan_pending``'s blocks put as it plans).
 
     An actor takes a whole block: blocks as small as the first stage's batches (``first_batch``) keep every actor
     busy to the end, and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some;
-    but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block from ``from_arrow`` costs the driver
-    about 40 kB for the whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks made its RSS
-    grow with the rows; 500 blocks of a million rows are 2,000 rows each, a few seconds of an actor. The blocks are
-    slices sharing ``rows``' buffers; Ray serializes a slice's own rows only."""
+    but no more than ``MAX_INPUT_BLOCKS`` (4 a CPU on big clusters): each block costs the driver about 40 kB for the
+    whole run (measured: 157 blocks +35 MB, 1,563 blocks +94 MB), so 64-row blocks made its RSS grow with the rows;
+    500 blocks of a million rows are 2,000 rows each, a few seconds of an actor."""
+    per_cpu = -(-num_rows // max(1, int(cpus)))
+    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
+    return max(min(first_batch, per_cpu), -(-num_rows // max_blocks), 1)
+
+
+def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -> list[pa.Table]:
+    """A job's rows cut into Ray's input blocks of ``input_block_rows`` rows (``ray.data.from_arrow``), for every
+    job (``stylid run``, ``score``, ``customize``, the customizer's training pairs). The blocks are slices sharing
+    ``rows``' buffers; Ray serializes a slice's own rows only."""
     if isinstance(rows, pd.DataFrame):
         rows = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
-    per_cpu = -(-len(rows) // max(1, int(cpus)))
-    max_blocks = max(MAX_INPUT_BLOCKS, 4 * int(cpus))
-    block_rows = max(min(first_batch, per_cpu), -(-len(rows) // max_blocks), 1)
+    block_rows = input_block_rows(len(rows), first_batch, cpus)
     return [rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)]
+
+
+@dataclass
+class PendingBlocks:
+    """A plan's pending rows already in Ray's object store, one ref a block (``plan_pending`` with ``block_rows``):
+    put batch by batch as the plan keeps them, so the driver never holds them all (``ray.data.from_arrow_refs``)."""
+
+    refs: list = field(default_factory=list)
+    num_rows: int = 0
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+
+def input_dataset(rows: pa.Table | pd.DataFrame | PendingBlocks, first_batch: int, cpus: float) -> ray.data.Dataset:
+    """A job's first dataset: ``PendingBlocks`` as they are, rows in memory cut into ``input_blocks``."""
+    if isinstance(rows, PendingBlocks):
+        return ray.data.from_arrow_refs(rows.refs)
+    return ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
+
+
+def first_batch_rows(config: JobConfig) -> int:
+    """The batch size of a job's first stage with a model (the fused pool's, else the faces stage's)."""
+    return config.resources.fused.batch_size if fused(config) else config.resources.faces.batch_size
 
 
 def build_dataset(
     config: JobConfig,
-    rows: pa.Table | pd.DataFrame,
+    rows: pa.Table | pd.DataFrame | PendingBlocks,
     output_uri: str,
     *,
     stylize: bool = True,
@@ -309,7 +338,8 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray dataset of the whole stylization job (nothing runs until it is consumed).
 
-    ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow). Stages with models (faces, stylize, score) run
+    ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow), or already in the object store
+    (``PendingBlocks``). Stages with models (faces, stylize, score) run
     as actor pools, so models load once per actor; stateless steps (load, write) as tasks. A CPU-only config runs
     the three model stages in one pool (``fuse_cpu_stages``), and by default load and write inside it too
     (``fuse_io``), which makes the whole job one operator. Rows enter in small blocks (an actor takes a whole
@@ -326,8 +356,7 @@ def build_dataset(
     remote = stage_remote_args()
     credentials = StageCredentials.from_environ()
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
-    first_batch = res.fused.batch_size if fused(config) else res.faces.batch_size
-    ds = ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
+    ds = input_dataset(rows, first_batch_rows(config), cpus)
     write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
                   "write_images": write_images}  # fmt: skip
     # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
@@ -434,27 +463,44 @@ def _as_tables(manifest: pa.Table | pd.DataFrame | Iterable[pa.Table]) -> Iterab
 
 
 def plan_pending(
-    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table], output_uri: str, storage_options: dict
-) -> tuple[pa.ChunkedArray, pa.Table]:
+    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
+    output_uri: str,
+    storage_options: dict,
+    block_rows: Callable[[int], int] | None = None,
+) -> tuple[pa.ChunkedArray, pa.Table | PendingBlocks]:
     """(the manifest's ids already in ``output_uri``'s ledger, the manifest's rows not yet there).
 
     The ledger's ids are read concurrently and projected (``stylid_core.ledger.done_ids``). ``manifest`` is a
     ``ManifestReader`` (``iter_manifest``): one pass over its ids, one Arrow ``is_in`` of all of them against the
     ledger's, and a second pass keeping only the pending rows, so the plan holds the ids and the pending rows, never
-    the whole manifest. Or prepared rows in memory: a table, a frame, or an iterable of tables, each subtracted as
+    the whole manifest; with ``block_rows`` (pending rows -> rows a block; Ray initialised) not even the pending
+    rows: each batch's are put into the object store as blocks as they come (``PendingBlocks``). Or prepared rows in
+    memory: a table, a frame, or an iterable of tables, each subtracted as
     it comes (one ``is_in`` each: for small manifests, such as ``stylid customize``'s)."""
     done_ledger = ledger.done_ids(output_uri, storage_options)
     if isinstance(manifest, ManifestReader):
         ids = manifest.ids()
         is_done = ledger.subtract_done(ids, done_ledger)  # one hash table of the ledger's ids, one probe each
         del done_ledger
+        blocks, per_block = None, 0
+        if block_rows is not None:
+            blocks = PendingBlocks()
+            per_block = block_rows(len(ids) - (pc.sum(is_done).as_py() or 0))
         pending_parts, offset = [], 0
         for table in manifest:  # the second pass keeps only the pending rows
             mask = is_done.slice(offset, table.num_rows)
             offset += table.num_rows
-            pending_parts.append(table.filter(pc.invert(mask)))
+            kept = table.filter(pc.invert(mask))
+            if blocks is None:
+                pending_parts.append(kept)
+                continue
+            # a block never spans two manifest batches: at most one short block a batch
+            blocks.refs += [ray.put(kept.slice(k, per_block)) for k in range(0, kept.num_rows, per_block)]
+            blocks.num_rows += kept.num_rows
         if offset != len(ids):
             raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(ids)} != {offset})")
+        if blocks is not None:
+            return ids.filter(is_done), blocks
         empty = pa.table({"image_id": pa.array([], pa.string())})
         # permissive: a prepared column all null in one batch (null type) is typed by the others
         pending = pa.concat_tables(pending_parts, promote_options="permissive") if pending_parts else empty
@@ -475,18 +521,20 @@ def process_pending(
     manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
     output_uri: str,
     storage_options: dict,
-    build: Callable[[pa.Table], ray.data.Dataset],
+    build: Callable[[pa.Table | PendingBlocks], ray.data.Dataset],
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    block_rows: Callable[[int], int] | None = None,
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
     """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through ``build(rows)``'s
     dataset and write what comes out into shards of ``rows_per_shard`` rows; returns the manifest's ids already
     done and the status counts of the rows processed now.
 
-    ``build`` gets the pending rows as one Arrow table; its dataset's rows are the write stage's (metrics columns
+    ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingBlocks`` put while the plan
+    ran (``plan_pending``); its dataset's rows are the write stage's (metrics columns
     plus ``FACE_ROWS``), written by a ``ShardWriter`` as they arrive on this driver, and what is buffered is
     flushed when the stream ends or fails. With nothing pending no dataset is built, so no stage starts and no
     model loads."""
-    done, pending = plan_pending(manifest, output_uri, storage_options)
+    done, pending = plan_pending(manifest, output_uri, storage_options, block_rows)
     log.info("manifest: %d rows, %d already in the output, %d to process", len(done) + len(pending), len(done),
              len(pending))  # fmt: skip
     counts: Counter[str] = Counter()
@@ -510,8 +558,11 @@ def run_stylize(config: JobConfig, manifest_uri: str, output_uri: str) -> RunRes
     t0 = time.perf_counter()
     opts = config.io.storage_options
     manifest = iter_manifest(manifest_uri, config.stylize.style_uri, opts)
-    done, counts = process_pending(manifest, output_uri, opts, lambda rows: build_dataset(config, rows, output_uri),
-                                   config.io.rows_per_shard)  # fmt: skip
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    done, counts = process_pending(
+        manifest, output_uri, opts, lambda rows: build_dataset(config, rows, output_uri), config.io.rows_per_shard,
+        block_rows=lambda n: input_block_rows(n, first_batch_rows(config), cpus),
+    )  # fmt: skip
     return RunResult(
         total_rows=len(done) + sum(counts.values()),
         already_done=len(done),

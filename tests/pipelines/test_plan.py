@@ -62,3 +62,26 @@ def test_duplicates_across_files_are_found_before_the_plan(tmp_path):
         plan_pending(reader, str(tmp_path / "out"), {})
     with pytest.raises(ValueError, match="no 'image_uri' column"):
         ManifestReader(_prefix(tmp_path / "bad", [pd.DataFrame({"path": ["/a"]})]), None)
+
+
+def test_a_plan_with_block_rows_puts_the_pending_rows_into_ray_block_by_block(tmp_path, ray_session):
+    """``plan_pending`` with ``block_rows``: the pending rows go into the object store as the plan keeps them
+    (``PendingBlocks``), in blocks of the asked size that never span two manifest batches; the same rows, each once."""
+    import ray
+
+    from pipelines.stylize import PendingBlocks
+
+    frames = [pd.DataFrame({"image_id": [f"r{k:03d}" for k in r], "image_uri": [f"/in/{k}" for k in r]})
+              for r in (range(0, 40), range(40, 100))]  # fmt: skip
+    manifest = _prefix(tmp_path / "manifest", frames)
+    output = str(tmp_path / "out")
+    _ledger(output, [f"r{k:03d}" for k in range(0, 100, 4)])
+    reader = ManifestReader(manifest, "/s/default.png", batch_rows=32)
+    _, in_memory = plan_pending(reader, output, {})
+    asked = []
+    done, blocks = plan_pending(reader, output, {}, block_rows=lambda n: asked.append(n) or 10)
+    assert isinstance(blocks, PendingBlocks) and asked == [75] and len(blocks) == 75 and len(done) == 25
+    tables = ray.get(blocks.refs)
+    # the manifest's batches (32 rows, cut at its files: 32, 8, 32, 28) keep 24, 6, 24 and 21 rows
+    assert [t.num_rows for t in tables] == [10, 10, 4, 6, 10, 10, 4, 10, 10, 1]
+    assert pa.concat_tables(tables).equals(in_memory)
