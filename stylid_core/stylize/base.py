@@ -61,6 +61,16 @@ class Stylizer(abc.ABC):
         return [self.stylize(c, s, f) for c, s, f in zip(contents, styles, faces)]
 
 
+
+class StylizerWrapper(Stylizer):
+    """A step around an engine (the mosaic, the face detail transfer): it reports the wrapped engine's ``name`` and
+    ``model``, so every output row records the engine that ran, whatever steps surround it."""
+
+    def __init__(self, stylizer: Stylizer) -> None:
+        self.stylizer = stylizer
+        self.name = stylizer.name
+        self.model = stylizer.model
+
 STYLIZERS: Registry[Stylizer] = Registry(
     "stylizer",
     modules={

@@ -31,7 +31,7 @@ import numpy as np
 
 from stylid_core.config import FaceDetailConfig
 from stylid_core.faces.base import Face
-from stylid_core.stylize.base import Stylizer
+from stylid_core.stylize.base import Stylizer, StylizerWrapper
 
 
 def face_blend_mask(height: int, width: int, faces: list[Face], margin: float) -> np.ndarray:
@@ -101,14 +101,12 @@ def transfer_face_detail(
     return out
 
 
-class FaceDetailTransfer(Stylizer):
+class FaceDetailTransfer(StylizerWrapper):
     """Wraps a ``Stylizer`` (usually the ``MosaicRestorer``) and transfers the photo's face detail into its output."""
 
     def __init__(self, stylizer: Stylizer, config: FaceDetailConfig | None = None) -> None:
-        self.stylizer = stylizer
+        super().__init__(stylizer)
         self.config = config or FaceDetailConfig()
-        self.name = stylizer.name
-        self.model = stylizer.model
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         return self.stylizer.working_size(height, width)

@@ -45,7 +45,7 @@ import numpy as np
 from stylid_core.config import MosaicConfig
 from stylid_core.faces.base import Face
 from stylid_core.registry import Registry
-from stylid_core.stylize.base import Stylizer
+from stylid_core.stylize.base import Stylizer, StylizerWrapper
 
 #: upscalers turn a crop (H, W, 3) uint8 into one of size (width, height)
 Upscaler = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
@@ -95,14 +95,12 @@ class MosaicPlan:
         return {t.face_index for t in self.tiles}
 
 
-class MosaicRestorer(Stylizer):
+class MosaicRestorer(StylizerWrapper):
     """Wraps a ``Stylizer`` so that small faces are stylized upscaled, in one canvas with the full image."""
 
     def __init__(self, stylizer: Stylizer, config: MosaicConfig | None = None) -> None:
-        self.stylizer = stylizer
+        super().__init__(stylizer)
         self.config = config or MosaicConfig()
-        self.name = stylizer.name
-        self.model = stylizer.model
         self._upscale = UPSCALERS.create(self.config.upscaler, model=self.config.upscaler_model)
 
     # -- layout -------------------------------------------------------------------------------------------------

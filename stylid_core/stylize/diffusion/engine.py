@@ -236,7 +236,8 @@ class DiffusionStylizer(Stylizer):
         batch = []
         for image in images:
             # a read-only array (a decoded image, a view) is copied once: torch tensors must own writable memory
-            x = torch.from_numpy(image if image.flags.writeable else image.copy()).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+            pixels = torch.from_numpy(image if image.flags.writeable else image.copy())
+            x = pixels.to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
             batch.append(x)
