@@ -101,11 +101,13 @@ class RSSWatch:
 
 def child_job(args: argparse.Namespace) -> None:
     """One ``run_job`` on a fresh local Ray; prints its figures as one JSON line."""
+    from jobs.arrow_memory import use_jemalloc
     from jobs.config import load_job_config
     from jobs.ray_cluster import init_ray
     from jobs.run import run_job
 
     t0 = time.perf_counter()
+    use_jemalloc()  # as the stylid command does
     config = load_job_config(CONFIG, [f"io.rows_per_shard={args.rows_per_shard}"])
     init_ray(num_cpus=args.cpus, quiet=True)
     with RSSWatch() as watch:

@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 
+from jobs.arrow_memory import use_jemalloc
 from stylid_core.config import ConfigError
 from stylid_core.secrets import scrub, secret_values, secrets_in_overrides
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    use_jemalloc()
     try:
         return args.func(args)
     except (ConfigError, ValueError) as exc:

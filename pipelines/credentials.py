@@ -16,9 +16,10 @@ from collections.abc import Mapping
 
 from stylid_core.secrets import CREDENTIAL_ENV
 
-#: non-secret driver variables every stage needs too (object-store endpoint and region, offline model loading)
+#: non-secret driver variables every stage needs too (object-store endpoint and region, offline model loading,
+#: the Arrow allocator: ``jobs.arrow_memory``)
 PUBLIC_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")  # fmt: skip
+              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "ARROW_DEFAULT_MEMORY_POOL")  # fmt: skip
 
 
 class StageCredentials:

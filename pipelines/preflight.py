@@ -102,7 +102,7 @@ def preflight_run(config: JobConfig, manifest_uri: str | None, output_uri: str) 
 
         def read() -> list[str]:
             reader = ManifestReader(manifest_uri, config.stylize.style_uri, io.storage_options)
-            reader.ids()  # one pass over the ids: ValueError naming duplicates
+            reader.scan_ids()  # one pass over the ids: ValueError naming duplicates
             return manifest_styles(reader)
 
         styles = _manifest(read, manifest_uri)
@@ -117,5 +117,5 @@ def preflight_customize(config, manifest_uri: str, output_uri: str) -> None:
     from pipelines.customize import iter_customize_manifest
 
     # the job's reader, one streamed pass over the ids: ValueError naming duplicates
-    _manifest(lambda: iter_customize_manifest(manifest_uri, config).ids(), manifest_uri)
+    _manifest(lambda: iter_customize_manifest(manifest_uri, config).scan_ids(), manifest_uri)
     check_output(output_uri, config.io)

@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 DERIVED_ID_HINT = "rows without one get a hash of image_uri, so a URI listed twice is a duplicate too"
 #: manifest rows read and prepared at a time on the driver
-MANIFEST_BATCH_ROWS = 262_144
+MANIFEST_BATCH_ROWS = 65_536
 
 
 def _manifest_dataset(manifest_uri: str, required: str, storage_options: dict | None) -> pads.Dataset:
@@ -74,9 +76,9 @@ class ManifestReader:
     ``image_id``, ``image_uri`` and ``style_uri``, each batch prepared (``prepare_manifest``); iterable any number
     of times. ``ValueError`` for a missing manifest or no ``image_uri`` column at construction.
 
-    ``ids()`` is one pass over the ids only, checked unique; ``plan_pending`` then subtracts the ledger from all of
-    them in one hash lookup and keeps, in a second pass, only the pending rows, so the driver never holds the
-    whole manifest (ten million rows: the ids, about 20 bytes each, and the pending rows).
+    ``scan_ids()`` is one pass over the ids only, checked unique by their 64-bit hashes and looked up in the
+    ledger's ids; ``plan_pending`` then keeps, in a second pass, only the pending rows, so the driver never holds the
+    whole manifest, nor even its ids (ten million rows: 9 bytes a row, the hash and the done flag).
 
     ``stylid customize`` reads its manifest with the same reader (``pipelines.customize.iter_customize_manifest``):
     its own ``required`` column, ``columns``, ``id_columns`` (what a derived id depends on) and ``prepare``
@@ -103,10 +105,28 @@ class ManifestReader:
         self.dataset = _manifest_dataset(manifest_uri, required, storage_options)
 
     def _batches(self, columns: tuple[str, ...]) -> Iterator[pa.Table]:
-        names = [c for c in columns if c in self.dataset.schema.names]
-        for batch in self.dataset.to_batches(columns=names, batch_size=self.batch_rows, use_threads=False):
-            if batch.num_rows:
-                yield self.prepare(pa.Table.from_batches([batch]))
+        """The manifest's ``columns`` (those it has), file by file, in batches of at most ``batch_rows``, typed as
+        the dataset's unified schema (a column a file lacks is null there), each ``prepare``d.
+
+        Read with ``ParquetFile.iter_batches``, which decodes page by page: the dataset scanner decodes a whole
+        row group per column before it slices it (measured: a 1M-row row group of ids and URIs, +138 MB of
+        driver RSS in the scanner, +48 MB page by page)."""
+        schema = self.dataset.schema
+        target = [schema.field(c) for c in columns if c in schema.names]
+        for fragment in self.dataset.get_fragments():
+            with self.dataset.filesystem.open_input_file(fragment.path) as fh:
+                parquet = pq.ParquetFile(fh)
+                present = set(parquet.schema_arrow.names)
+                names = [f.name for f in target if f.name in present]
+                for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=names, use_threads=False):
+                    if not batch.num_rows:
+                        continue
+                    table = pa.table({
+                        f.name: batch.column(f.name).cast(f.type) if f.name in present else pa.nulls(batch.num_rows,
+                                                                                                     f.type)
+                        for f in target
+                    })  # fmt: skip
+                    yield self.prepare(table)
 
     def __iter__(self) -> Iterator[pa.Table]:
         for table in self._batches(self.columns):
@@ -116,12 +136,52 @@ class ManifestReader:
                 table = table.set_column(k, "style_uri", pc.dictionary_encode(table.column("style_uri")))
             yield table
 
-    def ids(self) -> pa.ChunkedArray:
-        """Every row's ``image_id``, in manifest order; ``ValueError`` naming a few duplicates."""
-        batches = self._batches(self.id_columns)
-        ids = pa.chunked_array([t.column("image_id").cast(pa.string()).combine_chunks() for t in batches], pa.string())
-        check_unique_ids(ids, self.manifest_uri, self.id_hint)
-        return ids
+    def scan_ids(self, done: ledger.IdSet | None = None) -> ManifestIds:
+        """One pass over the ids: checked unique (``ValueError`` naming a few duplicates), and with ``done`` (the
+        ledger's ids) which rows are in it.
+
+        The pass keeps 8 bytes a row, the ids' 64-bit hashes (``ledger.id_hashes``), never the ids themselves; two
+        rows sharing a hash are told apart by a second pass over the ids of those hashes only."""
+        hashes, is_done, done_ids = [], [], []
+        for table in self._batches(self.id_columns):
+            ids = table.column("image_id").combine_chunks().cast(pa.string())
+            batch_hashes = ledger.id_hashes(ids)
+            hashes.append(batch_hashes)
+            mask = done.contains(ids, batch_hashes) if done is not None else np.zeros(len(ids), bool)
+            is_done.append(mask)
+            if mask.any():
+                done_ids.append(ids.filter(pa.array(mask)))
+        all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        del hashes
+        self._check_unique(all_hashes)
+        return ManifestIds(
+            rows=len(all_hashes),
+            is_done=np.concatenate(is_done) if is_done else np.zeros(0, bool),
+            done=pa.chunked_array(done_ids, pa.string()),
+        )
+
+    def _check_unique(self, hashes: np.ndarray) -> None:
+        hashes.sort()
+        shared = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        if not len(shared):
+            return
+        # a hash shared by rows: read those rows' ids again and compare them as strings
+        suspects = []
+        for table in self._batches(self.id_columns):
+            ids = table.column("image_id").combine_chunks().cast(pa.string())
+            suspects.append(ids.filter(pa.array(np.isin(ledger.id_hashes(ids), shared))))
+        check_unique_ids(pa.chunked_array(suspects, pa.string()), self.manifest_uri, self.id_hint)
+
+
+@dataclass
+class ManifestIds:
+    """What one pass over a manifest's ids found (``ManifestReader.scan_ids``)."""
+
+    rows: int
+    #: per row, in manifest order: its id is in the ledger given
+    is_done: np.ndarray
+    #: the ids of those rows
+    done: pa.ChunkedArray
 
 
 def iter_manifest(
@@ -471,50 +531,73 @@ def plan_pending(
     """(the manifest's ids already in ``output_uri``'s ledger, the manifest's rows not yet there).
 
     The ledger's ids are read concurrently and projected (``stylid_core.ledger.done_ids``). ``manifest`` is a
-    ``ManifestReader`` (``iter_manifest``): one pass over its ids, one Arrow ``is_in`` of all of them against the
-    ledger's, and a second pass keeping only the pending rows, so the plan holds the ids and the pending rows, never
-    the whole manifest; with ``block_rows`` (pending rows -> rows a block; Ray initialised) not even the pending
-    rows: each batch's are put into the object store as blocks as they come (``PendingBlocks``). Or prepared rows in
-    memory: a table, a frame, or an iterable of tables, each subtracted as
-    it comes (one ``is_in`` each: for small manifests, such as ``stylid customize``'s)."""
+    ``ManifestReader`` (``iter_manifest``): one pass over its ids, each batch's looked up in the ledger's
+    (``ledger.IdSet``, built once), and a second pass keeping only the pending rows, so the plan holds 9 bytes a
+    manifest row and the pending rows, never the whole manifest; with ``block_rows`` (pending rows -> rows a block;
+    Ray initialised) not even the pending rows: each batch's are put into the object store as blocks as they come
+    (``PendingBlocks``). Or prepared rows in memory: a table, a frame, or an iterable of tables, each subtracted as
+    it comes (for small manifests)."""
     done_ledger = ledger.done_ids(output_uri, storage_options)
     if isinstance(manifest, ManifestReader):
-        ids = manifest.ids()
-        is_done = ledger.subtract_done(ids, done_ledger)  # one hash table of the ledger's ids, one probe each
+        scan = manifest.scan_ids(ledger.IdSet(done_ledger))
         del done_ledger
-        blocks, per_block = None, 0
         if block_rows is not None:
-            blocks = PendingBlocks()
-            per_block = block_rows(len(ids) - (pc.sum(is_done).as_py() or 0))
-        pending_parts, offset = [], 0
-        for table in manifest:  # the second pass keeps only the pending rows
-            mask = is_done.slice(offset, table.num_rows)
-            offset += table.num_rows
-            kept = table.filter(pc.invert(mask))
-            if blocks is None:
-                pending_parts.append(kept)
-                continue
-            # a block never spans two manifest batches: at most one short block a batch
-            blocks.refs += [ray.put(kept.slice(k, per_block)) for k in range(0, kept.num_rows, per_block)]
-            blocks.num_rows += kept.num_rows
-        if offset != len(ids):
-            raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(ids)} != {offset})")
-        if blocks is not None:
-            return ids.filter(is_done), blocks
+            return scan.done, _put_pending_blocks(manifest, scan, block_rows)
+        pending_parts = list(_pending_batches(manifest, scan))  # the second pass keeps only the pending rows
         empty = pa.table({"image_id": pa.array([], pa.string())})
         # permissive: a prepared column all null in one batch (null type) is typed by the others
         pending = pa.concat_tables(pending_parts, promote_options="permissive") if pending_parts else empty
-        return ids.filter(is_done), pending
+        return scan.done, pending
+    done_set = ledger.IdSet(done_ledger)
     done_parts: list[pa.ChunkedArray] = []
     pending_parts = []
     for table in _as_tables(manifest):
         ids = table.column("image_id").cast(pa.string())
-        is_done = ledger.subtract_done(ids, done_ledger)
+        is_done = ledger.subtract_done(ids, done_set)
         done_parts.append(ids.filter(is_done))
         pending_parts.append(table.filter(pc.invert(is_done)))
     done = pa.chunked_array([c for part in done_parts for c in part.chunks], pa.string())
     pending = pa.concat_tables(pending_parts) if pending_parts else pa.table({"image_id": pa.array([], pa.string())})
     return done, pending
+
+
+def _pending_batches(manifest: ManifestReader, scan: ManifestIds) -> Iterator[pa.Table]:
+    """The plan's second pass: each manifest batch's rows that ``scan`` did not find in the ledger."""
+    offset = 0
+    for table in manifest:
+        mask = scan.is_done[offset : offset + table.num_rows]
+        offset += table.num_rows
+        yield table.filter(pa.array(~mask))
+    if offset != scan.rows:
+        raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({scan.rows} != {offset})")
+
+
+@ray.remote(num_cpus=1)
+def _pending_block_task(manifest: ManifestReader, scan: ManifestIds, per_block: int, credentials: StageCredentials):
+    """The plan's second pass as a Ray task streaming its blocks back (``num_returns="streaming"``): the blocks are
+    written into the object store by this worker, owned by the driver that iterates the generator."""
+    credentials.export()
+    for kept in _pending_batches(manifest, scan):
+        # a block never spans two manifest batches: at most one short block a batch
+        for k in range(0, kept.num_rows, per_block):
+            yield kept.slice(k, per_block)
+
+
+def _put_pending_blocks(
+    manifest: ManifestReader, scan: ManifestIds, block_rows: Callable[[int], int]
+) -> PendingBlocks:
+    """The pending rows as ``PendingBlocks`` of ``block_rows(pending rows)`` rows each, put by a Ray task
+    (``_pending_block_task``), so that the driver holds refs only: a block the driver puts itself stays mapped in
+    its own memory (measured: +72 MB of the driver's RSS for a million rows' blocks)."""
+    pending = scan.rows - int(scan.is_done.sum())
+    blocks = PendingBlocks(num_rows=pending)
+    if not pending:
+        return blocks
+    task = _pending_block_task.options(num_returns="streaming", **stage_runtime_env())
+    blocks.refs = list(task.remote(manifest, scan, block_rows(pending), StageCredentials.from_environ()))
+    # a failure in the task comes back as its last ref: read it (one block) so that the plan fails here, not later
+    ray.get(blocks.refs[-1])
+    return blocks
 
 
 def process_pending(

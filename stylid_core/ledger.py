@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -232,9 +233,56 @@ def done_ids(output_uri: str, storage_options: dict | None) -> pa.ChunkedArray:
     return pa.chunked_array([c.cast(pa.string()) for c in chunks], type=pa.string())
 
 
-def subtract_done(ids: pa.Array | pa.ChunkedArray, done: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """A boolean mask over ``ids``: true where the id is in ``done`` (a hash lookup in Arrow, no Python set)."""
-    return pc.is_in(ids, value_set=pa.chunked_array(done).combine_chunks() if len(done) else pa.array([], pa.string()))
+def _one_array(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    return ids.cast(pa.string())
+
+
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each string id (pandas' SipHash of the value, ``uint64``): 8 bytes a row, for uniqueness
+    checks and ledger lookups over manifests too big to hold their ids as strings (``IdSet``)."""
+    values = _one_array(ids).to_numpy(zero_copy_only=False)
+    return pd.util.hash_array(values, categorize=False) if len(values) else np.empty(0, np.uint64)
+
+
+class IdSet:
+    """Exact membership in a set of string ids (the ledger's), built once and probed batch by batch.
+
+    Held as the ids' sorted 64-bit hashes (``id_hashes``) and the ids themselves: a probe is a binary search of
+    each hash, then an exact comparison of the few rows whose hash is there (an id that only shares another's
+    hash is not taken for it). ``pc.is_in``, the alternative, rebuilds its hash table of the whole value set on
+    every call: against a 5M-id ledger, once per manifest batch."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        self.ids = _one_array(ids)
+        hashes = id_hashes(self.ids)
+        self.order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[self.order]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def contains(self, ids: pa.Array | pa.ChunkedArray, hashes: np.ndarray | None = None) -> np.ndarray:
+        """A boolean mask over ``ids`` (whose ``id_hashes`` may be given): true where the id is in the set."""
+        ids = _one_array(ids)
+        hashes = id_hashes(ids) if hashes is None else hashes
+        if not len(self.hashes) or not len(ids):
+            return np.zeros(len(ids), bool)
+        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        hit = self.hashes[pos] == hashes
+        rows = np.flatnonzero(hit)
+        if len(rows):
+            same = pc.equal(ids.take(rows), self.ids.take(self.order[pos[rows]])).to_numpy(zero_copy_only=False)
+            if not same.all():  # a hash two ids share: the exact lookup, for those rows only
+                other = rows[~same]
+                hit[other] = pc.is_in(ids.take(other), value_set=self.ids).to_numpy(zero_copy_only=False)
+        return hit
+
+
+def subtract_done(ids: pa.Array | pa.ChunkedArray, done: pa.Array | pa.ChunkedArray | IdSet) -> pa.Array:
+    """A boolean mask over ``ids``: true where the id is in ``done`` (the ledger's ids, or their ``IdSet``)."""
+    done = done if isinstance(done, IdSet) else IdSet(done)
+    return pa.array(done.contains(ids), pa.bool_())
 
 
 def drop_orphan_face_shards(output_uri: str, storage_options: dict | None) -> list[str]:

@@ -363,3 +363,18 @@ def test_ledger_and_compaction_on_s3(s3_endpoint):
     names = lambda sub: sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"ledger-test/out/{sub}", refresh=True))  # noqa: E731
     assert names("metrics") == names("faces") and len(names("metrics")) == result.shards_after
     assert summarize_output(out, {})["rows"] == 20
+
+
+def test_an_id_set_is_exact_even_where_hashes_collide():
+    """``IdSet`` finds ids by their sorted 64-bit hashes, then compares the strings: an id sharing another's hash
+    is not taken for it, and an id whose hash two set members share is still found."""
+    import numpy as np
+
+    from stylid_core.ledger import IdSet
+
+    members = IdSet(pa.chunked_array([["a", "b"], ["c"]]))
+    assert members.contains(pa.array(["c", "x", "a", "", "b"])).tolist() == [True, False, True, False, True]
+    members.hashes, members.order = np.array([1, 2, 2], np.uint64), np.array([0, 1, 2])  # b and c share hash 2
+    probe = members.contains(pa.array(["a", "zz", "c", "b", "q"]), np.array([1, 1, 2, 2, 2], np.uint64))
+    assert probe.tolist() == [True, False, True, True, False]
+    assert IdSet(pa.array([], pa.string())).contains(pa.array(["a"])).tolist() == [False]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -85,3 +86,20 @@ def test_a_plan_with_block_rows_puts_the_pending_rows_into_ray_block_by_block(tm
     # the manifest's batches (32 rows, cut at its files: 32, 8, 32, 28) keep 24, 6, 24 and 21 rows
     assert [t.num_rows for t in tables] == [10, 10, 4, 6, 10, 10, 4, 10, 10, 1]
     assert pa.concat_tables(tables).equals(in_memory)
+
+
+def test_ids_that_share_a_hash_are_still_told_apart(tmp_path, monkeypatch):
+    """The plan keeps 64-bit hashes of the ids, not the ids: with every id given the same hash (as if they all
+    collided), duplicates are still exactly the duplicated ids, and the ledger still subtracts exactly its own."""
+    from stylid_core import ledger
+
+    monkeypatch.setattr(ledger, "id_hashes", lambda ids: np.full(len(ids), 7, np.uint64))
+    frames = [pd.DataFrame({"image_id": ["a", "b", "c"], "image_uri": ["/a", "/b", "/c"]}),
+              pd.DataFrame({"image_id": ["d", "e"], "image_uri": ["/d", "/e"]})]  # fmt: skip
+    output = str(tmp_path / "out")
+    _ledger(output, ["b", "e", "zz"])
+    done, pending = plan_pending(ManifestReader(_prefix(tmp_path / "m", frames), None, batch_rows=2), output, {})
+    assert sorted(done.to_pylist()) == ["b", "e"] and pending.column("image_id").to_pylist() == ["a", "c", "d"]
+    frames.append(pd.DataFrame({"image_id": ["c", "f", "a"], "image_uri": ["/c2", "/f", "/a2"]}))
+    with pytest.raises(ValueError, match=r"2 duplicate image_id\(s\)"):
+        ManifestReader(_prefix(tmp_path / "m2", frames), None, batch_rows=2).scan_ids()
