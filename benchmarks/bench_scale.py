@@ -64,12 +64,24 @@ CROPS = 1000  # distinct images; rows cycle over them (each row its own id, its 
 # ------------------------------------------------------------------------------------------- inside a child
 
 
+def _shmem(pid: int) -> int:
+    """A process's resident shared-memory pages (``RssShmem``: for a Ray worker, the object store's)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(ln for ln in f if ln.startswith("RssShmem"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
 class RSSWatch:
-    """Peak RSS of this process and of its Ray worker processes (``ray::...``), sampled every 0.2 s."""
+    """Peak RSS of this process and of its Ray worker processes (``ray::...``), sampled every 0.2 s; for the worker
+    at its peak, how much of it was Ray's object store (shared memory pages: the blocks it read and wrote)."""
 
     def __init__(self) -> None:
         self.me = psutil.Process()
         self.worker_peak = 0
+        self.worker_peak_shmem = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -79,7 +91,9 @@ class RSSWatch:
                 for p in self.me.children(recursive=True):
                     try:
                         if p.name().startswith("ray::") or " ".join(p.cmdline()[:1]).startswith("ray::"):
-                            self.worker_peak = max(self.worker_peak, p.memory_info().rss)
+                            rss = p.memory_info().rss
+                            if rss > self.worker_peak:
+                                self.worker_peak, self.worker_peak_shmem = rss, _shmem(p.pid)
                     except (psutil.NoSuchProcess, psutil.AccessDenied):
                         continue
             except psutil.NoSuchProcess:
@@ -121,16 +135,26 @@ def child_job(args: argparse.Namespace) -> None:
                       "rss_file": int(status["RssFile"].split()[0]) * 1024,
                       **{"processed": r["processed"], "already_done": r["already_done"], "stylize_s": r["seconds"],
                       "job_s": t2 - t1, "wall_s": time.perf_counter() - t0, "driver_peak": watch.driver_peak(),
-                      "worker_peak": watch.worker_peak}}))  # fmt: skip
+                      "worker_peak": watch.worker_peak, "worker_peak_shmem": watch.worker_peak_shmem}}))  # fmt: skip
 
 
 def child_plan(args: argparse.Namespace) -> None:
-    from pipelines.stylize import iter_manifest, plan_pending
+    """The job's plan as ``run_stylize`` makes it (Ray started, the pending rows put as blocks by its task)."""
+    from jobs.arrow_memory import use_jemalloc
+    from jobs.ray_cluster import init_ray
+    from pipelines.stylize import input_block_rows, iter_manifest, plan_pending
 
-    t0 = time.perf_counter()
-    done, pending = plan_pending(iter_manifest(args.manifest, None), args.output, {})
-    print(json.dumps({"plan_s": time.perf_counter() - t0, "done": len(done), "pending": len(pending),
-                      "driver_peak": RSSWatch.driver_peak()}))  # fmt: skip
+    use_jemalloc()
+    init_ray(num_cpus=args.cpus, quiet=True)
+    before = RSSWatch.driver_peak()
+    with RSSWatch() as watch:
+        t0 = time.perf_counter()
+        done, pending = plan_pending(iter_manifest(args.manifest, None), args.output, {},
+                                     block_rows=lambda n: input_block_rows(n, 16, args.cpus))  # fmt: skip
+        plan_s = time.perf_counter() - t0
+    print(json.dumps({"plan_s": plan_s, "done": len(done), "pending": len(pending), "blocks": len(pending.refs),
+                      "driver_peak": RSSWatch.driver_peak(), "driver_before": before,
+                      "worker_peak": watch.worker_peak}))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -324,7 +348,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                   f" {mb(first['worker_peak']):>9} {rerun['job_s']:>7.1f} {rerun['wall_s']:>6.1f}"
                   f" {resume['job_s']:>8.1f} {resume['processed']:>7}  loadavg {loadavg()}", flush=True)  # fmt: skip
             print(f"         driver at the end: {mb(first['rss_anon'])} MB anonymous, {mb(first['rss_shmem'])} MB"
-                  f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files", flush=True)
+                  f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files; the worker"
+                  f" at its peak: {mb(first['worker_peak_shmem'])} MB of it object store pages", flush=True)
             if args.crash:
                 print(f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
                       f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)", flush=True)
@@ -466,10 +491,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         synthesize_output(output, args.done_rows, DEFAULT_ROWS_PER_SHARD, faces=False)
         print(f"synthesized a {args.manifest_rows}-row manifest (10 files) and a {args.done_rows}-row ledger in"
               f" {time.perf_counter() - t0:.0f} s", flush=True)
-        r = run_child("_plan", "--manifest", manifest, "--output", output)
+        r = run_child("_plan", "--manifest", manifest, "--output", output, "--cpus", str(args.cpus))
         assert r["done"] == args.done_rows and r["pending"] == args.manifest_rows - args.done_rows
         print(f"plan of {args.manifest_rows} rows against a {args.done_rows}-row ledger: {r['plan_s']:.1f} s,"
-              f" driver peak RSS {mb(r['driver_peak'])} MB ({r['pending']} rows pending)", flush=True)
+              f" driver peak RSS {mb(r['driver_peak'])} MB ({mb(r['driver_before'])} MB with Ray started, before"
+              f" the plan), the plan's task {mb(r['worker_peak'])} MB; {r['pending']} rows pending in"
+              f" {r['blocks']} blocks (load {loadavg()})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -494,6 +521,7 @@ def main() -> None:
     p = sub.add_parser("plan")
     p.add_argument("--manifest-rows", type=int, default=10_000_000)
     p.add_argument("--done-rows", type=int, default=5_000_000)
+    p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--workdir", default=None)
     for name in ("_job", "_plan"):
         p = sub.add_parser(name)
