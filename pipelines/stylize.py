@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -49,8 +50,12 @@ DERIVED_ID_HINT = "rows without one get a hash of image_uri, so a URI listed twi
 MANIFEST_BATCH_ROWS = 262_144
 
 
-def _manifest_dataset(manifest_uri: str, required: str, storage_options: dict | None) -> pads.Dataset:
+def _manifest_dataset(
+    manifest_uri: str, required: str, storage_options: dict | None, files: list[str] | None = None
+) -> pads.Dataset:
     afs, path = arrow_filesystem(manifest_uri, storage_options)
+    if files is not None:  # these Parquet files under the prefix, in this order, rather than all of them
+        path = [posixpath.join(path, name) for name in files]
     try:
         dataset = pads.dataset(path, filesystem=afs, format="parquet")
         # a prefix's files may differ in their optional columns: the dataset's schema is all of theirs (pyarrow
@@ -80,7 +85,9 @@ class ManifestReader:
 
     ``stylid customize`` reads its manifest with the same reader (``pipelines.customize.iter_customize_manifest``):
     its own ``required`` column, ``columns``, ``id_columns`` (what a derived id depends on) and ``prepare``
-    (manifest batch -> prepared rows); ``id_hint`` says how its ids are derived."""
+    (manifest batch -> prepared rows); ``id_hint`` says how its ids are derived. ``files`` (names relative to
+    ``manifest_uri``) reads those Parquet files only: ``stylid score`` reads an output folder's live metrics shards
+    (``pipelines.score.iter_output_pairs``)."""
 
     def __init__(
         self,
@@ -94,13 +101,14 @@ class ManifestReader:
         id_columns: tuple[str, ...] = ("image_id", "image_uri"),
         prepare: Callable[[pa.Table], pa.Table] | None = None,
         id_hint: str = DERIVED_ID_HINT,
+        files: list[str] | None = None,
     ) -> None:
         self.manifest_uri = manifest_uri
         self.default_style_uri = default_style_uri
         self.batch_rows = batch_rows
         self.columns, self.id_columns, self.id_hint = columns, id_columns, id_hint
         self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
-        self.dataset = _manifest_dataset(manifest_uri, required, storage_options)
+        self.dataset = _manifest_dataset(manifest_uri, required, storage_options, files)
 
     def _batches(self, columns: tuple[str, ...]) -> Iterator[pa.Table]:
         names = [c for c in columns if c in self.dataset.schema.names]
