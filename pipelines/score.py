@@ -101,7 +101,10 @@ def score_rows(
     n = pairs.num_rows
     sources, outputs = _strings(pairs, "source_uri"), _strings(pairs, "output_uri")
     id_type = pairs.schema.field("image_id").type if "image_id" in pairs.column_names else pa.null()
-    ids = _strings(pairs, "image_id") if pa.types.is_string(id_type) else pa.nulls(n, pa.string())
+    id_type = id_type.value_type if pa.types.is_dictionary(id_type) else id_type
+    # ids that are not strings (numbers, say) are not used, as before: the row's id is derived from its URIs
+    text = pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_string_view(id_type)
+    ids = _strings(pairs, "image_id") if text else pa.nulls(n, pa.string())
     derive = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
     if pc.any(derive).as_py():  # Python only for the ids to derive (str(None) for a missing URI, as before)
         derived = [derive_image_id(f"{s}|{o}") for s, o in zip(sources.filter(derive).to_pylist(),
