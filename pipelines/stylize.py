@@ -40,7 +40,7 @@ from pipelines.stages import (
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter
-from stylid_core.storage import arrow_filesystem, with_retries
+from stylid_core.storage import arrow_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +152,6 @@ def read_manifest(manifest_uri: str, default_style_uri: str | None, storage_opti
     table = pa.concat_tables(parts)
     check_unique_ids(table, manifest_uri, DERIVED_ID_HINT)
     return table
-
-
-def read_manifest_columns(
-    manifest_uri: str, required: str, optional: tuple[str, ...], storage_options: dict | None = None
-) -> pd.DataFrame:
-    """The ``required`` column and whichever ``optional`` ones exist of a Parquet manifest (file or prefix), read
-    on the driver; ``ValueError`` for an unreadable manifest or a missing ``required`` column."""
-    dataset = _manifest_dataset(manifest_uri, required, storage_options)
-    names = set(dataset.schema.names)
-    columns = [c for c in (*optional, required) if c in names]
-    try:
-        return with_retries(lambda: dataset.to_table(columns=columns), f"read {manifest_uri}").to_pandas()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
 
 
 def check_unique_ids(rows: pd.DataFrame | pa.Table | pa.ChunkedArray, manifest_uri: str, hint: str) -> None:
@@ -321,6 +307,11 @@ class PendingBlocks:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def put(self, table: pa.Table, block_rows: int) -> None:
+        """Put ``table``'s rows into the object store as blocks of at most ``block_rows`` (Ray initialised)."""
+        self.refs += [ray.put(table.slice(k, block_rows)) for k in range(0, table.num_rows, block_rows)]
+        self.num_rows += table.num_rows
 
 
 def input_dataset(rows: pa.Table | pd.DataFrame | PendingBlocks, first_batch: int, cpus: float) -> ray.data.Dataset:
