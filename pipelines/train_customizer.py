@@ -132,16 +132,14 @@ class TrainingPairRows:
             )  # fmt: skip
 
         self.reader = reader(tuple(c for c in (image, caption) if c))
-        self.references: pa.Array | None = None
+        self.references: pa.ChunkedArray | None = None
         if person and person in self.reader.dataset.schema.names:
             photos = [t for t in reader((image, person))]
             if photos:
-                both = pa.concat_tables(photos)
-                self.references = cross_photo_reference_array(
-                    both.column(image).combine_chunks(), both.column(person).combine_chunks(), config.seed
-                )
+                both = pa.concat_tables(photos)  # the batches' buffers, not copied
+                self.references = cross_photo_reference_array(both.column(image), both.column(person), config.seed)
             else:
-                self.references = pa.array([], pa.string())
+                self.references = pa.chunked_array([], pa.string())
         self.num_rows = len(self.references) if self.references is not None else self.reader.dataset.count_rows()
 
     def __iter__(self) -> Iterator[pa.Table]:

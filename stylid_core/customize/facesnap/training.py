@@ -117,10 +117,10 @@ def _no_person(person: Any) -> bool:
     return person is None or (isinstance(person, float) and math.isnan(person)) or str(person) == ""
 
 
-def person_keys(persons: pa.Array | pa.ChunkedArray) -> pa.Array:
+def person_keys(persons: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """A manifest's person column as string keys (one per row), null for a row without a person (null, NaN or
     empty). Two rows are the same person when their keys are equal."""
-    col = persons.combine_chunks() if isinstance(persons, pa.ChunkedArray) else persons
+    col = persons
     if pa.types.is_floating(col.type):
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
     keys = col.cast(pa.string())
@@ -140,9 +140,15 @@ def _draw(seed: int, uri: str, choices: int) -> int:
     return int(np.random.default_rng(zlib.crc32(f"{seed}:reference:{uri}".encode())).integers(choices))
 
 
-def cross_photo_reference_array(uris: pa.Array, persons: pa.Array, seed: int) -> pa.Array:
+#: photos whose reference is drawn per Python round (their URIs as Python strings at once)
+_DRAW_CHUNK = 65_536
+
+
+def cross_photo_reference_array(
+    uris: pa.Array | pa.ChunkedArray, persons: pa.Array | pa.ChunkedArray, seed: int
+) -> pa.Array | pa.ChunkedArray:
     """For each row (photo ``uris[i]``, no nulls, of the person keyed ``persons[i]``: ``person_keys``), the photo
-    its training reference comes from; vectorised in Arrow and numpy.
+    its training reference comes from; vectorised in Arrow and numpy (arrays or chunked arrays).
 
     A person with several distinct photos gets, for each of them, another of their photos, drawn from ``seed``
     and the photo's URI (so the choice does not depend on the manifest's row order); a person with one photo, and
@@ -165,15 +171,17 @@ def cross_photo_reference_array(uris: pa.Array, persons: pa.Array, seed: int) ->
     others = np.diff(np.append(person_starts, len(first)))[person] - 1
     own = np.arange(len(first)) - person_starts[person]  # the photo's place in its person's run
     drawn = np.flatnonzero(others > 0)
-    draws = np.array(
-        [_draw(seed, u, m) for u, m in zip(distinct.take(pa.array(drawn)).to_pylist(), others[drawn].tolist())],
-        np.int64,
-    )
+    draws = np.empty(len(drawn), np.int64)
+    for k in range(0, len(drawn), _DRAW_CHUNK):  # a chunk of URIs as Python strings at a time, not all of them
+        part = drawn[k : k + _DRAW_CHUNK]
+        draws[k : k + len(part)] = [_draw(seed, u, m) for u, m in zip(distinct.take(pa.array(part)).to_pylist(),
+                                                                        others[part].tolist())]  # fmt: skip
     reference = np.arange(len(first))  # a person's only photo: itself
     reference[drawn] = person_starts[person[drawn]] + draws + (draws >= own[drawn])  # skip the photo itself
     index = np.arange(len(uris))
     index[valid[order.to_numpy()]] = len(uris) + reference[photo_of_row]
-    return pa.concat_arrays([uris, distinct]).take(pa.array(index))
+    chunks = lambda a: a.chunks if isinstance(a, pa.ChunkedArray) else [a]  # noqa: E731
+    return pa.chunked_array([*chunks(uris), *chunks(distinct)], pa.string()).take(pa.array(index))
 
 
 def cross_photo_references(uris: Sequence[str], persons: Sequence[Any], seed: int) -> list[str]:
