@@ -155,17 +155,20 @@ def cross_photo_reference_array(
     a row without a person, keep their own photo. The rows are sorted by (person, photo) once: each person's
     distinct photos are then a run of that order, and the reference is the draw-th of the run without the photo
     itself. Only the draw, one seeded generator per distinct photo (about 12 us), is Python."""
-    valid = np.flatnonzero(pc.is_valid(persons).to_numpy(zero_copy_only=False))
-    if not len(valid):
+    with_person = len(persons) - persons.null_count
+    if not with_person:
         return uris
-    people, photos = persons.take(pa.array(valid)), uris.take(pa.array(valid))
-    order = pc.sort_indices(pa.table({"p": people, "u": photos}), sort_keys=[("p", "ascending"), ("u", "ascending")])
-    people, photos = people.take(order), photos.take(order)
-    new_person = _changes(people)
+    # rows without a person sort last: the first ``with_person`` of the order are the rows that have one
+    keys = [("p", "ascending", "at_end"), ("u", "ascending", "at_end")]
+    order = pc.sort_indices(pa.table({"p": persons, "u": uris}), sort_keys=keys)
+    order = order.slice(0, with_person)
+    new_person = _changes(persons.take(order))
+    photos = uris.take(order)
     new_photo = new_person | _changes(photos)
     photo_of_row = np.cumsum(new_photo) - 1  # each sorted row's distinct (person, photo)
     first = np.flatnonzero(new_photo)
     distinct = photos.take(pa.array(first))  # sorted by person, then photo
+    del photos
     person_starts = np.flatnonzero(new_person[first])  # where each person's run of distinct photos begins
     person = np.cumsum(new_person[first]) - 1
     others = np.diff(np.append(person_starts, len(first)))[person] - 1
@@ -179,7 +182,7 @@ def cross_photo_reference_array(
     reference = np.arange(len(first))  # a person's only photo: itself
     reference[drawn] = person_starts[person[drawn]] + draws + (draws >= own[drawn])  # skip the photo itself
     index = np.arange(len(uris))
-    index[valid[order.to_numpy()]] = len(uris) + reference[photo_of_row]
+    index[order.to_numpy()] = len(uris) + reference[photo_of_row]
     chunks = lambda a: a.chunks if isinstance(a, pa.ChunkedArray) else [a]  # noqa: E731
     return pa.chunked_array([*chunks(uris), *chunks(distinct)], pa.string()).take(pa.array(index))
 
