@@ -134,7 +134,7 @@ class TrainingPairRows:
         self.reader = reader(tuple(c for c in (image, caption) if c))
         self.references: pa.ChunkedArray | None = None
         if person and person in self.reader.dataset.schema.names:
-            photos = [t for t in reader((image, person))]
+            photos = list(reader((image, person)))
             if photos:
                 both = pa.concat_tables(photos)  # the batches' buffers, not copied
                 self.references = cross_photo_reference_array(both.column(image), both.column(person), config.seed)
