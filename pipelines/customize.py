@@ -28,9 +28,11 @@ from pipelines.credentials import StageCredentials, task_with_credentials, with_
 from pipelines.stylize import (
     MANIFEST_BATCH_ROWS,
     ManifestReader,
+    PendingBlocks,
     check_pools_fit,
     check_unique_ids,
-    input_blocks,
+    input_block_rows,
+    input_dataset,
     process_pending,
     stage_remote_args,
 )
@@ -374,16 +376,16 @@ def _pool(res: StageResources) -> dict[str, Any]:
 
 
 def build_customize_dataset(
-    config: CustomizeJobConfig, rows: pa.Table | pd.DataFrame, output_uri: str
+    config: CustomizeJobConfig, rows: pa.Table | pd.DataFrame | PendingBlocks, output_uri: str
 ) -> ray.data.Dataset:
-    """The lazy dataset of metrics rows for the prepared ``rows`` (``read_customize_manifest``); images, face rows
-    and metrics shards are written as a side effect of its last stage. Rows enter in small blocks, so every actor
-    pool has work as soon as the first references are read."""
+    """The lazy dataset of metrics rows for the prepared ``rows`` (``read_customize_manifest``'s, or already in the
+    object store: ``PendingBlocks``); images, face rows and metrics shards are written as a side effect of its last
+    stage. Rows enter in small blocks, so every actor pool has work as soon as the first references are read."""
     r = config.resources
     resources = ray.cluster_resources()
     check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
-    ds = ray.data.from_arrow(input_blocks(rows, r.reference.batch_size, resources.get("CPU", 1.0)))
+    ds = input_dataset(rows, r.reference.batch_size, resources.get("CPU", 1.0))
     env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
     creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
@@ -413,13 +415,17 @@ class CustomizeResult:
 def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> CustomizeResult:
     """Customize every manifest row not yet in ``output_uri``'s ``metrics/`` shards; Ray must be initialised.
 
-    With nothing pending no dataset is built, so no stage starts and no model loads."""
+    The plan puts the pending rows into Ray's object store block by block as it keeps them (``PendingBlocks``,
+    blocks of ``input_block_rows`` after the reference stage's batches). With nothing pending no dataset is built,
+    so no stage starts and no model loads."""
     t0 = time.perf_counter()
     opts = config.io.storage_options
     manifest = iter_customize_manifest(manifest_uri, config)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
     done, counts = process_pending(
         manifest, output_uri, opts, lambda rows: build_customize_dataset(config, rows, output_uri),
         config.io.rows_per_shard,
+        block_rows=lambda n: input_block_rows(n, config.resources.reference.batch_size, cpus),
     )  # fmt: skip
     processed = sum(counts.values())
     return CustomizeResult(len(done) + processed, len(done), processed, time.perf_counter() - t0, dict(counts))

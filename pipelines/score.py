@@ -20,11 +20,24 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 
 from pipelines.schema import derive_image_id
-from pipelines.stages import ImageColumn, prepare_rows
-from pipelines.stylize import RunResult, build_dataset, check_unique_ids, process_pending, read_manifest_columns
+from pipelines.stages import ImageColumn, prepare_manifest
+from pipelines.stylize import (
+    MANIFEST_BATCH_ROWS,
+    ManifestReader,
+    RunResult,
+    build_dataset,
+    check_unique_ids,
+    first_batch_rows,
+    input_block_rows,
+    process_pending,
+)
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
 from stylid_core.storage import exists, join, read_bytes
@@ -35,12 +48,19 @@ SCORE_IMAGES: tuple[ImageColumn, ...] = (
     ImageColumn("output_uri", "out_pixels"),
     ImageColumn("reference_uri", "ref_pixels", required=False),
 )
-#: the optional manifest columns read on the driver besides ``source_uri``
-MANIFEST_COLUMNS = ("image_id", "output_uri", "style_uri", "reference_uri")
-#: columns a score row carries besides those of ``prepare_rows``
+#: the pairs manifest's columns read on the driver (whichever it has; ``source_uri`` and ``output_uri`` required)
+MANIFEST_COLUMNS = ("image_id", "source_uri", "output_uri", "style_uri", "reference_uri")
+#: columns a score row carries besides those of ``prepare_manifest``
 CARRIED = ("output_uri", "reference_uri", "engine", "model")
 #: what ``engine`` says for outputs made outside stylid (a manifest of pairs)
 EXTERNAL_ENGINE = "external"
+#: how a pair without an id gets one (named in the duplicate-ids error)
+PAIR_ID_HINT = "rows without one get a hash of source_uri and output_uri"
+#: a ``stylid run`` (or ``score``) output's metrics columns read to make its score pairs
+RUN_OUTPUT_COLUMNS = ("image_id", "image_uri", "output_uri", "style_uri", "reference_uri", "engine", "model",
+                      "status", "error")  # fmt: skip
+#: a ``stylid customize`` output's metrics columns read to make its score pairs (one per generated image)
+CUSTOMIZE_OUTPUT_COLUMNS = ("image_id", "reference_uri", "output_uris", "status", "error", "backend", "model")
 
 
 def is_stylid_output(uri: str, storage_options: dict | None = None) -> bool:
@@ -51,98 +71,194 @@ def is_stylid_output(uri: str, storage_options: dict | None = None) -> bool:
         return False
 
 
-def _rebase(uri, recorded: str | None, folder: str):
-    """``uri`` moved from the output prefix it was written under (``recorded``) to where the output is now."""
-    if not (isinstance(uri, str) and recorded):
-        return uri
+def _strings(table: pa.Table, name: str) -> pa.Array:
+    """``table``'s column ``name`` as one string array (all null where ``table`` has no such column)."""
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, pa.string())
+    col = table.column(name).combine_chunks()
+    return col if col.type == pa.string() else col.cast(pa.string())
+
+
+def _rebase(uris: pa.Array, recorded: str | None, folder: str) -> pa.Array:
+    """``uris`` moved from the output prefix they were written under (``recorded``) to where the output is now."""
+    if not recorded:
+        return uris
     prefix = recorded.rstrip("/") + "/"
-    if uri.startswith(prefix):
-        return join(folder, *uri[len(prefix) :].split("/"))
-    return uri
+    here = join(folder, "")
+    moved = pc.fill_null(pc.starts_with(uris, prefix), False)
+    # the prefix is the start of every moved URI: its first occurrence is the one replaced
+    return pc.if_else(moved, pc.replace_substring(uris, pattern=prefix, replacement=here, max_replacements=1), uris)
 
 
-def pairs_of_output(folder: str, storage_options: dict | None = None) -> pd.DataFrame:
-    """The rows of a stylid output folder as score pairs: ``image_id``, ``source_uri``, ``output_uri``,
-    ``style_uri``, ``reference_uri``, ``engine``, ``model`` and the ``status``/``error`` it recorded."""
+def score_rows(
+    pairs: pa.Table, default_style_uri: str | None, engine: str | None = None, recorded: bool = False
+) -> pa.Table:
+    """Score pairs (``image_id``, ``source_uri``, ``output_uri``, optional ``style_uri``, ``reference_uri``,
+    ``engine``, ``model``) as prepared score rows: ``prepare_manifest``'s columns (the source as ``image_uri``) plus
+    ``CARRIED``. An id that is not a non-blank string is derived from both URIs (``PAIR_ID_HINT``); ``engine``, when
+    given, is every row's. With ``recorded``, the pairs' ``status`` and ``error`` are what the row got where it was
+    made: a row that failed there keeps its status, and its error says it was not scored (it has no output)."""
+    n = pairs.num_rows
+    sources, outputs = _strings(pairs, "source_uri"), _strings(pairs, "output_uri")
+    id_type = pairs.schema.field("image_id").type if "image_id" in pairs.column_names else pa.null()
+    id_type = id_type.value_type if pa.types.is_dictionary(id_type) else id_type
+    # ids that are not strings (numbers, say) are not used, as before: the row's id is derived from its URIs
+    text = pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_string_view(id_type)
+    ids = _strings(pairs, "image_id") if text else pa.nulls(n, pa.string())
+    derive = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
+    if pc.any(derive).as_py():  # Python only for the ids to derive (str(None) for a missing URI, as before)
+        derived = [derive_image_id(f"{s}|{o}") for s, o in zip(sources.filter(derive).to_pylist(),
+                                                               outputs.filter(derive).to_pylist())]  # fmt: skip
+        ids = pc.replace_with_mask(ids, derive, pa.array(derived, pa.string()))
+    table = prepare_manifest(
+        pa.table({"image_id": ids, "image_uri": sources, "style_uri": _strings(pairs, "style_uri")}), default_style_uri
+    )
+    if recorded and "status" in pairs.column_names:
+        was = _strings(pairs, "status")
+        failed = pc.fill_null(pc.not_equal(was, "ok"), False)
+        why = _strings(pairs, "error")
+        not_scored = pc.if_else(
+            pc.is_null(why), pa.scalar("not scored"), pc.binary_join_element_wise("not scored: ", why, "")
+        )
+        table = table.set_column(3, "status", pc.if_else(failed, was, table.column("status")))
+        table = table.set_column(4, "error", pc.if_else(failed, not_scored, table.column("error")))
+    engines = pa.array([engine] * n, pa.string()) if engine is not None else _strings(pairs, "engine")
+    for name, values in (("output_uri", outputs), ("reference_uri", _strings(pairs, "reference_uri")),
+                         ("engine", engines), ("model", _strings(pairs, "model"))):  # fmt: skip
+        table = table.append_column(name, values)
+    return table
+
+
+def _customize_pairs(metrics: pa.Table) -> pa.Table:
+    """A ``stylid customize`` output's metrics rows as score pairs: one a generated image (``<id>-<k>``, the
+    reference as source and identity reference), one with no output for a row that generated nothing (its status
+    and error kept: ``no generated image`` where it recorded none)."""
+    status = _strings(metrics, "status")
+    ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
+    listed = [json.loads(u) if isinstance(u, str) else [] for u in _strings(metrics, "output_uris").to_pylist()]
+    generated = np.array([len(u) for u in listed], np.int64) * ok
+    counts = np.maximum(generated, 1)  # a row without generated images is one pair with no output
+    parent = np.repeat(np.arange(metrics.num_rows), counts)
+    k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    is_generated = np.repeat(generated > 0, counts)
+    uris = pa.array([u for urls, g in zip(listed, generated) for u in (urls if g else [None])], pa.string())
+    take = pa.array(parent)
+    ids = _strings(metrics, "image_id").take(take)
+    ids = pc.if_else(pa.array(is_generated), pc.binary_join_element_wise(ids, pa.array(k).cast(pa.string()), "-"), ids)
+    references = _strings(metrics, "reference_uri").take(take)
+    error = pc.fill_null(pc.if_else(pc.equal(_strings(metrics, "error"), ""), pa.scalar(None, pa.string()),
+                                    _strings(metrics, "error")), "no generated image")  # fmt: skip
+    return pa.table({
+        "image_id": ids, "source_uri": references, "output_uri": uris, "reference_uri": references,
+        "engine": _strings(metrics, "backend").take(take), "model": _strings(metrics, "model").take(take),
+        "status": pc.if_else(pa.array(is_generated), pa.scalar("ok"), status.take(take)),
+        "error": pc.if_else(pa.array(is_generated), pa.scalar(None, pa.string()), error.take(take)),
+    })  # fmt: skip
+
+
+def iter_output_pairs(
+    folder: str,
+    default_style_uri: str | None,
+    storage_options: dict | None = None,
+    batch_rows: int = MANIFEST_BATCH_ROWS,
+) -> ManifestReader:
+    """A stylid output folder's rows as prepared score rows (``score_rows`` with the status each recorded),
+    streamed from its live metrics shards (``stylid_core.ledger.live_shards``) in batches of ``batch_rows``; a
+    ``stylid customize`` output gives one row per generated image (``<image_id>-<k>``). URIs under the folder's
+    recorded output prefix are read under ``folder``. ``ValueError`` for a folder with no metrics shards or whose
+    metrics name no source and output."""
     info = json.loads(read_bytes(join(folder, "run.json"), storage_options))
-    metrics = ledger.read_frame(folder, ledger.METRICS, storage_options)
-    if metrics.empty:
+    shards = ledger.live_shards(folder, storage_options)
+    if not shards:
         raise ValueError(f"{folder} has a run.json but no metrics shards: nothing to score")
     recorded = info.get("output")
-    job = info.get("job", "run")
-    if job == "customize":
-        rows = []
-        for _, r in metrics.iterrows():
-            outputs = json.loads(r["output_uris"]) if isinstance(r.get("output_uris"), str) else []
-            base = {"source_uri": r["reference_uri"], "reference_uri": r["reference_uri"], "style_uri": None,
-                    "engine": r.get("backend"), "model": r.get("model")}  # fmt: skip
-            if r["status"] != "ok" or not outputs:
-                rows.append({**base, "image_id": str(r["image_id"]), "output_uri": None, "status": r["status"],
-                             "error": r.get("error") or "no generated image"})  # fmt: skip
-            for k, uri in enumerate(outputs if r["status"] == "ok" else []):
-                rows.append({**base, "image_id": f"{r['image_id']}-{k}", "output_uri": uri, "status": "ok",
-                             "error": None})  # fmt: skip
-        pairs = pd.DataFrame(rows)
+    customize = info.get("job", "run") == "customize"
+
+    def prepare(metrics: pa.Table) -> pa.Table:
+        if customize:
+            pairs = _customize_pairs(metrics)
+        else:
+            pairs = metrics.rename_columns(["source_uri" if c == "image_uri" else c for c in metrics.column_names])
+        for name in ("source_uri", "output_uri", "reference_uri"):
+            if name in pairs.column_names:
+                k = pairs.column_names.index(name)
+                pairs = pairs.set_column(k, name, _rebase(_strings(pairs, name), recorded, folder))
+        return score_rows(pairs, default_style_uri, recorded=True)
+
+    # the id columns: what a row's ids (and, for a customization, how many rows it makes) depend on
+    if customize:
+        required, columns, ids = "reference_uri", CUSTOMIZE_OUTPUT_COLUMNS, ("image_id", "output_uris", "status")
     else:
-        if "image_uri" not in metrics or "output_uri" not in metrics:
-            raise ValueError(f"{folder}: its metrics name no image_uri/output_uri; is it a stylid run output?")
-        pairs = metrics.rename(columns={"image_uri": "source_uri"})
-        for col in ("style_uri", "reference_uri", "engine", "model", "error"):
-            if col not in pairs:
-                pairs[col] = None
-    for col in ("source_uri", "output_uri", "reference_uri"):
-        pairs[col] = [_rebase(u, recorded, folder) for u in pairs[col]]
-    cols = ["image_id", "source_uri", "output_uri", "style_uri", "reference_uri", "engine", "model", "status", "error"]
-    return pairs[cols].reset_index(drop=True)
+        required, columns, ids = "image_uri", RUN_OUTPUT_COLUMNS, ("image_id", "image_uri", "output_uri")
+    reader = ManifestReader(
+        join(folder, ledger.METRICS), default_style_uri, storage_options, batch_rows, required=required,
+        columns=columns, id_columns=ids, prepare=prepare, id_hint=PAIR_ID_HINT, files=shards,
+    )  # fmt: skip
+    if not customize and "output_uri" not in reader.dataset.schema.names:
+        raise ValueError(f"{folder}: its metrics name no image_uri/output_uri; is it a stylid run output?")
+    return reader
+
+
+def iter_score_manifest(
+    manifest_uri: str,
+    default_style_uri: str | None,
+    storage_options: dict | None = None,
+    batch_rows: int = MANIFEST_BATCH_ROWS,
+) -> ManifestReader:
+    """``stylid score``'s input streamed as ``stylid run``'s manifest is (``ManifestReader``: pyarrow batches of
+    ``batch_rows``, projected, each batch prepared by ``score_rows``), for ``process_pending``: a Parquet manifest of
+    pairs (file or prefix), or a stylid output folder (``iter_output_pairs``). ``ValueError`` at construction for a
+    missing manifest or missing columns, for duplicate ids when the plan reads the ids."""
+    if is_stylid_output(manifest_uri, storage_options):
+        return iter_output_pairs(manifest_uri, default_style_uri, storage_options, batch_rows)
+    reader = ManifestReader(
+        manifest_uri, default_style_uri, storage_options, batch_rows, required="source_uri", columns=MANIFEST_COLUMNS,
+        id_columns=("image_id", "source_uri", "output_uri"),
+        prepare=lambda pairs: score_rows(pairs, default_style_uri, engine=EXTERNAL_ENGINE), id_hint=PAIR_ID_HINT,
+    )  # fmt: skip
+    names = reader.dataset.schema.names
+    if "output_uri" not in names:
+        raise ValueError(f"manifest {manifest_uri} has no 'output_uri' column (columns: {sorted(names)});"
+                         " a score manifest pairs source_uri with output_uri")  # fmt: skip
+    return reader
 
 
 def read_score_manifest(
     manifest_uri: str, default_style_uri: str | None, storage_options: dict | None = None
 ) -> pd.DataFrame:
-    """Prepared score rows (``prepare_rows`` plus ``output_uri``, ``reference_uri``, ``engine``, ``model``), from a
-    Parquet manifest of pairs or a stylid output folder. ``ValueError`` for a missing manifest, missing columns or
-    duplicate ids."""
-    from_output = is_stylid_output(manifest_uri, storage_options)
-    if from_output:
-        raw = pairs_of_output(manifest_uri, storage_options)
-    else:
-        raw = read_manifest_columns(manifest_uri, "source_uri", MANIFEST_COLUMNS, storage_options)
-        if "output_uri" not in raw:
-            raise ValueError(f"manifest {manifest_uri} has no 'output_uri' column (columns: {sorted(raw.columns)});"
-                             " a score manifest pairs source_uri with output_uri")  # fmt: skip
-    raw = raw.rename(columns={"source_uri": "image_uri"}).reset_index(drop=True)
-    for col in ("image_id", *CARRIED):
-        if col not in raw:
-            raw[col] = None
-    raw["image_id"] = [
-        str(i) if isinstance(i, str) and i.strip() else derive_image_id(f"{s}|{o}")
-        for i, s, o in zip(raw["image_id"], raw["image_uri"], raw["output_uri"])
-    ]
-    df = prepare_rows(raw, default_style_uri, keep=CARRIED)
-    if from_output:  # rows that failed where they were made keep their status: they have no output to score
-        failed = (raw["status"] != "ok").to_numpy()
-        df.loc[failed, "status"] = raw.loc[failed, "status"].to_numpy()
-        df.loc[failed, "error"] = [f"not scored: {e}" if isinstance(e, str) else "not scored"
-                                   for e in raw.loc[failed, "error"]]  # fmt: skip
-    else:
-        df["engine"], df["model"] = EXTERNAL_ENGINE, None
-    check_unique_ids(df, manifest_uri, "rows without one get a hash of source_uri and output_uri")
-    return df
+    """The whole of ``iter_score_manifest``'s prepared score rows as one frame (``stylid score`` streams them into
+    ``process_pending`` instead). ``ValueError`` for a missing manifest, missing columns or duplicate ids."""
+    reader = iter_score_manifest(manifest_uri, default_style_uri, storage_options)
+    parts = list(reader)
+    if not parts:
+        empty = pa.table({c: pa.array([], pa.string()) for c in ("source_uri", "output_uri")})
+        parts = [score_rows(empty, default_style_uri)]
+    table = pa.concat_tables(parts, promote_options="permissive")
+    check_unique_ids(table, manifest_uri, reader.id_hint)
+    style = table.column("style_uri")
+    if pa.types.is_dictionary(style.type):  # the reader's one-style-a-batch encoding; a frame wants plain strings
+        table = table.set_column(table.column_names.index("style_uri"), "style_uri", style.cast(pa.string()))
+    return table.to_pandas()
 
 
 def run_score(config: ScoreJobConfig, manifest_uri: str, output_uri: str) -> RunResult:
     """Score every row not yet in ``output_uri``'s ledger; Ray must be initialised. A finished output does no
-    model work."""
+    model work. The input streams (``iter_score_manifest``): the plan puts the pending rows into Ray's object store
+    block by block (``PendingBlocks``), so the driver holds the ids, never the whole manifest."""
     t0 = time.perf_counter()
     opts = config.io.storage_options
-    manifest = read_score_manifest(manifest_uri, config.style_uri, opts)
+    manifest = iter_score_manifest(manifest_uri, config.style_uri, opts)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
 
-    def build(rows: pd.DataFrame):
+    def build(rows):
         return build_dataset(config, rows, output_uri, stylize=False, images=SCORE_IMAGES, write_images=False)
 
-    done, counts = process_pending(manifest, output_uri, opts, build)
+    done, counts = process_pending(
+        manifest, output_uri, opts, build, config.io.rows_per_shard,
+        block_rows=lambda n: input_block_rows(n, first_batch_rows(config), cpus),
+    )  # fmt: skip
     return RunResult(
-        total_rows=len(manifest),
+        total_rows=len(done) + sum(counts.values()),
         already_done=len(done),
         processed=sum(counts.values()),
         seconds=time.perf_counter() - t0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +42,7 @@ from pipelines.stages import (
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter
-from stylid_core.storage import arrow_filesystem, with_retries
+from stylid_core.storage import arrow_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,12 @@ DERIVED_ID_HINT = "rows without one get a hash of image_uri, so a URI listed twi
 MANIFEST_BATCH_ROWS = 65_536
 
 
-def _manifest_dataset(manifest_uri: str, required: str, storage_options: dict | None) -> pads.Dataset:
+def _manifest_dataset(
+    manifest_uri: str, required: str, storage_options: dict | None, files: list[str] | None = None
+) -> pads.Dataset:
     afs, path = arrow_filesystem(manifest_uri, storage_options)
+    if files is not None:  # these Parquet files under the prefix, in this order, rather than all of them
+        path = [posixpath.join(path, name) for name in files]
     try:
         dataset = pads.dataset(path, filesystem=afs, format="parquet")
         # a prefix's files may differ in their optional columns: the dataset's schema is all of theirs (pyarrow
@@ -82,7 +87,9 @@ class ManifestReader:
 
     ``stylid customize`` reads its manifest with the same reader (``pipelines.customize.iter_customize_manifest``):
     its own ``required`` column, ``columns``, ``id_columns`` (what a derived id depends on) and ``prepare``
-    (manifest batch -> prepared rows); ``id_hint`` says how its ids are derived."""
+    (manifest batch -> prepared rows); ``id_hint`` says how its ids are derived. ``files`` (names relative to
+    ``manifest_uri``) reads those Parquet files only: ``stylid score`` reads an output folder's live metrics shards
+    (``pipelines.score.iter_output_pairs``)."""
 
     def __init__(
         self,
@@ -96,13 +103,14 @@ class ManifestReader:
         id_columns: tuple[str, ...] = ("image_id", "image_uri"),
         prepare: Callable[[pa.Table], pa.Table] | None = None,
         id_hint: str = DERIVED_ID_HINT,
+        files: list[str] | None = None,
     ) -> None:
         self.manifest_uri = manifest_uri
         self.default_style_uri = default_style_uri
         self.batch_rows = batch_rows
         self.columns, self.id_columns, self.id_hint = columns, id_columns, id_hint
         self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
-        self.dataset = _manifest_dataset(manifest_uri, required, storage_options)
+        self.dataset = _manifest_dataset(manifest_uri, required, storage_options, files)
 
     def _batches(self, columns: tuple[str, ...]) -> Iterator[pa.Table]:
         """The manifest's ``columns`` (those it has), file by file, in batches of at most ``batch_rows``, typed as
@@ -204,20 +212,6 @@ def read_manifest(manifest_uri: str, default_style_uri: str | None, storage_opti
     table = pa.concat_tables(parts)
     check_unique_ids(table, manifest_uri, DERIVED_ID_HINT)
     return table
-
-
-def read_manifest_columns(
-    manifest_uri: str, required: str, optional: tuple[str, ...], storage_options: dict | None = None
-) -> pd.DataFrame:
-    """The ``required`` column and whichever ``optional`` ones exist of a Parquet manifest (file or prefix), read
-    on the driver; ``ValueError`` for an unreadable manifest or a missing ``required`` column."""
-    dataset = _manifest_dataset(manifest_uri, required, storage_options)
-    names = set(dataset.schema.names)
-    columns = [c for c in (*optional, required) if c in names]
-    try:
-        return with_retries(lambda: dataset.to_table(columns=columns), f"read {manifest_uri}").to_pandas()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
 
 
 def check_unique_ids(rows: pd.DataFrame | pa.Table | pa.ChunkedArray, manifest_uri: str, hint: str) -> None:
@@ -373,6 +367,11 @@ class PendingBlocks:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def put(self, table: pa.Table, block_rows: int) -> None:
+        """Put ``table``'s rows into the object store as blocks of at most ``block_rows`` (Ray initialised)."""
+        self.refs += [ray.put(table.slice(k, block_rows)) for k in range(0, table.num_rows, block_rows)]
+        self.num_rows += table.num_rows
 
 
 def input_dataset(rows: pa.Table | pd.DataFrame | PendingBlocks, first_batch: int, cpus: float) -> ray.data.Dataset:

@@ -12,11 +12,14 @@ import logging
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -25,12 +28,20 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.credentials import StageCredentials, with_credentials
-from pipelines.stylize import input_blocks, read_manifest_columns, stage_remote_args
+from pipelines.stylize import (
+    MANIFEST_BATCH_ROWS,
+    ManifestReader,
+    PendingBlocks,
+    input_block_rows,
+    input_dataset,
+    stage_remote_args,
+)
 from stylid_core.customize.facesnap.training import (
     FacePairExtractor,
     FaceSnapTrainConfig,
     FaceSnapTrainer,
-    cross_photo_references,
+    cross_photo_reference_array,
+    person_keys,
 )
 from stylid_core.imageio import decode_image
 from stylid_core.storage import read_bytes
@@ -38,7 +49,8 @@ from stylid_core.storage import read_bytes
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("target", "target_landmarks", "reference_crop", "reference_landmarks", "embedding")
-#: the photo each row's reference comes from (``cross_photo_references``), added to the manifest rows on the driver
+#: the photo each row's reference comes from (``cross_photo_reference_array``), added to the manifest rows on the
+#: driver
 REFERENCE_COLUMN = "pair_reference_uri"
 
 
@@ -83,32 +95,91 @@ class FacePairStage:
         return {k: (np.stack(v) if k != "caption" else np.array(v, dtype=object)) for k, v in out.items()}
 
 
+#: rows of a training pair stage's batch (each a photo to read, find a face in and crop)
+PAIR_BATCH_ROWS = 4
+
+
+def _text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return pc.fill_null(column if column.type == pa.string() else column.cast(pa.string()), "")
+
+
+class TrainingPairRows:
+    """The manifest's training rows, streamed: its image and caption columns (whichever exist) read by pyarrow in
+    projected batches of ``batch_rows`` (``ManifestReader``), each with its ``REFERENCE_COLUMN``: another photo of
+    the same person where the manifest has ``config.person_column`` and the person has several photos
+    (``cross_photo_reference_array``), else the row's own photo. Iterable any number of times.
+
+    The references need every row's person at once: one first pass reads the image and person columns only (two
+    Arrow string columns on the driver); the rows, with their captions, then stream batch by batch."""
+
+    def __init__(self, config: FaceSnapTrainConfig, batch_rows: int = MANIFEST_BATCH_ROWS) -> None:
+        self.config = config
+        image, caption, person = config.image_column, config.caption_column, config.person_column
+
+        def rows(table: pa.Table) -> pa.Table:  # a photo with no URI is an empty one: its pair fails and is skipped
+            kept = {image: _text(table.column(image))}
+            if caption and caption in table.column_names:
+                kept[caption] = table.column(caption)
+            if person and person in table.column_names:
+                kept[person] = person_keys(table.column(person))
+            return pa.table(kept)
+
+        def reader(columns: tuple[str, ...]) -> ManifestReader:
+            return ManifestReader(
+                config.manifest, None, config.storage_options, batch_rows, required=image, columns=columns,
+                id_columns=(image,), prepare=rows, id_hint="",
+            )  # fmt: skip
+
+        self.reader = reader(tuple(c for c in (image, caption) if c))
+        self.references: pa.ChunkedArray | None = None
+        if person and person in self.reader.dataset.schema.names:
+            photos = list(reader((image, person)))
+            if photos:
+                both = pa.concat_tables(photos)  # the batches' buffers, not copied
+                self.references = cross_photo_reference_array(both.column(image), both.column(person), config.seed)
+            else:
+                self.references = pa.chunked_array([], pa.string())
+        self.num_rows = len(self.references) if self.references is not None else self.reader.dataset.count_rows()
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        offset = 0
+        for table in self.reader:
+            n = table.num_rows
+            own = table.column(self.config.image_column)
+            refs = own if self.references is None else self.references.slice(offset, n)
+            offset += n
+            yield table.append_column(REFERENCE_COLUMN, refs)
+        if self.references is not None and offset != len(self.references):
+            raise RuntimeError(f"manifest {self.config.manifest} changed while it was read")
+
+
 def pair_rows(config: FaceSnapTrainConfig) -> pd.DataFrame:
-    """The manifest's image, caption and person columns (whichever exist), read on the driver, plus each row's
-    ``REFERENCE_COLUMN``: another photo of the same person where the manifest has ``config.person_column`` and the
-    person has several photos, else the row's own photo."""
-    optional = tuple(c for c in (config.caption_column, config.person_column) if c)
-    df = read_manifest_columns(config.manifest, config.image_column, optional, config.storage_options)
-    uris = df[config.image_column].astype(object).where(df[config.image_column].notna(), "").astype(str)
-    df[config.image_column] = uris
-    if config.person_column and config.person_column in df:
-        persons = df[config.person_column].astype(object).where(df[config.person_column].notna(), None)
-        df[REFERENCE_COLUMN] = cross_photo_references(uris.tolist(), persons.tolist(), config.seed)
-        df = df.drop(columns=[config.person_column])  # mixed types (ids) need not travel
-    else:
-        df[REFERENCE_COLUMN] = uris
-    return df.reset_index(drop=True)
+    """All of ``TrainingPairRows`` as one frame (for tests and inspection; ``pair_dataset`` streams them)."""
+    tables = list(TrainingPairRows(config))
+    if not tables:
+        return pd.DataFrame(columns=[config.image_column, REFERENCE_COLUMN])
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def pair_blocks(config: FaceSnapTrainConfig, cpus: float, batch_rows: int = MANIFEST_BATCH_ROWS) -> PendingBlocks:
+    """``TrainingPairRows`` put into Ray's object store batch by batch, as blocks of ``input_block_rows``; the
+    driver never holds the rows with their captions all at once. Ray must be initialised."""
+    rows = TrainingPairRows(config, batch_rows)
+    per_block = input_block_rows(rows.num_rows, PAIR_BATCH_ROWS, cpus)
+    blocks = PendingBlocks()
+    for table in rows:
+        blocks.put(table, per_block)
+    return blocks
 
 
 def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: int, num_landmarks: int):
-    """The Ray Dataset of training pairs from ``config.manifest`` (``pair_rows``, then ``FacePairStage``)."""
-    rows = pair_rows(config)
-    batch_size = 4
-    blocks = input_blocks(rows, batch_size, ray.cluster_resources().get("CPU", 1.0))
-    return ray.data.from_arrow(blocks).map_batches(
+    """The Ray Dataset of training pairs from ``config.manifest`` (``pair_blocks``, then ``FacePairStage``)."""
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return input_dataset(pair_blocks(config, cpus), PAIR_BATCH_ROWS, cpus).map_batches(
         with_credentials(FacePairStage, StageCredentials.from_environ()),
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
-        batch_size=batch_size,
+        batch_size=PAIR_BATCH_ROWS,
         num_cpus=config.pair_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=config.pair_actors),
         **stage_remote_args(),

@@ -218,6 +218,43 @@ def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, 
         plan_pending(iter_customize_manifest(str(prefix), config, batch_rows=2), str(tmp_path / "out"), {})
 
 
+def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
+    config, manifest, ray_session, tmp_path, monkeypatch
+):
+    """As ``stylid run``'s: the pending rows go into the object store as the plan keeps them, in blocks of
+    ``input_block_rows`` after the reference stage's batches; ``build_customize_dataset`` gets ``PendingBlocks``,
+    never a table held by the driver, and the rows already in the ledger are not among them."""
+    import pyarrow as pa
+    import ray
+
+    from pipelines.customize import read_customize_manifest, run_customize
+    from pipelines.stylize import PendingBlocks, input_block_rows
+    from stylid_core.ledger import ShardWriter
+
+    out = str(tmp_path / "out")
+    writer = ShardWriter(out, {}, rows_per_shard=10)
+    writer.add(pa.table({"image_id": ["b"], "status": ["ok"]}))
+    writer.flush()
+    built = []
+
+    def build(cfg, rows, output_uri):
+        built.append(rows)
+        return ray.data.from_arrow_refs(rows.refs).select_columns(["image_id", "status"])
+
+    monkeypatch.setattr(pipelines.customize, "build_customize_dataset", build)
+    result = run_customize(config, manifest, out)
+    (rows,) = built
+    assert isinstance(rows, PendingBlocks) and len(rows) == 4
+    tables = ray.get(rows.refs)
+    per_block = input_block_rows(4, config.resources.reference.batch_size, ray.cluster_resources()["CPU"])
+    assert [t.num_rows for t in tables] == [min(per_block, 4 - k) for k in range(0, 4, per_block)]
+    whole = read_customize_manifest(manifest, config)
+    pending = pa.concat_tables(tables).to_pandas()
+    assert pending["image_id"].tolist() == [i for i in whole["image_id"] if i != "b"]
+    assert pending["status"].tolist() == whole.loc[whole["image_id"] != "b", "status"].tolist()
+    assert (result.total_rows, result.already_done, result.processed) == (5, 1, 4)
+
+
 def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face):
     """The reference itself as a 'generated' image: detected, cosine ~1, a match; a blank one: a miss."""
     from pipelines.customize import CustomizeScoreStage

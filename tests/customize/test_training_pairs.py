@@ -3,6 +3,9 @@ person (the bundled samples hold three photos of Obama), deterministically from 
 
 from __future__ import annotations
 
+import random
+import zlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,3 +75,99 @@ def test_pairs_cross_photos_of_the_same_person(tmp_path, photos):
         if stem in OBAMA:
             assert np.linalg.norm(pairs["embedding"][i] - embedding[stem]) > 0.1  # not the target's own
             assert np.linalg.norm(embedding[refs[stem]] - embedding[stem]) < 0.6  # dlib: the same person
+
+
+def _python_references(uris: list[str], persons: list, seed: int) -> list[str]:
+    """The reference draw written plainly, row by row (what ``pair_rows`` computed in pandas before it streamed):
+    the oracle of the vectorised one."""
+    no_person = lambda p: p is None or (isinstance(p, float) and np.isnan(p)) or str(p) == ""  # noqa: E731
+    photos: dict[str, set[str]] = {}
+    for uri, person in zip(uris, persons):
+        if not no_person(person):
+            photos.setdefault(str(person), set()).add(uri)
+    ordered = {person: sorted(p) for person, p in photos.items() if len(p) > 1}
+    out = []
+    for uri, person in zip(uris, persons):
+        others = [] if no_person(person) else [p for p in ordered.get(str(person), ()) if p != uri]
+        rng = np.random.default_rng(zlib.crc32(f"{seed}:reference:{uri}".encode()))
+        out.append(others[int(rng.integers(len(others)))] if others else uri)
+    return out
+
+
+def test_the_vectorised_references_are_the_row_by_row_draw():
+    rng = random.Random(5)
+    for _ in range(100):
+        n = rng.randint(0, 50)
+        uris = [f"/p/{rng.randint(0, 25)}.jpg" for _ in range(n)]
+        persons = [rng.choice([None, float("nan"), "", f"id{rng.randint(0, 6)}", f"id{rng.randint(0, 2)}"])
+                   for _ in range(n)]  # fmt: skip
+        for seed in (0, 11):
+            assert cross_photo_references(uris, persons, seed) == _python_references(uris, persons, seed)
+    # numeric person ids (a float column with NaN, as pandas writes ints with nulls) group the same
+    assert cross_photo_references(["a", "b", "c"], [1.0, 1.0, float("nan")], 0) == _python_references(
+        ["a", "b", "c"], [1.0, 1.0, float("nan")], 0
+    )
+
+
+def _training_manifest(tmp_path) -> tuple[str, pd.DataFrame]:
+    rng = random.Random(2)
+    frames = []
+    for part in range(3):
+        n = 7 + part
+        frames.append(pd.DataFrame({
+            "image_uri": [f"/faces/{rng.randint(0, 12)}.jpg" if k % 9 else None for k in range(n)],
+            "person_id": [rng.choice([None, "", "ann", "bob", "cy", f"solo{part}{k}"]) for k in range(n)],
+            "caption": [f"photo {part}.{k}" if k % 3 else None for k in range(n)],
+            "unused": list(range(n)),
+        }))  # fmt: skip
+    prefix = tmp_path / "train-manifest"
+    prefix.mkdir()
+    for k, df in enumerate(frames):
+        df.to_parquet(prefix / f"part-{k}.parquet", index=False)
+    return str(prefix), pd.concat(frames, ignore_index=True)
+
+
+def test_pair_rows_stream_in_batches_and_equal_the_whole_manifest_pairs(tmp_path):
+    """Read projected in small batches across files, the rows are the manifest's (a photo without a URI an empty
+    one), with the row-by-row draw's references; the person column stays behind, the unused one is never read."""
+    from pipelines.train_customizer import TrainingPairRows
+
+    manifest, whole = _training_manifest(tmp_path)
+    config = FaceSnapTrainConfig(manifest=manifest, storage_path=str(tmp_path / "ck"), tiny={}, seed=4)
+    rows = TrainingPairRows(config, batch_rows=3)
+    tables = list(rows)
+    assert [t.num_rows for t in tables] == [3, 3, 1, 3, 3, 2, 3, 3, 3]  # batches, cut at the files
+    assert rows.num_rows == len(whole) == 24
+    got = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    assert set(got.columns) == {"image_uri", "caption", REFERENCE_COLUMN}
+    uris = whole["image_uri"].fillna("").tolist()
+    assert got["image_uri"].tolist() == uris
+    assert got["caption"].tolist() == whole["caption"].tolist()
+    expected = _python_references(uris, whole["person_id"].tolist(), seed=4)
+    assert got[REFERENCE_COLUMN].tolist() == expected
+    assert sum(r != u for r, u in zip(expected, uris)) >= 5  # the manifest does cross photos
+    assert pair_rows(config)[REFERENCE_COLUMN].tolist() == expected
+    # without a person column, each photo is its own reference
+    no_person = FaceSnapTrainConfig(manifest=manifest, storage_path=str(tmp_path / "ck"), tiny={}, person_column=None)
+    assert pair_rows(no_person)[REFERENCE_COLUMN].tolist() == uris
+
+
+def test_pair_blocks_go_into_ray_block_by_block(tmp_path, ray_session):
+    """The training rows enter Ray as blocks put batch by batch (``PendingBlocks``, ``input_block_rows`` of the
+    pair stage's batches), not as one frame held by the driver."""
+    import pyarrow as pa
+    import ray
+
+    from pipelines.stylize import PendingBlocks, input_block_rows
+    from pipelines.train_customizer import PAIR_BATCH_ROWS, pair_blocks
+
+    manifest, whole = _training_manifest(tmp_path)
+    config = FaceSnapTrainConfig(manifest=manifest, storage_path=str(tmp_path / "ck"), tiny={}, seed=4)
+    blocks = pair_blocks(config, cpus=2, batch_rows=5)
+    assert isinstance(blocks, PendingBlocks) and len(blocks) == 24
+    per_block = input_block_rows(24, PAIR_BATCH_ROWS, 2)
+    tables = ray.get(blocks.refs)
+    # blocks never span two manifest batches (5 rows, cut at the files: 5 2 | 5 3 | 5 4)
+    assert [t.num_rows for t in tables] == [4, 1, 2, 4, 1, 3, 4, 1, 4]
+    assert all(t.num_rows <= per_block for t in tables)
+    assert pa.concat_tables(tables).to_pandas().equals(pair_rows(config))

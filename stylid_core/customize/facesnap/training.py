@@ -16,6 +16,8 @@ from typing import Any
 import cv2
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,27 +117,83 @@ def _no_person(person: Any) -> bool:
     return person is None or (isinstance(person, float) and math.isnan(person)) or str(person) == ""
 
 
-def cross_photo_references(uris: Sequence[str], persons: Sequence[Any], seed: int) -> list[str]:
-    """For each row (photo ``uris[i]`` of person ``persons[i]``), the photo its training reference comes from.
+def person_keys(persons: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A manifest's person column as string keys (one per row), null for a row without a person (null, NaN or
+    empty). Two rows are the same person when their keys are equal."""
+    col = persons
+    if pa.types.is_floating(col.type):
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+    keys = col.cast(pa.string())
+    return pc.if_else(pc.equal(keys, ""), pa.scalar(None, pa.string()), keys)
+
+
+def _changes(values: pa.Array) -> np.ndarray:
+    """True where a sorted array's value differs from the one before (and at the first)."""
+    if len(values) == 0:
+        return np.zeros(0, bool)
+    differs = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
+    return np.concatenate([[True], differs])
+
+
+def _draw(seed: int, uri: str, choices: int) -> int:
+    """The reference's place among a photo's ``choices`` others: seeded by ``seed`` and the photo's URI."""
+    return int(np.random.default_rng(zlib.crc32(f"{seed}:reference:{uri}".encode())).integers(choices))
+
+
+#: photos whose reference is drawn per Python round (their URIs as Python strings at once)
+_DRAW_CHUNK = 65_536
+
+
+def cross_photo_reference_array(
+    uris: pa.Array | pa.ChunkedArray, persons: pa.Array | pa.ChunkedArray, seed: int
+) -> pa.Array | pa.ChunkedArray:
+    """For each row (photo ``uris[i]``, no nulls, of the person keyed ``persons[i]``: ``person_keys``), the photo
+    its training reference comes from; vectorised in Arrow and numpy (arrays or chunked arrays).
 
     A person with several distinct photos gets, for each of them, another of their photos, drawn from ``seed``
     and the photo's URI (so the choice does not depend on the manifest's row order); a person with one photo, and
-    a row without a person (None, NaN or empty), keep their own photo.
-    """
-    photos: dict[str, set[str]] = {}
-    for uri, person in zip(uris, persons, strict=True):
-        if not _no_person(person):
-            photos.setdefault(str(person), set()).add(str(uri))
-    ordered = {person: sorted(p) for person, p in photos.items() if len(p) > 1}
-    out = []
-    for uri, person in zip(uris, persons):
-        others = [] if _no_person(person) else [p for p in ordered.get(str(person), ()) if p != str(uri)]
-        if not others:
-            out.append(str(uri))
-            continue
-        rng = np.random.default_rng(zlib.crc32(f"{seed}:reference:{uri}".encode()))
-        out.append(others[int(rng.integers(len(others)))])
-    return out
+    a row without a person, keep their own photo. The rows are sorted by (person, photo) once: each person's
+    distinct photos are then a run of that order, and the reference is the draw-th of the run without the photo
+    itself. Only the draw, one seeded generator per distinct photo (about 12 us), is Python."""
+    with_person = len(persons) - persons.null_count
+    if not with_person:
+        return uris
+    # rows without a person sort last: the first ``with_person`` of the order are the rows that have one
+    keys = [("p", "ascending", "at_end"), ("u", "ascending", "at_end")]
+    order = pc.sort_indices(pa.table({"p": persons, "u": uris}), sort_keys=keys)
+    order = order.slice(0, with_person)
+    new_person = _changes(persons.take(order))
+    photos = uris.take(order)
+    new_photo = new_person | _changes(photos)
+    photo_of_row = np.cumsum(new_photo) - 1  # each sorted row's distinct (person, photo)
+    first = np.flatnonzero(new_photo)
+    distinct = photos.take(pa.array(first))  # sorted by person, then photo
+    del photos
+    person_starts = np.flatnonzero(new_person[first])  # where each person's run of distinct photos begins
+    person = np.cumsum(new_person[first]) - 1
+    others = np.diff(np.append(person_starts, len(first)))[person] - 1
+    own = np.arange(len(first)) - person_starts[person]  # the photo's place in its person's run
+    drawn = np.flatnonzero(others > 0)
+    draws = np.empty(len(drawn), np.int64)
+    for k in range(0, len(drawn), _DRAW_CHUNK):  # a chunk of URIs as Python strings at a time, not all of them
+        part = drawn[k : k + _DRAW_CHUNK]
+        draws[k : k + len(part)] = [_draw(seed, u, m) for u, m in zip(distinct.take(pa.array(part)).to_pylist(),
+                                                                        others[part].tolist())]  # fmt: skip
+    reference = np.arange(len(first))  # a person's only photo: itself
+    reference[drawn] = person_starts[person[drawn]] + draws + (draws >= own[drawn])  # skip the photo itself
+    index = np.arange(len(uris))
+    index[order.to_numpy()] = len(uris) + reference[photo_of_row]
+    chunks = lambda a: a.chunks if isinstance(a, pa.ChunkedArray) else [a]  # noqa: E731
+    return pa.chunked_array([*chunks(uris), *chunks(distinct)], pa.string()).take(pa.array(index))
+
+
+def cross_photo_references(uris: Sequence[str], persons: Sequence[Any], seed: int) -> list[str]:
+    """``cross_photo_reference_array`` of plain lists: for each row (photo ``uris[i]`` of person ``persons[i]``;
+    None, NaN or empty: no person), the photo its training reference comes from."""
+    if len(uris) != len(persons):
+        raise ValueError(f"{len(uris)} photos but {len(persons)} persons")
+    keys = pa.array([None if _no_person(p) else str(p) for p in persons], pa.string())
+    return cross_photo_reference_array(pa.array([str(u) for u in uris], pa.string()), keys, seed).to_pylist()
 
 
 class FacePairExtractor:
