@@ -3,7 +3,7 @@ the whole table in pandas (what ``run_score`` and ``pair_rows`` did before they 
 and ``pair_rows`` still build it, for tests) against the streamed reader's passes (``iter_score_manifest``,
 ``TrainingPairRows``), and the training references by person, vectorised against row by row.
 
-Each variant runs in a fresh subprocess; its peak RSS (``ru_maxrss``) is printed beside the RSS after imports, so
+Each variant runs in a fresh subprocess; its peak RSS (``VmHWM``) is printed beside the RSS after imports, so
 the difference is what the read itself held. No Ray: the plan's blocks go to the object store, not the driver.
 
     python benchmarks/bench_manifest_streams.py [--rows 1000000]
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (``VmHWM``; ``ru_maxrss`` would carry the parent's over ``exec``)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM"))
 
 
 def _write_manifests(folder: str, rows: int) -> None:
