@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines.schema import derive_image_id
-from pipelines.stages import ImageColumn, prepare_manifest
+from pipelines.stages import ImageColumn, prepare_manifest, string_column
 from pipelines.stylize import (
     MANIFEST_BATCH_ROWS,
     ManifestReader,
@@ -71,14 +71,6 @@ def is_stylid_output(uri: str, storage_options: dict | None = None) -> bool:
         return False
 
 
-def _strings(table: pa.Table, name: str) -> pa.Array:
-    """``table``'s column ``name`` as one string array (all null where ``table`` has no such column)."""
-    if name not in table.column_names:
-        return pa.nulls(table.num_rows, pa.string())
-    col = table.column(name).combine_chunks()
-    return col if col.type == pa.string() else col.cast(pa.string())
-
-
 def _rebase(uris: pa.Array, recorded: str | None, folder: str) -> pa.Array:
     """``uris`` moved from the output prefix they were written under (``recorded``) to where the output is now."""
     if not recorded:
@@ -99,32 +91,31 @@ def score_rows(
     given, is every row's. With ``recorded``, the pairs' ``status`` and ``error`` are what the row got where it was
     made: a row that failed there keeps its status, and its error says it was not scored (it has no output)."""
     n = pairs.num_rows
-    sources, outputs = _strings(pairs, "source_uri"), _strings(pairs, "output_uri")
+    sources, outputs = string_column(pairs, "source_uri"), string_column(pairs, "output_uri")
     id_type = pairs.schema.field("image_id").type if "image_id" in pairs.column_names else pa.null()
     id_type = id_type.value_type if pa.types.is_dictionary(id_type) else id_type
     # ids that are not strings (numbers, say) are not used, as before: the row's id is derived from its URIs
     text = pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_string_view(id_type)
-    ids = _strings(pairs, "image_id") if text else pa.nulls(n, pa.string())
+    ids = string_column(pairs, "image_id") if text else pa.nulls(n, pa.string())
     derive = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
     if pc.any(derive).as_py():  # Python only for the ids to derive (str(None) for a missing URI, as before)
         derived = [derive_image_id(f"{s}|{o}") for s, o in zip(sources.filter(derive).to_pylist(),
                                                                outputs.filter(derive).to_pylist())]  # fmt: skip
         ids = pc.replace_with_mask(ids, derive, pa.array(derived, pa.string()))
-    table = prepare_manifest(
-        pa.table({"image_id": ids, "image_uri": sources, "style_uri": _strings(pairs, "style_uri")}), default_style_uri
-    )
+    styles = string_column(pairs, "style_uri")
+    table = prepare_manifest(pa.table({"image_id": ids, "image_uri": sources, "style_uri": styles}), default_style_uri)
     if recorded and "status" in pairs.column_names:
-        was = _strings(pairs, "status")
+        was = string_column(pairs, "status")
         failed = pc.fill_null(pc.not_equal(was, "ok"), False)
-        why = _strings(pairs, "error")
+        why = string_column(pairs, "error")
         not_scored = pc.if_else(
             pc.is_null(why), pa.scalar("not scored"), pc.binary_join_element_wise("not scored: ", why, "")
         )
         table = table.set_column(3, "status", pc.if_else(failed, was, table.column("status")))
         table = table.set_column(4, "error", pc.if_else(failed, not_scored, table.column("error")))
-    engines = pa.array([engine] * n, pa.string()) if engine is not None else _strings(pairs, "engine")
-    for name, values in (("output_uri", outputs), ("reference_uri", _strings(pairs, "reference_uri")),
-                         ("engine", engines), ("model", _strings(pairs, "model"))):  # fmt: skip
+    engines = pa.array([engine] * n, pa.string()) if engine is not None else string_column(pairs, "engine")
+    for name, values in (("output_uri", outputs), ("reference_uri", string_column(pairs, "reference_uri")),
+                         ("engine", engines), ("model", string_column(pairs, "model"))):  # fmt: skip
         table = table.append_column(name, values)
     return table
 
@@ -133,9 +124,9 @@ def _customize_pairs(metrics: pa.Table) -> pa.Table:
     """A ``stylid customize`` output's metrics rows as score pairs: one a generated image (``<id>-<k>``, the
     reference as source and identity reference), one with no output for a row that generated nothing (its status
     and error kept: ``no generated image`` where it recorded none)."""
-    status = _strings(metrics, "status")
+    status = string_column(metrics, "status")
     ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
-    listed = [json.loads(u) if isinstance(u, str) else [] for u in _strings(metrics, "output_uris").to_pylist()]
+    listed = [json.loads(u) if isinstance(u, str) else [] for u in string_column(metrics, "output_uris").to_pylist()]
     generated = np.array([len(u) for u in listed], np.int64) * ok
     counts = np.maximum(generated, 1)  # a row without generated images is one pair with no output
     parent = np.repeat(np.arange(metrics.num_rows), counts)
@@ -143,14 +134,14 @@ def _customize_pairs(metrics: pa.Table) -> pa.Table:
     is_generated = np.repeat(generated > 0, counts)
     uris = pa.array([u for urls, g in zip(listed, generated) for u in (urls if g else [None])], pa.string())
     take = pa.array(parent)
-    ids = _strings(metrics, "image_id").take(take)
+    ids = string_column(metrics, "image_id").take(take)
     ids = pc.if_else(pa.array(is_generated), pc.binary_join_element_wise(ids, pa.array(k).cast(pa.string()), "-"), ids)
-    references = _strings(metrics, "reference_uri").take(take)
-    error = pc.fill_null(pc.if_else(pc.equal(_strings(metrics, "error"), ""), pa.scalar(None, pa.string()),
-                                    _strings(metrics, "error")), "no generated image")  # fmt: skip
+    references = string_column(metrics, "reference_uri").take(take)
+    error = pc.fill_null(pc.if_else(pc.equal(string_column(metrics, "error"), ""), pa.scalar(None, pa.string()),
+                                    string_column(metrics, "error")), "no generated image")  # fmt: skip
     return pa.table({
         "image_id": ids, "source_uri": references, "output_uri": uris, "reference_uri": references,
-        "engine": _strings(metrics, "backend").take(take), "model": _strings(metrics, "model").take(take),
+        "engine": string_column(metrics, "backend").take(take), "model": string_column(metrics, "model").take(take),
         "status": pc.if_else(pa.array(is_generated), pa.scalar("ok"), status.take(take)),
         "error": pc.if_else(pa.array(is_generated), pa.scalar(None, pa.string()), error.take(take)),
     })  # fmt: skip
@@ -182,7 +173,7 @@ def iter_output_pairs(
         for name in ("source_uri", "output_uri", "reference_uri"):
             if name in pairs.column_names:
                 k = pairs.column_names.index(name)
-                pairs = pairs.set_column(k, name, _rebase(_strings(pairs, name), recorded, folder))
+                pairs = pairs.set_column(k, name, _rebase(string_column(pairs, name), recorded, folder))
         return score_rows(pairs, default_style_uri, recorded=True)
 
     # the id columns: what a row's ids (and, for a customization, how many rows it makes) depend on

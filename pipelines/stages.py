@@ -170,6 +170,15 @@ class StyleCache:
         return self._statistics[uri]
 
 
+def string_column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
+    """``table``'s column ``name`` as one string array; all null where ``table`` has no such column."""
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, pa.string())
+    col = table.column(name)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col if col.type == pa.string() else col.cast(pa.string())
+
+
 def prepare_manifest(table: pa.Table, default_style_uri: str | None) -> pa.Table:
     """Manifest rows (an Arrow table or batch) as the record's first columns: ``image_id`` (a hash of the URI where
     absent or empty), ``image_uri``, the effective ``style_uri`` (the row's, else the config's, else the bundled
@@ -179,25 +188,18 @@ def prepare_manifest(table: pa.Table, default_style_uri: str | None) -> pa.Table
     default_style_uri = default_style_uri or default_style_path()
     names = table.column_names
 
-    def column(name: str) -> pa.Array:
-        if name not in names:
-            return pa.nulls(n, pa.string())
-        col = table.column(name)
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        return col if col.type == pa.string() else col.cast(pa.string())
-
-    uris = column("image_uri")
+    uris = string_column(table, "image_uri")
     empty_uri = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(uris), ""), True)
     id_type = table.schema.field("image_id").type if "image_id" in names else pa.null()
     # ids that are not strings (numbers, say) are not used, as before: the row's id is derived from its URI
-    ids = column("image_id") if pa.types.is_string(id_type) or pa.types.is_large_string(id_type) else pa.nulls(n)
-    ids = ids.cast(pa.string())
+    text_ids = pa.types.is_string(id_type) or pa.types.is_large_string(id_type)
+    ids = string_column(table, "image_id") if text_ids else pa.nulls(n, pa.string())
     derive = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ids), ""), True)
     if pc.any(derive).as_py():
         # str(None) for a missing URI, as the pandas form did: two such rows collide and are reported as duplicates
         derived = [derive_image_id(str(u)) for u in uris.filter(derive).to_pylist()]
         ids = pc.replace_with_mask(ids, derive, pa.array(derived, pa.string()))
-    styles = column("style_uri")
+    styles = string_column(table, "style_uri")
     no_style = pc.fill_null(pc.equal(styles, ""), True)
     styles = pc.if_else(no_style, pa.scalar(default_style_uri), styles)
     status = pc.if_else(empty_uri, pa.scalar("missing"), pa.scalar("ok"))

@@ -151,8 +151,7 @@ class ManifestReader:
         The pass keeps 8 bytes a row, the ids' 64-bit hashes (``ledger.id_hashes``), never the ids themselves; two
         rows sharing a hash are told apart by a second pass over the ids of those hashes only."""
         hashes, is_done, done_ids = [], [], []
-        for table in self._batches(self.id_columns):
-            ids = table.column("image_id").combine_chunks().cast(pa.string())
+        for ids in self._ids():
             batch_hashes = ledger.id_hashes(ids)
             hashes.append(batch_hashes)
             mask = done.contains(ids, batch_hashes) if done is not None else np.zeros(len(ids), bool)
@@ -163,10 +162,14 @@ class ManifestReader:
         del hashes
         self._check_unique(all_hashes)
         return ManifestIds(
-            rows=len(all_hashes),
             is_done=np.concatenate(is_done) if is_done else np.zeros(0, bool),
             done=pa.chunked_array(done_ids, pa.string()),
         )
+
+    def _ids(self) -> Iterator[pa.Array]:
+        """Each batch's prepared ``image_id``s, as one string array."""
+        for table in self._batches(self.id_columns):
+            yield table.column("image_id").combine_chunks().cast(pa.string())
 
     def _check_unique(self, hashes: np.ndarray) -> None:
         hashes.sort()
@@ -174,10 +177,7 @@ class ManifestReader:
         if not len(shared):
             return
         # a hash shared by rows: read those rows' ids again and compare them as strings
-        suspects = []
-        for table in self._batches(self.id_columns):
-            ids = table.column("image_id").combine_chunks().cast(pa.string())
-            suspects.append(ids.filter(pa.array(np.isin(ledger.id_hashes(ids), shared))))
+        suspects = [ids.filter(pa.array(np.isin(ledger.id_hashes(ids), shared))) for ids in self._ids()]
         check_unique_ids(pa.chunked_array(suspects, pa.string()), self.manifest_uri, self.id_hint)
 
 
@@ -185,11 +185,18 @@ class ManifestReader:
 class ManifestIds:
     """What one pass over a manifest's ids found (``ManifestReader.scan_ids``)."""
 
-    rows: int
     #: per row, in manifest order: its id is in the ledger given
     is_done: np.ndarray
     #: the ids of those rows
     done: pa.ChunkedArray
+
+    @property
+    def rows(self) -> int:
+        return len(self.is_done)
+
+    @property
+    def pending(self) -> int:
+        return self.rows - int(self.is_done.sum())
 
 
 def iter_manifest(
@@ -353,8 +360,14 @@ def input_blocks(rows: pa.Table | pd.DataFrame, first_batch: int, cpus: float) -
     ``rows``' buffers; Ray serializes a slice's own rows only."""
     if isinstance(rows, pd.DataFrame):
         rows = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
-    block_rows = input_block_rows(len(rows), first_batch, cpus)
-    return [rows.slice(k, block_rows) for k in range(0, len(rows), block_rows)]
+    return list(block_slices(rows, input_block_rows(len(rows), first_batch, cpus)))
+
+
+def block_slices(table: pa.Table, block_rows: int) -> Iterator[pa.Table]:
+    """``table`` cut into consecutive slices of ``block_rows`` rows (the last may be shorter), sharing its buffers:
+    Ray serializes a slice's own rows only."""
+    for k in range(0, table.num_rows, block_rows):
+        yield table.slice(k, block_rows)
 
 
 @dataclass
@@ -370,7 +383,7 @@ class PendingBlocks:
 
     def put(self, table: pa.Table, block_rows: int) -> None:
         """Put ``table``'s rows into the object store as blocks of at most ``block_rows`` (Ray initialised)."""
-        self.refs += [ray.put(table.slice(k, block_rows)) for k in range(0, table.num_rows, block_rows)]
+        self.refs += [ray.put(block) for block in block_slices(table, block_rows)]
         self.num_rows += table.num_rows
 
 
@@ -542,7 +555,7 @@ def plan_pending(
         del done_ledger
         if block_rows is not None:
             return scan.done, _put_pending_blocks(manifest, scan, block_rows)
-        pending_parts = list(_pending_batches(manifest, scan))  # the second pass keeps only the pending rows
+        pending_parts = list(_pending_batches(manifest, scan.is_done))  # the second pass keeps only the pending rows
         empty = pa.table({"image_id": pa.array([], pa.string())})
         # permissive: a prepared column all null in one batch (null type) is typed by the others
         pending = pa.concat_tables(pending_parts, promote_options="permissive") if pending_parts else empty
@@ -560,26 +573,25 @@ def plan_pending(
     return done, pending
 
 
-def _pending_batches(manifest: ManifestReader, scan: ManifestIds) -> Iterator[pa.Table]:
-    """The plan's second pass: each manifest batch's rows that ``scan`` did not find in the ledger."""
+def _pending_batches(manifest: ManifestReader, is_done: np.ndarray) -> Iterator[pa.Table]:
+    """The plan's second pass: each manifest batch's rows not marked in ``is_done`` (``ManifestIds.is_done``)."""
     offset = 0
     for table in manifest:
-        mask = scan.is_done[offset : offset + table.num_rows]
+        mask = is_done[offset : offset + table.num_rows]
         offset += table.num_rows
         yield table.filter(pa.array(~mask))
-    if offset != scan.rows:
-        raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({scan.rows} != {offset})")
+    if offset != len(is_done):
+        raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(is_done)} != {offset})")
 
 
 @ray.remote(num_cpus=1)
-def _pending_block_task(manifest: ManifestReader, scan: ManifestIds, per_block: int, credentials: StageCredentials):
+def _pending_block_task(manifest: ManifestReader, is_done: np.ndarray, per_block: int, credentials: StageCredentials):
     """The plan's second pass as a Ray task streaming its blocks back (``num_returns="streaming"``): the blocks are
-    written into the object store by this worker, owned by the driver that iterates the generator."""
+    written into the object store by this worker, owned by the driver that iterates the generator. It gets the
+    done flags only (a byte a row), not the done ids."""
     credentials.export()
-    for kept in _pending_batches(manifest, scan):
-        # a block never spans two manifest batches: at most one short block a batch
-        for k in range(0, kept.num_rows, per_block):
-            yield kept.slice(k, per_block)
+    for kept in _pending_batches(manifest, is_done):
+        yield from block_slices(kept, per_block)  # a block never spans two batches: at most one short one a batch
 
 
 def _put_pending_blocks(
@@ -588,12 +600,11 @@ def _put_pending_blocks(
     """The pending rows as ``PendingBlocks`` of ``block_rows(pending rows)`` rows each, put by a Ray task
     (``_pending_block_task``), so that the driver holds refs only: a block the driver puts itself stays mapped in
     its own memory (measured: +72 MB of the driver's RSS for a million rows' blocks)."""
-    pending = scan.rows - int(scan.is_done.sum())
-    blocks = PendingBlocks(num_rows=pending)
-    if not pending:
+    blocks = PendingBlocks(num_rows=scan.pending)
+    if not scan.pending:
         return blocks
     task = _pending_block_task.options(num_returns="streaming", **stage_runtime_env())
-    blocks.refs = list(task.remote(manifest, scan, block_rows(pending), StageCredentials.from_environ()))
+    blocks.refs = list(task.remote(manifest, scan.is_done, block_rows(scan.pending), StageCredentials.from_environ()))
     # a failure in the task comes back as its last ref: read it (one block) so that the plan fails here, not later
     ray.get(blocks.refs[-1])
     return blocks

@@ -28,6 +28,7 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.credentials import StageCredentials, with_credentials
+from pipelines.stages import string_column
 from pipelines.stylize import (
     MANIFEST_BATCH_ROWS,
     ManifestReader,
@@ -99,11 +100,6 @@ class FacePairStage:
 PAIR_BATCH_ROWS = 4
 
 
-def _text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return pc.fill_null(column if column.type == pa.string() else column.cast(pa.string()), "")
-
-
 class TrainingPairRows:
     """The manifest's training rows, streamed: its image and caption columns (whichever exist) read by pyarrow in
     projected batches of ``batch_rows`` (``ManifestReader``), each with its ``REFERENCE_COLUMN``: another photo of
@@ -118,7 +114,7 @@ class TrainingPairRows:
         image, caption, person = config.image_column, config.caption_column, config.person_column
 
         def rows(table: pa.Table) -> pa.Table:  # a photo with no URI is an empty one: its pair fails and is skipped
-            kept = {image: _text(table.column(image))}
+            kept = {image: pc.fill_null(string_column(table, image), "")}
             if caption and caption in table.column_names:
                 kept[caption] = table.column(caption)
             if person and person in table.column_names:

@@ -6,6 +6,7 @@ Self-contained HTML (plots and thumbnails inlined as base64), written through fs
 from __future__ import annotations
 
 import base64
+import bisect
 import html
 import io
 import json
@@ -261,8 +262,6 @@ class SmallestFaces:
 
     def admit(self, size_px: float, image_id: str, face_index: int) -> bool:
         """Whether this face gets a strip (and, if so, it is counted among the smallest from now on)."""
-        import bisect
-
         if size_px >= ZOOM_FACE_PX or self.capacity <= 0:
             return False
         key = (float(size_px), str(image_id), int(face_index))

@@ -183,8 +183,11 @@ def cross_photo_reference_array(
     reference[drawn] = person_starts[person[drawn]] + draws + (draws >= own[drawn])  # skip the photo itself
     index = np.arange(len(uris))
     index[order.to_numpy()] = len(uris) + reference[photo_of_row]
-    chunks = lambda a: a.chunks if isinstance(a, pa.ChunkedArray) else [a]  # noqa: E731
-    return pa.chunked_array([*chunks(uris), *chunks(distinct)], pa.string()).take(pa.array(index))
+    return pa.chunked_array([*_chunks(uris), *_chunks(distinct)], pa.string()).take(pa.array(index))
+
+
+def _chunks(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return values.chunks if isinstance(values, pa.ChunkedArray) else [values]
 
 
 def cross_photo_references(uris: Sequence[str], persons: Sequence[Any], seed: int) -> list[str]:
