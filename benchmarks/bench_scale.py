@@ -142,7 +142,7 @@ def child_job(args: argparse.Namespace) -> None:
 
 
 def child_plan(args: argparse.Namespace) -> None:
-    """The job's plan as ``run_stylize`` makes it (Ray started, the pending rows put as blocks by its task)."""
+    """The job's plan as ``run_stylize`` makes it (Ray started; the pending rows left to the read tasks it plans)."""
     from jobs.arrow_memory import use_jemalloc
     from jobs.ray_cluster import init_ray
     from pipelines.stylize import input_block_rows, iter_manifest, plan_pending
@@ -155,7 +155,7 @@ def child_plan(args: argparse.Namespace) -> None:
         done, pending = plan_pending(iter_manifest(args.manifest, None), args.output, {},
                                      block_rows=lambda n: input_block_rows(n, 16, args.cpus))  # fmt: skip
         plan_s = time.perf_counter() - t0
-    print(json.dumps({"plan_s": plan_s, "done": len(done), "pending": len(pending), "blocks": len(pending.refs),
+    print(json.dumps({"plan_s": plan_s, "done": len(done), "pending": len(pending), "tasks": len(pending.slices),
                       "driver_peak": RSSWatch.driver_peak(), "driver_before": before,
                       "worker_peak": watch.worker_peak}))  # fmt: skip
 
@@ -499,8 +499,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         assert r["done"] == args.done_rows and r["pending"] == args.manifest_rows - args.done_rows
         print(f"plan of {args.manifest_rows} rows against a {args.done_rows}-row ledger: {r['plan_s']:.1f} s,"
               f" driver peak RSS {mb(r['driver_peak'])} MB ({mb(r['driver_before'])} MB with Ray started, before"
-              f" the plan), the plan's task {mb(r['worker_peak'])} MB; {r['pending']} rows pending in"
-              f" {r['blocks']} blocks (load {loadavg()})", flush=True)
+              f" the plan); {r['pending']} rows pending, left to"
+              f" {r['tasks']} read tasks (load {loadavg()})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

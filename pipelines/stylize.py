@@ -25,7 +25,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from pipelines.credentials import StageCredentials, stage_runtime_env, with_credentials
 from pipelines.stages import (
@@ -76,6 +77,54 @@ def _manifest_dataset(
     return dataset
 
 
+def read_manifest_file(
+    filesystem,
+    path: str,
+    row_groups: list[int] | None,
+    target: list[pa.Field],
+    batch_rows: int,
+    prepare: Callable[[pa.Table], pa.Table],
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[pa.Table]:
+    """One manifest file's ``target`` columns (those it has; a column it lacks is null), of ``row_groups`` (all
+    when None), rows ``start`` to ``stop`` of those (all when None; the rows before ``start`` are decoded, not
+    prepared), in batches of at most ``batch_rows``, each ``prepare``d: the one reading rule of the plan's both
+    passes and of ``PendingRows``' read tasks.
+
+    Read with ``ParquetFile.iter_batches``, which decodes page by page: the dataset scanner decodes a whole row
+    group per column before it slices it (measured: a 1M-row row group of ids and URIs, +138 MB of driver RSS in
+    the scanner, +48 MB page by page)."""
+    with filesystem.open_input_file(path) as fh:
+        parquet = pq.ParquetFile(fh)
+        present = set(parquet.schema_arrow.names)
+        names = [f.name for f in target if f.name in present]
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=names,
+                                          use_threads=False):  # fmt: skip
+            first, offset = offset, offset + batch.num_rows
+            if offset <= start:
+                continue
+            batch = batch.slice(max(0, start - first), None if stop is None else max(0, stop - max(first, start)))
+            if not batch.num_rows:
+                continue
+            table = pa.table({
+                f.name: batch.column(f.name).cast(f.type) if f.name in present else pa.nulls(batch.num_rows, f.type)
+                for f in target
+            })  # fmt: skip
+            yield prepare(table)
+            if stop is not None and offset >= stop:
+                return
+
+
+def encode_styles(table: pa.Table) -> pa.Table:
+    """``style_uri`` dictionary-encoded: one style serves most rows, kept once per batch instead of once per row."""
+    if "style_uri" not in table.column_names:
+        return table
+    k = table.column_names.index("style_uri")
+    return table.set_column(k, "style_uri", pc.dictionary_encode(table.column("style_uri")))
+
+
 class ManifestReader:
     """A Parquet manifest (a file or a prefix of many) read by pyarrow in batches of ``batch_rows``, projected to
     ``image_id``, ``image_uri`` and ``style_uri``, each batch prepared (``prepare_manifest``); iterable any number
@@ -112,37 +161,35 @@ class ManifestReader:
         self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
         self.dataset = _manifest_dataset(manifest_uri, required, storage_options, files)
 
+    def _target(self, columns: tuple[str, ...]) -> list[pa.Field]:
+        """The fields of ``columns`` the manifest has, typed as its unified schema."""
+        schema = self.dataset.schema
+        return [schema.field(c) for c in columns if c in schema.names]
+
     def _batches(self, columns: tuple[str, ...]) -> Iterator[pa.Table]:
         """The manifest's ``columns`` (those it has), file by file, in batches of at most ``batch_rows``, typed as
-        the dataset's unified schema (a column a file lacks is null there), each ``prepare``d.
-
-        Read with ``ParquetFile.iter_batches``, which decodes page by page: the dataset scanner decodes a whole
-        row group per column before it slices it (measured: a 1M-row row group of ids and URIs, +138 MB of
-        driver RSS in the scanner, +48 MB page by page)."""
-        schema = self.dataset.schema
-        target = [schema.field(c) for c in columns if c in schema.names]
+        the dataset's unified schema (a column a file lacks is null there), each ``prepare``d
+        (``read_manifest_file``)."""
+        target = self._target(columns)
         for fragment in self.dataset.get_fragments():
-            with self.dataset.filesystem.open_input_file(fragment.path) as fh:
-                parquet = pq.ParquetFile(fh)
-                present = set(parquet.schema_arrow.names)
-                names = [f.name for f in target if f.name in present]
-                for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=names, use_threads=False):
-                    if not batch.num_rows:
-                        continue
-                    table = pa.table({
-                        f.name: batch.column(f.name).cast(f.type) if f.name in present else pa.nulls(batch.num_rows,
-                                                                                                     f.type)
-                        for f in target
-                    })  # fmt: skip
-                    yield self.prepare(table)
+            yield from read_manifest_file(self.dataset.filesystem, fragment.path, None, target, self.batch_rows,
+                                          self.prepare)  # fmt: skip
+
+    def row_groups(self) -> list[tuple[str, int, int]]:
+        """(file, row group index, rows) of every row group, in the order ``_batches`` reads them; the files'
+        footers read concurrently (``Fragment.metadata``)."""
+        fragments = list(self.dataset.get_fragments())
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(fragments)))) as pool:
+            metadata = list(pool.map(lambda f: f.metadata, fragments))
+        return [
+            (fragment.path, k, meta.row_group(k).num_rows)
+            for fragment, meta in zip(fragments, metadata)
+            for k in range(meta.num_row_groups)
+        ]
 
     def __iter__(self) -> Iterator[pa.Table]:
         for table in self._batches(self.columns):
-            if "style_uri" in table.column_names:
-                # one style serves most rows: a dictionary keeps it once per batch instead of once per row
-                k = table.column_names.index("style_uri")
-                table = table.set_column(k, "style_uri", pc.dictionary_encode(table.column("style_uri")))
-            yield table
+            yield encode_styles(table)
 
     def scan_ids(self, done: ledger.IdSet | None = None) -> ManifestIds:
         """One pass over the ids: checked unique (``ValueError`` naming a few duplicates), and with ``done`` (the
@@ -371,9 +418,111 @@ def block_slices(table: pa.Table, block_rows: int) -> Iterator[pa.Table]:
 
 
 @dataclass
+class _PendingSlice:
+    """One read task's share of ``PendingRows``: consecutive rows of one manifest file (its ``row_groups``, from
+    row ``start`` of the first, ``len(is_done)`` rows) and their done flags."""
+
+    path: str
+    row_groups: list[int]
+    start: int
+    is_done: np.ndarray
+
+    @property
+    def pending(self) -> int:
+        return len(self.is_done) - int(self.is_done.sum())
+
+
+class PendingRows(Datasource):
+    """A plan's pending rows, not read yet (``plan_pending`` with ``block_rows``): the manifest's rows cut into
+    read tasks of at most a manifest batch (``batch_rows``), each with its rows' done flags, read by Ray Data as
+    the dataset runs (``read_datasource``); a task whose rows are all done is not made at all.
+
+    A read task reads its rows (``read_manifest_file``), drops those already done, and Ray Data cuts what is
+    left into blocks of about ``block_rows`` (``override_num_blocks``: each task's rows split in as many blocks);
+    Ray pulls them only as fast as the first stage takes them (a read task is a streaming generator, paused
+    while its blocks wait), so neither the driver nor the object store ever holds the pending rows: the store
+    holds the few blocks in flight. Read tasks take no CPU (``num_cpus=0``): a batch is read and filtered in
+    milliseconds, and an actor pool that holds every CPU must not starve its own input (a task that needs a CPU
+    never runs beside it). Small row groups of one file share a task; a row group bigger than a batch is cut into
+    several tasks, each decoding the group up to its own rows (Parquet has no row-level seek): a 1M-row group
+    is 16 tasks decoding 8.5M rows in all, seconds against the hours of its rows' models."""
+
+    def __init__(self, manifest: ManifestReader, is_done: np.ndarray, block_rows: int) -> None:
+        self.filesystem = manifest.dataset.filesystem
+        self.target = manifest._target(manifest.columns)
+        self.batch_rows, self.prepare = manifest.batch_rows, manifest.prepare
+        self.manifest_uri = manifest.manifest_uri
+        self.block_rows = block_rows
+        self.num_rows = int(len(is_done) - is_done.sum())
+        self.slices = self._slices(manifest.row_groups(), is_done)
+
+    def _slices(self, groups: list[tuple[str, int, int]], is_done: np.ndarray) -> list[_PendingSlice]:
+        total = sum(rows for _, _, rows in groups)
+        if total != len(is_done):
+            raise RuntimeError(f"manifest {self.manifest_uri} changed while it was read "
+                               f"({len(is_done)} rows, now {total})")  # fmt: skip
+        task_rows = self.batch_rows
+        spans: list[tuple[str, list[int], int, int]] = []  # (file, row groups, start, rows)
+        for path, group, rows in groups:
+            last = spans[-1] if spans else None
+            if rows <= task_rows and last and last[0] == path and last[2] == 0 and last[3] + rows <= task_rows:
+                spans[-1] = (path, [*last[1], group], 0, last[3] + rows)
+            else:
+                spans += [(path, [group], k, min(task_rows, rows - k)) for k in range(0, rows, task_rows)]
+        slices, offset = [], 0
+        for path, row_groups, start, rows in spans:
+            flags = is_done[offset : offset + rows]
+            offset += rows
+            if not flags.all():
+                slices.append(_PendingSlice(path, row_groups, start, flags.copy()))
+        return slices
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.num_rows * 200  # ids, URIs and a dictionary-encoded style: about 200 bytes a row
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        credentials = StageCredentials.from_environ()
+        tasks = []
+        for part in self.slices:
+            meta = BlockMetadata(num_rows=part.pending, size_bytes=part.pending * 200, exec_stats=None,
+                                 input_files=(part.path,))  # fmt: skip
+            tasks.append(ReadTask(self._reader(part, credentials), meta))
+        return tasks
+
+    def _reader(self, part: _PendingSlice, credentials: StageCredentials) -> Callable[[], Iterator[pa.Table]]:
+        filesystem, target, batch_rows, prepare = self.filesystem, self.target, self.batch_rows, self.prepare
+        manifest_uri = self.manifest_uri
+
+        def read() -> Iterator[pa.Table]:
+            credentials.export()
+            offset, rows = 0, len(part.is_done)
+            for table in read_manifest_file(filesystem, part.path, part.row_groups, target, batch_rows, prepare,
+                                            start=part.start, stop=part.start + rows):  # fmt: skip
+                mask = part.is_done[offset : offset + table.num_rows]
+                offset += table.num_rows
+                kept = table.filter(pa.array(~mask))
+                if kept.num_rows:
+                    yield encode_styles(kept)
+            if offset != rows:
+                raise RuntimeError(f"manifest {manifest_uri} changed while it was read ({part.path}: "
+                                   f"{rows} rows planned from row {part.start}, {offset} read)")  # fmt: skip
+
+        return read
+
+    def dataset(self) -> ray.data.Dataset:
+        """The pending rows as a Ray dataset read as it runs (one read task a slice, no CPU each), in blocks of
+        about ``block_rows``."""
+        blocks = max(len(self.slices), -(-self.num_rows // max(1, self.block_rows)))
+        return ray.data.read_datasource(self, override_num_blocks=blocks, num_cpus=0, **stage_runtime_env())
+
+
+@dataclass
 class PendingBlocks:
-    """A plan's pending rows already in Ray's object store, one ref a block (``plan_pending`` with ``block_rows``):
-    put batch by batch as the plan keeps them, so the driver never holds them all (``ray.data.from_arrow_refs``)."""
+    """Rows already in Ray's object store, one ref a block, put batch by batch so that the driver never holds
+    them all (``ray.data.from_arrow_refs``): the customizer's training pairs (``pair_blocks``)."""
 
     refs: list = field(default_factory=list)
     num_rows: int = 0
@@ -387,8 +536,15 @@ class PendingBlocks:
         self.num_rows += table.num_rows
 
 
-def input_dataset(rows: pa.Table | pd.DataFrame | PendingBlocks, first_batch: int, cpus: float) -> ray.data.Dataset:
-    """A job's first dataset: ``PendingBlocks`` as they are, rows in memory cut into ``input_blocks``."""
+#: what a job's first dataset is made of (``input_dataset``)
+InputRows = pa.Table | pd.DataFrame | PendingRows | PendingBlocks
+
+
+def input_dataset(rows: InputRows, first_batch: int, cpus: float) -> ray.data.Dataset:
+    """A job's first dataset: ``PendingRows`` read as it runs, ``PendingBlocks`` as they are, rows in memory cut
+    into ``input_blocks``."""
+    if isinstance(rows, PendingRows):
+        return rows.dataset()
     if isinstance(rows, PendingBlocks):
         return ray.data.from_arrow_refs(rows.refs)
     return ray.data.from_arrow(input_blocks(rows, first_batch, cpus))
@@ -401,7 +557,7 @@ def first_batch_rows(config: JobConfig) -> int:
 
 def build_dataset(
     config: JobConfig,
-    rows: pa.Table | pd.DataFrame | PendingBlocks,
+    rows: InputRows,
     output_uri: str,
     *,
     stylize: bool = True,
@@ -410,8 +566,8 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray dataset of the whole stylization job (nothing runs until it is consumed).
 
-    ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow), or already in the object store
-    (``PendingBlocks``). Stages with models (faces, stylize, score) run
+    ``rows`` are prepared manifest rows (``prepare_manifest``, Arrow), or a plan's pending rows read as the
+    dataset runs (``PendingRows``). Stages with models (faces, stylize, score) run
     as actor pools, so models load once per actor; stateless steps (load, write) as tasks. A CPU-only config runs
     the three model stages in one pool (``fuse_cpu_stages``), and by default load and write inside it too
     (``fuse_io``), which makes the whole job one operator. Rows enter in small blocks (an actor takes a whole
@@ -539,22 +695,22 @@ def plan_pending(
     output_uri: str,
     storage_options: dict,
     block_rows: Callable[[int], int] | None = None,
-) -> tuple[pa.ChunkedArray, pa.Table | PendingBlocks]:
+) -> tuple[pa.ChunkedArray, pa.Table | PendingRows]:
     """(the manifest's ids already in ``output_uri``'s ledger, the manifest's rows not yet there).
 
     The ledger's ids are read concurrently and projected (``stylid_core.ledger.done_ids``). ``manifest`` is a
     ``ManifestReader`` (``iter_manifest``): one pass over its ids, each batch's looked up in the ledger's
     (``ledger.IdSet``, built once), and a second pass keeping only the pending rows, so the plan holds 9 bytes a
-    manifest row and the pending rows, never the whole manifest; with ``block_rows`` (pending rows -> rows a block;
-    Ray initialised) not even the pending rows: each batch's are put into the object store as blocks as they come
-    (``PendingBlocks``). Or prepared rows in memory: a table, a frame, or an iterable of tables, each subtracted as
-    it comes (for small manifests)."""
+    manifest row and the pending rows, never the whole manifest; with ``block_rows`` (pending rows -> rows a block)
+    not even the pending rows: ``PendingRows``, the row groups that hold any and their done flags, read by the
+    dataset's own read tasks as it runs. Or prepared rows in memory: a table, a frame, or an iterable of tables,
+    each subtracted as it comes (for small manifests)."""
     done_ledger = ledger.done_ids(output_uri, storage_options)
     if isinstance(manifest, ManifestReader):
         scan = manifest.scan_ids(ledger.IdSet(done_ledger))
         del done_ledger
         if block_rows is not None:
-            return scan.done, _put_pending_blocks(manifest, scan, block_rows)
+            return scan.done, PendingRows(manifest, scan.is_done, block_rows(scan.pending))
         pending_parts = list(_pending_batches(manifest, scan.is_done))  # the second pass keeps only the pending rows
         empty = pa.table({"image_id": pa.array([], pa.string())})
         # permissive: a prepared column all null in one batch (null type) is typed by the others
@@ -584,37 +740,11 @@ def _pending_batches(manifest: ManifestReader, is_done: np.ndarray) -> Iterator[
         raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(is_done)} != {offset})")
 
 
-@ray.remote(num_cpus=1)
-def _pending_block_task(manifest: ManifestReader, is_done: np.ndarray, per_block: int, credentials: StageCredentials):
-    """The plan's second pass as a Ray task streaming its blocks back (``num_returns="streaming"``): the blocks are
-    written into the object store by this worker, owned by the driver that iterates the generator. It gets the
-    done flags only (a byte a row), not the done ids."""
-    credentials.export()
-    for kept in _pending_batches(manifest, is_done):
-        yield from block_slices(kept, per_block)  # a block never spans two batches: at most one short one a batch
-
-
-def _put_pending_blocks(
-    manifest: ManifestReader, scan: ManifestIds, block_rows: Callable[[int], int]
-) -> PendingBlocks:
-    """The pending rows as ``PendingBlocks`` of ``block_rows(pending rows)`` rows each, put by a Ray task
-    (``_pending_block_task``), so that the driver holds refs only: a block the driver puts itself stays mapped in
-    its own memory (measured: +72 MB of the driver's RSS for a million rows' blocks)."""
-    blocks = PendingBlocks(num_rows=scan.pending)
-    if not scan.pending:
-        return blocks
-    task = _pending_block_task.options(num_returns="streaming", **stage_runtime_env())
-    blocks.refs = list(task.remote(manifest, scan.is_done, block_rows(scan.pending), StageCredentials.from_environ()))
-    # a failure in the task comes back as its last ref: read it (one block) so that the plan fails here, not later
-    ray.get(blocks.refs[-1])
-    return blocks
-
-
 def process_pending(
     manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
     output_uri: str,
     storage_options: dict,
-    build: Callable[[pa.Table | PendingBlocks], ray.data.Dataset],
+    build: Callable[[pa.Table | PendingRows], ray.data.Dataset],
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     block_rows: Callable[[int], int] | None = None,
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
@@ -622,8 +752,8 @@ def process_pending(
     dataset and write what comes out into shards of ``rows_per_shard`` rows; returns the manifest's ids already
     done and the status counts of the rows processed now.
 
-    ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingBlocks`` put while the plan
-    ran (``plan_pending``); its dataset's rows are the write stage's (metrics columns
+    ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingRows`` to be read as the
+    dataset runs (``plan_pending``); its dataset's rows are the write stage's (metrics columns
     plus ``FACE_ROWS``), written by a ``ShardWriter`` as they arrive on this driver, and what is buffered is
     flushed when the stream ends or fails. With nothing pending no dataset is built, so no stage starts and no
     model loads."""
@@ -635,7 +765,7 @@ def process_pending(
         ledger.drop_orphan_face_shards(output_uri, storage_options)
         writer = ShardWriter(output_uri, storage_options, rows_per_shard)
         dataset = build(pending)
-        del pending  # its rows are in the dataset's blocks now
+        del pending  # the dataset holds them (or reads them) now
         try:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 status = pc.value_counts(batch.column("status"))

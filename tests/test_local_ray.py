@@ -3,6 +3,7 @@ credential written anywhere, and no process of it left after the driver is SIGKI
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -166,17 +167,23 @@ def test_no_process_of_the_local_ray_survives_a_sigkilled_driver(tmp_path):
     try:
         deadline = time.time() + 180
         seen: dict[int, psutil.Process] = {}
+        named: dict[int, str] = {}  # each process's last name seen (a worker is renamed when it becomes an
+        # actor): one may end before the kill (a stage actor once its input is read), and a gone one has no name
         while time.time() < deadline:  # until the stage actors work (mid-run), every process of the tree noted
             assert proc.poll() is None, open(tmp_path / "stylid.log").read()[-3000:]
             for p in _tree(proc.pid):
                 seen.setdefault(p.pid, p)
-            names = {p.name() for p in seen.values() if _alive(p)}
-            if any("MapWorker" in n for n in names) and glob.glob(str(tmp_path / "out" / "metrics" / "*.parquet")):
+            for pid, p in seen.items():
+                with contextlib.suppress(psutil.Error):
+                    named[pid] = p.name()
+            names = {named[pid] for pid, p in seen.items() if pid in named and _alive(p)}
+            # an image stored: the actors are mid-run (the metrics shard is written once the rows are all done)
+            if any("MapWorker" in n for n in names) and glob.glob(str(tmp_path / "out" / "images" / "*.png")):
                 break
             time.sleep(0.3)
         else:
             pytest.fail("the run never reached its stage actors")
-        names = {p.name() for p in seen.values()}
+        names = set(named.values())
         for expected in ("raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
             assert expected in names, f"{expected} not seen among {sorted(names)}"
         proc.send_signal(signal.SIGKILL)
@@ -184,7 +191,7 @@ def test_no_process_of_the_local_ray_survives_a_sigkilled_driver(tmp_path):
         deadline = time.time() + 30
         while time.time() < deadline and any(_alive(p) for p in seen.values() if p.pid != proc.pid):
             time.sleep(0.5)
-        left = sorted((p.pid, p.name()) for p in seen.values() if p.pid != proc.pid and _alive(p))
+        left = sorted((p.pid, named.get(p.pid)) for p in seen.values() if p.pid != proc.pid and _alive(p))
         assert not left, f"processes of the killed driver's Ray still alive after 30 s: {left}"
     finally:
         if proc.poll() is None:

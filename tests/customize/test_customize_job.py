@@ -221,14 +221,14 @@ def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, 
 def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
     config, manifest, ray_session, tmp_path, monkeypatch
 ):
-    """As ``stylid run``'s: the pending rows go into the object store as the plan keeps them, in blocks of
-    ``input_block_rows`` after the reference stage's batches; ``build_customize_dataset`` gets ``PendingBlocks``,
-    never a table held by the driver, and the rows already in the ledger are not among them."""
+    """As ``stylid run``'s: the plan does not read the pending rows; ``build_customize_dataset`` gets
+    ``PendingRows``, read by the dataset's own tasks in blocks of about ``input_block_rows`` after the reference
+    stage's batches, never a table held by the driver, and the rows already in the ledger are not among them."""
     import pyarrow as pa
     import ray
 
     from pipelines.customize import read_customize_manifest, run_customize
-    from pipelines.stylize import PendingBlocks, input_block_rows
+    from pipelines.stylize import PendingRows, input_block_rows
     from stylid_core.ledger import ShardWriter
 
     out = str(tmp_path / "out")
@@ -239,15 +239,16 @@ def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
 
     def build(cfg, rows, output_uri):
         built.append(rows)
-        return ray.data.from_arrow_refs(rows.refs).select_columns(["image_id", "status"])
+        return rows.dataset().select_columns(["image_id", "status"])
 
     monkeypatch.setattr(pipelines.customize, "build_customize_dataset", build)
     result = run_customize(config, manifest, out)
     (rows,) = built
-    assert isinstance(rows, PendingBlocks) and len(rows) == 4
-    tables = ray.get(rows.refs)
+    assert isinstance(rows, PendingRows) and len(rows) == 4
     per_block = input_block_rows(4, config.resources.reference.batch_size, ray.cluster_resources()["CPU"])
-    assert [t.num_rows for t in tables] == [min(per_block, 4 - k) for k in range(0, 4, per_block)]
+    assert rows.block_rows == per_block
+    tables = list(rows.dataset().iter_batches(batch_format="pyarrow", batch_size=None))
+    assert all(t.num_rows <= per_block for t in tables) and sum(t.num_rows for t in tables) == 4
     whole = read_customize_manifest(manifest, config)
     pending = pa.concat_tables(tables).to_pandas()
     assert pending["image_id"].tolist() == [i for i in whole["image_id"] if i != "b"]

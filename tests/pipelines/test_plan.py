@@ -65,12 +65,17 @@ def test_duplicates_across_files_are_found_before_the_plan(tmp_path):
         ManifestReader(_prefix(tmp_path / "bad", [pd.DataFrame({"path": ["/a"]})]), None)
 
 
-def test_a_plan_with_block_rows_puts_the_pending_rows_into_ray_block_by_block(tmp_path, ray_session):
-    """``plan_pending`` with ``block_rows``: the pending rows go into the object store as the plan keeps them
-    (``PendingBlocks``), in blocks of the asked size that never span two manifest batches; the same rows, each once."""
-    import ray
+def _read_blocks(rows) -> list[pa.Table]:
+    """Every block of ``PendingRows``' dataset, as its read tasks yield them (tasks in any order)."""
+    return [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+            for b in rows.dataset().iter_batches(batch_format="pyarrow", batch_size=None)]  # fmt: skip
 
-    from pipelines.stylize import PendingBlocks
+
+def test_a_plan_with_block_rows_is_read_by_ray_as_the_dataset_runs(tmp_path, ray_session):
+    """``plan_pending`` with ``block_rows``: the pending rows are not read by the plan (``PendingRows``: read
+    tasks of a manifest batch each, with their done flags); the dataset's read tasks yield them in blocks of
+    about the asked size; the same rows as the plan in memory, each once."""
+    from pipelines.stylize import PendingRows
 
     frames = [pd.DataFrame({"image_id": [f"r{k:03d}" for k in r], "image_uri": [f"/in/{k}" for k in r]})
               for r in (range(0, 40), range(40, 100))]  # fmt: skip
@@ -80,12 +85,49 @@ def test_a_plan_with_block_rows_puts_the_pending_rows_into_ray_block_by_block(tm
     reader = ManifestReader(manifest, "/s/default.png", batch_rows=32)
     _, in_memory = plan_pending(reader, output, {})
     asked = []
-    done, blocks = plan_pending(reader, output, {}, block_rows=lambda n: asked.append(n) or 10)
-    assert isinstance(blocks, PendingBlocks) and asked == [75] and len(blocks) == 75 and len(done) == 25
-    tables = ray.get(blocks.refs)
-    # the manifest's batches (32 rows, cut at its files: 32, 8, 32, 28) keep 24, 6, 24 and 21 rows
-    assert [t.num_rows for t in tables] == [10, 10, 4, 6, 10, 10, 4, 10, 10, 1]
-    assert pa.concat_tables(tables).equals(in_memory)
+    done, rows = plan_pending(reader, output, {}, block_rows=lambda n: asked.append(n) or 10)
+    assert isinstance(rows, PendingRows) and asked == [75] and len(rows) == 75 and len(done) == 25
+    # one row group a file (40, 60 rows), cut at 32 rows: tasks of 32, 8 | 32, 28 rows keep 24, 6 | 24, 21
+    assert [(os.path.basename(s.path), s.start, s.pending) for s in rows.slices] == [
+        ("part-0.parquet", 0, 24), ("part-0.parquet", 32, 6), ("part-1.parquet", 0, 24), ("part-1.parquet", 32, 21)]
+    tables = _read_blocks(rows)
+    # 8 blocks asked of 4 tasks: each task's rows in 2 blocks
+    assert sorted(t.num_rows for t in tables) == [3, 3, 10, 11, 12, 12, 12, 12]
+    got = pa.concat_tables([t.cast(in_memory.schema) for t in tables]).sort_by("image_id")
+    assert got.equals(in_memory.sort_by("image_id"))
+
+
+def test_pending_rows_skip_rows_already_done_and_join_small_row_groups(tmp_path, ray_session):
+    """A read task's rows all in the ledger make no task; small row groups of a file share one task, up to a
+    manifest batch, never splitting a group."""
+    import pyarrow.parquet as pq
+
+    os.makedirs(tmp_path / "m")
+    ids = [f"r{k:03d}" for k in range(50)]
+    pq.write_table(pa.table({"image_id": ids, "image_uri": [f"/in/{i}" for i in ids]}),
+                   tmp_path / "m" / "part-0.parquet", row_group_size=10)  # fmt: skip
+    output = str(tmp_path / "out")
+    done = ids[20:40] + ids[45:46]  # the second task's rows all done, one row of the third
+    _ledger(output, done)
+    reader = ManifestReader(str(tmp_path / "m"), None, batch_rows=20)
+    _, rows = plan_pending(reader, output, {}, block_rows=lambda n: 100)
+    # groups 0, 1 | 2, 3 (all done: no task) | 4
+    assert [(s.row_groups, s.start, s.pending) for s in rows.slices] == [([0, 1], 0, 20), ([4], 0, 9)]
+    got = sorted(i for t in _read_blocks(rows) for i in t.column("image_id").to_pylist())
+    assert got == sorted(set(ids) - set(done))
+
+
+def test_pending_rows_fail_when_the_manifest_changed_after_the_plan(tmp_path, ray_session):
+    """A manifest rewritten between the plan and its read (rows removed) fails the read, naming the file,
+    rather than marking the wrong rows done."""
+    import ray
+
+    frames = [pd.DataFrame({"image_id": [f"r{k}" for k in range(8)], "image_uri": [f"/in/{k}" for k in range(8)]})]
+    manifest = _prefix(tmp_path / "m", frames)
+    _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 4)
+    _prefix(tmp_path / "m", [frames[0].iloc[:5]])
+    with pytest.raises((RuntimeError, ray.exceptions.RayError), match="changed while it was read"):
+        _read_blocks(rows)
 
 
 def test_ids_that_share_a_hash_are_still_told_apart(tmp_path, monkeypatch):

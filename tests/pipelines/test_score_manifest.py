@@ -15,7 +15,7 @@ import pytest
 import pipelines.score
 from pipelines.schema import derive_image_id
 from pipelines.score import EXTERNAL_ENGINE, iter_score_manifest, read_score_manifest, run_score
-from pipelines.stylize import PendingBlocks, first_batch_rows, input_block_rows, plan_pending
+from pipelines.stylize import PendingRows, first_batch_rows, input_block_rows, plan_pending
 from stylid_core.config import ScoreJobConfig
 from stylid_core.ledger import ShardWriter, shard_name
 
@@ -164,9 +164,10 @@ def test_a_folder_with_no_shards_or_no_outputs_is_refused(tmp_path):
         iter_score_manifest(no_outputs, None)
 
 
-def test_run_score_hands_its_dataset_the_pending_rows_in_ray_block_by_block(tmp_path, ray_session, monkeypatch):
-    """The plan puts the pending rows into the object store as it keeps them, in blocks of ``input_block_rows``:
-    ``build_dataset`` gets ``PendingBlocks``, not a table held by the driver; rows already scored are not in them."""
+def test_run_score_hands_its_dataset_the_pending_rows_to_read_as_it_runs(tmp_path, ray_session, monkeypatch):
+    """The plan does not read the pending rows: ``build_dataset`` gets ``PendingRows``, read by the dataset's own
+    tasks in blocks of about ``input_block_rows``, not a table held by the driver; rows already scored are not
+    in them."""
     import ray
 
     manifest = _pairs_prefix(tmp_path)
@@ -176,16 +177,17 @@ def test_run_score_hands_its_dataset_the_pending_rows_in_ray_block_by_block(tmp_
 
     def build(config, rows, output_uri, **kwargs):
         built.append((rows, kwargs))
-        return ray.data.from_arrow_refs(rows.refs).select_columns(["image_id", "status"])
+        return rows.dataset().select_columns(["image_id", "status"])
 
     monkeypatch.setattr(pipelines.score, "build_dataset", build)
     config = ScoreJobConfig()
     result = run_score(config, manifest, output)
     ((rows, kwargs),) = built
-    assert isinstance(rows, PendingBlocks) and len(rows) == 5
+    assert isinstance(rows, PendingRows) and len(rows) == 5
     assert kwargs["stylize"] is False and kwargs["write_images"] is False
     per_block = input_block_rows(5, first_batch_rows(config), ray.cluster_resources()["CPU"])
-    tables = ray.get(rows.refs)
+    assert rows.block_rows == per_block
+    tables = list(rows.dataset().iter_batches(batch_format="pyarrow", batch_size=None))
     assert all(t.num_rows <= per_block for t in tables) and sum(t.num_rows for t in tables) == 5
     expected = read_score_manifest(manifest, None)
     expected = expected[expected["image_id"] != "b"]

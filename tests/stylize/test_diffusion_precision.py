@@ -138,11 +138,14 @@ def test_compiled_unet_matches_eager_and_its_processors_still_record_and_inject(
     features = compiled.style_features(style)  # record mode, compiled
     expected = eager.style_features(style)
     assert set(features.k) == set(expected.k) == {n.removesuffix(".processor") for n in compiled.layers}
+    # inductor's fused kernels reorder float32 sums: recorded k/v of magnitude ~2 differ by up to 1e-5 from eager
+    # (measured 4e-6 to 1e-5 across the layers, varying run to run), so 1e-5 failed now and then; 1e-4 is still
+    # far below what a wrong recording (another timestep's, another layer's) differs by
     for layer, per_t in expected.k.items():
         assert per_t.keys() == features.k[layer].keys()
         for t, k in per_t.items():
-            assert torch.allclose(features.k[layer][t], k, atol=1e-5)
-            assert torch.allclose(features.v[layer][t], expected.v[layer][t], atol=1e-5)
+            assert torch.allclose(features.k[layer][t], k, atol=1e-4)
+            assert torch.allclose(features.v[layer][t], expected.v[layer][t], atol=1e-4)
     out = compiled.stylize_latents(latents, features)  # record (content queries) and inject mode, compiled
     ref = eager.stylize_latents(latents, expected)
     unstyled = plain.stylize_latents(latents, plain.style_features(style))
