@@ -417,10 +417,24 @@ def block_slices(table: pa.Table, block_rows: int) -> Iterator[pa.Table]:
         yield table.slice(k, block_rows)
 
 
+def keep_pending(tables: Iterable[pa.Table], is_done: np.ndarray, where: str) -> Iterator[pa.Table]:
+    """Each table's rows not marked in ``is_done`` (the done flags of those tables' rows, in order): the plan's
+    second pass and ``PendingRows``' read tasks. ``RuntimeError`` naming ``where`` when the tables hold other
+    rows than the flags (the manifest changed since its ids were read)."""
+    offset = 0
+    for table in tables:
+        mask = is_done[offset : offset + table.num_rows]
+        offset += table.num_rows
+        yield table.filter(pa.array(~mask))
+    if offset != len(is_done):
+        raise RuntimeError(f"manifest {where} changed while it was read ({len(is_done)} rows planned, {offset} read)")
+
+
 @dataclass
 class _PendingSlice:
     """One read task's share of ``PendingRows``: consecutive rows of one manifest file (its ``row_groups``, from
-    row ``start`` of the first, ``len(is_done)`` rows) and their done flags."""
+    row ``start`` of the first, ``len(is_done)`` rows) and their done flags (a view of the plan's: pickled, a view
+    carries its own rows only)."""
 
     path: str
     row_groups: list[int]
@@ -453,41 +467,44 @@ class PendingRows(Datasource):
         self.batch_rows, self.prepare = manifest.batch_rows, manifest.prepare
         self.manifest_uri = manifest.manifest_uri
         self.block_rows = block_rows
-        self.num_rows = int(len(is_done) - is_done.sum())
         self.slices = self._slices(manifest.row_groups(), is_done)
+        self.num_rows = sum(part.pending for part in self.slices)
 
     def _slices(self, groups: list[tuple[str, int, int]], is_done: np.ndarray) -> list[_PendingSlice]:
         total = sum(rows for _, _, rows in groups)
         if total != len(is_done):
             raise RuntimeError(f"manifest {self.manifest_uri} changed while it was read "
                                f"({len(is_done)} rows, now {total})")  # fmt: skip
-        task_rows = self.batch_rows
-        spans: list[tuple[str, list[int], int, int]] = []  # (file, row groups, start, rows)
+        # consecutive rows of one file a task: small row groups joined up to a batch, a big one cut into batches
+        slices: list[_PendingSlice] = []
+        offset = 0  # the manifest's rows before this group
         for path, group, rows in groups:
-            last = spans[-1] if spans else None
-            if rows <= task_rows and last and last[0] == path and last[2] == 0 and last[3] + rows <= task_rows:
-                spans[-1] = (path, [*last[1], group], 0, last[3] + rows)
+            last = slices[-1] if slices else None
+            if (last and last.path == path and last.start == 0 and rows <= self.batch_rows
+                    and len(last.is_done) + rows <= self.batch_rows):  # fmt: skip
+                last.row_groups.append(group)
+                last.is_done = is_done[offset - len(last.is_done) : offset + rows]
             else:
-                spans += [(path, [group], k, min(task_rows, rows - k)) for k in range(0, rows, task_rows)]
-        slices, offset = [], 0
-        for path, row_groups, start, rows in spans:
-            flags = is_done[offset : offset + rows]
+                step = self.batch_rows
+                slices += [_PendingSlice(path, [group], k, is_done[offset + k : offset + min(rows, k + step)])
+                           for k in range(0, rows, step)]  # fmt: skip
             offset += rows
-            if not flags.all():
-                slices.append(_PendingSlice(path, row_groups, start, flags.copy()))
-        return slices
+        return [part for part in slices if not part.is_done.all()]  # a task whose rows are all done is not made
 
     def __len__(self) -> int:
         return self.num_rows
 
+    #: a pending row in Arrow, for Ray's estimates: its id, URI and a dictionary-encoded style
+    ROW_BYTES = 200
+
     def estimate_inmemory_data_size(self) -> int:
-        return self.num_rows * 200  # ids, URIs and a dictionary-encoded style: about 200 bytes a row
+        return self.num_rows * self.ROW_BYTES
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         credentials = StageCredentials.from_environ()
         tasks = []
         for part in self.slices:
-            meta = BlockMetadata(num_rows=part.pending, size_bytes=part.pending * 200, exec_stats=None,
+            meta = BlockMetadata(num_rows=part.pending, size_bytes=part.pending * self.ROW_BYTES, exec_stats=None,
                                  input_files=(part.path,))  # fmt: skip
             tasks.append(ReadTask(self._reader(part, credentials), meta))
         return tasks
@@ -498,17 +515,12 @@ class PendingRows(Datasource):
 
         def read() -> Iterator[pa.Table]:
             credentials.export()
-            offset, rows = 0, len(part.is_done)
-            for table in read_manifest_file(filesystem, part.path, part.row_groups, target, batch_rows, prepare,
-                                            start=part.start, stop=part.start + rows):  # fmt: skip
-                mask = part.is_done[offset : offset + table.num_rows]
-                offset += table.num_rows
-                kept = table.filter(pa.array(~mask))
+            tables = read_manifest_file(filesystem, part.path, part.row_groups, target, batch_rows, prepare,
+                                        start=part.start, stop=part.start + len(part.is_done))  # fmt: skip
+            where = f"{manifest_uri} ({part.path} from row {part.start})"
+            for kept in keep_pending(tables, part.is_done, where):
                 if kept.num_rows:
                     yield encode_styles(kept)
-            if offset != rows:
-                raise RuntimeError(f"manifest {manifest_uri} changed while it was read ({part.path}: "
-                                   f"{rows} rows planned from row {part.start}, {offset} read)")  # fmt: skip
 
         return read
 
@@ -711,7 +723,8 @@ def plan_pending(
         del done_ledger
         if block_rows is not None:
             return scan.done, PendingRows(manifest, scan.is_done, block_rows(scan.pending))
-        pending_parts = list(_pending_batches(manifest, scan.is_done))  # the second pass keeps only the pending rows
+        # the second pass keeps only the pending rows
+        pending_parts = list(keep_pending(manifest, scan.is_done, manifest.manifest_uri))
         empty = pa.table({"image_id": pa.array([], pa.string())})
         # permissive: a prepared column all null in one batch (null type) is typed by the others
         pending = pa.concat_tables(pending_parts, promote_options="permissive") if pending_parts else empty
@@ -727,17 +740,6 @@ def plan_pending(
     done = pa.chunked_array([c for part in done_parts for c in part.chunks], pa.string())
     pending = pa.concat_tables(pending_parts) if pending_parts else pa.table({"image_id": pa.array([], pa.string())})
     return done, pending
-
-
-def _pending_batches(manifest: ManifestReader, is_done: np.ndarray) -> Iterator[pa.Table]:
-    """The plan's second pass: each manifest batch's rows not marked in ``is_done`` (``ManifestIds.is_done``)."""
-    offset = 0
-    for table in manifest:
-        mask = is_done[offset : offset + table.num_rows]
-        offset += table.num_rows
-        yield table.filter(pa.array(~mask))
-    if offset != len(is_done):
-        raise RuntimeError(f"manifest {manifest.manifest_uri} changed while it was read ({len(is_done)} != {offset})")
 
 
 def process_pending(
