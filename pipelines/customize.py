@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,9 @@ from stylid_core.imageio import ImageDecodeError, decode_image, encode_png
 from stylid_core.ledger import FACE_ROWS
 from stylid_core.metrics import identity_similarity
 from stylid_core.storage import StorageError, join, read_bytes, write_bytes
+
+if TYPE_CHECKING:
+    from pipelines.shard_writers import ShardWriters
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +317,15 @@ class CustomizeScoreStage:
 
 
 class CustomizeWriteStage:
-    """Writes each generated image in one put and returns the metrics rows, each with its per-generated-image rows
-    in ``FACE_ROWS``; the job's ``ShardWriter`` writes them into faces and metrics shards, as in ``stylid run``."""
+    """Writes each generated image in one put; the metrics rows, each with its per-generated-image rows in
+    ``FACE_ROWS``, go to the job's ``shard_writers``, which write them into faces and metrics shards, as in
+    ``stylid run`` (``WriteStage``), and the stage returns their ``status``; without writers it returns the rows."""
 
-    def __init__(self, output_uri: str, config: CustomizeJobConfig) -> None:
+    def __init__(self, output_uri: str, config: CustomizeJobConfig, shard_writers: ShardWriters | None = None) -> None:
         self.output_uri = output_uri.rstrip("/")
         self.config = config
         self.suffix = config.config_hash()
+        self.shard_writers = shard_writers
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         df = df.reset_index(drop=True).copy()
@@ -345,7 +350,8 @@ class CustomizeWriteStage:
                 face_rows[i] = [{"image_id": df.at[i, "image_id"], **g} for g in json.loads(gens)]
         df["config_hash"] = self.suffix
         out = pd.DataFrame({c: df[c] if c in df else None for c in METRIC_COLUMNS}).astype(METRIC_COLUMNS)
-        return _arrow(out).append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+        table = _arrow(out).append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+        return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
 _ARROW_OF = {"string": pa.string(), "Int32": pa.int32(), "boolean": pa.bool_(), "Float64": pa.float64()}
@@ -376,11 +382,15 @@ def _pool(res: StageResources) -> dict[str, Any]:
 
 
 def build_customize_dataset(
-    config: CustomizeJobConfig, rows: pa.Table | pd.DataFrame | PendingBlocks, output_uri: str
+    config: CustomizeJobConfig,
+    rows: pa.Table | pd.DataFrame | PendingBlocks,
+    output_uri: str,
+    shard_writers: ShardWriters | None = None,
 ) -> ray.data.Dataset:
-    """The lazy dataset of metrics rows for the prepared ``rows`` (``read_customize_manifest``'s, or already in the
-    object store: ``PendingBlocks``); images, face rows and metrics shards are written as a side effect of its last
-    stage. Rows enter in small blocks, so every actor pool has work as soon as the first references are read."""
+    """The lazy dataset of the prepared ``rows`` (``read_customize_manifest``'s, or already in the object store:
+    ``PendingBlocks``); its last stage writes the images and hands the metrics and face rows to ``shard_writers``
+    (the dataset then holds their statuses; without writers, the rows themselves). Rows enter in small blocks, so
+    every actor pool has work as soon as the first references are read."""
     r = config.resources
     resources = ray.cluster_resources()
     check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
@@ -393,8 +403,8 @@ def build_customize_dataset(
         ds.map_batches(with_credentials(ReferenceStage, creds), **args, **_pool(r.reference))
         .map_batches(with_credentials(CustomizeStage, creds), **args, **gen)
         .map_batches(with_credentials(CustomizeScoreStage, creds), **args, **_pool(r.score))
-        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config), creds), batch_format="pandas",
-                     batch_size=8, num_cpus=WRITE_CPUS, **env)
+        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config, shard_writers), creds),
+                     batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS, **env)
     )  # fmt: skip
 
 
@@ -423,7 +433,7 @@ def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str
     manifest = iter_customize_manifest(manifest_uri, config)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     done, counts = process_pending(
-        manifest, output_uri, opts, lambda rows: build_customize_dataset(config, rows, output_uri),
+        manifest, output_uri, opts, lambda rows, writers: build_customize_dataset(config, rows, output_uri, writers),
         config.io.rows_per_shard,
         block_rows=lambda n: input_block_rows(n, config.resources.reference.batch_size, cpus),
     )  # fmt: skip

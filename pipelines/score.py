@@ -241,8 +241,9 @@ def run_score(config: ScoreJobConfig, manifest_uri: str, output_uri: str) -> Run
     manifest = iter_score_manifest(manifest_uri, config.style_uri, opts)
     cpus = ray.cluster_resources().get("CPU", 1.0)
 
-    def build(rows):
-        return build_dataset(config, rows, output_uri, stylize=False, images=SCORE_IMAGES, write_images=False)
+    def build(rows, writers):
+        return build_dataset(config, rows, output_uri, stylize=False, images=SCORE_IMAGES, write_images=False,
+                             shard_writers=writers)  # fmt: skip
 
     done, counts = process_pending(
         manifest, output_uri, opts, build, config.io.rows_per_shard,

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.classical import lab_statistics
 from stylid_core.stylize.face_detail import FaceDetailTransfer
 from stylid_core.stylize.mosaic import MosaicRestorer
+
+if TYPE_CHECKING:
+    from pipelines.shard_writers import ShardWriters
 
 log = logging.getLogger(__name__)
 
@@ -645,22 +648,30 @@ class FusedCPUStage:
 class WriteStage:
     """Writes each stylized image in one put and returns the batch's metrics rows, each with its face rows.
 
-    Images go to ``images/<key>.<ext>``. The returned table has ``METRICS_COLUMNS`` plus ``FACE_ROWS`` (the row's
-    per-face rows, a list of ``FACE_COLUMNS`` structs); the job's ``ShardWriter`` (``stylid_core.ledger``), where
-    the rows arrive, writes them into faces and metrics shards of ``io.rows_per_shard`` rows. A row reaches it
+    Images go to ``images/<key>.<ext>``. The batch's rows are ``METRICS_COLUMNS`` plus ``FACE_ROWS`` (the row's
+    per-face rows, a list of ``FACE_COLUMNS`` structs). In a job they go to its ``shard_writers``
+    (``pipelines.shard_writers``), which write them into faces and metrics shards of ``io.rows_per_shard`` rows,
+    and the stage returns their ``status`` only; without writers it returns the rows. A row reaches a writer
     only after its image is stored, so the ledger never lists a row whose image is missing.
     With ``write_images`` false (``stylid score``: the images exist already) no image is written and each row
     keeps the ``output_uri`` it came with.
     """
 
     def __init__(
-        self, output_uri: str, config_hash: str, key_suffix: str, io: IOConfig, write_images: bool = True
+        self,
+        output_uri: str,
+        config_hash: str,
+        key_suffix: str,
+        io: IOConfig,
+        write_images: bool = True,
+        shard_writers: ShardWriters | None = None,
     ) -> None:
         self.output_uri = output_uri
         self.config_hash = config_hash
         self.key_suffix = key_suffix
         self.io = io
         self.write_images = write_images
+        self.shard_writers = shard_writers
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         return self.table(to_table(df).to_pylist())
@@ -696,7 +707,8 @@ class WriteStage:
             if isinstance(row.get("error"), str):
                 row["error"] = scrub(row["error"], secrets)
         metrics = to_table_of_rows(rows, METRICS_COLUMNS)  # a chain without a stylize stage lacks its columns
-        return metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+        table = metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+        return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
 #: the type of ``WriteStage``'s ``FACE_ROWS`` column

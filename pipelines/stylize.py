@@ -1,8 +1,9 @@
 """The stylization dataset: manifest -> prepare -> load -> faces -> stylize -> score -> write.
 
 ``run_stylize`` reads the manifest on the driver in bounded Arrow batches (only its id, URI and style columns),
-validates it, subtracts the rows already in the output (the resume ledger: ``stylid_core.ledger``), streams the
-rest through the stages and writes the rows that come out into shards of ``io.rows_per_shard`` rows. A run with
+validates it, subtracts the rows already in the output (the resume ledger: ``stylid_core.ledger``) and streams the
+rest through the stages, whose write stage hands the rows to the job's shard writers (``pipelines.shard_writers``),
+which write them into shards of ``io.rows_per_shard`` rows. A run with
 nothing left to do starts no stage and loads no model.
 """
 
@@ -29,6 +30,7 @@ from ray.data import ActorPoolStrategy, Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from pipelines.credentials import StageCredentials, stage_runtime_env, with_credentials
+from pipelines.shard_writers import ShardWriters, writers_for
 from pipelines.stages import (
     SOURCE_IMAGE,
     FaceStage,
@@ -42,7 +44,7 @@ from pipelines.stages import (
 )
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
-from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter
+from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD
 from stylid_core.storage import arrow_filesystem
 
 log = logging.getLogger(__name__)
@@ -575,6 +577,7 @@ def build_dataset(
     stylize: bool = True,
     images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
     write_images: bool = True,
+    shard_writers: ShardWriters | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray dataset of the whole stylization job (nothing runs until it is consumed).
 
@@ -584,6 +587,9 @@ def build_dataset(
     the three model stages in one pool (``fuse_cpu_stages``), and by default load and write inside it too
     (``fuse_io``), which makes the whole job one operator. Rows enter in small blocks (an actor takes a whole
     block), so every actor has work as soon as the first rows are in and until the last.
+
+    The write stage hands the metrics and face rows to ``shard_writers`` (``pipelines.shard_writers``), and the
+    dataset holds their statuses; without writers it holds the rows themselves.
 
     ``stylid score`` builds the same chain without the stylize stage (``stylize=False``), loading the output and
     reference images too (``images``) and writing only the shards (``write_images=False``). ``config`` is then a
@@ -598,7 +604,7 @@ def build_dataset(
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
     ds = input_dataset(rows, first_batch_rows(config), cpus)
     write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
-                  "write_images": write_images}  # fmt: skip
+                  "write_images": write_images, "shard_writers": shard_writers}  # fmt: skip
     # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
     # no per-task dispatch of load and write (measured on 2 cores: about 2% more images/s than separate tasks)
     io_inside = fused_io(config)
@@ -746,35 +752,39 @@ def process_pending(
     manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
     output_uri: str,
     storage_options: dict,
-    build: Callable[[pa.Table | PendingRows], ray.data.Dataset],
+    build: Callable[[pa.Table | PendingRows, ShardWriters], ray.data.Dataset],
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     block_rows: Callable[[int], int] | None = None,
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
-    """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through ``build(rows)``'s
-    dataset and write what comes out into shards of ``rows_per_shard`` rows; returns the manifest's ids already
-    done and the status counts of the rows processed now.
+    """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through
+    ``build(rows, writers)``'s dataset, its rows written into shards of ``rows_per_shard`` rows by the job's shard
+    writers; returns the manifest's ids already done and the status counts of the rows processed now.
 
     ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingRows`` to be read as the
-    dataset runs (``plan_pending``); its dataset's rows are the write stage's (metrics columns
-    plus ``FACE_ROWS``), written by a ``ShardWriter`` as they arrive on this driver, and what is buffered is
-    flushed when the stream ends or fails. With nothing pending no dataset is built, so no stage starts and no
-    model loads."""
+    dataset runs (``plan_pending``), and the job's ``ShardWriters``: its write stage hands them its metrics and
+    face rows and returns their statuses, which is all that reaches this driver. The writers are flushed when the
+    stream ends or fails (the rows they hold are complete: their images are stored), then ended. With nothing
+    pending no dataset is built, so no stage starts, no writer and no model loads."""
     done, pending = plan_pending(manifest, output_uri, storage_options, block_rows)
     log.info("manifest: %d rows, %d already in the output, %d to process", len(done) + len(pending), len(done),
              len(pending))  # fmt: skip
     counts: Counter[str] = Counter()
     if len(pending):
         ledger.drop_orphan_face_shards(output_uri, storage_options)
-        writer = ShardWriter(output_uri, storage_options, rows_per_shard)
-        dataset = build(pending)
-        del pending  # the dataset holds them (or reads them) now
+        writers = ShardWriters(output_uri, storage_options, rows_per_shard,
+                               writers_for(ray.cluster_resources().get("CPU", 1.0)))  # fmt: skip
         try:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                status = pc.value_counts(batch.column("status"))
-                counts.update(dict(zip(status.field("values").to_pylist(), status.field("counts").to_pylist())))
-                writer.add(batch)
+            dataset = build(pending, writers)
+            del pending  # the dataset holds them (or reads them) now
+            try:
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    status = pc.value_counts(batch.column("status"))
+                    counts.update(dict(zip(status.field("values").to_pylist(), status.field("counts").to_pylist())))
+            finally:
+                written = writers.flush()  # the rows the writers hold are complete (their images are stored)
+                log.info("shard writers: %d rows in %d shards", written["rows"], written["shards"])
         finally:
-            writer.flush()  # the rows that did come out are complete (their images are stored)
+            writers.close()
     return done, counts
 
 
@@ -785,7 +795,8 @@ def run_stylize(config: JobConfig, manifest_uri: str, output_uri: str) -> RunRes
     manifest = iter_manifest(manifest_uri, config.stylize.style_uri, opts)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     done, counts = process_pending(
-        manifest, output_uri, opts, lambda rows: build_dataset(config, rows, output_uri), config.io.rows_per_shard,
+        manifest, output_uri, opts,
+        lambda rows, writers: build_dataset(config, rows, output_uri, shard_writers=writers), config.io.rows_per_shard,
         block_rows=lambda n: input_block_rows(n, first_batch_rows(config), cpus),
     )  # fmt: skip
     return RunResult(

@@ -7,9 +7,9 @@ Layout of an output (see ARCHITECTURE.md, "Shards and the ledger")::
     metrics/_compaction-part-<h>.json   only while ``compact`` replaces shards: {"shard": ..., "replaces": [...]}
 
 ``h`` is a hash of the shard's ids, so a shard's name says which rows it holds and a rerun, however it draws its
-shard boundaries, never overwrites another shard. Shards hold up to ``rows_per_shard`` rows (thousands): the
-``ShardWriter`` accumulates rows and writes a faces shard, then its metrics shard, one put each, every
-``rows_per_shard`` rows and when its input ends.
+shard boundaries, never overwrites another shard. Shards hold up to ``rows_per_shard`` rows (thousands): a
+``ShardWriter`` (one in each of a job's shard-writing actors, ``pipelines.shard_writers``) accumulates rows and
+writes a faces shard, then its metrics shard, one put each, every ``rows_per_shard`` rows and when its input ends.
 
 Readers never list ``faces/``: the *live* shards are the metrics shards not replaced by a committed compaction,
 and a faces shard is read only beside its live metrics shard. So a faces shard left behind by a crash (written,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics"
 FACES = "faces"
-#: the column in which a write stage hands each row's per-face rows (a list of structs) to the ``ShardWriter``
+#: the column in which a write stage hands each row's per-face rows (a list of structs) to its ``ShardWriter``
 FACE_ROWS = "face_rows"
 #: rows per metrics/faces shard: a million rows make 200 of each
 DEFAULT_ROWS_PER_SHARD = 5000
@@ -86,11 +86,9 @@ class ShardWriter:
     """Accumulates a job's output rows (a write stage's tables, with ``FACE_ROWS``) and writes a faces shard and
     then its metrics shard every ``rows_per_shard`` rows, and the rest at ``flush()``.
 
-    It runs where the rows arrive in order, on the driver that consumes the dataset: Ray Data gives map_batches
-    UDFs no end-of-input hook that the driver waits for (an actor's ``__del__`` runs at a shutdown the driver
-    does not wait on, and never when it is killed), and only the consumer knows that the input has ended. A
-    row reaches the writer after its image is stored, so a row counts as done only once its image and its
-    metrics row are stored; a crash loses at most the rows not yet flushed.
+    A job runs it in its shard-writing actors (``pipelines.shard_writers``), which the write stages hand their rows
+    to after storing the images, so a row counts as done only once its image and its metrics row are stored; a
+    crash loses at most the rows not yet flushed.
     """
 
     def __init__(self, output_uri: str, storage_options: dict | None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
@@ -113,14 +111,13 @@ class ShardWriter:
         self._pending.append(table)
         self._pending_rows += table.num_rows
         if self._pending_rows >= self.rows_per_shard:
-            buffered = pa.concat_tables(self._pending, promote_options="permissive")
-            start = 0
-            while buffered.num_rows - start >= self.rows_per_shard:
-                self._write(buffered.slice(start, self.rows_per_shard))
-                start += self.rows_per_shard
-            rest = buffered.slice(start)
-            self._pending = [rest] if rest.num_rows else []
-            self._pending_rows = rest.num_rows
+            rest = pa.concat_tables(self._pending, promote_options="permissive")
+            self._pending = [rest]
+            while rest.num_rows >= self.rows_per_shard:
+                self._write(rest.slice(0, self.rows_per_shard))
+                # what is buffered follows each shard written: a failed write leaves exactly the unwritten rows
+                rest = rest.slice(self.rows_per_shard)
+                self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def flush(self) -> None:
         """Write whatever is buffered as one shard (nothing when empty)."""
