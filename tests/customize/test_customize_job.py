@@ -237,7 +237,7 @@ def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
     writer.flush()
     built = []
 
-    def build(cfg, rows, output_uri):
+    def build(cfg, rows, output_uri, shard_writers=None):
         built.append(rows)
         return rows.dataset().select_columns(["image_id", "status"])
 
