@@ -21,14 +21,11 @@ ledger's:
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import pyarrow as pa
 
 from pipelines.credentials import StageCredentials, stage_runtime_env
-from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter
-
-log = logging.getLogger(__name__)
+from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter, check_rows_per_shard
 
 #: cluster CPUs a shard writer serves: a writer takes a batch in about a millisecond and writes a 5,000-row shard
 #: pair in tens of ms, so one keeps up with thousands of rows a second (far more than models make on 32 CPUs)
@@ -66,14 +63,14 @@ class ShardWriterActor:
         self.writer = ShardWriter(output_uri, storage_options, rows_per_shard)
         self.seen: set[int] = set()
 
-    def add(self, key: int, rows: bytes | pa.Table) -> bool:
-        """Take a batch's rows (an Arrow IPC stream, ``to_ipc``, or a table); False (and nothing taken) when the
-        batch came before. The key is recorded first: if a shard write fails, the batch's rows stay buffered, and
-        the task's retry must not buffer them again."""
+    def add(self, key: int, rows: bytes) -> bool:
+        """Take a batch's rows (an Arrow IPC stream, ``to_ipc``); False (and nothing taken) when the batch came
+        before. The key is recorded first: if a shard write fails, the batch's rows stay buffered, and the task's
+        retry must not buffer them again."""
         if key in self.seen:
             return False
         self.seen.add(key)
-        self.writer.add(rows if isinstance(rows, pa.Table) else pa.ipc.open_stream(rows).read_all())
+        self.writer.add(pa.ipc.open_stream(rows).read_all())
         return True
 
     def flush(self) -> dict:
@@ -92,8 +89,7 @@ class ShardWriters:
                  writers: int = 1) -> None:  # fmt: skip
         import ray
 
-        if rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        check_rows_per_shard(rows_per_shard)  # here, not first in an actor's constructor
         # no CPU: a writer waits on storage, and a pool that holds every CPU must not starve it; never restarted:
         # a restarted writer would have lost its buffered rows silently
         actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1, **stage_runtime_env())(ShardWriterActor)

@@ -646,7 +646,8 @@ class FusedCPUStage:
 
 
 class WriteStage:
-    """Writes each stylized image in one put and returns the batch's metrics rows, each with its face rows.
+    """Writes each stylized image in one put, then hands the batch's metrics rows, each with its face rows, to the
+    job's shard writers.
 
     Images go to ``images/<key>.<ext>``. The batch's rows are ``METRICS_COLUMNS`` plus ``FACE_ROWS`` (the row's
     per-face rows, a list of ``FACE_COLUMNS`` structs). In a job they go to its ``shard_writers``

@@ -82,6 +82,12 @@ def split_face_rows(table: pa.Table, faces_schema: pa.Schema | None = None) -> t
     return table.drop_columns([FACE_ROWS]), faces
 
 
+def check_rows_per_shard(rows_per_shard: int) -> None:
+    """``ValueError`` unless ``rows_per_shard`` is at least 1."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+
+
 class ShardWriter:
     """Accumulates a job's output rows (a write stage's tables, with ``FACE_ROWS``) and writes a faces shard and
     then its metrics shard every ``rows_per_shard`` rows, and the rest at ``flush()``.
@@ -92,8 +98,7 @@ class ShardWriter:
     """
 
     def __init__(self, output_uri: str, storage_options: dict | None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
-        if rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        check_rows_per_shard(rows_per_shard)
         self.output_uri = output_uri
         self.storage_options = storage_options
         self.rows_per_shard = rows_per_shard

@@ -11,8 +11,8 @@ import pytest
 
 import stylid_core.ledger as ledger
 from jobs.config import load_job_config
-from pipelines.shard_writers import ShardWriterActor, ShardWriters, batch_key, writers_for
-from pipelines.stylize import build_dataset, plan_pending
+from pipelines.shard_writers import ShardWriterActor, ShardWriters, batch_key, to_ipc, writers_for
+from pipelines.stylize import build_dataset, iter_manifest, plan_pending
 from stylid_core.ledger import ShardWriter, done_ids, iter_shards
 from stylid_core.sample_data import write_face_crops
 from tests.pipelines.conftest import write_manifest
@@ -45,7 +45,7 @@ def test_a_failed_shard_write_leaves_exactly_the_unwritten_rows(tmp_path, monkey
 def test_a_writer_takes_a_retried_batch_once(tmp_path):
     out = str(tmp_path)
     actor = ShardWriterActor(out, {}, rows_per_shard=4)
-    first, second = rows(ids(3)), rows(ids(3, 3))
+    first, second = to_ipc(rows(ids(3))), to_ipc(rows(ids(3, 3)))
     k1, k2 = batch_key(ids(3)), batch_key(ids(3, 3))
     assert k1 != k2 and k1 == batch_key(list(ids(3)))
     assert actor.add(k1, first) is True
@@ -107,8 +107,6 @@ def test_a_job_dataset_carries_statuses_and_the_writers_the_rows(ray_session, tm
                               [{"image_id": f"r{k}", "image_uri": crops[k % 6]} for k in range(20)])  # fmt: skip
     config = load_job_config("stylize_null", ["io.rows_per_shard=8", "resources.fused.batch_size=4"])
     out = str(tmp_path / "out")
-    from pipelines.stylize import iter_manifest
-
     _, pending = plan_pending(iter_manifest(manifest, config.stylize.style_uri, {}), out, {})
     writers = ShardWriters(out, {}, rows_per_shard=8)
     try:
