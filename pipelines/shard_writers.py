@@ -73,6 +73,10 @@ class ShardWriterActor:
         self.writer.add(pa.ipc.open_stream(rows).read_all())
         return True
 
+    def alive(self) -> bool:
+        """True: an answer means the actor still runs (``ShardWriters.close`` waits for it to stop answering)."""
+        return True
+
     def flush(self) -> dict:
         """Write what is buffered; the writer's totals."""
         self.writer.flush()
@@ -117,9 +121,20 @@ class ShardWriters:
                 totals[k] += result[k]
         return totals
 
-    def close(self) -> None:
-        """End the writers (after ``flush``: what they still buffer is lost)."""
+    def close(self, timeout_s: float = 60.0) -> None:
+        """End the writers (after ``flush``: what they still buffer is lost), and return once each has stopped
+        answering: ``ray.kill`` only asks, and a call made just after it may still be served."""
+        import time
+
         import ray
 
         for a in self.actors:
             ray.kill(a)
+        deadline = time.monotonic() + timeout_s
+        for a in self.actors:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(a.alive.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    break
+                time.sleep(0.05)
