@@ -24,6 +24,7 @@ Three parts, each run in fresh processes (so peak RSS is the run's own):
 
     python benchmarks/bench_scale.py pipeline --rows 10000 100000 --cpus 2 --crash
     python benchmarks/bench_scale.py pipeline --rows 10000 --cpus 1
+    python benchmarks/bench_scale.py pipeline --rows 100000 --cpus 1 --pin   # the job on 1 of the machine's cores
     python benchmarks/bench_scale.py ledger --rows 1000000 --s3
     python benchmarks/bench_scale.py stages --rows 5000
     python benchmarks/bench_scale.py plan --manifest-rows 10000000 --done-rows 5000000
@@ -57,6 +58,8 @@ from pipelines.schema import COLUMNS, FACE_COLUMNS, METRICS_COLUMNS  # noqa: E40
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, ShardWriter, done_ids  # noqa: E402
 
 CONFIG = "stylize_null"
+#: set (by ``pipeline --pin``) for a job child to confine itself and all it starts to its first ``--cpus`` cores
+PIN_ENV = "STYLID_BENCH_PIN"
 CROPS = 1000  # distinct images; rows cycle over them (each row its own id, its own output image)
 
 
@@ -73,39 +76,79 @@ def _shmem(pid: int) -> int:
         return 0
 
 
+def _role(title: str) -> str:
+    """What a process of the local Ray does, from its title: a Ray worker's ``ray::...`` names its task or actor
+    (a worker's title changes as it takes other work), the rest are Ray's own processes (raylet, gcs_server,
+    the dashboard's and runtime env's agents)."""
+    if title.startswith("ray::"):
+        title = title[5:]
+        for short in ("FusedCPUStage", "ShardWriterActor", "ReadPendingRows", "IDLE"):
+            if short in title:
+                return short
+        return title.split(" ")[0][:40]
+    words = title.split(" ")
+    if os.path.basename(words[0]).startswith("python"):  # a Python process of Ray's: named by its script
+        scripts = [w for w in words[1:] if w.endswith(".py")]
+        return os.path.basename(scripts[0]) if scripts else "python"
+    return os.path.basename(words[0])[:40] or "?"
+
+
 class RSSWatch:
     """Peak RSS of this process and of its Ray worker processes (``ray::...``), sampled every 0.2 s; for the worker
-    at its peak, how much of it was Ray's object store (shared memory pages: the blocks it read and wrote)."""
+    at its peak, how much of it was Ray's object store (shared memory pages: the blocks it read and wrote). And
+    where the cores went: every process of this one's tree, its CPU seconds (user + system) by role (``_role``),
+    a process's CPU between two samples counted to the role it had at the second."""
 
     def __init__(self) -> None:
         self.me = psutil.Process()
         self.worker_peak = 0
         self.worker_peak_shmem = 0
+        self.cpu_by_role: dict[str, float] = {}
+        self._cpu_seen: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        for p in self.me.children(recursive=True):
+            try:
+                with p.oneshot():
+                    title = " ".join(p.cmdline()) or p.name()
+                    t = p.cpu_times()
+                    used = t.user + t.system
+                    rss = p.memory_info().rss
+                if title.startswith("ray::") and rss > self.worker_peak:
+                    self.worker_peak, self.worker_peak_shmem = rss, _shmem(p.pid)
+                role = _role(title)
+                self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + used - self._cpu_seen.get(p.pid, 0.0)
+                self._cpu_seen[p.pid] = used
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                for p in self.me.children(recursive=True):
-                    try:
-                        if p.name().startswith("ray::") or " ".join(p.cmdline()[:1]).startswith("ray::"):
-                            rss = p.memory_info().rss
-                            if rss > self.worker_peak:
-                                self.worker_peak, self.worker_peak_shmem = rss, _shmem(p.pid)
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        continue
-            except psutil.NoSuchProcess:
-                pass
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._sample()
             self._stop.wait(0.2)
 
     def __enter__(self) -> RSSWatch:
+        t = self.me.cpu_times()
+        self._driver_cpu0 = t.user + t.system
+        self._machine0 = psutil.cpu_times()
+        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._sample()  # the last CPU seconds of the processes still there
+        t = self.me.cpu_times()
+        self.cpu_by_role["driver"] = t.user + t.system - self._driver_cpu0
+        m0, m1 = self._machine0, psutil.cpu_times()
+        busy = lambda m: m.user + m.nice + m.system + getattr(m, "irq", 0) + getattr(m, "softirq", 0)  # noqa: E731
+        self.machine_busy_s = busy(m1) - busy(m0)  # every process of the machine, this job's and others
+        self.elapsed_s = time.perf_counter() - self._t0
 
     @staticmethod
     def driver_peak() -> int:
@@ -124,6 +167,8 @@ def child_job(args: argparse.Namespace) -> None:
     from jobs.run import run_job
 
     t0 = time.perf_counter()
+    if os.environ.get(PIN_ENV):  # the whole job (driver, local Ray, its workers: they inherit it) on --cpus cores
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cpus]))
     use_jemalloc()  # as the stylid command does
     config = load_job_config(CONFIG, [f"io.rows_per_shard={args.rows_per_shard}"])
     init_ray(num_cpus=args.cpus, quiet=True)
@@ -138,7 +183,10 @@ def child_job(args: argparse.Namespace) -> None:
                       "rss_file": int(status["RssFile"].split()[0]) * 1024,
                       **{"processed": r["processed"], "already_done": r["already_done"], "stylize_s": r["seconds"],
                       "job_s": t2 - t1, "wall_s": time.perf_counter() - t0, "driver_peak": watch.driver_peak(),
-                      "worker_peak": watch.worker_peak, "worker_peak_shmem": watch.worker_peak_shmem}}))  # fmt: skip
+                      "worker_peak": watch.worker_peak, "worker_peak_shmem": watch.worker_peak_shmem,
+                      "cpu_by_role": watch.cpu_by_role, "machine_busy_s": watch.machine_busy_s,
+                      "elapsed_s": watch.elapsed_s, "machine_cores": psutil.cpu_count(),
+                      "cores_given": len(os.sched_getaffinity(0))}}))  # fmt: skip
 
 
 def child_plan(args: argparse.Namespace) -> None:
@@ -322,6 +370,21 @@ def mb(b: float) -> str:
     return f"{b / 2**20:.0f}"
 
 
+def cores_line(figures: dict) -> str:
+    """Where a run's cores went: CPU seconds per row by process role, the biggest first (ms/row), and how busy
+    the machine was (all its processes) against its cores."""
+    rows = max(1, figures["processed"])
+    roles = sorted(figures["cpu_by_role"].items(), key=lambda kv: -kv[1])
+    spent = sum(v for _, v in roles)
+    shown = ", ".join(f"{k} {1000 * v / rows:.2f}" for k, v in roles if v >= 0.01 * spent)
+    capacity = figures["machine_cores"] * figures["elapsed_s"]
+    given = figures["cores_given"]
+    job, share = 1000 * spent / rows, 100 * spent / (given * figures["elapsed_s"])
+    return (f"cores (CPU ms/row): {shown}; this job {job:.2f} in all, {share:.0f}%"
+            f" of the {given} cores it could run on (so at most {1000 * given / job:.0f} rows/s on them); the machine"
+            f" {100 * figures['machine_busy_s'] / capacity:.0f}% busy over {figures['machine_cores']} cores")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from stylid_core.sample_data import write_face_crops
 
@@ -336,7 +399,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         for n in args.rows:
             manifest = write_manifest(os.path.join(work, f"manifest{n}"), n, crops)
             output = os.path.join(work, f"out{n}-{args.cpus}")
-            first = run_child("_job", *job_args(manifest, output, args.cpus, args.rows_per_shard))
+            pin = {PIN_ENV: "1"} if args.pin else None
+            first = run_child("_job", *job_args(manifest, output, args.cpus, args.rows_per_shard), env=pin)
             objects, mbytes, fbytes = output_objects(output)
             rerun = run_child("_job", *job_args(manifest, output, args.cpus, args.rows_per_shard))
             assert rerun["processed"] == 0 and rerun["already_done"] == n
@@ -352,6 +416,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
             print(f"         driver at the end: {mb(first['rss_anon'])} MB anonymous, {mb(first['rss_shmem'])} MB"
                   f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files; the worker"
                   f" at its peak: {mb(first['worker_peak_shmem'])} MB of it object store pages", flush=True)
+            print(f"         {cores_line(first)}", flush=True)
             if args.crash:
                 print(f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
                       f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)", flush=True)
@@ -510,6 +575,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--crash", action="store_true")
+    p.add_argument("--pin", action="store_true",
+                   help="the job (driver, Ray, its workers) on --cpus of the machine's cores")  # fmt: skip
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
     p.add_argument("--workdir", default=None)
     p = sub.add_parser("ledger")
