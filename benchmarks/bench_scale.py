@@ -93,7 +93,12 @@ def _role(title: str) -> str:
     return os.path.basename(words[0])[:40] or "?"
 
 
-class RSSWatch:
+def _busy_s(t) -> float:
+    """The machine's busy CPU seconds in ``psutil.cpu_times()`` (every process's, not idle or waiting on I/O)."""
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+class ProcessWatch:
     """Peak RSS of this process and of its Ray worker processes (``ray::...``), sampled every 0.2 s; for the worker
     at its peak, how much of it was Ray's object store (shared memory pages: the blocks it read and wrote). And
     where the cores went: every process of this one's tree, its CPU seconds (user + system) by role (``_role``),
@@ -108,7 +113,9 @@ class RSSWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def _sample(self, count: bool = True) -> None:
+        """One look at the tree; ``count=False`` only notes each process's CPU so far (those already running when
+        the watch starts: Ray started before the job, its start-up not the job's)."""
         for p in self.me.children(recursive=True):
             try:
                 with p.oneshot():
@@ -118,8 +125,9 @@ class RSSWatch:
                     rss = p.memory_info().rss
                 if title.startswith("ray::") and rss > self.worker_peak:
                     self.worker_peak, self.worker_peak_shmem = rss, _shmem(p.pid)
-                role = _role(title)
-                self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + used - self._cpu_seen.get(p.pid, 0.0)
+                if count:
+                    role = _role(title)
+                    self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + used - self._cpu_seen.get(p.pid, 0.0)
                 self._cpu_seen[p.pid] = used
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -130,11 +138,13 @@ class RSSWatch:
                 self._sample()
             self._stop.wait(0.2)
 
-    def __enter__(self) -> RSSWatch:
+    def __enter__(self) -> ProcessWatch:
         t = self.me.cpu_times()
         self._driver_cpu0 = t.user + t.system
         self._machine0 = psutil.cpu_times()
         self._t0 = time.perf_counter()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._sample(count=False)
         self._thread.start()
         return self
 
@@ -145,9 +155,7 @@ class RSSWatch:
             self._sample()  # the last CPU seconds of the processes still there
         t = self.me.cpu_times()
         self.cpu_by_role["driver"] = t.user + t.system - self._driver_cpu0
-        m0, m1 = self._machine0, psutil.cpu_times()
-        busy = lambda m: m.user + m.nice + m.system + getattr(m, "irq", 0) + getattr(m, "softirq", 0)  # noqa: E731
-        self.machine_busy_s = busy(m1) - busy(m0)  # every process of the machine, this job's and others
+        self.machine_busy_s = _busy_s(psutil.cpu_times()) - _busy_s(self._machine0)  # the job's and others'
         self.elapsed_s = time.perf_counter() - self._t0
 
     @staticmethod
@@ -172,7 +180,7 @@ def child_job(args: argparse.Namespace) -> None:
     use_jemalloc()  # as the stylid command does
     config = load_job_config(CONFIG, [f"io.rows_per_shard={args.rows_per_shard}"])
     init_ray(num_cpus=args.cpus, quiet=True)
-    with RSSWatch() as watch:
+    with ProcessWatch() as watch:
         t1 = time.perf_counter()
         info = run_job(config, args.output, args.manifest, report=not args.no_report)
         t2 = time.perf_counter()
@@ -197,13 +205,13 @@ def child_plan(args: argparse.Namespace) -> None:
 
     use_jemalloc()
     init_ray(num_cpus=args.cpus, quiet=True)
-    before = RSSWatch.driver_peak()
+    before = ProcessWatch.driver_peak()
     t0 = time.perf_counter()  # the plan runs on the driver only: no worker to watch
     done, pending = plan_pending(iter_manifest(args.manifest, None), args.output, {},
                                  block_rows=lambda n: input_block_rows(n, 16, args.cpus))  # fmt: skip
     plan_s = time.perf_counter() - t0
     print(json.dumps({"plan_s": plan_s, "done": len(done), "pending": len(pending), "tasks": len(pending.slices),
-                      "driver_peak": RSSWatch.driver_peak(), "driver_before": before}))  # fmt: skip
+                      "driver_peak": ProcessWatch.driver_peak(), "driver_before": before}))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -576,7 +584,7 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--crash", action="store_true")
     p.add_argument("--pin", action="store_true",
-                   help="the job (driver, Ray, its workers) on --cpus of the machine's cores")  # fmt: skip
+                   help="each size's first run (driver, Ray, workers) on --cpus of the machine's cores")  # fmt: skip
     p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
     p.add_argument("--workdir", default=None)
     p = sub.add_parser("ledger")

@@ -73,10 +73,6 @@ class ShardWriterActor:
         self.writer.add(pa.ipc.open_stream(rows).read_all())
         return True
 
-    def alive(self) -> bool:
-        """True: an answer means the actor still runs (``ShardWriters.close`` waits for it to stop answering)."""
-        return True
-
     def flush(self) -> dict:
         """Write what is buffered; the writer's totals."""
         self.writer.flush()
@@ -134,7 +130,7 @@ class ShardWriters:
         for a in self.actors:
             while time.monotonic() < deadline:
                 try:
-                    ray.get(a.alive.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                    ray.get(a.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                    break
+                    break  # gone (or, killed and hung, past waiting for)
                 time.sleep(0.05)

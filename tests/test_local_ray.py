@@ -20,6 +20,7 @@ from PIL import Image
 from jobs import ray_reaper
 from stylid_core.sample_data import load_photo
 from tests.pipelines.netcheck import RAY_LISTENERS, ListenerWatch
+from tests.processes import alive, process_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the Ray temp folder of the runs started here (their environment has no RAY_TMPDIR: Ray's rule gives this)
@@ -145,18 +146,6 @@ def test_no_planted_credential_in_any_file_the_run_wrote(s3_run):
         assert '"secret": "<redacted>"' in f.read()  # the option is recorded as given, its value not
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 @pytest.mark.slow
 def test_no_process_of_the_local_ray_survives_a_sigkilled_driver(tmp_path):
     rows = small_photos(str(tmp_path / "photos"), 30)
@@ -171,12 +160,12 @@ def test_no_process_of_the_local_ray_survives_a_sigkilled_driver(tmp_path):
         # actor): one may end before the kill (a stage actor once its input is read), and a gone one has no name
         while time.time() < deadline:  # until the stage actors work (mid-run), every process of the tree noted
             assert proc.poll() is None, open(tmp_path / "stylid.log").read()[-3000:]
-            for p in _tree(proc.pid):
+            for p in process_tree(proc.pid):
                 seen.setdefault(p.pid, p)
             for pid, p in seen.items():
                 with contextlib.suppress(psutil.Error):
                     named[pid] = p.name()
-            names = {named[pid] for pid, p in seen.items() if pid in named and _alive(p)}
+            names = {named[pid] for pid, p in seen.items() if pid in named and alive(p)}
             # an image stored: the actors are mid-run (the metrics shard is written once the rows are all done)
             if any("MapWorker" in n for n in names) and glob.glob(str(tmp_path / "out" / "images" / "*.png")):
                 break
@@ -189,15 +178,15 @@ def test_no_process_of_the_local_ray_survives_a_sigkilled_driver(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(p) for p in seen.values() if p.pid != proc.pid):
+        while time.time() < deadline and any(alive(p) for p in seen.values() if p.pid != proc.pid):
             time.sleep(0.5)
-        left = sorted((p.pid, named.get(p.pid)) for p in seen.values() if p.pid != proc.pid and _alive(p))
+        left = sorted((p.pid, named.get(p.pid)) for p in seen.values() if p.pid != proc.pid and alive(p))
         assert not left, f"processes of the killed driver's Ray still alive after 30 s: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()
         for p in seen.values():  # nothing of this test may outlive it, whatever the outcome
-            if p.pid != proc.pid and _alive(p):
+            if p.pid != proc.pid and alive(p):
                 p.kill()
 
 

@@ -30,6 +30,7 @@ from stylid_core.config import JobConfig
 from stylid_core.storage import read_parquet_dir
 from tests.faultproxy import FaultProxy
 from tests.pipelines.conftest import write_manifest
+from tests.processes import kill_and_wait
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "faults"
@@ -177,16 +178,6 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_ends_whole(ray_session,
 # -- the driver killed with SIGKILL mid-run, then the job rerun ------------------------------------------------------
 
 
-def _kill_tree(procs: list[psutil.Process]) -> None:
-    """SIGKILL what is left of processes this test started (by PID), and wait for them."""
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=20)
-
-
 @pytest.mark.slow
 def test_a_rerun_after_the_driver_was_killed_does_only_the_missing_rows(ray_session, inputs, tmp_path):
     rows, expected = _rows(inputs, 24)
@@ -205,7 +196,7 @@ def test_a_rerun_after_the_driver_was_killed_does_only_the_missing_rows(ray_sess
         driver.wait(30)
         time.sleep(2)  # let the orphaned workers notice and stop (whatever is left is killed below)
     finally:
-        _kill_tree(family)
+        kill_and_wait(family)
     before = read_parquet_dir(f"{output}/metrics")
     done = set(before["image_id"]) if len(before) else set()
     # rows in the ledger when the driver died (none, if the ledger is flushed in large shards: then all are redone)

@@ -4,7 +4,6 @@ only the rows it had not flushed, which the rerun redoes exactly once."""
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import signal
@@ -13,7 +12,6 @@ import sys
 import time
 
 import pandas as pd
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -22,6 +20,7 @@ from jobs.run import run_job
 from stylid_core.ledger import compact, done_ids
 from stylid_core.sample_data import write_face_crops
 from tests.pipelines.conftest import write_manifest
+from tests.processes import kill_and_wait, note_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,31 +36,6 @@ def _names(output: str, sub: str) -> list[str]:
 
 def _table(output: str, sub: str) -> pd.DataFrame:
     return pd.concat([pq.read_table(f"{output}/{sub}/{n}").to_pandas() for n in _names(output, sub)])
-
-
-def _note_tree(pid: int, seen: dict[int, psutil.Process]) -> None:
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            seen.setdefault(p.pid, p)
-
-
-def _end(procs: list[psutil.Process], grace_s: float) -> None:
-    """Wait up to ``grace_s`` for ``procs`` (started by this test) to end, then SIGKILL what is left of them."""
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.2)
-    for p in procs:
-        if _alive(p):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +75,21 @@ def test_a_driver_killed_mid_run_loses_only_unflushed_rows(ray_session, crops, t
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    seen: dict[int, psutil.Process] = {}  # the driver's process tree: its local Ray and the Ray workers
+    seen: dict = {}  # the driver's process tree: its local Ray and the Ray workers
     try:
         deadline = time.monotonic() + 240
         while len(_names(output, "metrics")) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            _note_tree(proc.pid, seen)
+            note_tree(proc.pid, seen)
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be killed"
-        _note_tree(proc.pid, seen)
+        note_tree(proc.pid, seen)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, and what of its local Ray shares its process group
         proc.wait()
-        # the rest of the local Ray (the raylet starts its workers in their own groups) ends once it sees the
-        # driver gone; until then a shard writer may finish a put it had begun, so the ledger is read only after
-        # every process of the killed run has ended
-        _end(list(seen.values()), grace_s=60)
+        # the rest of the local Ray (the raylet starts its workers in their own groups) would end only once it saw
+        # the driver gone, and a shard writer could still finish a put it had begun: so every process of the
+        # killed run is ended (by PID) before the ledger is read
+        kill_and_wait(list(seen.values()))
     done = len(done_ids(output, {}))
     assert 0 < done < n and done % 25 == 0  # whole shards only
     assert len(glob.glob(f"{output}/images/*.png")) >= done
