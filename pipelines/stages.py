@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -625,7 +626,13 @@ class FusedCPUStage:
         io: IOConfig,
         write: dict | None = None,
         images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
+        read_slices: Callable[[dict], pa.Table] | None = None,
+        batch_rows: int = 16,
     ) -> None:
+        # ``read_slices``: the actor's input batches are pieces of the job's rows, not the rows
+        # (``pipelines.stylize.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
+        # batches of ``batch_rows``, so that the rows never cross Ray's object store
+        self.read_slices, self.batch_rows = read_slices, batch_rows
         stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
         self.stages: list = [FaceStage(faces), *stylizing, ScoreStage(faces, score, io)]
         if write is not None:
@@ -633,7 +640,21 @@ class FusedCPUStage:
             # keyword arguments); the batch then never crosses the object store with its pixels
             self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
+    def __call__(self, df: pd.DataFrame) -> pa.Table | Iterator[pa.Table]:
+        if self.read_slices is None:
+            return self.run(df)
+        return self._run_pieces(df)
+
+    def _run_pieces(self, pieces: pd.DataFrame) -> Iterator[pa.Table]:
+        """Each piece's rows, read here, in batches of ``batch_rows``: the same batches whichever actor reads the
+        piece, so that a retried piece hands the shard writers the same batches (their dedup key)."""
+        for piece in pieces.to_dict("records"):
+            rows = self.read_slices(piece)
+            for k in range(0, rows.num_rows, self.batch_rows):
+                yield self.run(rows.slice(k, self.batch_rows).to_pandas())
+
+    def run(self, df: pd.DataFrame) -> pa.Table:
+        """One batch of rows through every stage."""
         table = to_table(df)  # typed as the job's columns once, then plain Python values
         rows = table.to_pylist()
         for stage in self.stages[:-1]:

@@ -447,26 +447,130 @@ class _PendingSlice:
     def pending(self) -> int:
         return len(self.is_done) - int(self.is_done.sum())
 
+    def pieces(self, block_rows: int) -> list[pa.Table]:
+        """This slice cut into consecutive row ranges of ``block_rows`` pending rows each (the last fewer), each as
+        a one-row ``PIECE_SCHEMA`` table: the file, its row groups, the range and the range's done flags (packed,
+        a bit a row): what a block of the job's rows is when its first stage reads its own rows
+        (``ManifestSliceReader.read_piece``)."""
+        pending_at = np.flatnonzero(~self.is_done)
+        cuts = [0, *pending_at[block_rows::block_rows].tolist(), len(self.is_done)]
+        return [
+            pa.table({
+                "path": [self.path], "row_groups": [self.row_groups], "start": [self.start + lo],
+                "stop": [self.start + hi], "done": [np.packbits(self.is_done[lo:hi]).tobytes()],
+            }, schema=PIECE_SCHEMA)
+            for lo, hi in zip(cuts[:-1], cuts[1:])
+        ]  # fmt: skip
+
+
+#: a block of a job's rows not read yet (``_PendingSlice.pieces``): rows ``start`` to ``stop`` of a manifest
+#: file's ``row_groups``, and a bit a row, set when that row is done already
+PIECE_SCHEMA = pa.schema([("path", pa.string()), ("row_groups", pa.list_(pa.int64())), ("start", pa.int64()),
+                          ("stop", pa.int64()), ("done", pa.binary())])  # fmt: skip
+
+
+class _Cursor:
+    """Where one open read of a manifest file's row groups stands: the prepared tables still to come, the row
+    the next of them starts at, and what is left of the last one taken."""
+
+    def __init__(self, tables: Iterator[pa.Table], position: int) -> None:
+        self.tables, self.position, self.head = tables, position, None
+
+    def take(self, start: int, stop: int) -> list[pa.Table]:
+        """Rows ``start`` to ``stop`` (``start`` at or after ``position``; fewer if the file ends first)."""
+        taken = []
+        while self.position < stop:
+            if self.head is None:
+                self.head = next(self.tables, None)
+                if self.head is None:
+                    break
+            end = self.position + self.head.num_rows
+            lo, hi = max(start, self.position), min(stop, end)
+            if hi > lo:
+                taken.append(self.head.slice(lo - self.position, hi - lo))
+            if end <= stop:
+                self.head, self.position = None, end
+            else:
+                self.head, self.position = self.head.slice(stop - self.position), stop
+        return taken
+
+
+class ManifestSliceReader:
+    """Reads a job's pending rows out of its manifest, a slice or a piece at a time: ``PendingRows``' read
+    tasks, and the fused actors that read their own rows (``FusedCPUStage`` with ``read_slices``).
+
+    An actor is given a slice's pieces in order, every other one or so when two actors share it: a read stays open
+    between pieces (``_Cursor``, the last ``OPEN_READS`` of them) and goes on from where the last piece ended, so
+    a row group is decoded about once an actor, not once a piece (Parquet has no row-level seek). Pickled, a
+    reader carries its settings, not its open reads."""
+
+    #: open reads an instance keeps (a few: the slices whose pieces its actor is being given)
+    OPEN_READS = 2
+
+    def __init__(self, filesystem, target: list[pa.Field], batch_rows: int, prepare, manifest_uri: str) -> None:
+        self.filesystem, self.target, self.batch_rows, self.prepare = filesystem, target, batch_rows, prepare
+        self.manifest_uri = manifest_uri
+        self._open: dict[tuple, _Cursor] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def read(self, path: str, row_groups: list[int], start: int, is_done: np.ndarray) -> pa.Table:
+        """Rows ``start`` to ``start + len(is_done)`` of ``path``'s ``row_groups``, less those marked in
+        ``is_done``, styles dictionary-encoded. ``RuntimeError`` when the file holds fewer rows there (the
+        manifest changed since the plan)."""
+        stop = start + len(is_done)
+        key = (path, tuple(row_groups))
+        cursor = self._open.pop(key, None)
+        if cursor is None or cursor.position > start:
+            tables = read_manifest_file(self.filesystem, path, row_groups, self.target, self.batch_rows,
+                                        self.prepare, start=start)  # fmt: skip
+            cursor = _Cursor(tables, start)
+        taken = cursor.take(start, stop)
+        self._open[key] = cursor  # the newest last: the oldest goes first
+        while len(self._open) > self.OPEN_READS:
+            self._open.pop(next(iter(self._open)))
+        where = f"{self.manifest_uri} ({path} from row {start})"
+        kept = list(keep_pending(taken, is_done, where))
+        # permissive: a prepared column all null in one batch (null type) is typed by the others
+        table = pa.concat_tables(kept, promote_options="permissive") if kept else None
+        if table is None:
+            raise RuntimeError(f"manifest {where} changed while it was read ({len(is_done)} rows planned, 0 read)")
+        return encode_styles(table.combine_chunks())
+
+    def read_piece(self, piece: dict) -> pa.Table:
+        """A ``PIECE_SCHEMA`` row's pending rows (``read``)."""
+        rows = piece["stop"] - piece["start"]
+        is_done = np.unpackbits(np.frombuffer(piece["done"], np.uint8), count=rows).astype(bool)
+        return self.read(piece["path"], list(piece["row_groups"]), piece["start"], is_done)
+
 
 class PendingRows(Datasource):
     """A plan's pending rows, not read yet (``plan_pending`` with ``block_rows``): the manifest's rows cut into
-    read tasks of at most a manifest batch (``batch_rows``), each with its rows' done flags, read by Ray Data as
-    the dataset runs (``read_datasource``); a task whose rows are all done is not made at all.
+    slices of at most a manifest batch (``batch_rows``) of one file, each with its rows' done flags (a slice whose
+    rows are all done is not kept), and each slice into pieces of about ``block_rows`` pending rows.
 
-    A read task reads its rows (``read_manifest_file``), drops those already done, and Ray Data cuts what is
-    left into blocks of about ``block_rows`` (``override_num_blocks``: each task's rows split in as many blocks);
-    Ray pulls them only as fast as the first stage takes them (a read task is a streaming generator, paused
-    while its blocks wait), so neither the driver nor the object store ever holds the pending rows: the store
-    holds the few blocks in flight. Read tasks take no CPU (``num_cpus=0``): a batch is read and filtered in
-    milliseconds, and an actor pool that holds every CPU must not starve its own input (a task that needs a CPU
-    never runs beside it). Small row groups of one file share a task; a row group bigger than a batch is cut into
-    several tasks, each decoding the group up to its own rows (Parquet has no row-level seek): a 1M-row group
-    is 16 tasks decoding 8.5M rows in all, seconds against the hours of its rows' models."""
+    Read as the dataset runs, in one of two ways:
+
+    - ``dataset()``: Ray Data's read tasks, one a slice, its rows cut into blocks of about ``block_rows``
+      (``read_datasource``). Ray pulls them only as fast as the first stage takes them (a read task is a
+      streaming generator, paused while its blocks wait), so neither the driver nor the object store ever holds
+      the pending rows. Read tasks take no CPU (``num_cpus=0``): a batch is read and filtered in milliseconds,
+      and an actor pool that holds every CPU must not starve its own input.
+    - ``pieces_dataset()``: the pieces themselves, a few hundred bytes each, for a first stage that reads its own
+      rows (the fused actors, ``FusedCPUStage`` with ``read_slices``): the rows then never cross the object
+      store at all. A block of rows is bigger than Ray inlines (100 kB): each is a shared-memory object the
+      actor maps, and the store's pages an actor had touched grew with the run (a million rows: +44 MB an
+      actor); inlined blocks pass through the driver instead, whose heap then grew about as much.
+
+    Small row groups of one file share a slice; a row group bigger than a batch is cut into several slices,
+    each decoding the group up to its own rows (Parquet has no row-level seek): a 1M-row group is 16 slices
+    decoding 8.5M rows in all, seconds against the hours of its rows' models."""
 
     def __init__(self, manifest: ManifestReader, is_done: np.ndarray, block_rows: int) -> None:
-        self.filesystem = manifest.dataset.filesystem
-        self.target = manifest._target(manifest.columns)
-        self.batch_rows, self.prepare = manifest.batch_rows, manifest.prepare
+        self.reader = ManifestSliceReader(manifest.dataset.filesystem, manifest._target(manifest.columns),
+                                          manifest.batch_rows, manifest.prepare, manifest.manifest_uri)  # fmt: skip
+        self.batch_rows = manifest.batch_rows
         self.manifest_uri = manifest.manifest_uri
         self.block_rows = block_rows
         self.slices = self._slices(manifest.row_groups(), is_done)
@@ -508,29 +612,30 @@ class PendingRows(Datasource):
         for part in self.slices:
             meta = BlockMetadata(num_rows=part.pending, size_bytes=part.pending * self.ROW_BYTES, exec_stats=None,
                                  input_files=(part.path,))  # fmt: skip
-            tasks.append(ReadTask(self._reader(part, credentials), meta))
+            tasks.append(ReadTask(self._read_task(part, credentials), meta))
         return tasks
 
-    def _reader(self, part: _PendingSlice, credentials: StageCredentials) -> Callable[[], Iterator[pa.Table]]:
-        filesystem, target, batch_rows, prepare = self.filesystem, self.target, self.batch_rows, self.prepare
-        manifest_uri = self.manifest_uri
+    def _read_task(self, part: _PendingSlice, credentials: StageCredentials) -> Callable[[], Iterator[pa.Table]]:
+        reader = self.reader
 
         def read() -> Iterator[pa.Table]:
             credentials.export()
-            tables = read_manifest_file(filesystem, part.path, part.row_groups, target, batch_rows, prepare,
-                                        start=part.start, stop=part.start + len(part.is_done))  # fmt: skip
-            where = f"{manifest_uri} ({part.path} from row {part.start})"
-            for kept in keep_pending(tables, part.is_done, where):
-                if kept.num_rows:
-                    yield encode_styles(kept)
+            yield reader.read(part.path, part.row_groups, part.start, part.is_done)
 
         return read
 
     def dataset(self) -> ray.data.Dataset:
         """The pending rows as a Ray dataset read as it runs (one read task a slice, no CPU each), in blocks of
-        about ``block_rows``."""
+        about ``block_rows`` (``override_num_blocks``: each task's rows split in as many blocks; Ray joins the
+        tables a task yields up to its block size, so yielding pieces would not cut them)."""
         blocks = max(len(self.slices), -(-self.num_rows // max(1, self.block_rows)))
         return ray.data.read_datasource(self, override_num_blocks=blocks, num_cpus=0, **stage_runtime_env())
+
+    def pieces_dataset(self) -> ray.data.Dataset:
+        """The pending rows' pieces (``PIECE_SCHEMA``) as a Ray dataset, a block a piece, in manifest order: for
+        a first stage that reads its own rows with ``reader``."""
+        pieces = [piece for part in self.slices for piece in part.pieces(self.block_rows)]
+        return ray.data.from_arrow(pieces)
 
 
 @dataclass
@@ -602,12 +707,14 @@ def build_dataset(
     remote = stage_remote_args()
     credentials = StageCredentials.from_environ()
     key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
-    ds = input_dataset(rows, first_batch_rows(config), cpus)
+    # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
+    # no per-task dispatch of load and write (measured on 2 cores: about 2% more images/s than separate tasks);
+    # and rows not read yet are read by the actors themselves: not even the rows cross the object store
+    io_inside = fused_io(config)
+    reads_own_rows = io_inside and fused(config) and isinstance(rows, PendingRows)
+    ds = rows.pieces_dataset() if reads_own_rows else input_dataset(rows, first_batch_rows(config), cpus)
     write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
                   "write_images": write_images, "shard_writers": shard_writers}  # fmt: skip
-    # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
-    # no per-task dispatch of load and write (measured on 2 cores: about 2% more images/s than separate tasks)
-    io_inside = fused_io(config)
     if not io_inside:
         ds = ds.map_batches(
             _load,
@@ -624,8 +731,11 @@ def build_dataset(
             with_credentials(FusedCPUStage, credentials),
             fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize if stylize else None,
                                    "score": config.score, "io": io, "write": write_args if io_inside else None,
-                                   "images": images},
-            batch_format="pandas", batch_size=res.fused.batch_size, num_cpus=res.fused.num_cpus,
+                                   "images": images, "read_slices": rows.reader.read_piece if reads_own_rows else None,
+                                   "batch_rows": res.fused.batch_size},
+            # reading its own rows, an actor is given a piece at a time (a block of about input_block_rows rows)
+            batch_format="pandas", batch_size=1 if reads_own_rows else res.fused.batch_size,
+            num_cpus=res.fused.num_cpus,
             # one pool holds the whole CPU budget: start every actor at once (Ray's autoscaler adds actors only
             # once work queues up, which a steady stream of small blocks rarely shows)
             compute=ActorPoolStrategy(size=fused_pool_size(config, cpus, memory)),

@@ -204,3 +204,27 @@ def test_the_default_cpu_job_is_one_operator_and_io_apart_adds_load_and_write(ra
     ops = lambda ds: [line.split("(")[1].rstrip(")") for line in str(ds).splitlines() if "MapBatches(" in line]  # noqa: E731
     assert ops(one) == ["FusedCPUStage"]
     assert ops(three) == ["_write", "FusedCPUStage", "_load"]
+
+
+def test_the_fused_job_reads_its_own_rows_from_the_manifest(ray_session, manifest, tmp_path):
+    """Given a plan's pending rows not read yet (``PendingRows``), the default CPU job's dataset is made of their
+    pieces, a few hundred bytes each, and the fused actors read the rows themselves: no read task, no block of
+    rows in the object store. Kept apart (``fuse_io`` false), the rows are read by read tasks as before."""
+    from pipelines.stylize import PIECE_SCHEMA, ManifestReader, plan_pending
+
+    _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 2)
+    one = pipelines.stylize.build_dataset(JobConfig(), rows, str(tmp_path / "a"))
+    assert str(one).startswith("MapBatches(FusedCPUStage)") and _source(one) == "FromArrow"
+    pieces = rows.pieces_dataset()
+    assert pieces.schema().base_schema.equals(PIECE_SCHEMA) and pieces.count() == -(-len(rows) // 2)
+    apart = pipelines.stylize.build_dataset(JobConfig.from_dict({"resources": {"fuse_io": False}}), rows,
+                                            str(tmp_path / "b"))  # fmt: skip
+    assert _source(apart) == "Read"
+
+
+def _source(ds) -> str:
+    """The kind of a dataset's first operator (``Read``, ``FromArrow``, ...)."""
+    op = ds._logical_plan.dag
+    while op.input_dependencies:
+        op = op.input_dependencies[0]
+    return type(op).__name__

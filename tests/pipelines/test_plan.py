@@ -130,6 +130,85 @@ def test_pending_rows_fail_when_the_manifest_changed_after_the_plan(tmp_path, ra
         _read_blocks(rows)
 
 
+def _one_group_manifest(tmp_path, n: int) -> str:
+    """``n`` rows ``r000``.. in one file of one row group."""
+    import pyarrow.parquet as pq
+
+    os.makedirs(tmp_path / "m")
+    ids = [f"r{k:03d}" for k in range(n)]
+    pq.write_table(pa.table({"image_id": ids, "image_uri": [f"/in/{i}" for i in ids]}), tmp_path / "m" / "p.parquet")
+    return str(tmp_path / "m")
+
+
+def test_pending_rows_are_cut_into_pieces_of_block_rows_pending_rows(tmp_path):
+    """A slice's pieces: consecutive row ranges covering the slice, each with ``block_rows`` pending rows (the last
+    fewer), their done flags a bit a row; read back (``read_piece``), they are exactly the plan's pending rows."""
+    from pipelines.stylize import PIECE_SCHEMA
+
+    manifest = _one_group_manifest(tmp_path, 100)
+    output = str(tmp_path / "out")
+    done_ids = [f"r{k:03d}" for k in range(0, 100, 3)] + [f"r{k:03d}" for k in range(60, 75)]
+    _ledger(output, done_ids)
+    reader = ManifestReader(manifest, "/s/default.png", batch_rows=64)
+    _, in_memory = plan_pending(reader, output, {})
+    _, rows = plan_pending(reader, output, {}, block_rows=lambda n: 10)
+    pieces = [p for part in rows.slices for p in part.pieces(rows.block_rows)]
+    assert all(p.schema.equals(PIECE_SCHEMA) and p.num_rows == 1 for p in pieces)
+    ranges = [(p["start"][0].as_py(), p["stop"][0].as_py()) for p in pieces]
+    # slices of 64 and 36 rows; each piece's range starts where the last ended, within its slice
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert 64 in [stop for _, stop in ranges]
+    got = [rows.reader.read_piece(p.to_pylist()[0]) for p in pieces]
+    per_slice_last = {i for i, (_, stop) in enumerate(ranges) if stop in (64, 100)}
+    assert all(t.num_rows == 10 for i, t in enumerate(got) if i not in per_slice_last)
+    assert pa.concat_tables([t.cast(in_memory.schema) for t in got]).equals(in_memory)
+
+
+def test_a_reader_given_pieces_in_order_decodes_a_row_group_once(tmp_path, monkeypatch):
+    """An actor's reader keeps its read of a row group open between pieces and goes on from there (Parquet has
+    no row-level seek): every other piece (two actors sharing a slice) opens the file once; a piece behind its
+    read opens it again and still reads the right rows; a pickled reader carries no open read."""
+    from ray import cloudpickle as pickle  # what Ray ships a stage's arguments with
+
+    import pipelines.stylize as stylize
+
+    manifest = _one_group_manifest(tmp_path, 60)
+    _, rows = plan_pending(ManifestReader(manifest, None, batch_rows=64), str(tmp_path / "out"), {},
+                           block_rows=lambda n: 6)  # fmt: skip
+    pieces = [p.to_pylist()[0] for part in rows.slices for p in part.pieces(rows.block_rows)]
+    assert len(pieces) == 10
+    opened = []
+    real = stylize.read_manifest_file
+    monkeypatch.setattr(stylize, "read_manifest_file", lambda *a, **k: opened.append(k["start"]) or real(*a, **k))
+    ids = lambda t: t.column("image_id").to_pylist()  # noqa: E731
+    first, second = pickle.loads(pickle.dumps(rows.reader)), pickle.loads(pickle.dumps(rows.reader))
+    assert ids(first.read_piece(pieces[0])) == [f"r{k:03d}" for k in range(6)]
+    assert ids(second.read_piece(pieces[1])) == [f"r{k:03d}" for k in range(6, 12)]
+    for k in range(2, 10):
+        got = (first if k % 2 == 0 else second).read_piece(pieces[k])
+        assert ids(got) == [f"r{j:03d}" for j in range(6 * k, 6 * k + 6)]
+    assert opened == [0, 6]  # each reader opened the file once, where its first piece starts
+    assert ids(first.read_piece(pieces[3])) == [f"r{k:03d}" for k in range(18, 24)]  # behind: read again
+    assert opened == [0, 6, 18]
+    assert pickle.loads(pickle.dumps(first))._open == {}
+
+
+def test_a_piece_of_a_manifest_changed_after_the_plan_fails_its_read(tmp_path):
+    """Rows removed from the manifest between the plan and an actor's read of its piece fail the read, naming
+    the file, rather than marking the wrong rows done."""
+    manifest = _one_group_manifest(tmp_path, 30)
+    _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 10)
+    pieces = [p.to_pylist()[0] for part in rows.slices for p in part.pieces(rows.block_rows)]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(manifest, "p.parquet")).slice(0, 25)
+    pq.write_table(table, os.path.join(manifest, "p.parquet"))
+    assert rows.reader.read_piece(pieces[0]).num_rows == 10
+    with pytest.raises(RuntimeError, match=r"p.parquet from row 20\) changed while it was read"):
+        rows.reader.read_piece(pieces[2])
+
+
 def test_ids_that_share_a_hash_are_still_told_apart(tmp_path, monkeypatch):
     """The plan keeps 64-bit hashes of the ids, not the ids: with every id given the same hash (as if they all
     collided), duplicates are still exactly the duplicated ids, and the ledger still subtracts exactly its own."""
