@@ -93,7 +93,8 @@ def test_a_lost_writer_fails_the_flush(ray_session, tmp_path):
     out = str(tmp_path / "out")
     writers = ShardWriters(out, {}, rows_per_shard=100, writers=1)
     writers.hand_off(rows(ids(4)))
-    ray.kill(writers.actors[0])
+    # killed, and gone: ray.kill only asks, and a flush sent just after it was once still served (CI)
+    writers.close()
     with pytest.raises(ray.exceptions.RayActorError):
         writers.flush()
     assert len(done_ids(out, {})) == 0
