@@ -626,13 +626,13 @@ class FusedCPUStage:
         io: IOConfig,
         write: dict | None = None,
         images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
-        read_slices: Callable[[dict], pa.Table] | None = None,
+        read_piece: Callable[[dict], pa.Table] | None = None,
         batch_rows: int = 16,
     ) -> None:
-        # ``read_slices``: the actor's input batches are pieces of the job's rows, not the rows
+        # ``read_piece``: the actor's input batches are pieces of the job's rows, not the rows
         # (``pipelines.stylize.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
         # batches of ``batch_rows``, so that the rows never cross Ray's object store
-        self.read_slices, self.batch_rows = read_slices, batch_rows
+        self.read_piece, self.batch_rows = read_piece, batch_rows
         stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
         self.stages: list = [FaceStage(faces), *stylizing, ScoreStage(faces, score, io)]
         if write is not None:
@@ -641,7 +641,7 @@ class FusedCPUStage:
             self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table | Iterator[pa.Table]:
-        if self.read_slices is None:
+        if self.read_piece is None:
             return self.run(df)
         return self._run_pieces(df)
 
@@ -649,7 +649,7 @@ class FusedCPUStage:
         """Each piece's rows, read here, in batches of ``batch_rows``: the same batches whichever actor reads the
         piece, so that a retried piece hands the shard writers the same batches (their dedup key)."""
         for piece in pieces.to_dict("records"):
-            rows = self.read_slices(piece)
+            rows = self.read_piece(piece)
             for k in range(0, rows.num_rows, self.batch_rows):
                 yield self.run(rows.slice(k, self.batch_rows).to_pandas())
 

@@ -497,7 +497,7 @@ class _Cursor:
 
 class ManifestSliceReader:
     """Reads a job's pending rows out of its manifest, a slice or a piece at a time: ``PendingRows``' read
-    tasks, and the fused actors that read their own rows (``FusedCPUStage`` with ``read_slices``).
+    tasks, and the fused actors that read their own rows (``FusedCPUStage`` with ``read_piece``).
 
     An actor is given a slice's pieces in order, every other one or so when two actors share it: a read stays open
     between pieces (``_Cursor``, the last ``OPEN_READS`` of them) and goes on from where the last piece ended, so
@@ -530,13 +530,10 @@ class ManifestSliceReader:
         self._open[key] = cursor  # the newest last: the oldest goes first
         while len(self._open) > self.OPEN_READS:
             self._open.pop(next(iter(self._open)))
-        where = f"{self.manifest_uri} ({path} from row {start})"
-        kept = list(keep_pending(taken, is_done, where))
+        # keep_pending raises when the file held fewer rows than planned, so there is at least one table here
+        kept = list(keep_pending(taken, is_done, f"{self.manifest_uri} ({path} from row {start})"))
         # permissive: a prepared column all null in one batch (null type) is typed by the others
-        table = pa.concat_tables(kept, promote_options="permissive") if kept else None
-        if table is None:
-            raise RuntimeError(f"manifest {where} changed while it was read ({len(is_done)} rows planned, 0 read)")
-        return encode_styles(table.combine_chunks())
+        return encode_styles(pa.concat_tables(kept, promote_options="permissive").combine_chunks())
 
     def read_piece(self, piece: dict) -> pa.Table:
         """A ``PIECE_SCHEMA`` row's pending rows (``read``)."""
@@ -558,7 +555,7 @@ class PendingRows(Datasource):
       the pending rows. Read tasks take no CPU (``num_cpus=0``): a batch is read and filtered in milliseconds,
       and an actor pool that holds every CPU must not starve its own input.
     - ``pieces_dataset()``: the pieces themselves, a few hundred bytes each, for a first stage that reads its own
-      rows (the fused actors, ``FusedCPUStage`` with ``read_slices``): the rows then never cross the object
+      rows (the fused actors, ``FusedCPUStage`` with ``read_piece``): the rows then never cross the object
       store at all. A block of rows is bigger than Ray inlines (100 kB): each is a shared-memory object the
       actor maps, and the store's pages an actor had touched grew with the run (a million rows: +44 MB an
       actor); inlined blocks pass through the driver instead, whose heap then grew about as much.
@@ -731,7 +728,7 @@ def build_dataset(
             with_credentials(FusedCPUStage, credentials),
             fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize if stylize else None,
                                    "score": config.score, "io": io, "write": write_args if io_inside else None,
-                                   "images": images, "read_slices": rows.reader.read_piece if reads_own_rows else None,
+                                   "images": images, "read_piece": rows.reader.read_piece if reads_own_rows else None,
                                    "batch_rows": res.fused.batch_size},
             # reading its own rows, an actor is given a piece at a time (a block of about input_block_rows rows)
             batch_format="pandas", batch_size=1 if reads_own_rows else res.fused.batch_size,
