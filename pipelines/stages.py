@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, object_key, to_table, to_table_of_rows
+from stylid_core.boxes import box_iou
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
@@ -432,14 +433,6 @@ class StylizeStage(FrameStage):
         return rows
 
 
-def _iou(a: tuple, b: tuple) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 SCORE_COLUMNS = (
     "id_sim_mean",
     "id_sim_min",
@@ -576,7 +569,7 @@ class ScoreStage(FrameStage):
             if from_reference:
                 redetected = where is not None
             else:
-                redetected = None if found is None else any(_iou(at.box, g.box) >= 0.3 for g in found)
+                redetected = None if found is None else any(box_iou(at.box, g.box) >= 0.3 for g in found)
             records.append({
                 "face_index": k, "x0": at.box[0], "y0": at.box[1], "x1": at.box[2], "y1": at.box[3],
                 "det_score": at.score, "size_px": at.size_px, "size_bucket": size_bucket(at.size_px),

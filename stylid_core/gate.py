@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stylid_core.boxes import rowwise_iou
 from stylid_core.config import ConfigError
 from stylid_core.faces.base import SIZE_BUCKETS
 
@@ -181,15 +182,6 @@ def paired_interval(diffs: np.ndarray, confidence: float) -> tuple[float, float]
     return mean - half, mean + half
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise IoU of two (N, 4) arrays of x0, y0, x1, y1 boxes."""
-    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = ix * iy
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def _figure_check(
     bucket: str, figure: str, base: pd.Series, cand: pd.Series, n_faces: int, config: GateConfig
 ) -> dict[str, Any]:
@@ -270,7 +262,7 @@ def compare_runs(
     merged = bf.merge(cf, on=key, suffixes=("_b", "_c"), how="outer", indicator=True)
     both = (merged["_merge"] == "both").to_numpy().copy()
     if both.any():
-        overlap = _iou(merged.loc[both, [f"{c}_b" for c in box]].to_numpy(float),
+        overlap = rowwise_iou(merged.loc[both, [f"{c}_b" for c in box]].to_numpy(float),
                        merged.loc[both, [f"{c}_c" for c in box]].to_numpy(float))  # fmt: skip
         both[both] = overlap >= config.pair_iou
     pairs = merged[both].drop(columns="_merge")

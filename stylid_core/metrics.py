@@ -10,7 +10,12 @@ import numpy as np
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.stylize.classical import lab_statistics
 
+# The version of the measures that the score stage writes (run.json's ``metrics_version``): an output without it
+# was measured by version 1 (``style_distance`` the Lab colour statistics). The gate compares only equal versions.
+METRICS_VERSION = 1
+
 __all__ = [
+    "METRICS_VERSION",
     "PhotoDetailCorrelation",
     "content_similarity",
     "cosine_similarity",

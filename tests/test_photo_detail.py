@@ -47,3 +47,14 @@ def test_an_output_of_another_size_is_compared_at_its_own_box(photo):
     got = photo_detail_correlation(half, photo, box, tuple(v / 2 for v in box))
     shifted = photo_detail_correlation(half, photo, box, tuple(v / 2 + 15 for v in box))
     assert got.mid > 0.9 and got.mid > shifted.mid + 0.2
+
+
+def test_box_overlap_measures():
+    from stylid_core.boxes import box_iou, pairwise_iou, rowwise_iou
+
+    a = np.array([[0, 0, 10, 10], [0, 0, 4, 4]], float)
+    b = np.array([[5, 0, 15, 10], [0, 0, 4, 4]], float)
+    assert box_iou(a[0], b[0]) == pytest.approx(50 / 150)
+    np.testing.assert_allclose(rowwise_iou(a, b), [50 / 150, 1.0])
+    np.testing.assert_allclose(pairwise_iou(a, b), [[50 / 150, 16 / 100], [0.0, 1.0]])
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
