@@ -7,30 +7,31 @@ import numpy as np
 __all__ = ["box_iou", "pairwise_iou", "rowwise_iou"]
 
 
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4): an (N, M) array; 0 where a union is empty."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes whose last axis is x0, y0, x1, y1, broadcast over the other axes; 0 where a union is empty."""
     ix = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     iy = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = ix * iy
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = area_a + area_b - inter
+    union = (
+        (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    )
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _boxes(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).reshape(-1, 4)
+
+
+def pairwise_iou(a, b) -> np.ndarray:
+    """IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4): an (N, M) array."""
+    return _iou(_boxes(a)[:, None, :], _boxes(b)[None, :, :])
+
+
+def rowwise_iou(a, b) -> np.ndarray:
+    """IoU of row i of ``a`` with row i of ``b``, both (N, 4): an (N,) array."""
+    return _iou(_boxes(a), _boxes(b))
 
 
 def box_iou(a, b) -> float:
     """IoU of two boxes."""
-    return float(pairwise_iou(np.asarray(a), np.asarray(b))[0, 0])
-
-
-def rowwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of row i of ``a`` with row i of ``b``, both (N, 4): an (N,) array."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = ix * iy
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    return float(_iou(_boxes(a)[0], _boxes(b)[0]))

@@ -263,7 +263,7 @@ def compare_runs(
     both = (merged["_merge"] == "both").to_numpy().copy()
     if both.any():
         overlap = rowwise_iou(merged.loc[both, [f"{c}_b" for c in box]].to_numpy(float),
-                       merged.loc[both, [f"{c}_c" for c in box]].to_numpy(float))  # fmt: skip
+                              merged.loc[both, [f"{c}_c" for c in box]].to_numpy(float))  # fmt: skip
         both[both] = overlap >= config.pair_iou
     pairs = merged[both].drop(columns="_merge")
     rest = merged[~both]

@@ -10,12 +10,7 @@ import numpy as np
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.stylize.classical import lab_statistics
 
-# The version of the measures that the score stage writes (run.json's ``metrics_version``): an output without it
-# was measured by version 1 (``style_distance`` the Lab colour statistics). The gate compares only equal versions.
-METRICS_VERSION = 1
-
 __all__ = [
-    "METRICS_VERSION",
     "PhotoDetailCorrelation",
     "content_similarity",
     "cosine_similarity",
@@ -76,11 +71,21 @@ class PhotoDetailCorrelation:
     mid: float | None
 
 
-def _luminance(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image, dtype=np.uint8)
-    if image.ndim == 2:
-        return image.astype(np.float32)
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+def _luminance_around(
+    image: np.ndarray, box: tuple[float, float, float, float], pad: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """The luminance of ``box`` (clipped to the image) grown by ``pad`` pixels a side, and the box's place in that
+    crop; None for a box under 2 px. Only the crop is converted, not the whole image."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, x1 = min(max(x0, 0), w), min(max(x1, 0), w)
+    y0, y1 = min(max(y0, 0), h), min(max(y1, 0), h)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    rx0, ry0, rx1, ry1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    crop = np.asarray(image[ry0:ry1, rx0:rx1], dtype=np.uint8)
+    lum = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    return lum.astype(np.float32), (x0 - rx0, y0 - ry0, x1 - rx0, y1 - ry0)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -103,47 +108,32 @@ def photo_detail_correlation(
     region around the box (so the blur sees real neighbours, not a border), then cut to the box; an output box of
     another size is resized to the source's box first."""
     output_box = box if output_box is None else output_box
-    src = _luminance(source)
-    out = _luminance(output)
-    x0, y0, x1, y1 = (float(v) for v in box)
-    face_px = max(x1 - x0, y1 - y0)
+    face_px = max(float(box[2]) - float(box[0]), float(box[3]) - float(box[1]))
     if face_px < 2:
         return PhotoDetailCorrelation(None, None)
     sigma = max(1.0, face_px / 28.0)
-    pad = int(np.ceil(3 * 3 * sigma))
+    pad = int(np.ceil(3 * 3 * sigma))  # the widest blur's reach, so the box's bands see real neighbours
 
-    def region(image: np.ndarray, b: tuple[float, float, float, float], size: tuple[int, int] | None):
-        bx0, by0, bx1, by1 = (int(round(v)) for v in b)
-        h, w = image.shape[:2]
-        bx0, by0 = max(0, min(bx0, w)), max(0, min(by0, h))
-        bx1, by1 = max(bx0, min(bx1, w)), max(by0, min(by1, h))
-        if bx1 - bx0 < 2 or by1 - by0 < 2:
-            return None
-        scale = 1.0 if size is None else size[0] / (bx1 - bx0)
-        p = int(np.ceil(pad / max(scale, 1e-6)))
-        rx0, ry0, rx1, ry1 = max(0, bx0 - p), max(0, by0 - p), min(w, bx1 + p), min(h, by1 + p)
-        crop = image[ry0:ry1, rx0:rx1]
-        inner = (bx0 - rx0, by0 - ry0, bx1 - rx0, by1 - ry0)
-        if size is not None and (bx1 - bx0, by1 - by0) != size:
-            sx, sy = size[0] / (bx1 - bx0), size[1] / (by1 - by0)
-            crop = cv2.resize(
-                crop,
-                (max(1, round(crop.shape[1] * sx)), max(1, round(crop.shape[0] * sy))),
-                interpolation=cv2.INTER_AREA if sx < 1 else cv2.INTER_CUBIC,
-            )
-            ix0, iy0 = round(inner[0] * sx), round(inner[1] * sy)
-            inner = (ix0, iy0, ix0 + size[0], iy0 + size[1])
-        return crop, inner
-
-    got_src = region(src, (x0, y0, x1, y1), None)
+    got_src = _luminance_around(source, box, pad)
     if got_src is None:
         return PhotoDetailCorrelation(None, None)
     src_crop, src_inner = got_src
     size = (src_inner[2] - src_inner[0], src_inner[3] - src_inner[1])
-    got_out = region(out, output_box, size)
+    out_w = max(float(output_box[2]) - float(output_box[0]), 1e-6)
+    got_out = _luminance_around(output, output_box, int(np.ceil(pad * out_w / size[0])))
     if got_out is None:
         return PhotoDetailCorrelation(None, None)
     out_crop, out_inner = got_out
+    out_size = (out_inner[2] - out_inner[0], out_inner[3] - out_inner[1])
+    if out_size != size:  # the output's box brought to the source's box size
+        sx, sy = size[0] / out_size[0], size[1] / out_size[1]
+        out_crop = cv2.resize(
+            out_crop,
+            (max(1, round(out_crop.shape[1] * sx)), max(1, round(out_crop.shape[0] * sy))),
+            interpolation=cv2.INTER_AREA if sx < 1 else cv2.INTER_CUBIC,
+        )
+        ix0, iy0 = round(out_inner[0] * sx), round(out_inner[1] * sy)
+        out_inner = (ix0, iy0, ix0 + size[0], iy0 + size[1])
 
     def bands(crop: np.ndarray, inner: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         b1 = cv2.GaussianBlur(crop, (0, 0), sigma)
