@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stylid_core.boxes import pairwise_iou
 from stylid_core.registry import Registry
 
 #: Upper edges (exclusive, in px of the face box's longer side) of the size buckets used in every report.
@@ -72,6 +73,65 @@ class Face:
             score=float(d["score"]),
             embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
         )
+
+
+#: Two detections whose IoU is above this are one face seen twice (the higher-score one is kept).
+DUPLICATE_IOU = 0.5
+#: Two detections whose intersection covers at least this share of the smaller box are one face, the larger box a
+#: loose detection around it (dlib HOG with upsampling finds 112 px boxes over 45 px faces); the smaller is kept.
+NESTED_COVER = 0.8
+
+
+def _intersection_over_smaller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection area of boxes ``a`` (N, 4) and ``b`` (M, 4) over the smaller box's area."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]
+    ix = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    iy = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    smaller = np.minimum(area_a, area_b)
+    return np.where(smaller > 0, ix * iy / np.where(smaller > 0, smaller, 1), 0.0)
+
+
+def _box_area(face: Face) -> float:
+    x0, y0, x1, y1 = face.box
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+def merge_detections(
+    faces: list[Face], duplicate_iou: float = DUPLICATE_IOU, nested_cover: float = NESTED_COVER
+) -> list[Face]:
+    """One face per person: duplicate and nested detections merged, before any mask or tile is made.
+
+    A pair is one face when its IoU is above ``duplicate_iou`` (kept: the higher score) or when their intersection
+    covers at least ``nested_cover`` of the smaller box (kept: the smaller, tighter box). The kept ``Face`` is
+    returned whole, so its box, keypoints, landmarks and embedding stay those of one detection. Order of the input
+    is kept for the survivors.
+    """
+    if len(faces) < 2:
+        return list(faces)
+    boxes = np.array([f.box for f in faces], dtype=np.float64)
+    iou = pairwise_iou(boxes, boxes)
+    cover = _intersection_over_smaller(boxes, boxes)
+    areas = [_box_area(f) for f in faces]
+    kept: list[int] = []
+    for i in sorted(range(len(faces)), key=lambda k: -faces[k].score):  # best score first
+        keep_i = True
+        for slot, j in enumerate(kept):
+            if iou[i, j] > duplicate_iou:
+                keep_i = False  # j scored at least as high
+            elif cover[i, j] >= nested_cover:
+                if areas[i] < areas[j]:
+                    kept[slot] = i  # i is the tighter box inside j: it replaces j
+                keep_i = False
+            else:
+                continue
+            break
+        if keep_i:
+            kept.append(i)
+    survivors = set(kept)
+    return [f for k, f in enumerate(faces) if k in survivors]
 
 
 class FaceAnalyzer(abc.ABC):

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from stylid_core.config import FacesConfig
-from stylid_core.faces.base import FACE_ANALYZERS, Face, FaceAnalyzer
+from stylid_core.faces.base import FACE_ANALYZERS, Face, FaceAnalyzer, merge_detections
 
 _FILES = {
     "shape5": "shape_predictor_5_face_landmarks.dat",
@@ -111,7 +111,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             face = Face(box=(x0, y0, x1, y1), keypoints=kps, score=score)
             if face.size_px >= self.min_face_px:
                 faces.append(face)
-        return faces
+        return merge_detections(faces)
 
     def embed(self, image: np.ndarray, keypoints: list[np.ndarray]) -> np.ndarray:
         if not keypoints:

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from stylid_core.config import FacesConfig
-from stylid_core.faces.base import FACE_ANALYZERS, Face, FaceAnalyzer
+from stylid_core.faces.base import FACE_ANALYZERS, Face, FaceAnalyzer, merge_detections
 from stylid_core.storage import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -259,6 +259,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             face = Face(box=box, keypoints=keypoints, score=score)
             if face.size_px >= self.config.min_face_px and box[2] > box[0] and box[3] > box[1]:
                 faces.append(face)
+        faces = merge_detections(faces)
         faces.sort(key=lambda f: -f.size_px)
         return faces
 
