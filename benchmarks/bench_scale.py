@@ -15,7 +15,7 @@ Three parts, each run in fresh processes (so peak RSS is the run's own):
 ``stages``    The fused actor (``FusedCPUStage``: load, faces, stylize, score, write) in this one process on
               ``--rows`` rows, in the job's batches: the whole cost per row on one core, and its split, measured by
               timing every call into model work (face detector and embedder, stylizer, the metric kernels
-              ``style_distance`` / ``content_similarity``) against the rest, the pipeline's own cost (reads, decode,
+              ``colour_distance`` / ``content_similarity``) against the rest, the pipeline's own cost (reads, decode,
               per-row bookkeeping, JSON, zoom strips, PNG encode, puts, Arrow conversions). The issue's target
               (<= 1 ms per row per core) is for the pipeline's own figure.
 ``plan``      A manifest of ``--manifest-rows`` rows (a prefix of Parquet files) and a ledger of ``--done-rows``:
@@ -531,7 +531,7 @@ def _cmd_stages(args: argparse.Namespace) -> None:
                     for method in ("detect", "embed", "stylize_batch"):
                         if hasattr(obj, method):
                             setattr(obj, method, clock.wrap(f"{attr}.{method}", getattr(obj, method)))
-        for name in ("style_distance", "content_similarity"):
+        for name in ("colour_distance", "content_similarity"):
             setattr(stages, name, clock.wrap(name, getattr(stages, name)))
         batches = [rows.slice(k, batch).to_pandas() for k in range(batch, n + batch, batch)]
         t0 = time.perf_counter()

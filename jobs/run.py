@@ -22,6 +22,7 @@ from jobs.ray_cluster import init_ray
 from pipelines.preflight import preflight_run
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.ledger import METRICS, iter_shards
+from stylid_core.metrics import METRICS_VERSION
 from stylid_core.report import format_summary, summarize_output, write_report
 from stylid_core.secrets import redact, scrub, secret_values
 from stylid_core.storage import delete, filesystem, join, read_bytes, write_bytes
@@ -88,12 +89,15 @@ def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> 
         previous = json.loads(read_bytes(join(output_uri, "run.json"), opts))
     except Exception:
         return
-    if previous.get("config_hash") == config.config_hash():
+    version = previous.get("metrics_version", 1)  # customize rows have no scores of these kinds
+    same_version = previous.get("job") == "customize" or version == METRICS_VERSION
+    if previous.get("config_hash") == config.config_hash() and same_version:
         return
     if not overwrite:
+        what = (f"another config (hash {previous.get('config_hash')}, this one is {config.config_hash()})"
+                if same_version else f"metrics version {version} (this stylid writes {METRICS_VERSION})")  # fmt: skip
         raise ConfigError(
-            f"{output_uri} holds a run with another config (hash {previous.get('config_hash')}, this one is"
-            f" {config.config_hash()}); choose another --output, or pass --overwrite to start over there"
+            f"{output_uri} holds a run with {what}; choose another --output, or pass --overwrite to start over there"
         )
     images = previous_images(output_uri, opts)
     log.info("--overwrite: removing the previous run (%d images, its metrics and faces shards)", len(images))
@@ -151,6 +155,8 @@ def run_job(
     result = run_stylize(config, manifest_uri, output_uri)
     summary = summarize_output(output_uri, opts)  # a projected scan of the ledger, shard by shard
     info = {
+        "job": "run",
+        "metrics_version": METRICS_VERSION,
         "manifest": manifest_uri,
         "output": output_uri,
         "config": redact(config.to_dict()),

@@ -21,6 +21,7 @@ from jobs.run import check_output_config, versions, write_run_json
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
 from stylid_core.gate import GateConfig, GateInputError, check_comparable, compare_runs, format_gate
+from stylid_core.metrics import METRICS_VERSION
 from stylid_core.report import format_summary, summarize_output, write_report
 from stylid_core.storage import delete, exists, join, read_bytes, write_bytes
 
@@ -92,7 +93,7 @@ def run_score_job(
 
     opts = config.io.storage_options
     started = dt.datetime.now(dt.timezone.utc).isoformat()
-    record = {"job": "score", "config": _config_record(config)}
+    record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
     baseline_info = None
     if baseline_uri:
         baseline_info = read_baseline(baseline_uri, opts)
@@ -176,7 +177,7 @@ def _nightly_html(
 def main(args: argparse.Namespace) -> int:
     config, gate_config = load_score_config(args.config, args.set)
     if args.baseline:  # bad baselines are refused before Ray starts
-        check_comparable({"job": "score", "config": _config_record(config)},
+        check_comparable({"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)},
                          read_baseline(args.baseline, config.io.storage_options), args.baseline)  # fmt: skip
     init_ray(args.address, args.num_cpus)
     info = run_score_job(config, gate_config, args.manifest, args.output, args.baseline, args.history,

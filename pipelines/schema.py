@@ -49,7 +49,10 @@ COLUMNS: dict[str, pa.DataType] = {
     "id_sim_mean_no_mosaic": pa.float64(),
     "id_match_rate": pa.float64(),
     "n_redetected": pa.int32(),
-    "style_distance": pa.float64(),
+    "colour_distance": pa.float64(),
+    "colour_distance_source": pa.float64(),
+    "colour_distance_no_mosaic": pa.float64(),
+    "style_distance": pa.float64(),  # learned (stylid_core.style_judge); the Lab figure is colour_distance
     "style_distance_source": pa.float64(),
     "style_distance_no_mosaic": pa.float64(),
     "content_ssim": pa.float64(),
@@ -85,6 +88,12 @@ FACE_COLUMNS: dict[str, pa.DataType] = {
     "id_dist_no_mosaic": pa.float64(),
     "id_match_no_mosaic": pa.bool_(),
     "redetected": pa.bool_(),
+    # how much of the face's own detail is the photo's (stylid_core.metrics.photo_detail_correlation): 1.0 is a
+    # copy; null for a constant patch and for faces scored against a reference (another photo, another pose)
+    "photo_detail_fine": pa.float64(),
+    "photo_detail_mid": pa.float64(),
+    "photo_detail_fine_no_mosaic": pa.float64(),
+    "photo_detail_mid_no_mosaic": pa.float64(),
     "backend": pa.string(),
     # base64 JPEG of source / no mosaic / mosaic, for the faces that may be among the report's smallest
     # (report.SmallestFaces: under report.ZOOM_FACE_PX, a few hundred per million faces); else null

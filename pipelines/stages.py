@@ -28,11 +28,17 @@ from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_buc
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
 from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
-from stylid_core.metrics import content_similarity, style_distance
+from stylid_core.metrics import (
+    PhotoDetailCorrelation,
+    colour_distance,
+    content_similarity,
+    photo_detail_correlation,
+)
 from stylid_core.report import SmallestFaces, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, local_path, read_bytes, write_bytes
+from stylid_core.style_judge import StyleJudge
 from stylid_core.stylize import STYLIZERS, Stylizer
 from stylid_core.stylize.classical import lab_statistics
 from stylid_core.stylize.face_detail import FaceDetailTransfer
@@ -439,6 +445,9 @@ SCORE_COLUMNS = (
     "id_sim_mean_no_mosaic",
     "id_match_rate",
     "n_redetected",
+    "colour_distance",
+    "colour_distance_source",
+    "colour_distance_no_mosaic",
     "style_distance",
     "style_distance_source",
     "style_distance_no_mosaic",
@@ -490,8 +499,10 @@ class ScoreStage(FrameStage):
     with the source embedding found upstream: cosine similarity ``id_sim``, the backend's native distance
     ``id_dist``, ``id_match`` when that distance is under the backend's threshold; the same against the
     no-mosaic stylization when it was computed; ``redetected`` when the detector finds a face in the output
-    overlapping the source box (IoU >= 0.3). Per image: colour-statistics style distance of the output (and of
-    the source, and of the no-mosaic output) to the style image, and SSIM of the output to the source.
+    overlapping the source box (IoU >= 0.3); ``photo_detail_fine``/``photo_detail_mid``, how much of the face's own
+    detail is the photo's (``photo_detail_correlation``; 1.0 is a copy), for the output and the no-mosaic output.
+    Per image: the learned ``style_distance`` (``StyleJudge``) and the Lab ``colour_distance`` of the output (and
+    of the source, and of the no-mosaic output) to the style image, and SSIM of the output to the source.
 
     Outputs that already exist (``stylid score``): an output of another size gets the source's faces mapped by
     scale (``place_faces``; a changed aspect ratio fails the row with ``size_mismatch``), and the face rows' boxes,
@@ -507,6 +518,7 @@ class ScoreStage(FrameStage):
         self.config = score
         self.analyzer = create_face_analyzer(faces)
         self.styles = StyleCache(io)
+        self.judge = StyleJudge()
         self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
@@ -568,15 +580,21 @@ class ScoreStage(FrameStage):
             at = where if where is not None else face
             if from_reference:
                 redetected = where is not None
+                detail = detail_plain = PhotoDetailCorrelation(None, None)  # another photo: no pixel to pixel
             else:
                 redetected = None if found is None else any(box_iou(at.box, g.box) >= 0.3 for g in found)
+                detail = photo_detail_correlation(out, source, face.box, at.box)
+                detail_plain = (photo_detail_correlation(plain, source, face.box, at.box) if plain is not None
+                                else detail if counterfactual else PhotoDetailCorrelation(None, None))  # fmt: skip
             records.append({
                 "face_index": k, "x0": at.box[0], "y0": at.box[1], "x1": at.box[2], "y1": at.box[3],
                 "det_score": at.score, "size_px": at.size_px, "size_bucket": size_bucket(at.size_px),
                 "id_sim": scores[k][0], "id_dist": scores[k][1], "id_match": scores[k][2],
                 "id_sim_no_mosaic": scores_plain[k][0], "id_dist_no_mosaic": scores_plain[k][1],
-                "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected, "backend": self.analyzer.name,
-                "zoom_strip": None,
+                "id_match_no_mosaic": scores_plain[k][2], "redetected": redetected,
+                "photo_detail_fine": detail.fine, "photo_detail_mid": detail.mid,
+                "photo_detail_fine_no_mosaic": detail_plain.fine, "photo_detail_mid_no_mosaic": detail_plain.mid,
+                "backend": self.analyzer.name, "zoom_strip": None,
             })  # fmt: skip
         sims = [s[0] for s in scores if s[0] is not None]
         plain_sims = [s[0] for s in scores_plain if s[0] is not None]
@@ -588,9 +606,12 @@ class ScoreStage(FrameStage):
             "id_sim_mean_no_mosaic": float(np.mean(plain_sims)) if plain_sims else None,
             "id_match_rate": float(np.mean([bool(s[2]) for s in scores])),
             "n_redetected": None if found is None else int(sum(bool(r["redetected"]) for r in records)),
-            "style_distance": style_distance(out, style, stats),
-            "style_distance_source": style_distance(source, style, stats),
-            "style_distance_no_mosaic": style_distance(plain, style, stats) if plain is not None else None,
+            "colour_distance": colour_distance(out, style, stats),
+            "colour_distance_source": colour_distance(source, style, stats),
+            "colour_distance_no_mosaic": colour_distance(plain, style, stats) if plain is not None else None,
+            "style_distance": self.judge.distance(out, style),
+            "style_distance_source": self.judge.distance(source, style),
+            "style_distance_no_mosaic": self.judge.distance(plain, style) if plain is not None else None,
             "content_ssim": content_similarity(out, source),
         }
         for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest

@@ -8,7 +8,8 @@ Figures, per size bucket and over all faces (``all``):
 - ``id_sim`` (mean identity similarity), ``id_match`` (match rate) and ``redetected`` (re-detection rate) are
   per face. Faces are paired by ``(image_id, face_index)`` where both runs scored the image (status ``ok`` in
   both) and the two boxes overlap (IoU >= ``pair_iou``); a face's bucket is its bucket in the baseline.
-- ``style_distance`` (lower is better) and ``content_ssim`` are per image; an image counts in every bucket it
+- ``style_distance`` (learned, lower is better), ``colour_distance`` (Lab, lower is better) and ``content_ssim``
+  are per image; an image counts in every bucket it
   has a paired face in.
 
 Noise is handled by pairing: each figure's difference (candidate - baseline) is averaged over the pairs, with a
@@ -39,7 +40,8 @@ FIGURES: dict[str, tuple[str, str, bool, str]] = {
     "id_sim": ("faces", "id_sim", True, "mean identity similarity"),
     "id_match": ("faces", "id_match", True, "match rate"),
     "redetected": ("faces", "redetected", True, "re-detection rate"),
-    "style_distance": ("metrics", "style_distance", False, "style distance"),
+    "style_distance": ("metrics", "style_distance", False, "learned style distance"),
+    "colour_distance": ("metrics", "colour_distance", False, "colour distance (Lab)"),
     "content_ssim": ("metrics", "content_ssim", True, "content similarity"),
 }
 INTERVAL_METHOD = "Student-t interval of the mean paired difference (candidate - baseline)"
@@ -78,7 +80,8 @@ class GateConfig:
     id_sim: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.02, rel_drop=0.03))
     id_match: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.05))
     redetected: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.05))
-    style_distance: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.5, rel_drop=0.10))
+    style_distance: FigureGate = field(default_factory=lambda: FigureGate(rel_drop=0.05))
+    colour_distance: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.5, rel_drop=0.10))
     content_ssim: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.03, rel_drop=0.05))
 
     def __post_init__(self) -> None:
@@ -144,6 +147,13 @@ def check_comparable(candidate_info: dict[str, Any], baseline_info: dict[str, An
     if job not in ("run", "score"):
         raise GateInputError(f"baseline {baseline_uri} is a 'stylid {job}' output; a baseline must be the output of"
                              " 'stylid score' or 'stylid run'")  # fmt: skip
+    cv, bv = candidate_info.get("metrics_version", 1), baseline_info.get("metrics_version", 1)
+    if cv != bv:
+        raise GateInputError(
+            f"baseline {baseline_uri} has metrics version {bv} and this run {cv}: the columns mean different things"
+            " (version 2: style_distance is learned, the Lab figure is colour_distance); score the baseline again"
+            " with this version or choose another baseline"
+        )
     cand, base = scoring_settings(candidate_info), scoring_settings(baseline_info)
     cb, bb = cand["faces"].get("backend"), base["faces"].get("backend")
     if cb != bb:
@@ -278,11 +288,9 @@ def compare_runs(
         sub = pairs if bucket == "all" else pairs[pairs["size_bucket_b"] == bucket]
         in_bucket = both_ok if bucket == "all" else list(pd.unique(sub["image_id"]))
         for figure, (table, column, _, _) in FIGURES.items():
-            if table == "faces":
-                base, cand = sub[f"{column}_b"], sub[f"{column}_c"]
-            else:
-                rows = images.loc[in_bucket]
-                base, cand = rows[f"{column}_b"], rows[f"{column}_c"]
+            frame = sub if table == "faces" else images.loc[in_bucket]
+            none = pd.Series(None, index=frame.index, dtype=object)  # a column an output lacks is null
+            base, cand = frame.get(f"{column}_b", none), frame.get(f"{column}_c", none)
             checks.append(_figure_check(bucket, figure, base.reset_index(drop=True), cand.reset_index(drop=True),
                                         int(len(sub)), config))  # fmt: skip
     counts = [

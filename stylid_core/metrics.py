@@ -1,4 +1,8 @@
-"""Scores: identity similarity per face, a colour-statistics style distance and a structural content similarity."""
+"""Scores: identity similarity per face, how much of a face's detail is the photo's, a colour-statistics distance
+and a structural content similarity. The learned style distance is ``stylid_core.style_judge``.
+
+``colour_distance`` was called ``style_distance`` before metrics version 2: a photo recoloured towards the painting
+scores as near as a painted one, so it measures colour, not style (issue "Faces that stay painted")."""
 
 from __future__ import annotations
 
@@ -11,13 +15,19 @@ from stylid_core.faces.base import cosine_similarity
 from stylid_core.stylize.classical import lab_statistics
 
 __all__ = [
+    "METRICS_VERSION",
     "PhotoDetailCorrelation",
     "content_similarity",
     "cosine_similarity",
     "identity_similarity",
     "photo_detail_correlation",
-    "style_distance",
+    "colour_distance",
 ]
+
+#: what the score columns mean, recorded in ``run.json`` as ``metrics_version`` (absent: 1). 2: ``style_distance``
+#: is the learned distance (``stylid_core.style_judge``), the Lab figure is ``colour_distance``, face rows carry
+#: ``photo_detail_fine``/``photo_detail_mid``. The gate compares only outputs of one version.
+METRICS_VERSION = 2
 
 
 def identity_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -25,11 +35,12 @@ def identity_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return cosine_similarity(a, b)
 
 
-def style_distance(
+def colour_distance(
     image: np.ndarray, style: np.ndarray, style_statistics: tuple[np.ndarray, np.ndarray] | None = None
 ) -> float:
-    """Colour-statistics distance to the style image: the mean over the three CIE Lab channels of the 2-Wasserstein
-    distance between per-channel Gaussians, sqrt((mu_a - mu_b)^2 + (sigma_a - sigma_b)^2), in Lab units.
+    """Colour-statistics distance to the style image (not a style judge: see the module doc): the mean over the
+    three CIE Lab channels of the 2-Wasserstein distance between per-channel Gaussians,
+    sqrt((mu_a - mu_b)^2 + (sigma_a - sigma_b)^2), in Lab units.
 
     ``style_statistics``: the style's ``lab_statistics`` when already known (one style serves many images)."""
     m1, s1 = lab_statistics(image)

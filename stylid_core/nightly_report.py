@@ -88,7 +88,7 @@ def history_section_html(nights: list[dict[str, Any]]) -> str:
     style = [(x[n["run"]], n["style_distance"]) for n in nights if n["style_distance"] is not None]
     if style:
         axes[0][-1].plot(*zip(*style), marker="o", color="#555", label="all images")
-    panels = [*TREND_FIGURES.items(), ("style_distance", "style distance (Lab, all images)")]
+    panels = [*TREND_FIGURES.items(), ("style_distance", "style distance (learned, all images)")]
     for ax, (figure, label) in zip(axes[0], panels):
         for bucket in [b for b, _ in SIZE_BUCKETS] if figure in TREND_FIGURES else []:
             sub = frame[frame["bucket"] == bucket].dropna(subset=[figure])

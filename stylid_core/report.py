@@ -31,9 +31,19 @@ def _png_of_figure(fig) -> str:
 
 
 #: the per-face columns averaged per size bucket (booleans as rates)
-BUCKET_MEANS = ("id_sim", "id_sim_no_mosaic", "id_match", "id_match_no_mosaic", "redetected")
+BUCKET_MEANS = (
+    "id_sim",
+    "id_sim_no_mosaic",
+    "id_match",
+    "id_match_no_mosaic",
+    "redetected",
+    "photo_detail_fine",
+    "photo_detail_mid",
+    "photo_detail_fine_no_mosaic",
+    "photo_detail_mid_no_mosaic",
+)
 #: the columns a summary reads: a projected scan, never whole shards
-SUMMARY_METRICS_COLUMNS = ["status", "engine", "model", "style_distance", "content_ssim"]
+SUMMARY_METRICS_COLUMNS = ["status", "engine", "model", "style_distance", "colour_distance", "content_ssim"]
 SUMMARY_FACES_COLUMNS = ["size_bucket", "in_mosaic", *BUCKET_MEANS]
 
 
@@ -52,6 +62,14 @@ def _sum_count(table: pa.Table, column: str) -> tuple[float, int]:
     return float(total or 0.0), int(pc.count(values).as_py())
 
 
+def identity_recovered(id_sim: float | None, id_sim_no_mosaic: float | None) -> float | None:
+    """The share of the identity that plain stylization loses which the run keeps: (id_sim - plain) / (1 - plain),
+    similarities to the source face (1.0 is the source itself); None without both, or when plain lost nothing."""
+    if id_sim is None or id_sim_no_mosaic is None or 1.0 - id_sim_no_mosaic < 1e-6:
+        return None
+    return (id_sim - id_sim_no_mosaic) / (1.0 - id_sim_no_mosaic)
+
+
 class SummaryAccumulator:
     """The summary of an output, built shard by shard (bounded memory, any number of rows).
 
@@ -63,7 +81,7 @@ class SummaryAccumulator:
         self.rows = 0
         self.status: Counter[str] = Counter()
         self.engines: set[str] = set()
-        self.ok_sums = {c: [0.0, 0] for c in ("style_distance", "content_ssim")}
+        self.ok_sums = {c: [0.0, 0] for c in ("style_distance", "colour_distance", "content_ssim")}
         self.faces = 0
         self.face_sums = {c: [0.0, 0] for c in ("id_sim", "id_sim_no_mosaic")}
         self.buckets: dict[str, dict[str, list[float]]] = {}
@@ -114,6 +132,7 @@ class SummaryAccumulator:
                                    "in_mosaic": int(acc["in_mosaic"][0])}  # fmt: skip
             for c in BUCKET_MEANS:
                 rec[c] = acc[c][0] / acc[c][1] if acc[c][1] else None
+            rec["id_recovered"] = identity_recovered(rec["id_sim"], rec["id_sim_no_mosaic"])
             records.append(rec)
         return records
 
@@ -127,6 +146,7 @@ class SummaryAccumulator:
             "id_sim_mean": mean(self.face_sums["id_sim"]),
             "id_sim_mean_no_mosaic": mean(self.face_sums["id_sim_no_mosaic"]),
             "style_distance_mean": mean(self.ok_sums["style_distance"]),
+            "colour_distance_mean": mean(self.ok_sums["colour_distance"]),
             "content_ssim_mean": mean(self.ok_sums["content_ssim"]),
             "buckets": self.bucket_records(),
         }
@@ -206,14 +226,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"rows: {summary['rows']}  " + "  ".join(f"{k}={v}" for k, v in sorted(summary["status_counts"].items()))]
     lines.append(f"engine: {', '.join(summary['engines']) or '(none ran)'}")
     lines.append(f"faces scored: {summary['faces']}")
+    if summary.get("style_distance_mean") is not None:
+        lines.append(f"style distance (learned, lower is nearer the painting): {summary['style_distance_mean']:.3f}")
     if summary["buckets"]:
         lines.append(
-            f"{'bucket':>8} {'faces':>6} {'mosaic':>7} {'id_sim':>7} {'no_mosaic':>9} {'match':>6} {'redet':>6}"
+            f"{'bucket':>8} {'faces':>6} {'mosaic':>7} {'id_sim':>7} {'no_mosaic':>9} {'recov':>6} {'match':>6}"
+            f" {'redet':>6} {'detail fine/mid (photo 1.00)':>29}"
         )
         for b in summary["buckets"]:
+            detail = f"{_fmt(b.get('photo_detail_fine'))}/{_fmt(b.get('photo_detail_mid'))}"
             lines.append(
                 f"{b['size_bucket']:>8} {b['faces']:>6} {b['in_mosaic']:>7} {_fmt(b['id_sim'], 3):>7} "
-                f"{_fmt(b['id_sim_no_mosaic'], 3):>9} {_fmt(b['id_match']):>6} {_fmt(b['redetected']):>6}"
+                f"{_fmt(b['id_sim_no_mosaic'], 3):>9} {_fmt(b.get('id_recovered')):>6} {_fmt(b['id_match']):>6}"
+                f" {_fmt(b['redetected']):>6} {detail:>29}"
             )
     return "\n".join(lines)
 
@@ -401,7 +426,7 @@ def render_report(
     if len(buckets):
         parts.append("<h2>By face size</h2>" + buckets.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
     means = {
-        k: summary[k] for k in ("id_sim_mean", "id_sim_mean_no_mosaic", "style_distance_mean", "content_ssim_mean")
+        k: summary[k] for k in ("id_sim_mean", "id_sim_mean_no_mosaic", "colour_distance_mean", "content_ssim_mean")
     }
     parts.append("<p>" + ", ".join(f"{k}: {_fmt(v)}" for k, v in means.items()) + "</p>")
 

@@ -27,8 +27,8 @@ def _tables(n_images: int = 12, faces_per_image: int = 2, size: float = 40.0, se
     for i in range(n_images):
         image_id = f"img{i:03d}"
         style, content = 3.0 + rng.normal(0, 0.2), 0.7 + rng.normal(0, 0.02)
-        metrics.append({"image_id": image_id, "status": "ok", "error": None, "style_distance": style,
-                        "content_ssim": content})  # fmt: skip
+        metrics.append({"image_id": image_id, "status": "ok", "error": None, "colour_distance": style,
+                        "style_distance": style / 2, "content_ssim": content})  # fmt: skip
         for k in range(faces_per_image):
             x0 = 10.0 + 100 * k
             faces.append({"image_id": image_id, "face_index": k, "x0": x0, "y0": 10.0, "x1": x0 + size,
@@ -62,7 +62,7 @@ def test_a_consistent_identity_drop_fails_naming_bucket_and_figure():
     assert check["status"] == "fail" and check["significant"] and check["breached"]
     assert check["ci_high"] < 0 and check["drop"] == pytest.approx(0.05, abs=0.01)
     assert any(s.startswith("bucket 32-48: id_sim") for s in result["failures"])
-    assert _checks(result)[("32-48", "style_distance")]["status"] == "pass"  # per-image figures untouched
+    assert _checks(result)[("32-48", "colour_distance")]["status"] == "pass"  # per-image figures untouched
     table = format_gate(result)
     assert "FAIL" in table and "32-48" in table and "id_sim" in table
 
@@ -87,17 +87,17 @@ def test_a_bucket_with_too_few_faces_cannot_fail():
     assert not compare_runs(m, worse, m, f, GateConfig(min_faces=24))["passed"]
 
 
-def test_style_distance_fails_on_a_rise_and_relative_thresholds_apply():
+def test_colour_distance_fails_on_a_rise_and_relative_thresholds_apply():
     m, f = _tables()
     shifted = m.copy()
-    shifted["style_distance"] *= 1.2  # +20%, +0.6 Lab units
-    config = GateConfig(min_faces=5, style_distance={"abs_drop": None, "rel_drop": 0.10})
-    check = _checks(compare_runs(shifted, f, m, f, config))[("32-48", "style_distance")]
+    shifted["colour_distance"] *= 1.2  # +20%, +0.6 Lab units
+    config = GateConfig(min_faces=5, colour_distance={"abs_drop": None, "rel_drop": 0.10})
+    check = _checks(compare_runs(shifted, f, m, f, config))[("32-48", "colour_distance")]
     assert check["status"] == "fail" and check["rel_drop"] == pytest.approx(0.2, abs=0.01)
-    lenient = GateConfig(min_faces=5, style_distance={"abs_drop": None, "rel_drop": 0.25})
+    lenient = GateConfig(min_faces=5, colour_distance={"abs_drop": None, "rel_drop": 0.25})
     assert compare_runs(shifted, f, m, f, lenient)["passed"]
     better = m.copy()
-    better["style_distance"] *= 0.5  # closer to the style is no regression
+    better["colour_distance"] *= 0.5  # closer to the style is no regression
     assert compare_runs(better, f, m, f, config)["passed"]
 
 
@@ -177,3 +177,20 @@ def test_gate_thresholds_come_from_the_nightly_config_and_set_overrides():
         load_score_config("nightly_score", ["gate.confidence=1.5"])
     with pytest.raises(ConfigError, match="abs_drop"):
         load_score_config("nightly_score", ["gate.content_ssim.abs_drop=-1"])
+
+
+def test_a_baseline_of_another_metrics_version_is_refused():
+    from stylid_core.metrics import METRICS_VERSION
+
+    here = {**_info(ScoreJobConfig()), "metrics_version": METRICS_VERSION}
+    check_comparable(here, {**_info(ScoreJobConfig()), "metrics_version": METRICS_VERSION}, "b")
+    # an output written before the learned style distance: its style_distance column is the Lab figure
+    with pytest.raises(GateInputError, match=r"metrics version 1 and this run 2: .*style_distance is learned"):
+        check_comparable(here, _info(ScoreJobConfig()), "s3://b/old")
+
+
+def test_a_missing_figure_column_is_no_data_not_an_error():
+    m, f = _tables()
+    old = m.drop(columns=["style_distance"])  # an output written before the column existed
+    checks = _checks(compare_runs(m, f, old, f, GateConfig(min_faces=5)))
+    assert checks[("all", "style_distance")]["status"] == "no_data" and checks[("all", "style_distance")]["passed"]

@@ -21,7 +21,8 @@ from stylid_core.report import summarize_output
 FACE = pa.struct([("image_id", pa.string()), ("face_index", pa.int32()), ("size_px", pa.float64()),
                   ("size_bucket", pa.string()), ("in_mosaic", pa.bool_()), ("id_sim", pa.float64()),
                   ("id_sim_no_mosaic", pa.float64()), ("id_match", pa.bool_()), ("id_match_no_mosaic", pa.bool_()),
-                  ("redetected", pa.bool_())])  # fmt: skip
+                  ("redetected", pa.bool_()), ("photo_detail_fine", pa.float64()),
+                  ("photo_detail_mid", pa.float64())])  # fmt: skip
 
 
 def n_faces(image_id: str) -> int:
@@ -40,7 +41,9 @@ def rows(ids: list[str], seed: int = 0, big_error: int = 0) -> pa.Table:
                        "in_mosaic": bool(s < 64), "id_sim": float(rng.uniform(0.2, 1)),
                        "id_sim_no_mosaic": float(rng.uniform(0, 1)), "id_match": bool(rng.random() < 0.7),
                        "id_match_no_mosaic": bool(rng.random() < 0.5),
-                       "redetected": None if (k + f) % 5 == 0 else bool(rng.random() < 0.6)}
+                       "redetected": None if (k + f) % 5 == 0 else bool(rng.random() < 0.6),
+                       "photo_detail_fine": None if (k + f) % 7 == 0 else float(rng.uniform(0.2, 1)),
+                       "photo_detail_mid": float(rng.uniform(0.5, 1))}
                       for f, s in enumerate(rng.uniform(20, 200, n))])  # fmt: skip
     ok = [s == "ok" for s in status]
     return pa.table({
@@ -49,7 +52,8 @@ def rows(ids: list[str], seed: int = 0, big_error: int = 0) -> pa.Table:
         "error": pa.array([rng.bytes(big_error // 2).hex() if big_error else None for _ in ids], pa.string()),
         "engine": pa.array(["classical" if o else None for o in ok], pa.string()),
         "model": pa.array(["opencv" if o else None for o in ok], pa.string()),
-        "style_distance": pa.array([float(rng.uniform(5, 30)) if o else None for o in ok], pa.float64()),
+        "colour_distance": pa.array([float(rng.uniform(5, 30)) if o else None for o in ok], pa.float64()),
+        "style_distance": pa.array([float(rng.uniform(1, 5)) if o else None for o in ok], pa.float64()),
         "content_ssim": pa.array([float(rng.uniform(0, 1)) if o else None for o in ok], pa.float64()),
         FACE_ROWS: pa.array(faces, pa.list_(FACE)),
     })  # fmt: skip
@@ -154,13 +158,16 @@ def assert_same_summary(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key in ("rows", "status_counts", "faces", "engines"):
         assert got[key] == want[key], key
-    for key in ("id_sim_mean", "id_sim_mean_no_mosaic", "style_distance_mean", "content_ssim_mean"):
+    for key in ("id_sim_mean", "id_sim_mean_no_mosaic", "style_distance_mean", "colour_distance_mean",
+                "content_ssim_mean"):  # fmt: skip
         assert got[key] == pytest.approx(want[key], rel=1e-12), key
     assert [b["size_bucket"] for b in got["buckets"]] == [b["size_bucket"] for b in want["buckets"]]
     for g, w in zip(got["buckets"], want["buckets"]):
         assert g.keys() == w.keys()
         for key in g:
-            assert g[key] == (w[key] if isinstance(w[key], str) else pytest.approx(w[key], rel=1e-12)), key
+            assert g[key] == (
+                w[key] if w[key] is None or isinstance(w[key], str) else pytest.approx(w[key], rel=1e-12)
+            ), key
 
 
 def check_ledger(out: str, n: int) -> None:
@@ -294,7 +301,12 @@ def pandas_summary(metrics: pd.DataFrame, faces: pd.DataFrame) -> dict:
                         "id_sim": g["id_sim"].mean(), "id_sim_no_mosaic": g["id_sim_no_mosaic"].mean(),
                         "id_match": g["id_match"].astype(float).mean(),
                         "id_match_no_mosaic": g["id_match_no_mosaic"].astype(float).mean(),
-                        "redetected": red.mean() if len(red) else None})  # fmt: skip
+                        "redetected": red.mean() if len(red) else None,
+                        "photo_detail_fine": g["photo_detail_fine"].mean(),
+                        "photo_detail_mid": g["photo_detail_mid"].mean(),
+                        "photo_detail_fine_no_mosaic": None, "photo_detail_mid_no_mosaic": None,
+                        "id_recovered": (g["id_sim"].mean() - g["id_sim_no_mosaic"].mean())
+                        / (1 - g["id_sim_no_mosaic"].mean())})  # fmt: skip
     order = ["<32", "32-48", "48-64", "64-128", ">=128"]
     return {
         "rows": len(metrics),
@@ -304,6 +316,7 @@ def pandas_summary(metrics: pd.DataFrame, faces: pd.DataFrame) -> dict:
         "id_sim_mean": faces["id_sim"].mean(),
         "id_sim_mean_no_mosaic": faces["id_sim_no_mosaic"].mean(),
         "style_distance_mean": ok["style_distance"].mean(),
+        "colour_distance_mean": ok["colour_distance"].mean(),
         "content_ssim_mean": ok["content_ssim"].mean(),
         "buckets": sorted(buckets, key=lambda r: order.index(r["size_bucket"])),
     }

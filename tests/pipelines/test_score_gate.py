@@ -18,7 +18,7 @@ from tests.pipelines.score_inputs import blur, colour_shift, degraded_manifest, 
 NIGHTS = {
     "night-1-blur": (blur, "id_sim"),
     "night-2-shrunk": (shrink_faces, "id_match"),
-    "night-3-colour": (colour_shift, "style_distance"),
+    "night-3-colour": (colour_shift, "colour_distance"),
 }
 
 
@@ -65,7 +65,7 @@ def test_a_seeded_degradation_fails_the_gate_naming_bucket_and_figure(nights, ni
 def test_a_colour_shift_leaves_identity_alone(nights):
     _, gate, _, _ = nights["night-3-colour"]
     failed = {c["figure"] for c in gate["checks"] if c["status"] == "fail"}
-    assert "style_distance" in failed and "id_sim" not in failed and "redetected" not in failed
+    assert "colour_distance" in failed and "id_sim" not in failed and "redetected" not in failed
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from tests.pipelines.score_inputs import LAYOUTS, RUN_STATUS, read_output_image
 #: the identity figures of a face row (the no-mosaic counterfactual needs a stylization, which scoring never does)
 IDENTITY = ["image_id", "face_index", "x0", "y0", "x1", "y1", "det_score", "size_px", "size_bucket", "id_sim",
             "id_dist", "id_match", "redetected", "backend"]  # fmt: skip
-PER_IMAGE = ["status", "id_sim_mean", "id_sim_min", "id_match_rate", "n_redetected", "style_distance",
-             "style_distance_source", "content_ssim", "image_uri", "style_uri", "n_faces", "engine",
+PER_IMAGE = ["status", "id_sim_mean", "id_sim_min", "id_match_rate", "n_redetected", "colour_distance",
+             "colour_distance_source", "content_ssim", "image_uri", "style_uri", "n_faces", "engine",
              "model"]  # fmt: skip
 
 

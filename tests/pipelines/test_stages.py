@@ -106,10 +106,13 @@ def test_good_row_gets_faces_output_and_scores(staged, config):
     out = image_of(row, "out_pixels")
     assert out.shape == image_of(row).shape and not np.array_equal(out, image_of(row))
     assert 0 < row["id_sim_mean"] <= 1 and row["id_match_rate"] == 1.0
-    assert row["style_distance"] < row["style_distance_source"]
+    assert row["colour_distance"] < row["colour_distance_source"]
+    assert row["style_distance"] < row["style_distance_source"]  # the learned judge: nearer the painting
     assert row["n_redetected"] == 1
     faces = json.loads(row["faces_json"])
     assert faces[0]["scores"]["id_dist"] < 0.6
+    scores = faces[0]["scores"]  # the face's detail: neither the photo's (1.0) nor unrelated to it
+    assert 0 < scores["photo_detail_fine"] < 0.999 and 0 < scores["photo_detail_mid"] < 0.999
     assert faces[0]["scores"]["in_mosaic"] is (faces[0]["size_px"] < config.stylize.mosaic.max_face_px)
     assert row["mosaic_faces"] == int(faces[0]["scores"]["in_mosaic"])
     assert row["engine"] == "neural"
@@ -166,7 +169,7 @@ def test_fused_cpu_stage_equals_the_three_stages_in_turn(staged, config):
     assert fused["out_pixels"].tolist() == separate["out_pixels"].tolist()  # byte-identical images
     # the faces crossed the fused stages parsed and were written as JSON once: the same text as three round trips
     assert fused["faces_json"].tolist() == separate["faces_json"].tolist()
-    for col in ("id_sim_mean", "style_distance", "content_ssim"):
+    for col in ("id_sim_mean", "colour_distance", "content_ssim"):
         np.testing.assert_allclose(fused[col].astype(float), separate[col].astype(float), equal_nan=True)
 
 
@@ -183,7 +186,7 @@ def test_fused_stage_with_io_equals_load_fused_write(batch, staged, config, tmp_
     together = stage(batch).to_pandas()
     assert list(together.columns) == [*METRICS_COLUMNS, FACE_ROWS]
     assert together["status"].tolist() == apart["status"].tolist() == list(EXPECTED.values())
-    for col in ("id_sim_mean", "style_distance", "content_ssim", "n_faces"):
+    for col in ("id_sim_mean", "colour_distance", "content_ssim", "n_faces"):
         np.testing.assert_allclose(together[col].astype(float), apart[col].astype(float), equal_nan=True)
     assert [len(v) for v in together[FACE_ROWS]] == [len(v) for v in apart[FACE_ROWS]] == [1, 0, 0, 0, 0]
     assert together[FACE_ROWS].tolist()[0] == apart[FACE_ROWS].tolist()[0]  # the same face rows, strip included

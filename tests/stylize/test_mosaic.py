@@ -10,7 +10,7 @@ import pytest
 
 from stylid_core.config import FacesConfig, MosaicConfig
 from stylid_core.faces import Face, create_face_analyzer
-from stylid_core.metrics import style_distance
+from stylid_core.metrics import colour_distance
 from stylid_core.sample_data import build_scene, load_photo
 from stylid_core.stylize import STYLIZERS
 from stylid_core.stylize.classical import IdentityStylizer
@@ -150,7 +150,7 @@ def test_mosaic_keeps_small_faces_closer_to_their_identity_with_the_classical_en
     assert (d_plain.mean() - d_mosaic.mean()) >= 0.5 * (d_plain.mean() - d_floor.mean())
     assert (d_mosaic < analyzer.match_threshold).sum() >= (d_plain < analyzer.match_threshold).sum()
     # and the style is kept: the whole image's style distance moves by at most 10 %
-    assert abs(style_distance(mosaic, style) - style_distance(plain, style)) <= 0.1 * style_distance(plain, style)
+    assert abs(colour_distance(mosaic, style) - colour_distance(plain, style)) <= 0.1 * colour_distance(plain, style)
 
 
 class _StripeStylizer(IdentityStylizer):
