@@ -20,7 +20,9 @@ identity to strokes a 200 px face shrugs off. ``MosaicRestorer`` wraps any ``Sty
    - ``sheet``: the image goes to the engine unchanged (exactly as without the mosaic: no shrinking, no change of
      aspect) and the tiles go on *sheets* of the image's own size, a copy of the image under them as filler,
      stylized in the same ``stylize_batch`` call with the same style. The engine gives a sheet the image's working
-     scale, so tiles reach ``target_face_px`` at that scale whatever the engine's working size;
+     scale, so tiles reach ``target_face_px`` at that scale whatever the engine's working size. For an engine that
+     works at the input's own size (neural below its ``max_side``) each sheet is cut to the part its tiles use, and
+     the image itself gets only the faces no tile restores (their identity-aware pass would be thrown away);
 
 3. **stylize once**: the canvas (or image and sheets) go through the wrapped stylizer in one call, so the faces and
    the background share one style (one set of statistics, one network or diffusion batch); engines with
@@ -234,9 +236,17 @@ class MosaicRestorer(StylizerWrapper):
     ) -> list[tuple[np.ndarray, list[Face]]]:
         """The ``sheet`` layout's sheets (a copy of the image under the tiles), each with its tiles' faces."""
         sheets = []
+        # an engine that works at the input's own size (no resize) gets each sheet cut to the part its tiles use:
+        # its time goes with the pixels, and a few small faces' tiles need far less than the image's size (tile
+        # positions count from the top left, so they hold). An engine that resizes gets whole sheets, so a sheet is
+        # worked at the image's scale, which the plan's tile sizes assume.
+        native = self._engine_scale(*plan.image_size) >= 1.0 - 1e-9
         for k in range(plan.sheets):
-            sheet = np.array(content, dtype=np.uint8, copy=True)
-            sheets.append((sheet, self._paste_tiles(sheet, content, [t for t in plan.tiles if t.sheet == k], faces)))
+            tiles = [t for t in plan.tiles if t.sheet == k]
+            used_w = max(t.position[0] + t.size[0] for t in tiles) if native else plan.image_size[0]
+            used_h = max(t.position[1] + t.size[1] for t in tiles) if native else plan.image_size[1]
+            sheet = np.array(content[:used_h, :used_w], dtype=np.uint8, copy=True)
+            sheets.append((sheet, self._paste_tiles(sheet, content, tiles, faces)))
         return sheets
 
     def restore(self, stylized_canvas: np.ndarray, plan: MosaicPlan, sheets: list[np.ndarray] | None = None):
@@ -281,8 +291,10 @@ class MosaicRestorer(StylizerWrapper):
                 inputs.append(canvas)
                 input_faces.append(cfs)
             else:
+                # the faces the tiles restore are not the image's to render: only the others get the engine's
+                # identity-aware treatment there (neural: a second transfer run for face_style_strength)
                 inputs.append(content)
-                input_faces.append(list(fs))
+                input_faces.append([f for i, f in enumerate(fs) if i not in plan.face_indices])
             input_styles.append(style)
             regions.append((0, 0, *plan.image_size))
             sheet_slots.append([])

@@ -203,3 +203,17 @@ def test_face_ellipse_mask_is_one_at_the_centre_and_zero_at_the_box_corners():
     assert 0 < mask[40, 50 + 35] < 1  # a smooth ramp, not a step
     row = mask[40]
     assert np.all(np.diff(row[:50]) >= 0) and np.all(np.diff(row[50:]) <= 0)
+
+
+def test_sheets_are_cut_to_their_tiles_for_an_engine_at_native_size():
+    content = _smooth(300, 400)
+    faces = [_face((50, 60, 74, 84)), _face((200, 100, 230, 130))]
+    restorer = MosaicRestorer(STYLIZERS.create("identity"), MosaicConfig(max_face_px=64, target_face_px=96))
+    plan = restorer.plan(400, 300, faces)
+    sheets = restorer.build_sheets(content, faces, plan)
+    assert len(sheets) == plan.sheets == 1
+    sheet, _ = sheets[0]
+    used = (max(t.position[0] + t.size[0] for t in plan.tiles), max(t.position[1] + t.size[1] for t in plan.tiles))
+    assert sheet.shape[:2] == (used[1], used[0]) and sheet.shape[0] * sheet.shape[1] < 0.7 * 300 * 400
+    out = restorer.stylize(content, content, faces)  # and the restore reads the cut sheets right
+    assert np.abs(out.astype(int) - content.astype(int)).mean() < 1.0
