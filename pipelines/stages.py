@@ -34,7 +34,7 @@ from stylid_core.metrics import (
     content_similarity,
     photo_detail_correlation,
 )
-from stylid_core.report import SmallestFaces, zoom_strip
+from stylid_core.report import LargestFaces, SmallestFaces, zoom_strip
 from stylid_core.sample_data import default_style_path
 from stylid_core.secrets import scrub, secret_values
 from stylid_core.storage import StorageError, join, local_path, read_bytes, write_bytes
@@ -519,7 +519,8 @@ class ScoreStage(FrameStage):
         self.analyzer = create_face_analyzer(faces)
         self.styles = StyleCache(io)
         self.judge = StyleJudge()
-        self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report
+        self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report: the smallest
+        self.large_strips = LargestFaces()  # and the largest
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
         if not faces:
@@ -615,7 +616,8 @@ class ScoreStage(FrameStage):
             "content_ssim": content_similarity(out, source),
         }
         for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest
-            if self.strips.admit(face.size_px, row["image_id"], rec["face_index"]):
+            small = self.strips.admit(face.size_px, row["image_id"], rec["face_index"])
+            if small or self.large_strips.admit(face.size_px, row["image_id"], rec["face_index"]):
                 rec["zoom_strip"] = zoom_strip(face.box, source, plain, out)
         for rec, fj in zip(records, face_records(row)):  # all or nothing: a row that raised above is unchanged
             rec["in_mosaic"] = bool(fj.get("in_mosaic", False))

@@ -285,17 +285,29 @@ class SmallestFaces:
         self.capacity = capacity
         self._kept: list[tuple[float, str, int]] = []  # sorted; at most ``capacity``
 
+    def _key(self, size_px: float, image_id: str, face_index: int) -> tuple[float, str, int] | None:
+        """The face's place in the order (smaller first), None where it is not a candidate."""
+        return (float(size_px), str(image_id), int(face_index)) if size_px < ZOOM_FACE_PX else None
+
     def admit(self, size_px: float, image_id: str, face_index: int) -> bool:
-        """Whether this face gets a strip (and, if so, it is counted among the smallest from now on)."""
-        if size_px >= ZOOM_FACE_PX or self.capacity <= 0:
+        """Whether this face gets a strip (and, if so, it is counted among the kept ones from now on)."""
+        key = self._key(size_px, image_id, face_index)
+        if key is None or self.capacity <= 0:
             return False
-        key = (float(size_px), str(image_id), int(face_index))
         if len(self._kept) >= self.capacity and key >= self._kept[-1]:
             return key in self._kept
         if key not in self._kept:
             bisect.insort(self._kept, key)
             del self._kept[self.capacity :]
         return True
+
+
+class LargestFaces(SmallestFaces):
+    """``SmallestFaces`` for the other end: the ``capacity`` largest faces of at least ``ZOOM_FACE_PX``, so the
+    report shows what the run does to the faces the mosaic does not touch, beside the small ones."""
+
+    def _key(self, size_px: float, image_id: str, face_index: int) -> tuple[float, str, int] | None:
+        return (-float(size_px), str(image_id), int(face_index)) if size_px >= ZOOM_FACE_PX else None
 
 
 def zoom_strip(face_box: tuple[float, float, float, float], *images: np.ndarray | None) -> str:
@@ -319,17 +331,21 @@ def zoom_strip(face_box: tuple[float, float, float, float], *images: np.ndarray 
     return base64.b64encode(encode_jpeg(np.concatenate(panels, axis=1), 85)).decode()
 
 
-def small_faces_html(faces: pd.DataFrame, max_faces: int = ZOOM_MAX_FACES) -> str:
-    """The report section of zoomed strips of the smallest faces (from the face rows' ``zoom_strip``)."""
+def small_faces_html(faces: pd.DataFrame, max_faces: int = ZOOM_MAX_FACES, largest: bool = False) -> str:
+    """The report section of zoomed strips of the smallest faces (from the face rows' ``zoom_strip``), or with
+    ``largest`` of the largest ones (of at least ``ZOOM_FACE_PX``)."""
     if faces.empty or "zoom_strip" not in faces:
         return ""
     rows = faces[faces["zoom_strip"].map(lambda v: isinstance(v, str) and len(v) > 0)]
+    rows = rows[rows["size_px"] >= ZOOM_FACE_PX] if largest else rows[rows["size_px"] < ZOOM_FACE_PX]
     if rows.empty:
         return ""
-    rows = rows.sort_values(["size_px", "image_id", "face_index"]).head(max_faces)
+    rows = rows.assign(_order=-rows["size_px"] if largest else rows["size_px"])
+    rows = rows.sort_values(["_order", "image_id", "face_index"]).head(max_faces)
+    title = "Largest faces, zoomed" if largest else "Smallest faces, zoomed"
     parts = [
-        "<h2>Smallest faces, zoomed</h2><p>Each strip: the source around the face, the output without the mosaic, "
-        "the output with it (identity distance without / with the mosaic).</p><div class='grid'>"
+        f"<h2>{title}</h2><p>Each strip: the source around the face, the output without the mosaic (plain), "
+        "the output (identity distance plain / output).</p><div class='grid'>"
     ]
     for _, r in rows.iterrows():
         parts.append(
@@ -342,22 +358,36 @@ def small_faces_html(faces: pd.DataFrame, max_faces: int = ZOOM_MAX_FACES) -> st
     return "".join(parts)
 
 
-def smallest_face_strips(output_uri: str, storage_options: dict | None, k: int = ZOOM_MAX_FACES) -> pd.DataFrame:
+def face_strips(output_uri: str, storage_options: dict | None, k: int = ZOOM_MAX_FACES) -> pd.DataFrame:
+    """The strips of the report: the ``k`` smallest and the ``k`` largest faces that carry one."""
+    small = smallest_face_strips(output_uri, storage_options, k)
+    large = smallest_face_strips(output_uri, storage_options, k, largest=True)
+    return pd.concat([small, large], ignore_index=True) if len(large) else small
+
+
+def smallest_face_strips(
+    output_uri: str, storage_options: dict | None, k: int = ZOOM_MAX_FACES, largest: bool = False
+) -> pd.DataFrame:
     """The ``k`` smallest faces of the output that carry a zoomed strip (``STRIP_FACES_COLUMNS``), in the report's
     order: one projected scan of the live faces shards, the strips' nulls filtered out shard by shard (the scoring
     stages encode few strips: ``SmallestFaces``), a running top ``k``."""
     best: pa.Table | None = None
-    order = [("size_px", "ascending"), ("image_id", "ascending"), ("face_index", "ascending")]
+    order = [("size_px", "descending" if largest else "ascending"), ("image_id", "ascending"),
+             ("face_index", "ascending")]  # fmt: skip
     for table in iter_shards(output_uri, FACES, storage_options, STRIP_FACES_COLUMNS, threads=4):
         if "zoom_strip" not in table.column_names:
             continue
         table = table.filter(pc.is_valid(table.column("zoom_strip")))
+        size = table.column("size_px")
+        table = table.filter(pc.greater_equal(size, ZOOM_FACE_PX) if largest else pc.less(size, ZOOM_FACE_PX))
         best = table if best is None else pa.concat_tables([best, table], promote_options="permissive")
         if best.num_rows > k:
             best = best.take(pc.select_k_unstable(best, k, order))
     if best is None or not best.num_rows:
         return pd.DataFrame(columns=STRIP_FACES_COLUMNS)
-    return best.to_pandas().sort_values(["size_px", "image_id", "face_index"]).reset_index(drop=True)
+    frame = best.to_pandas()
+    frame = frame.assign(_order=-frame["size_px"] if largest else frame["size_px"])
+    return frame.sort_values(["_order", "image_id", "face_index"]).drop(columns="_order").reset_index(drop=True)
 
 
 def render_report(
@@ -426,11 +456,19 @@ def render_report(
     if len(buckets):
         parts.append("<h2>By face size</h2>" + buckets.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
     means = {
-        k: summary[k] for k in ("id_sim_mean", "id_sim_mean_no_mosaic", "colour_distance_mean", "content_ssim_mean")
+        k: summary.get(k)
+        for k in (
+            "id_sim_mean",
+            "id_sim_mean_no_mosaic",
+            "style_distance_mean",
+            "colour_distance_mean",
+            "content_ssim_mean",
+        )  # fmt: skip
     }
     parts.append("<p>" + ", ".join(f"{k}: {_fmt(v)}" for k, v in means.items()) + "</p>")
 
     parts.append(small_faces_html(faces if strips is None else strips))
+    parts.append(small_faces_html(faces if strips is None else strips, largest=True))
     parts.append("<h2>Before / after</h2><div class='grid'>")
     ok = metrics[metrics["status"] == "ok"].sort_values("image_id").head(max_thumbs) if len(metrics) else metrics
     for _, row in ok.iterrows():
@@ -462,7 +500,7 @@ def write_report(
         raise ValueError(f"no metrics under {output_uri}: is it the output of 'stylid run'?")
     metrics = sample_ok_rows(output_uri, storage_options, max_thumbs)
     faces = sample_faces(output_uri, storage_options, max_face_points)
-    strips = smallest_face_strips(output_uri, storage_options)
+    strips = face_strips(output_uri, storage_options)
     try:
         run_info = json.loads(read_bytes(join(output_uri, "run.json"), storage_options))
     except Exception:

@@ -87,3 +87,24 @@ def test_the_report_reads_the_smallest_faces_with_strips_across_shards(tmp_path)
     assert got["size_px"].tolist() == [20.0, 25.0, 30.0] and got["image_id"].tolist() == ["s0-2", "s2-0", "s1-0"]
     assert got["zoom_strip"].notna().all()
     assert smallest_face_strips(str(tmp_path / "empty"), None).empty
+
+
+def test_the_largest_faces_get_strips_too_and_the_report_reads_them_apart(tmp_path):
+    from stylid_core.report import LargestFaces, face_strips
+
+    largest = LargestFaces(capacity=2)
+    admitted = [s for s in (50.0, 300.0, 47.0, 120.0, 400.0, 60.0) if largest.admit(s, f"i{s}", 0)]
+    assert 47.0 not in admitted and {300.0, 400.0} <= set(admitted)  # small faces are SmallestFaces' business
+    strip = zoom_strip((0.0, 0.0, 10.0, 10.0), np.zeros((20, 20, 3), np.uint8))
+    sizes = [20.0, 30.0, 64.0, 200.0, 150.0]
+    faces = pa.table({"image_id": [f"f{k}" for k in range(5)], "face_index": pa.array([0] * 5, pa.int32()),
+                      "size_px": sizes, "id_dist": [0.5] * 5, "id_dist_no_mosaic": [0.6] * 5,
+                      "zoom_strip": [strip] * 5})  # fmt: skip
+    write_shard_pair(str(tmp_path), faces, pa.table({"image_id": [f"f{k}" for k in range(5)]}), None)
+    assert smallest_face_strips(str(tmp_path), None, k=2, largest=True)["size_px"].tolist() == [200.0, 150.0]
+    got = face_strips(str(tmp_path), None, k=2)
+    assert got["size_px"].tolist() == [20.0, 30.0, 200.0, 150.0]
+    from stylid_core.report import small_faces_html
+
+    page = small_faces_html(got) + small_faces_html(got, largest=True)
+    assert "Smallest faces" in page and "Largest faces" in page and "200 px" in page and "20 px" in page
