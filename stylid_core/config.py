@@ -100,10 +100,11 @@ class MosaicConfig:
 class FaceDetailConfig:
     """Face detail transfer after stylization, for any engine (see ``stylid_core.stylize.face_detail``)."""
 
-    #: 0 turns it off; 1 replaces the stylized faces' luminance detail band with the photo's entirely
-    strength: float = 1.0
-    #: the detail band's cut-off, a Gaussian sigma as a fraction of the face's size; 0.2 meets the 24-48 px identity
-    #: targets on Starry Night and The Scream, face-region style within 25% of plain (README, bench_identity --detail)
+    #: 0 (the default) turns it off; 1 replaces the stylized faces' luminance detail band with the photo's entirely.
+    #: It buys identity by handing back the photo: the faces' fine detail correlates 0.99 with the photo's
+    #: (``photo_detail_fine``), so they read as photographs in a painting (docs/identity.md). Opt in knowingly.
+    strength: float = 0.0
+    #: the detail band's cut-off, a Gaussian sigma as a fraction of the face's size
     sigma: float = 0.2
     margin: float = 0.3  # the mask: the face box grown by this fraction of its size per side, feathered
     match_contrast: bool = True  # rescale the photo's detail to the stylized detail's contrast

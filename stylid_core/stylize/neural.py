@@ -137,12 +137,12 @@ class NeuralOptions:
 
     style_strength: float = 1.0  # 0: the content's own style vector, 1: the style image's
     preserve_color: bool = False  # keep the content's chroma, take the stylized luma
-    #: identity-aware: style strength inside face masks, relative to the image's (None: off). 0.4 is read off the
-    #: curve of identity against face-region style with the face detail transfer on (README, bench_identity
-    #: --curve --curve-detail): the largest strength at which every identity target holds on The Starry Night and
-    #: The Scream (96 px faces: 70.8% / 71.7% recovered), with the faces' style distance at plain's (+0% / -6%);
-    #: lower values buy a point or two of identity with faces that turn photo-like
-    face_style_strength: float | None = 0.4
+    #: identity-aware: style strength inside face masks, relative to the image's (None: off). 0.7 is read off the
+    #: curve of identity against photo-detail correlation with the mosaic and no face detail transfer
+    #: (docs/identity.md, bench_identity.py): the strongest style whose faces' fine detail stays under 0.90 at
+    #: every size; 0.4 wins a few points of identity with faces whose detail is the photo's (0.91 at 32 px), and
+    #: None loses 10-20 points
+    face_style_strength: float | None = 0.7
     face_mask_margin: float = 0.3  # the face mask is each face box grown by this fraction of its size per side
     mode: str = "full"  # full: re-declared dynamic graph at the working size | tiled: fixed 384 px graph in tiles
     max_side: int = 2048  # working resolution: longer side capped at this many pixels
