@@ -352,17 +352,18 @@ def target_lines(style_name: str, name: str, report: dict, analyzers: dict) -> l
     return lines
 
 
-def contact_sheet(rows, path: str, names: list[str], tile: int = 128) -> None:
-    """Per painting and face: source | plain | each variant, the face's box grown to twice its size, zoomed to
-    ``tile`` px; for a group photo its smallest face."""
+def contact_sheet(rows, path: str, names: list[str], tile: int = 128, every_face: bool = False) -> None:
+    """Per painting and image: source | plain | each variant around its smallest face (``every_face``: around each
+    face), the face's box grown to twice its size, zoomed to ``tile`` px."""
     blocks = []
     font = cv2.FONT_HERSHEY_SIMPLEX
     header = np.full((22, tile * (1 + len(names)) + 150, 3), 255, np.uint8)
     for k, label in enumerate(["source", *names]):
         cv2.putText(header, label, (150 + k * tile + 4, 16), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     blocks.append(header)
-    for style_name, case, outs in rows:
-        index = int(np.argmin(case.sizes))
+    todo = [(style_name, case, outs, k) for style_name, case, outs in rows
+            for k in (range(len(case.sizes)) if every_face else [int(np.argmin(case.sizes))])]  # fmt: skip
+    for style_name, case, outs, index in todo:
         x0, y0, x1, y1 = case.boxes[index]
         side = max(x1 - x0, y1 - y0) * 2
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -378,20 +379,26 @@ def contact_sheet(rows, path: str, names: list[str], tile: int = 128) -> None:
     Image.fromarray(np.concatenate(blocks, axis=0)).save(path)
 
 
-def readme_figure(path: str, stylize: StylizeConfig) -> None:
+def readme_figure(path: str, config: JobConfig) -> None:
     """Source, plain and default of the bundled group scene with the bundled style (committed material only)."""
     from stylid_core.sample_data import SCENES, build_scene, default_style_path
 
-    analyzer = create_face_analyzer(FacesConfig(backend="dlib"))
+    stylize = config.stylize
+    analyzer = create_face_analyzer(config.faces)  # the faces stylid run finds
     scene, _ = build_scene(SCENES["scene_group_small"])
     faces = analyzer.detect(scene)
     style = _rgb(default_style_path())
-    rows = [scene] + [build_chain(cfg).stylize(scene, style, faces) for cfg in variant_configs(stylize, []).values()]
+    outs = {name: build_chain(cfg).stylize(scene, style, faces) for name, cfg in variant_configs(stylize, []).items()}
+    rows = [scene, *outs.values()]
     h, w = scene.shape[:2]
     scale = min(1.0, 900 / w)
     rows = [cv2.resize(r, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) for r in rows]
     Image.fromarray(np.concatenate(rows, axis=0)).save(path, quality=90)
     print(f"wrote {path}: source, plain, default ({len(faces)} faces detected)")
+    case = Case("bundled group scene", scene, [f.box for f in faces], [round(f.size_px) for f in faces], "scene")
+    sheet = os.path.splitext(path)[0] + "_faces.png"
+    contact_sheet([("bundled style", case, outs)], sheet, list(outs), every_face=True)
+    print(f"wrote {sheet}: every face zoomed, source | {' | '.join(outs)}")
 
 
 def main() -> None:
@@ -407,7 +414,7 @@ def main() -> None:
 
     config: JobConfig = load_job_config(args.config)
     if args.readme_figure:
-        readme_figure(args.readme_figure, config.stylize)
+        readme_figure(args.readme_figure, config)
         return
     if not os.path.isdir(FACES_DIR) or not os.path.isdir(STYLES_DIR):
         print(f"bench_identity skipped: needs {FACES_DIR} and {STYLES_DIR} (STYLID_FACES_DIR, STYLID_STYLES_DIR)")

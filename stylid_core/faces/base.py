@@ -79,7 +79,7 @@ class Face:
 DUPLICATE_IOU = 0.5
 #: Two detections whose intersection covers at least this share of the smaller box are one face, the larger box a
 #: loose detection around it (dlib HOG with upsampling finds 112 px boxes over 45 px faces); the smaller is kept.
-NESTED_COVER = 0.8
+NESTED_COVER = 0.6
 
 
 def _intersection_over_smaller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
