@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -492,6 +493,15 @@ def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[
     ]  # fmt: skip
 
 
+def resized_like(image: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``image`` resized to ``source``'s size where it differs (a resized output read back by ``stylid score``), so
+    the report's strips cut it where they cut the source; scores use the placed boxes instead."""
+    if image.shape[:2] == source.shape[:2]:
+        return image
+    interp = cv2.INTER_AREA if image.shape[0] > source.shape[0] else cv2.INTER_CUBIC
+    return cv2.resize(image, (source.shape[1], source.shape[0]), interpolation=interp)
+
+
 class ScoreStage(FrameStage):
     """Identity, style and content scores.
 
@@ -618,7 +628,7 @@ class ScoreStage(FrameStage):
         for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest
             small = self.strips.admit(face.size_px, row["image_id"], rec["face_index"])
             if small or self.large_strips.admit(face.size_px, row["image_id"], rec["face_index"]):
-                rec["zoom_strip"] = zoom_strip(face.box, source, plain, out)
+                rec["zoom_strip"] = zoom_strip(face.box, source, plain, resized_like(out, source))
         for rec, fj in zip(records, face_records(row)):  # all or nothing: a row that raised above is unchanged
             rec["in_mosaic"] = bool(fj.get("in_mosaic", False))
             fj["scores"] = rec
