@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import abc
-
 import numpy as np
 
 from stylid_core.faces.base import Face
 from stylid_core.registry import Registry
 
 
-class Stylizer(abc.ABC):
+class Stylizer:
     """Restyles a content image after a style image, keeping the content's geometry.
 
     ``faces`` are the faces of ``content`` in its own pixel coordinates; engines may use them (the diffusion
@@ -37,9 +35,26 @@ class Stylizer(abc.ABC):
         """
         return height, width
 
-    @abc.abstractmethod
-    def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
-        """Stylize one image."""
+    def stylize(
+        self,
+        content: np.ndarray,
+        style: np.ndarray,
+        faces: list[Face] | None = None,
+        content_region: tuple[int, int, int, int] | None = None,
+    ) -> np.ndarray:
+        """Stylize one image: by default one call of ``stylize_batch`` (engines that batch implement only that).
+        ``content_region`` goes on only to engines with ``accepts_content_region``."""
+        self._check_implemented()
+        if self.accepts_content_region:
+            return self.stylize_batch([content], [style], [faces or []], content_regions=[content_region])[0]
+        return self.stylize_batch([content], [style], [faces or []])[0]
+
+    def _check_implemented(self) -> None:
+        cls = type(self)
+        if cls.stylize is Stylizer.stylize and cls.stylize_batch is Stylizer.stylize_batch:
+            raise TypeError(
+                f"{cls.__name__} implements neither stylize nor stylize_batch (each derives from the other)"
+            )
 
     def stylize_batch(
         self,
@@ -48,10 +63,11 @@ class Stylizer(abc.ABC):
         faces: list[list[Face]] | None = None,
         content_regions: list[tuple[int, int, int, int] | None] | None = None,
     ) -> list[np.ndarray]:
-        """Stylize many images; engines that batch on an accelerator override this.
+        """Stylize many images: by default ``stylize`` once per image; engines that batch override this.
 
         ``content_regions`` is passed on (one per content) only to engines with ``accepts_content_region``.
         """
+        self._check_implemented()
         faces = faces if faces is not None else [[] for _ in contents]
         if self.accepts_content_region and content_regions is not None:
             return [
@@ -59,7 +75,6 @@ class Stylizer(abc.ABC):
                 for c, s, f, r in zip(contents, styles, faces, content_regions)
             ]
         return [self.stylize(c, s, f) for c, s, f in zip(contents, styles, faces)]
-
 
 
 class StylizerWrapper(Stylizer):
@@ -70,6 +85,7 @@ class StylizerWrapper(Stylizer):
         self.stylizer = stylizer
         self.name = stylizer.name
         self.model = stylizer.model
+
 
 STYLIZERS: Registry[Stylizer] = Registry(
     "stylizer",

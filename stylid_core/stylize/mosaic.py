@@ -272,9 +272,6 @@ class MosaicRestorer(StylizerWrapper):
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         return self.stylizer.working_size(height, width)
 
-    def stylize(self, content: np.ndarray, style: np.ndarray, faces: list[Face] | None = None) -> np.ndarray:
-        return self.stylize_batch([content], [style], [faces or []])[0]
-
     def stylize_batch(
         self, contents: list[np.ndarray], styles: list[np.ndarray], faces: list[list[Face]] | None = None
     ) -> list[np.ndarray]:

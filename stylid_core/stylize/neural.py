@@ -295,15 +295,6 @@ class NeuralStylizer(Stylizer):
         return (acc / np.maximum(norm, 1e-6))[:h, :w]
 
     # -- Stylizer -------------------------------------------------------------------------------------------------
-    def stylize(
-        self,
-        content: np.ndarray,
-        style: np.ndarray,
-        faces: list[Face] | None = None,
-        content_region: tuple[int, int, int, int] | None = None,
-    ) -> np.ndarray:
-        return self.stylize_batch([content], [style], [faces or []], [content_region])[0]
-
     def stylize_batch(
         self,
         contents: list[np.ndarray],

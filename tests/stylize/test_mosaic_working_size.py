@@ -71,7 +71,7 @@ def test_sheet_layout_keeps_the_image_as_is_and_tiles_reach_the_target_at_workin
     assert out.shape == (h, w, 3)
     (call,) = engine.calls  # one batch: the image, then its sheet
     assert call["sizes"] == [(h, w), (h, w)]
-    assert call["faces"][0] == pytest.approx([12, 20, 100])  # the image's faces, at the engine's scale
+    assert call["faces"][0] == pytest.approx([100])  # the image: only the face no tile restores, at the engine scale
     assert sorted(call["faces"][1]) == pytest.approx([128, 128], rel=0.02)  # the sheet's tiles
 
 

@@ -484,15 +484,6 @@ class DiffusionStylizer(Stylizer):
     #: ``content_region`` restricts the AdaIN statistics of the content to the real image of a mosaic canvas
     accepts_content_region = True
 
-    def stylize(
-        self,
-        content: np.ndarray,
-        style: np.ndarray,
-        faces: list[Face] | None = None,
-        content_region: tuple[int, int, int, int] | None = None,
-    ) -> np.ndarray:
-        return self.stylize_batch([content], [style], [faces or []], [content_region])[0]
-
     def stylize_batch(
         self,
         contents: list[np.ndarray],
