@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 OUTPUT ?= stylid-output
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test bench lint lock clean
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
@@ -24,8 +24,11 @@ bench: setup
 	$(PY) benchmarks/bench_identity.py
 	$(PY) benchmarks/bench_pipeline.py
 
+lock:  # refresh constraints.txt from pyproject.toml's ranges and run the suite on it (scripts/lock.sh)
+	PYTHON=$(PYTHON) bash scripts/lock.sh
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(OUTPUT) .pytest_cache
+	rm -rf $(VENV) .venv-lock $(OUTPUT) .pytest_cache
