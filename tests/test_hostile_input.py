@@ -69,3 +69,17 @@ def test_storage_errors_start_with_the_uri(tmp_path):
     missing = str(tmp_path / "nope.jpg")
     assert str(_read_within(missing)).startswith(f"{missing}: not found")
     assert str(_read_within(str(tmp_path))).startswith(f"{tmp_path}: is a directory")
+
+
+def test_image_keys_are_distinct_for_distinct_ids():
+    from pipelines.schema import object_key
+
+    first = object_key("a/b")
+    assert object_key(first) != first  # the file-safe form of a/b, itself a valid id, no longer shares its file
+    ids = ["a/b", first, "a_b", "a_b-c14cddc0", "a\\b", "a b", "a/b/", "../../escape", "/abs", "x\x00y", "\u202eabc",
+           "é", "e\u0301", "A", "a", ".", "..", "id", "x" * 5000, "x" * 5001, "x" * 128, "x" * 129]  # fmt: skip
+    keys = [object_key(i) for i in ids]
+    assert len(set(keys)) == len(ids), [k for k in keys if keys.count(k) > 1]
+    for key in keys:
+        assert "/" not in key and "\\" not in key and key not in (".", "..") and len(key) <= 128
+    assert object_key("plain-id_1.v2") == "plain-id_1.v2"  # an ordinary safe id is its own key
