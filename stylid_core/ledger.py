@@ -156,15 +156,52 @@ def ledger_state(output_uri: str, storage_options: dict | None) -> LedgerState:
     journals = {}
     for n in names:
         if n.startswith(_JOURNAL) and n.endswith(".json"):
+            uri = join(output_uri, METRICS, n)
             try:
-                journals[n] = json.loads(read_bytes(join(output_uri, METRICS, n), storage_options))
+                raw = read_bytes(uri, storage_options)
             except Exception:  # deleted meanwhile: that compaction is over
                 continue
+            journals[n] = _checked_journal(uri, raw)
     replaced: set[str] = set()
     for j in journals.values():
         if j["shard"] in present:  # committed: its sources are superseded, whether or not deleted yet
             replaced |= set(j["replaces"])
     return LedgerState(sorted(present - replaced), replaced, journals, present)
+
+
+def _is_shard_file_name(name: object) -> bool:
+    """True for the bare name of a shard file in ``metrics/`` or ``faces/``: no separator, no ``..``, not a
+    journal or hidden file. Joined to either folder it names a file inside the output, and only there."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".parquet")
+        and not name.startswith(("_", "."))
+        and not any(c in name for c in "/\\\0")
+        and posixpath.basename(name) == name
+    )
+
+
+def _checked_journal(uri: str, raw: bytes) -> dict:
+    """A compaction journal's ``{"shard": ..., "replaces": [...]}``, refused (``ValueError``) unless every name in
+    it is a bare shard file name: compaction deletes what a journal names, so a planted ``../../x`` would delete a
+    file outside the output."""
+    try:
+        journal = json.loads(raw)
+    except ValueError:
+        journal = None
+    ok = (
+        isinstance(journal, dict)
+        and _is_shard_file_name(journal.get("shard"))
+        and isinstance(journal.get("replaces"), list)
+        and all(_is_shard_file_name(n) for n in journal["replaces"])
+    )
+    if not ok:
+        raise ValueError(
+            f"{uri}: not a compaction journal of this output (it must name shard files inside metrics/ and faces/,"
+            ' as {"shard": "part-<h>.parquet", "replaces": [...]}); refusing to read or delete what it names.'
+            " Remove it if no stylid compact is running"
+        )
+    return journal
 
 
 def live_shards(output_uri: str, storage_options: dict | None) -> list[str]:

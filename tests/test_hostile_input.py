@@ -83,3 +83,73 @@ def test_image_keys_are_distinct_for_distinct_ids():
     for key in keys:
         assert "/" not in key and "\\" not in key and key not in (".", "..") and len(key) <= 128
     assert object_key("plain-id_1.v2") == "plain-id_1.v2"  # an ordinary safe id is its own key
+
+
+def _two_shard_output(out: str) -> list[str]:
+    """An output of two one-row shard pairs (what compact merges); returns the shard names."""
+    import pyarrow as pa
+
+    from stylid_core.ledger import write_shard_pair
+
+    names = []
+    for image_id in ("a", "b"):
+        metrics = pa.table({"image_id": [image_id], "status": ["ok"]})
+        faces = pa.table({"image_id": [image_id], "face_index": [0]})
+        names.append(write_shard_pair(out, faces, metrics, {}))
+    return names
+
+
+@pytest.mark.parametrize(
+    "journal",
+    [
+        {"replaces": ["../../victim/a.txt"]},  # a committed journal: compact deletes what it replaces
+        {"replaces": ["/VICTIM"]},
+        {"replaces": ["..\\..\\victim\\a.txt"]},
+        {"shard": "../../victim/a.parquet", "replaces": []},  # an uncommitted one: compact deletes its faces shard
+        {"replaces": "part-x.parquet"},
+        {"replaces": [7]},
+    ],
+)
+def test_compact_refuses_a_journal_naming_a_file_outside_the_output(tmp_path, capsys, journal):
+    import json
+
+    from jobs.cli import main
+
+    out = str(tmp_path / "deep" / "out")
+    shards = _two_shard_output(out)
+    victim = tmp_path / "deep" / "victim" / "a.txt"
+    victim.parent.mkdir(parents=True)
+    victim.write_text("keep me")
+    (tmp_path / "VICTIM").write_text("keep me")
+    (tmp_path / "victim" / "a.parquet").parent.mkdir()
+    (tmp_path / "victim" / "a.parquet").write_text("keep me")
+    planted = {"shard": shards[0], **journal}
+    if planted["replaces"] == ["/VICTIM"]:
+        planted["replaces"] = [str(tmp_path / "VICTIM")]  # an absolute path
+    journal_path = os.path.join(out, "metrics", "_compaction-part-planted.json")
+    with open(journal_path, "w") as f:
+        json.dump(planted, f)
+    before = sorted(os.listdir(os.path.join(out, "metrics"))), sorted(os.listdir(os.path.join(out, "faces")))
+
+    assert main(["compact", out, "--rows-per-shard", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"stylid compact: error: {journal_path}: ")
+    assert victim.read_text() == "keep me" and (tmp_path / "VICTIM").read_text() == "keep me"
+    assert (tmp_path / "victim" / "a.parquet").read_text() == "keep me"
+    after = sorted(os.listdir(os.path.join(out, "metrics"))), sorted(os.listdir(os.path.join(out, "faces")))
+    assert after == before  # nothing in the output was touched either
+
+
+def test_compact_still_recovers_a_well_formed_journal(tmp_path):
+    """The check refuses only names outside the output: an interrupted compaction's journal is still finished."""
+    import json
+
+    from stylid_core.ledger import compact, live_shards
+
+    out = str(tmp_path / "out")
+    shards = _two_shard_output(out)
+    with open(os.path.join(out, "metrics", "_compaction-part-x.json"), "w") as f:
+        json.dump({"shard": shards[0], "replaces": [shards[1]]}, f)  # committed: shards[1] is superseded
+    assert live_shards(out, {}) == [shards[0]]
+    result = compact(out, {}, rows_per_shard=10)
+    assert result.recovered == 1 and sorted(os.listdir(os.path.join(out, "metrics"))) == [shards[0]]
