@@ -153,3 +153,33 @@ def test_compact_still_recovers_a_well_formed_journal(tmp_path):
     assert live_shards(out, {}) == [shards[0]]
     result = compact(out, {}, rows_per_shard=10)
     assert result.recovered == 1 and sorted(os.listdir(os.path.join(out, "metrics"))) == [shards[0]]
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["run", "--output", ""], "--output"),
+        (["run", "--output", "  "], "--output"),
+        (["run", "--manifest", ""], "--manifest"),  # was: the bundled sample, run into ./stylid-output
+        (["score", "--manifest", "m.parquet", "--output", ""], "--output"),
+        (["customize", "--config", "c.yaml", "--manifest", "m.parquet", "--output", ""], "--output"),
+        (["compact", ""], "OUTPUT"),
+        (["report", ""], "OUTPUT"),
+    ],
+)
+def test_an_empty_path_argument_is_refused_in_one_line(tmp_path, monkeypatch, capsys, argv, flag):
+    import jobs.customize
+    import jobs.run
+    import jobs.score
+    from jobs.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    for module in (jobs.run, jobs.score, jobs.customize):
+        monkeypatch.setattr(module, "init_ray", no_ray)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"stylid {argv[0]}: error: {flag} is empty (an unset variable?): give a folder or URI"
+    assert os.listdir(tmp_path) == []  # nothing written into the current folder
