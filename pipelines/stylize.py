@@ -162,6 +162,12 @@ class ManifestReader:
         self.columns, self.id_columns, self.id_hint = columns, id_columns, id_hint
         self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
         self.dataset = _manifest_dataset(manifest_uri, required, storage_options, files)
+        for column in self._target(columns):  # a list or struct column cannot be cast to ids and URIs
+            if pa.types.is_nested(column.type):
+                raise ValueError(
+                    f"manifest {manifest_uri}: column '{column.name}' is of type {column.type}; it must hold one"
+                    " string per row"
+                )
 
     def _target(self, columns: tuple[str, ...]) -> list[pa.Field]:
         """The fields of ``columns`` the manifest has, typed as its unified schema."""

@@ -183,3 +183,83 @@ def test_an_empty_path_argument_is_refused_in_one_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert err == f"stylid {argv[0]}: error: {flag} is empty (an unset variable?): give a folder or URI"
     assert os.listdir(tmp_path) == []  # nothing written into the current folder
+
+
+def _refused_before_ray(monkeypatch, capsys, argv: list[str]) -> str:
+    """``stylid argv`` with Ray's start replaced by a failure: asserts exit 2 and one line; returns the line."""
+    import jobs.run
+    import jobs.score
+    from jobs.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(jobs.run, "init_ray", no_ray)
+    monkeypatch.setattr(jobs.score, "init_ray", no_ray)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stylize.style_uri=123", "stylize.style_uri must be a string or null, got 123 (int)"),
+        ("stylize.engine=nope", "stylize.engine must be one of classical, diffusion, identity, neural, got 'nope'"),
+        ("stylize.options.bogus=1", "unknown option(s) of engine neural: stylize.options.bogus; known: batch_size"),
+        ("stylize.options.preserve_color=maybe", "stylize.options.preserve_color must be true or false, got 'maybe'"),
+        ("stylize.options.style_strength=7", "stylize.options of engine neural: style_strength must be in [0, 1]"),
+        ("score.redetect=maybe", "score.redetect must be true or false, got 'maybe' (str)"),
+        ("score.compare_without_mosaic=1", "score.compare_without_mosaic must be true or false, got 1 (int)"),
+        ("stylize.mosaic.enabled=yes please", "stylize.mosaic.enabled must be true or false"),
+        ("io.storage_options=notadict", "io.storage_options must be a mapping, got a str"),
+        ("io.storage_options=[1]", "io.storage_options must be a mapping, got a list"),
+        ("io.max_bytes=lots", "io.max_bytes must be an integer, got 'lots' (str)"),
+        ("faces.providers=CPUExecutionProvider", "faces.providers must be a list"),
+        ("resources.fused.num_cpus=all", "resources.fused.num_cpus must be a number, got 'all' (str)"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_refused_in_one_line_before_ray(tmp_path, monkeypatch, capsys,
+                                                                            override, message):  # fmt: skip
+    err = _refused_before_ray(monkeypatch, capsys, ["run", "--output", str(tmp_path / "out"), "--set", override])
+    assert err.startswith("stylid run: error: ") and message in err
+    assert "manifest" not in err  # io.storage_options=notadict blamed the manifest
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("engine, option", [("classical", "levels=1"), ("identity", "x=1"), ("diffusion", "tiny=2")])
+def test_every_built_in_engine_checks_its_options_before_ray(tmp_path, monkeypatch, capsys, engine, option):
+    argv = ["run", "--output", str(tmp_path / "out"), "--set", f"stylize.engine={engine}",
+            "--set", f"stylize.options.{option}"]  # fmt: skip
+    err = _refused_before_ray(monkeypatch, capsys, argv)
+    assert "stylize.options" in err and option.split("=")[0] in err
+
+
+def test_the_bundled_configs_still_load():
+    from jobs.config import load_job_config
+
+    for name in ("default", "stylize_null", "stylize_tiny", "stylize_sd15"):
+        assert load_job_config(name).stylize.engine in ("neural", "identity", "diffusion")
+    assert load_job_config("default", ["stylize.engine=classical", "stylize.options.levels=4"]).stylize.options
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        lambda: __import__("pyarrow").array([["/a.png"], ["/b.png"]]),
+        lambda: __import__("pyarrow").array([{"uri": "/a.png"}, {"uri": "/b.png"}]),
+    ],
+    ids=["list", "struct"],
+)
+def test_a_nested_image_uri_column_is_refused_in_one_line_before_ray(tmp_path, monkeypatch, capsys, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"image_id": ["a", "b"], "image_uri": column()}), manifest)
+    err = _refused_before_ray(monkeypatch, capsys, ["run", "--manifest", manifest, "--output", str(tmp_path / "o")])
+    assert err.startswith(f"stylid run: error: manifest {manifest}: column 'image_uri' is of type ")
+    pq.write_table(pa.table({"source_uri": column(), "output_uri": ["/x.png", "/y.png"]}), manifest)
+    err = _refused_before_ray(monkeypatch, capsys, ["score", "--manifest", manifest, "--output", str(tmp_path / "s")])
+    assert f"manifest {manifest}: column 'source_uri' is of type " in err
