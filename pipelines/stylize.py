@@ -45,7 +45,7 @@ from pipelines.stages import (
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD
-from stylid_core.storage import arrow_filesystem
+from stylid_core.storage import DEFAULT_RETRY, arrow_filesystem, is_transient, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def _manifest_dataset(
     afs, path = arrow_filesystem(manifest_uri, storage_options)
     if files is not None:  # these Parquet files under the prefix, in this order, rather than all of them
         path = [posixpath.join(path, name) for name in files]
-    try:
+
+    def open_dataset() -> pads.Dataset:
         dataset = pads.dataset(path, filesystem=afs, format="parquet")
         # a prefix's files may differ in their optional columns: the dataset's schema is all of theirs (pyarrow
         # takes the first file's), each footer read concurrently
@@ -70,8 +71,15 @@ def _manifest_dataset(
             with ThreadPoolExecutor(max_workers=min(16, len(fragments))) as pool:
                 schemas = list(pool.map(lambda f: f.physical_schema, fragments))
             dataset = pads.dataset(path, filesystem=afs, format="parquet", schema=pa.unify_schemas(schemas))
+        return dataset
+
+    try:  # an unreachable endpoint is retried like any storage call, then one line naming the manifest
+        dataset = with_retries(open_dataset, f"read manifest {manifest_uri}")
     except (FileNotFoundError, OSError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
+    except Exception as exc:  # botocore's and aiohttp's connection errors are not OSErrors
+        again = f" (still failing after {DEFAULT_RETRY.attempts} tries)" if is_transient(exc) else ""
+        raise ValueError(f"cannot read manifest {manifest_uri}: {type(exc).__name__}: {exc}{again}") from None
     if required not in dataset.schema.names:
         raise ValueError(
             f"manifest {manifest_uri} has no '{required}' column (columns: {sorted(dataset.schema.names)})"

@@ -82,6 +82,8 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure that may pass on a retry (5xx, throttling, timeouts, dropped connections);
     not found, access denied and bad requests are permanent."""
+    if _connection_failure(exc) is not None:
+        return True
     if isinstance(exc, (StorageError, *_PERMANENT)):
         return False
     if _TRANSIENT_TYPES & {c.__name__ for c in type(exc).__mro__}:
@@ -90,6 +92,15 @@ def is_transient(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, OSError) and any(w in text for w in _TRANSIENT_WORDS)
+
+
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The transient error behind a ``FileNotFoundError`` that is none (fsspec's HTTP filesystem reports a refused
+    or dropped connection as not found, raised from the connection error), else None."""
+    cause = exc.__cause__
+    if isinstance(exc, FileNotFoundError) and cause is not None and not isinstance(cause, _PERMANENT):
+        return cause if is_transient(cause) else None
+    return None
 
 
 def with_retries(call: Callable[[], T], what: str, retry: RetryPolicy | None = None) -> T:
@@ -191,6 +202,7 @@ def _storage_error(uri: str, exc: BaseException, other: str, retry: RetryPolicy 
     status it maps to (``other`` for anything that is not not-found or access-denied)."""
     if isinstance(exc, StorageError):
         return exc
+    exc = _connection_failure(exc) or exc  # a refused connection is a read error, retried, not a missing file
     cause = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, FileNotFoundError):
         return StorageError("missing", f"{uri}: not found ({exc})")

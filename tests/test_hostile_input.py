@@ -263,3 +263,55 @@ def test_a_nested_image_uri_column_is_refused_in_one_line_before_ray(tmp_path, m
     pq.write_table(pa.table({"source_uri": column(), "output_uri": ["/x.png", "/y.png"]}), manifest)
     err = _refused_before_ray(monkeypatch, capsys, ["score", "--manifest", manifest, "--output", str(tmp_path / "s")])
     assert f"manifest {manifest}: column 'source_uri' is of type " in err
+
+
+def test_a_refused_http_connection_is_a_retried_read_error_not_missing():
+    import socket
+
+    from stylid_core.storage import RetryPolicy
+
+    with socket.socket() as probe:  # a port with nothing listening: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}/x.jpg"
+    tries = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.01)
+    result = _read_within(uri, seconds=30, max_bytes=1000, retry=tries)
+    assert isinstance(result, StorageError) and result.status == "read_error", result
+    assert str(result).startswith(f"{uri}: ") and "not found" not in str(result)
+    assert "still failing after 3 tries" in str(result)
+
+
+def test_an_http_404_is_still_missing(tmp_path):
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "here.bin").write_bytes(b"12345")
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert _read_within(f"{base}/here.bin", max_bytes=1000) == b"12345"
+        result = _read_within(f"{base}/gone.jpg", max_bytes=1000)
+        assert isinstance(result, StorageError) and result.status == "missing", result
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_manifest_on_an_unreachable_s3_endpoint_is_refused_in_one_line_before_ray(tmp_path, monkeypatch, capsys):
+    import time
+
+    import stylid_core.storage
+
+    monkeypatch.setattr(stylid_core.storage, "DEFAULT_RETRY", stylid_core.storage.RetryPolicy(backoff_s=0.01))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    argv = ["run", "--manifest", "s3://bucket/m.parquet", "--output", str(tmp_path / "out"),
+            "--set", "io.storage_options={endpoint_url: 'http://127.0.0.1:1'}"]  # fmt: skip
+    started = time.monotonic()
+    err = _refused_before_ray(monkeypatch, capsys, argv)
+    assert err.startswith("stylid run: error: cannot read manifest s3://bucket/m.parquet: ")
+    assert "EndpointConnectionError" in err and "still failing after" in err
+    assert time.monotonic() - started < 20
