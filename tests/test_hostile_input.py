@@ -315,3 +315,91 @@ def test_a_manifest_on_an_unreachable_s3_endpoint_is_refused_in_one_line_before_
     assert err.startswith("stylid run: error: cannot read manifest s3://bucket/m.parquet: ")
     assert "EndpointConnectionError" in err and "still failing after" in err
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_unreachable_ray_address_is_refused_in_one_line(tmp_path, monkeypatch, capsys, form):
+    import socket
+    import time
+
+    from jobs.cli import main
+
+    with socket.socket() as probe:  # a port with nothing listening: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = form.format(port=port)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    started = time.monotonic()
+    code = main(["run", "--output", str(tmp_path / "out")])  # the bundled sample: the preflight passes
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"stylid run: error: the Ray cluster at {address} (RAY_ADDRESS) cannot be reached: ")
+    assert time.monotonic() - started < 30
+
+
+def test_a_port_that_accepts_but_is_no_ray_cluster_is_refused_in_seconds():
+    """A listener that takes the connection and never speaks (a proxy, another service): the GCS probe gives up
+    after its timeout instead of ray.init's 20 tries of 40 s."""
+    import socket
+    import time
+
+    from jobs.ray_cluster import _gcs_problem
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        problem = _gcs_problem(address, timeout_s=1.0)
+        assert problem == "no Ray cluster answered there within 1 s"
+        assert time.monotonic() - started < 5
+
+
+def test_a_loopback_address_says_which_address_ray_joins():
+    """Ray joins a loopback GCS address through the machine's own address: the check tries that one and names it."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from jobs.ray_cluster import check_reachable
+    from stylid_core.config import ConfigError
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))  # loopback only: Ray's rewritten address finds nothing
+        listener.listen(8)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        joined = canonicalize_bootstrap_address(address)
+        with pytest.raises(ConfigError) as info:
+            check_reachable(address, gcs_timeout_s=1.0)
+    message = str(info.value)
+    assert message.startswith(f"the Ray cluster at {address} (RAY_ADDRESS)")
+    if joined != address:  # a machine with a network interface
+        assert f"which Ray joins as {joined}, cannot be reached: connection refused" in message
+    else:
+        assert "no Ray cluster answered there within 1 s" in message
+
+
+def test_a_live_ray_cluster_passes_the_check_at_once(tmp_path):
+    """The check must not refuse a cluster that is there: a local Ray's GCS answers the probe in well under a
+    second (run in a fresh process that starts that Ray and checks its address, with no loopback rewrite)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from jobs.ray_cluster import _gcs_problem, check_reachable, init_ray\n"
+        "import ray\n"
+        "init_ray(num_cpus=1, quiet=True)\n"
+        "address = ray.get_runtime_context().gcs_address\n"
+        "started = time.monotonic()\n"
+        "assert _gcs_problem(address, 10.0) is None\n"
+        "check_reachable(address, gcs_timeout_s=10.0)\n"
+        "print('PROBE', round(time.monotonic() - started, 3))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds = float(done.stdout.split("PROBE", 1)[1].split()[0])
+    assert seconds < 5, seconds
