@@ -879,13 +879,19 @@ def process_pending(
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
     """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through
     ``build(rows, writers)``'s dataset, its rows written into shards of ``rows_per_shard`` rows by the job's shard
-    writers; returns the manifest's ids already done and the status counts of the rows processed now.
+    writers; returns the manifest's ids already done and the status counts of the rows processed now. Rows that
+    failed in an earlier run with a transient status (``ledger.RETRIED_STATUSES``: read_error, write_error) are
+    taken out of the ledger first (``ledger.release_retried_rows``), so they are pending again.
 
     ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingRows`` to be read as the
     dataset runs (``plan_pending``), and the job's ``ShardWriters``: its write stage hands them its metrics and
     face rows and returns their statuses, which is all that reaches this driver. The writers are flushed when the
     stream ends or fails (the rows they hold are complete: their images are stored), then ended. With nothing
     pending no dataset is built, so no stage starts, no writer and no model loads."""
+    retried = ledger.release_retried_rows(output_uri, storage_options)  # a storage outage's rows are redone
+    if retried:
+        log.warning("retrying %d rows that failed with %s in an earlier run", retried,
+                    "/".join(ledger.RETRIED_STATUSES))  # fmt: skip
     done, pending = plan_pending(manifest, output_uri, storage_options, block_rows)
     log.info("manifest: %d rows, %d already in the output, %d to process", len(done) + len(pending), len(done),
              len(pending))  # fmt: skip

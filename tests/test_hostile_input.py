@@ -403,3 +403,150 @@ def test_a_live_ray_cluster_passes_the_check_at_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     seconds = float(done.stdout.split("PROBE", 1)[1].split()[0])
     assert seconds < 5, seconds
+
+
+def _output_with_row_errors(out: str) -> dict[str, str]:
+    """Three shard pairs: [a ok, b read_error, c write_error], [d missing, e ok], [f read_error]; each row one face
+    row. Returns id -> status."""
+    import pyarrow as pa
+
+    from stylid_core.ledger import write_shard_pair
+
+    shards = [{"a": "ok", "b": "read_error", "c": "write_error"}, {"d": "missing", "e": "ok"}, {"f": "read_error"}]
+    for rows in shards:
+        ids = list(rows)
+        metrics = pa.table({"image_id": ids, "status": [rows[i] for i in ids], "error": ["x"] * len(ids)})
+        faces = pa.table({"image_id": ids, "face_index": [0] * len(ids)})
+        write_shard_pair(out, faces, metrics, {})
+    return {i: s for rows in shards for i, s in rows.items()}
+
+
+def _ledger_ids(out: str) -> tuple[list[str], list[str]]:
+    from stylid_core.ledger import FACES, METRICS, iter_shards
+
+    metrics = [i for t in iter_shards(out, METRICS, {}, ["image_id"]) for i in t.column("image_id").to_pylist()]
+    faces = [i for t in iter_shards(out, FACES, {}, ["image_id"]) for i in t.column("image_id").to_pylist()]
+    return sorted(metrics), sorted(faces)
+
+
+def test_a_rerun_takes_transient_row_errors_out_of_the_ledger_and_keeps_the_rest(tmp_path):
+    from stylid_core.ledger import release_retried_rows
+
+    out = str(tmp_path / "out")
+    _output_with_row_errors(out)
+    assert release_retried_rows(out, {}) == 3  # b, c and f: read and write errors are retried
+    assert _ledger_ids(out) == (["a", "d", "e"], ["a", "d", "e"])  # missing is permanent: d stays done
+    assert not [n for n in os.listdir(os.path.join(out, "metrics")) if not n.endswith(".parquet")]
+    assert sorted(os.listdir(os.path.join(out, "faces"))) == sorted(os.listdir(os.path.join(out, "metrics")))
+    assert release_retried_rows(out, {}) == 0  # nothing left to retry
+
+
+def test_the_plan_of_a_rerun_finds_the_retried_rows_pending(tmp_path):
+    import pyarrow as pa
+
+    from pipelines.stylize import plan_pending
+    from stylid_core.ledger import release_retried_rows
+
+    out = str(tmp_path / "out")
+    statuses = _output_with_row_errors(out)
+    manifest = pa.table({"image_id": list(statuses), "image_uri": [f"/in/{i}.png" for i in statuses]})
+    done, pending = plan_pending(manifest, out, {})
+    assert len(pending) == 0  # before: an outage's rows counted as done for good
+    release_retried_rows(out, {})
+    done, pending = plan_pending(manifest, out, {})
+    assert sorted(pending.column("image_id").to_pylist()) == ["b", "c", "f"]
+    assert sorted(done.to_pylist()) == ["a", "d", "e"]
+
+
+@pytest.mark.parametrize("step", range(9))
+def test_releasing_rows_interrupted_at_any_step_never_loses_or_doubles_a_row(tmp_path, monkeypatch, step):
+    """Every put and delete of the release in turn raises: the ledger still holds each kept row once, and a later
+    run (after ``stylid compact`` finishes an open journal) releases whatever is left."""
+    import stylid_core.ledger as ledger
+
+    class Interrupted(BaseException):
+        pass
+
+    out = str(tmp_path / "out")
+    _output_with_row_errors(out)
+    calls = [0]
+
+    def dying(real):
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == step + 1:
+                raise Interrupted(step)
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(ledger, "write_bytes", dying(ledger.write_bytes))
+    monkeypatch.setattr(ledger, "delete", dying(ledger.delete))
+    try:
+        ledger.release_retried_rows(out, {})
+        interrupted = False
+    except Interrupted:
+        interrupted = True
+    monkeypatch.undo()
+    assert interrupted == (step < 8)  # 6 calls replace the first shard, 2 delete the third
+    metrics, _ = _ledger_ids(out)
+    assert len(metrics) == len(set(metrics)) and {"a", "d", "e"} <= set(metrics)
+    ledger.compact(out, {}, rows_per_shard=2)  # finishes or undoes an open journal, merges nothing (>= half full)
+    ledger.release_retried_rows(out, {})
+    metrics, faces = _ledger_ids(out)
+    assert metrics == ["a", "d", "e"] and faces == ["a", "d", "e"], (step, interrupted)
+
+
+def test_rows_an_outage_failed_are_redone_by_the_rerun_once_storage_is_back(tmp_path, ray_session):
+    """End to end on a local Ray: images behind an HTTP server that is down for the first run (read_error rows,
+    exit 0) and up for the rerun, which redoes exactly those rows; each id is in the metrics once."""
+    import functools
+    import http.server
+    import socket
+
+    import numpy as np
+    from PIL import Image
+
+    from jobs.run import run_job
+    from stylid_core.config import JobConfig
+    from stylid_core.storage import read_parquet_dir
+
+    served = tmp_path / "served"
+    served.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("x", "y"):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(served / f"{name}.png")
+    local = tmp_path / "local.png"
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(local)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rows = [{"image_id": n, "image_uri": f"http://127.0.0.1:{port}/{n}.png"} for n in ("x", "y")]
+    rows.append({"image_id": "z", "image_uri": str(local)})
+    manifest = str(tmp_path / "m.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    config = JobConfig.from_dict({"score": {"redetect": False, "compare_without_mosaic": False},
+                                  "io": {"retries": 1}})  # fmt: skip
+    out = str(tmp_path / "out")
+    first = run_job(config, out, manifest, report=False)
+    statuses = read_parquet_dir(f"{out}/metrics").set_index("image_id")["status"].to_dict()
+    assert statuses["x"] == statuses["y"] == "read_error" and statuses["z"] != "read_error"
+    assert first["this_run"]["processed"] == 3
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        again = run_job(config, out, manifest, report=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert again["this_run"]["already_done"] == 1 and again["this_run"]["processed"] == 2
+    metrics = read_parquet_dir(f"{out}/metrics")
+    assert sorted(metrics["image_id"]) == ["x", "y", "z"]  # once each
+    assert "read_error" not in set(metrics["status"])
+    assert again["summary"]["rows"] == 3
