@@ -550,3 +550,27 @@ def test_rows_an_outage_failed_are_redone_by_the_rerun_once_storage_is_back(tmp_
     assert sorted(metrics["image_id"]) == ["x", "y", "z"]  # once each
     assert "read_error" not in set(metrics["status"])
     assert again["summary"]["rows"] == 3
+
+
+def test_a_rerun_with_another_config_after_a_crash_is_refused(tmp_path):
+    """run.json is written at the end: a run killed before it left rows of its config and no record of it, and a
+    rerun with another --set mixed two configs' rows. The config is now recorded before the first row."""
+    from jobs.run import CONFIG_RECORD, check_output_config
+    from stylid_core.config import ConfigError, JobConfig
+
+    out = str(tmp_path / "out")
+    first, other = JobConfig(), JobConfig.from_dict({"stylize": {"options": {"style_strength": 0.5}}})
+    check_output_config(out, first, overwrite=False)  # the first run starts ...
+    _output_with_row_errors(out)  # ... writes rows, and is killed before run.json
+    assert not os.path.exists(os.path.join(out, "run.json"))
+    with pytest.raises(ConfigError, match=f"another config \\(hash {first.config_hash()}, this one is"):
+        check_output_config(out, other, overwrite=False)
+    check_output_config(out, first, overwrite=False)  # the same config resumes
+    check_output_config(out, other, overwrite=True)  # --overwrite starts over, recording the new config
+    assert not os.path.exists(os.path.join(out, "metrics"))
+    with pytest.raises(ConfigError, match=f"another config \\(hash {other.config_hash()}, "):
+        check_output_config(out, first, overwrite=False)
+    import json
+
+    with open(os.path.join(out, CONFIG_RECORD)) as f:
+        assert json.load(f)["config_hash"] == other.config_hash()
