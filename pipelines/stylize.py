@@ -96,6 +96,7 @@ def read_manifest_file(
     prepare: Callable[[pa.Table], pa.Table],
     start: int = 0,
     stop: int | None = None,
+    version: tuple | None = None,
 ) -> Iterator[pa.Table]:
     """One manifest file's ``target`` columns (those it has; a column it lacks is null), of ``row_groups`` (all
     when None), rows ``start`` to ``stop`` of those (all when None; the rows before ``start`` are decoded, not
@@ -104,7 +105,14 @@ def read_manifest_file(
 
     Read with ``ParquetFile.iter_batches``, which decodes page by page: the dataset scanner decodes a whole row
     group per column before it slices it (measured: a 1M-row row group of ids and URIs, +138 MB of driver RSS in
-    the scanner, +48 MB page by page)."""
+    the scanner, +48 MB page by page).
+
+    ``version`` (``file_version`` when the plan began): ``RuntimeError`` if the file is another version now. The
+    plan marks done rows by their position, so a manifest rewritten between the plan and the read (the same rows
+    in another order) would have done rows run again and pending ones skipped."""
+    if version is not None and file_version(filesystem, path) != version:
+        raise RuntimeError(f"manifest {path} changed while it was read: rewritten after the plan (mtime_ns, size:"
+                           f" {version}, now {file_version(filesystem, path)}); rerun to plan again")  # fmt: skip
     with filesystem.open_input_file(path) as fh:
         parquet = pq.ParquetFile(fh)
         present = set(parquet.schema_arrow.names)
@@ -125,6 +133,12 @@ def read_manifest_file(
             yield prepare(table)
             if stop is not None and offset >= stop:
                 return
+
+
+def file_version(filesystem, path: str) -> tuple:
+    """(modification time in ns, size) of a manifest file: what changes when it is rewritten."""
+    info = filesystem.get_file_info(path)
+    return (info.mtime_ns, info.size)
 
 
 def encode_styles(table: pa.Table) -> pa.Table:
@@ -170,6 +184,11 @@ class ManifestReader:
         self.columns, self.id_columns, self.id_hint = columns, id_columns, id_hint
         self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
         self.dataset = _manifest_dataset(manifest_uri, required, storage_options, files)
+        # each file's version as the plan begins: every later read of it checks it is the same file
+        paths = [fragment.path for fragment in self.dataset.get_fragments()]
+        fs = self.dataset.filesystem
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+            self.versions = dict(zip(paths, pool.map(lambda path: file_version(fs, path), paths)))
         for column in self._target(columns):  # a list or struct column cannot be cast to ids and URIs
             if pa.types.is_nested(column.type):
                 raise ValueError(
@@ -189,7 +208,7 @@ class ManifestReader:
         target = self._target(columns)
         for fragment in self.dataset.get_fragments():
             yield from read_manifest_file(self.dataset.filesystem, fragment.path, None, target, self.batch_rows,
-                                          self.prepare)  # fmt: skip
+                                          self.prepare, version=self.versions.get(fragment.path))  # fmt: skip
 
     def row_groups(self) -> list[tuple[str, int, int]]:
         """(file, row group index, rows) of every row group, in the order ``_batches`` reads them; the files'
@@ -521,9 +540,11 @@ class ManifestSliceReader:
     #: open reads an instance keeps (a few: the slices whose pieces its actor is being given)
     OPEN_READS = 2
 
-    def __init__(self, filesystem, target: list[pa.Field], batch_rows: int, prepare, manifest_uri: str) -> None:
+    def __init__(self, filesystem, target: list[pa.Field], batch_rows: int, prepare, manifest_uri: str,
+                 versions: dict[str, tuple] | None = None) -> None:  # fmt: skip
         self.filesystem, self.target, self.batch_rows, self.prepare = filesystem, target, batch_rows, prepare
         self.manifest_uri = manifest_uri
+        self.versions = versions or {}  # path -> file_version when the plan began
         self._open: dict[tuple, _Cursor] = {}
 
     def __getstate__(self) -> dict:
@@ -538,7 +559,7 @@ class ManifestSliceReader:
         cursor = self._open.pop(key, None)
         if cursor is None or cursor.position > start:
             tables = read_manifest_file(self.filesystem, path, row_groups, self.target, self.batch_rows,
-                                        self.prepare, start=start)  # fmt: skip
+                                        self.prepare, start=start, version=self.versions.get(path))  # fmt: skip
             cursor = _Cursor(tables, start)
         taken = cursor.take(start, stop)
         self._open[key] = cursor  # the newest last: the oldest goes first
@@ -580,7 +601,8 @@ class PendingRows(Datasource):
 
     def __init__(self, manifest: ManifestReader, is_done: np.ndarray, block_rows: int) -> None:
         self.reader = ManifestSliceReader(manifest.dataset.filesystem, manifest._target(manifest.columns),
-                                          manifest.batch_rows, manifest.prepare, manifest.manifest_uri)  # fmt: skip
+                                          manifest.batch_rows, manifest.prepare, manifest.manifest_uri,
+                                          manifest.versions)  # fmt: skip
         self.batch_rows = manifest.batch_rows
         self.manifest_uri = manifest.manifest_uri
         self.block_rows = block_rows

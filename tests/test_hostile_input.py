@@ -574,3 +574,55 @@ def test_a_rerun_with_another_config_after_a_crash_is_refused(tmp_path):
 
     with open(os.path.join(out, CONFIG_RECORD)) as f:
         assert json.load(f)["config_hash"] == other.config_hash()
+
+
+def _reverse_rewrite(manifest: str, ids: list[str]) -> None:
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    rows = list(reversed(ids))
+    pq.write_table(pa.table({"image_id": rows, "image_uri": [f"/in/{i}.png" for i in rows]}), manifest)
+
+
+def _manifest_of(tmp_path, n: int) -> tuple[str, list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"r{k:02d}" for k in range(n)]
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"image_id": ids, "image_uri": [f"/in/{i}.png" for i in ids]}), manifest,
+                   row_group_size=8)  # fmt: skip
+    return manifest, ids
+
+
+def test_a_manifest_rewritten_while_a_resumed_run_plans_fails_instead_of_doubling_rows(tmp_path):
+    """16 of 24 rows done; the same 24 rows rewritten in reverse order between the plan's passes. Done flags are
+    by position: before, the run did 8 done rows again and never did 8 pending ones, and ended with _SUCCESS."""
+    import pyarrow as pa
+
+    from pipelines.stylize import ManifestReader, PendingRows, plan_pending
+    from stylid_core.ledger import write_shard_pair
+
+    manifest, ids = _manifest_of(tmp_path, 24)
+    out = str(tmp_path / "out")
+    done = pa.table({"image_id": ids[:16], "status": ["ok"] * 16})
+    write_shard_pair(out, pa.table({"image_id": ids[:16]}), done, {})
+
+    reader = ManifestReader(manifest, None)  # the plan begins
+    _reverse_rewrite(manifest, ids)
+    with pytest.raises(RuntimeError, match=f"manifest {manifest} changed while it was read: rewritten after"):
+        plan_pending(reader, out, {})
+
+    reader = ManifestReader(manifest, None)  # the streamed plan: the rewrite lands between the plan and the reads
+    done_ids, pending = plan_pending(reader, out, {}, block_rows=lambda n: 4)
+    assert isinstance(pending, PendingRows) and len(pending) == 8
+    _reverse_rewrite(manifest, list(reversed(ids)))
+    part = pending.slices[0]
+    with pytest.raises(RuntimeError, match="rewritten after the plan"):
+        pending.reader.read(part.path, part.row_groups, part.start, part.is_done)
+
+    _, fresh = plan_pending(ManifestReader(manifest, None), out, {})  # a new plan reads the file as it is now
+    assert sorted(fresh.column("image_id").to_pylist()) == ids[16:]
