@@ -68,13 +68,24 @@ def write_sample_manifest(output_uri: str, storage_options: dict) -> str:
             name = os.path.basename(row["image_uri"])
             uri = join(base, name)
             with open(row["image_uri"], "rb") as f:
-                write_bytes(uri, f.read(), storage_options)
+                _write_if_changed(uri, f.read(), storage_options)
             rows.append({"image_id": row["image_id"], "image_uri": uri})
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), buf)
     manifest = join(base, "manifest.parquet")
-    write_bytes(manifest, buf.getvalue(), storage_options)
+    _write_if_changed(manifest, buf.getvalue(), storage_options)
     return manifest
+
+
+def _write_if_changed(uri: str, data: bytes, storage_options: dict) -> None:
+    """``data`` to ``uri`` unless it holds them already: a run's manifest is never rewritten under it (a rewrite,
+    even of the same rows, fails the reads of a run that planned from it: ``pipelines.stylize.file_version``)."""
+    try:
+        if read_bytes(uri, storage_options) == data:
+            return
+    except Exception:  # absent or unreadable: write it
+        pass
+    write_bytes(uri, data, storage_options)
 
 
 def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> None:

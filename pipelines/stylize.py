@@ -44,6 +44,7 @@ from pipelines.stages import (
 )
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
+from stylid_core.lease import OutputLease
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD
 from stylid_core.storage import DEFAULT_RETRY, arrow_filesystem, is_transient, with_retries
 
@@ -903,13 +904,26 @@ def process_pending(
     ``build(rows, writers)``'s dataset, its rows written into shards of ``rows_per_shard`` rows by the job's shard
     writers; returns the manifest's ids already done and the status counts of the rows processed now. Rows that
     failed in an earlier run with a transient status (``ledger.RETRIED_STATUSES``: read_error, write_error) are
-    taken out of the ledger first (``ledger.release_retried_rows``), so they are pending again.
+    taken out of the ledger first (``ledger.release_retried_rows``), so they are pending again. All of it under
+    the output's writer lease (``stylid_core.lease``): a second job into the same output is refused.
 
     ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingRows`` to be read as the
     dataset runs (``plan_pending``), and the job's ``ShardWriters``: its write stage hands them its metrics and
     face rows and returns their statuses, which is all that reaches this driver. The writers are flushed when the
     stream ends or fails (the rows they hold are complete: their images are stored), then ended. With nothing
     pending no dataset is built, so no stage starts, no writer and no model loads."""
+    with OutputLease(output_uri, storage_options):  # one writer per output: a second run stops here, in one line
+        return _process_pending(manifest, output_uri, storage_options, build, rows_per_shard, block_rows)
+
+
+def _process_pending(
+    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
+    output_uri: str,
+    storage_options: dict,
+    build: Callable[[pa.Table | PendingRows, ShardWriters], ray.data.Dataset],
+    rows_per_shard: int,
+    block_rows: Callable[[int], int] | None,
+) -> tuple[pa.ChunkedArray, Counter[str]]:
     retried = ledger.release_retried_rows(output_uri, storage_options)  # a storage outage's rows are redone
     if retried:
         log.warning("retrying %d rows that failed with %s in an earlier run", retried,

@@ -626,3 +626,95 @@ def test_a_manifest_rewritten_while_a_resumed_run_plans_fails_instead_of_doublin
 
     _, fresh = plan_pending(ManifestReader(manifest, None), out, {})  # a new plan reads the file as it is now
     assert sorted(fresh.column("image_id").to_pylist()) == ids[16:]
+
+
+def test_a_second_writer_of_an_output_is_refused_until_the_first_is_done(tmp_path):
+    from stylid_core.lease import LEASE, LeaseHeld, OutputLease
+
+    out = str(tmp_path / "out")
+    first = OutputLease(out, settle_s=0.01)
+    first.acquire()
+    with pytest.raises(LeaseHeld) as info:
+        OutputLease(out, settle_s=0.01).acquire()
+    message = str(info.value)
+    assert message.startswith(f"{out} is being written by another run (pid {os.getpid()} on ")
+    assert len(message.splitlines()) == 1
+    first.release()
+    assert not os.path.exists(os.path.join(out, LEASE))
+    with OutputLease(out, settle_s=0.01):  # free again
+        assert os.path.exists(os.path.join(out, LEASE))
+
+
+def test_a_stale_lease_is_taken_over(tmp_path):
+    """A crashed run never locks its output: a lease of a dead process here, or one not renewed within the TTL
+    (another host), is taken over; a fresh one of another host is not."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from stylid_core.lease import LEASE, LeaseHeld, OutputLease
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    records = {
+        "dead pid here": {"token": "t1", "host": socket.gethostname(), "pid": int(dead.stdout),
+                          "heartbeat": time.time()},
+        "expired": {"token": "t2", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 1000},
+        "torn": "{not json",
+    }  # fmt: skip
+    for name, record in records.items():
+        (out / LEASE).write_text(record if isinstance(record, str) else json.dumps(record))
+        with OutputLease(str(out), settle_s=0.01):
+            assert json.loads((out / LEASE).read_text())["pid"] == os.getpid(), name
+    (out / LEASE).write_text(json.dumps({"token": "t3", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
+    with pytest.raises(LeaseHeld, match="pid 1 on elsewhere"):
+        OutputLease(str(out), settle_s=0.01).acquire()
+
+
+def test_of_two_runs_starting_together_exactly_one_writes(tmp_path):
+    from stylid_core.lease import LeaseHeld, OutputLease
+
+    def start(lease: OutputLease, barrier: threading.Barrier, results: list, k: int) -> None:
+        barrier.wait()
+        try:
+            lease.acquire()
+            results[k] = "held"
+        except LeaseHeld:
+            results[k] = "refused"
+
+    for attempt in range(5):
+        out = str(tmp_path / f"out{attempt}")
+        leases = [OutputLease(out, settle_s=0.2) for _ in range(2)]
+        results: list = [None, None]
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=start, args=(leases[k], barrier, results, k)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert sorted(results) == ["held", "refused"], (attempt, results)
+        for k in range(2):
+            if results[k] == "held":
+                leases[k].release()
+
+
+def test_a_job_into_an_output_another_run_writes_stops_before_its_plan(tmp_path):
+    import json
+    import time
+
+    import pyarrow as pa
+
+    from pipelines.stylize import process_pending
+    from stylid_core.lease import LEASE, LeaseHeld
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEASE).write_text(json.dumps({"token": "t", "host": "other-node", "pid": 7, "heartbeat": time.time()}))
+    built = []
+    manifest = pa.table({"image_id": ["a"], "image_uri": ["/in/a.png"]})
+    with pytest.raises(LeaseHeld, match="being written by another run"):
+        process_pending(manifest, str(out), {}, lambda rows, writers: built.append(rows))
+    assert built == [] and sorted(os.listdir(out)) == [LEASE]
