@@ -24,12 +24,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: path arguments that, given empty (``--output "$UNSET"``), would fall back to the current folder or the sample
+_PATH_ARGUMENTS = ("output", "manifest", "baseline", "history", "storage_path", "config")
+
+
+def check_path_arguments(args: argparse.Namespace) -> None:
+    """Refuse an empty or blank path argument (``ValueError``): ``--output ""`` wrote ``metrics/``, ``run.json``
+    and ``_SUCCESS`` into the current folder, and ``--manifest ""`` ran the bundled sample."""
+    for name in _PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            flag = "OUTPUT" if name == "output" and args.command in ("compact", "report") else f"--{name}"
+            flag = flag.replace("_", "-")
+            raise ValueError(f"{flag} is empty (an unset variable?): give a folder or URI")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     use_jemalloc()
     try:
+        check_path_arguments(args)
         return args.func(args)
     except (ConfigError, ValueError) as exc:
         secrets = secret_values() | secrets_in_overrides(getattr(args, "set", None) or [])

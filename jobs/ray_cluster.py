@@ -47,6 +47,91 @@ def _keep_local_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+#: seconds to wait for the TCP connection to a cluster's address before giving up (ray.init itself waits forever)
+CONNECT_TIMEOUT_S = 10.0
+#: seconds to wait for the cluster's GCS to answer (its client gives up after 40 s; ray.init then tries 20 times)
+GCS_TIMEOUT_S = 45.0
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``host:port``, ``[v6]:port`` or ``ray://host:port`` address; None for ``auto`` and the
+    other forms Ray resolves itself."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _tcp_problem(target: tuple[str, int], timeout_s: float) -> str | None:
+    """Why a TCP connection to ``target`` does not open within ``timeout_s``; None when it opens."""
+    import socket
+
+    try:
+        socket.create_connection(target, timeout=timeout_s).close()
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {timeout_s:g} s"
+        return (exc.strerror or type(exc).__name__).lower()
+    return None
+
+
+def _gcs_problem(address: str, timeout_s: float) -> str | None:
+    """Why ``address`` does not answer as a Ray cluster's GCS within ``timeout_s`` (asked from a daemon thread: the
+    client blocks for 40 s on a port that accepts connections but is no Ray); None when it answers."""
+    import threading
+
+    from ray._raylet import GcsClient
+
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, name="stylid-gcs-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"no Ray cluster answered there within {timeout_s:g} s"
+    if outcome[0] is not None:
+        return f"no Ray cluster answered there ({type(outcome[0]).__name__}: {' '.join(str(outcome[0]).split())})"
+    return None
+
+
+def check_reachable(
+    address: str,
+    given: str = "RAY_ADDRESS",
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    gcs_timeout_s: float = GCS_TIMEOUT_S,
+) -> None:
+    """``ConfigError`` (one line, exit 2) unless the cluster at ``address`` answers: a TCP connection opens within
+    ``timeout_s`` and, for a GCS address, the GCS answers within ``gcs_timeout_s``. An unreachable ``RAY_ADDRESS``
+    made ``ray.init`` wait (20 tries of 40 s) without a word. Ray connects to a loopback address through the
+    machine's own address (``127.0.0.1:1`` became ``<interface ip>:1``): that address is the one checked, and
+    the message says so when it differs."""
+    from stylid_core.config import ConfigError
+
+    target = _host_port(address)
+    if target is None:
+        return
+    where = f"the Ray cluster at {address} ({given})"
+    problem = _tcp_problem(target, timeout_s)
+    if problem is None and "://" not in address:  # a GCS address (ray:// is the Ray Client's own protocol)
+        from ray._private.services import canonicalize_bootstrap_address
+
+        joined = canonicalize_bootstrap_address(address) or address
+        if joined != address:
+            where += f", which Ray joins as {joined},"
+            problem = _tcp_problem(_host_port(joined) or target, timeout_s)
+        problem = problem or _gcs_problem(joined, gcs_timeout_s)
+    if problem is not None:
+        raise ConfigError(f"{where} cannot be reached: {problem}; unset RAY_ADDRESS to run on a local Ray")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join the cluster at ``address`` / ``$RAY_ADDRESS``, or start a local Ray for this process.
 
@@ -54,8 +139,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     refused), and a watchdog (``jobs.ray_reaper``) ends every process of it when this process ends, however it
     ends; leftovers of earlier sessions whose driver and watchdog were both killed are ended first.
     """
+    given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if address:
+        check_reachable(address, given)
+    else:
         _keep_local_ray_on_loopback()
     import ray
 

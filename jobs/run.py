@@ -68,13 +68,24 @@ def write_sample_manifest(output_uri: str, storage_options: dict) -> str:
             name = os.path.basename(row["image_uri"])
             uri = join(base, name)
             with open(row["image_uri"], "rb") as f:
-                write_bytes(uri, f.read(), storage_options)
+                _write_if_changed(uri, f.read(), storage_options)
             rows.append({"image_id": row["image_id"], "image_uri": uri})
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), buf)
     manifest = join(base, "manifest.parquet")
-    write_bytes(manifest, buf.getvalue(), storage_options)
+    _write_if_changed(manifest, buf.getvalue(), storage_options)
     return manifest
+
+
+def _write_if_changed(uri: str, data: bytes, storage_options: dict) -> None:
+    """``data`` to ``uri`` unless it holds them already: a run's manifest is never rewritten under it (a rewrite,
+    even of the same rows, fails the reads of a run that planned from it: ``pipelines.stylize.file_version``)."""
+    try:
+        if read_bytes(uri, storage_options) == data:
+            return
+    except Exception:  # absent or unreadable: write it
+        pass
+    write_bytes(uri, data, storage_options)
 
 
 def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> None:
@@ -82,20 +93,28 @@ def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> 
 
     ``config`` is any job config with ``config_hash()`` and ``io.storage_options`` (``stylid customize`` uses it
     too). With ``overwrite`` the previous run is removed: the images its metrics list (``output_uri``, or the JSON
-    list ``output_uris`` of ``stylid customize``), its ``metrics/`` and ``faces/`` shards, ``report.html`` and
-    ``_SUCCESS``. Nothing else under the output is touched (the bundled sample's inputs, files of the user's)."""
+    list ``output_uris`` of ``stylid customize``), its ``metrics/`` and ``faces/`` shards, ``report.html``,
+    ``run.json`` and ``_SUCCESS``. Nothing else under the output is touched (the bundled sample's inputs, files of
+    the user's). The hash is read from ``run.json`` and from ``CONFIG_RECORD``, which this check writes before
+    the job writes any row."""
     opts = config.io.storage_options
+    this = config.config_hash()
     try:
         previous = json.loads(read_bytes(join(output_uri, "run.json"), opts))
     except Exception:
-        return
-    version = previous.get("metrics_version", 1)  # customize rows have no scores of these kinds
-    same_version = previous.get("job") == "customize" or version == METRICS_VERSION
-    if previous.get("config_hash") == config.config_hash() and same_version:
+        previous = None
+    started = _recorded_hash(output_uri, CONFIG_RECORD, opts)
+    version = (previous or {}).get("metrics_version", 1)  # customize rows have no scores of these kinds
+    same_version = previous is None or previous.get("job") == "customize" or version == METRICS_VERSION
+    finished = (previous or {}).get("config_hash")
+    other = next((h for h in (finished, started) if h and h != this), None)
+    if other is None and same_version:
+        if started != this:  # a new output, or one of a version before the record
+            _record_config(output_uri, this, opts)
         return
     if not overwrite:
-        what = (f"another config (hash {previous.get('config_hash')}, this one is {config.config_hash()})"
-                if same_version else f"metrics version {version} (this stylid writes {METRICS_VERSION})")  # fmt: skip
+        what = (f"another config (hash {other}, this one is {this})" if other is not None
+                else f"metrics version {version} (this stylid writes {METRICS_VERSION})")  # fmt: skip
         raise ConfigError(
             f"{output_uri} holds a run with {what}; choose another --output, or pass --overwrite to start over there"
         )
@@ -107,8 +126,26 @@ def check_output_config(output_uri: str, config: JobConfig, overwrite: bool) -> 
         fs, path = filesystem(join(output_uri, sub), opts)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    for name in ("report.html", "_SUCCESS"):
+    for name in ("report.html", "_SUCCESS", "run.json"):
         delete(join(output_uri, name), opts)
+    _record_config(output_uri, this, opts)
+
+
+#: the config hash of the rows under an output, written before its first row (``run.json`` comes only at the end:
+#: after a crash, a rerun with another config would otherwise mix two configs' rows silently)
+CONFIG_RECORD = "_config.json"
+
+
+def _recorded_hash(output_uri: str, name: str, storage_options: dict) -> str | None:
+    try:
+        return json.loads(read_bytes(join(output_uri, name), storage_options)).get("config_hash")
+    except Exception:  # absent (a new output) or unreadable: nothing recorded
+        return None
+
+
+def _record_config(output_uri: str, config_hash: str, storage_options: dict) -> None:
+    record = {"config_hash": config_hash, "recorded": dt.datetime.now(dt.timezone.utc).isoformat()}
+    write_bytes(join(output_uri, CONFIG_RECORD), json.dumps(record).encode(), storage_options)
 
 
 def previous_images(output_uri: str, storage_options: dict) -> list[str]:

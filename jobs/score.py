@@ -179,6 +179,10 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline:  # bad baselines are refused before Ray starts
         check_comparable({"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)},
                          read_baseline(args.baseline, config.io.storage_options), args.baseline)  # fmt: skip
+    from pipelines.score import iter_score_manifest
+
+    # the manifest's schema read before Ray starts: a missing manifest, column or a nested column fails in one line
+    iter_score_manifest(args.manifest, config.style_uri, config.io.storage_options)
     init_ray(args.address, args.num_cpus)
     info = run_score_job(config, gate_config, args.manifest, args.output, args.baseline, args.history,
                          overwrite=args.overwrite, report=not args.no_report)  # fmt: skip

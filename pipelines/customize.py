@@ -25,6 +25,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
+from pipelines.schema import object_key
 from pipelines.stylize import (
     MANIFEST_BATCH_ROWS,
     ManifestReader,
@@ -338,7 +339,8 @@ class CustomizeWriteStage:
             uris = []
             try:
                 for k, png in enumerate(pngs):
-                    uri = join(self.output_uri, "images", f"{df.at[i, 'image_id']}-{self.suffix}-{k}.png")
+                    key = object_key(str(df.at[i, "image_id"]))  # ids like ../x or a/b stay under images/
+                    uri = join(self.output_uri, "images", f"{key}-{self.suffix}-{k}.png")
                     write_bytes(uri, bytes(png), opts)
                     uris.append(uri)
                 df.at[i, "output_uris"] = json.dumps(uris)

@@ -140,9 +140,17 @@ def derive_image_id(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+#: the tail of a hashed key: ``-`` and 16 hex digits of the raw id's SHA-256
+_HASHED_TAIL = re.compile(r"-[0-9a-f]{16}$")
+
+
 def object_key(image_id: str) -> str:
-    """A storage-safe file stem for ``image_id``: itself when safe, else a cleaned form plus a short hash."""
-    if _SAFE.search(image_id) is None and image_id not in (".", "..") and len(image_id) <= 128:
+    """A storage-safe file stem for ``image_id``: itself when safe, else a cleaned form plus 16 hex digits of the
+    raw id's SHA-256. Distinct ids get distinct keys: a safe id that ends the way a hashed key does (``-`` and 16
+    hex digits) is hashed too, so a kept id is never the key of another id, and hashed keys differ by their hash
+    (two ids share one only on a 64-bit hash collision with the same cleaned prefix)."""
+    safe = _SAFE.search(image_id) is None and image_id not in (".", "..") and len(image_id) <= 128
+    if safe and _HASHED_TAIL.search(image_id) is None:
         return image_id
     cleaned = _SAFE.sub("_", image_id)[:96].strip("._") or "id"
-    return f"{cleaned}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
+    return f"{cleaned}-{hashlib.sha256(image_id.encode()).hexdigest()[:16]}"

@@ -44,8 +44,9 @@ from pipelines.stages import (
 )
 from stylid_core import ledger
 from stylid_core.config import ConfigError, JobConfig, StageResources
+from stylid_core.lease import OutputLease
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD
-from stylid_core.storage import arrow_filesystem
+from stylid_core.storage import DEFAULT_RETRY, arrow_filesystem, is_transient, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def _manifest_dataset(
     afs, path = arrow_filesystem(manifest_uri, storage_options)
     if files is not None:  # these Parquet files under the prefix, in this order, rather than all of them
         path = [posixpath.join(path, name) for name in files]
-    try:
+
+    def open_dataset() -> pads.Dataset:
         dataset = pads.dataset(path, filesystem=afs, format="parquet")
         # a prefix's files may differ in their optional columns: the dataset's schema is all of theirs (pyarrow
         # takes the first file's), each footer read concurrently
@@ -70,8 +72,15 @@ def _manifest_dataset(
             with ThreadPoolExecutor(max_workers=min(16, len(fragments))) as pool:
                 schemas = list(pool.map(lambda f: f.physical_schema, fragments))
             dataset = pads.dataset(path, filesystem=afs, format="parquet", schema=pa.unify_schemas(schemas))
+        return dataset
+
+    try:  # an unreachable endpoint is retried like any storage call, then one line naming the manifest
+        dataset = with_retries(open_dataset, f"read manifest {manifest_uri}")
     except (FileNotFoundError, OSError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ValueError(f"cannot read manifest {manifest_uri}: {exc}") from None
+    except Exception as exc:  # botocore's and aiohttp's connection errors are not OSErrors
+        again = f" (still failing after {DEFAULT_RETRY.attempts} tries)" if is_transient(exc) else ""
+        raise ValueError(f"cannot read manifest {manifest_uri}: {type(exc).__name__}: {exc}{again}") from None
     if required not in dataset.schema.names:
         raise ValueError(
             f"manifest {manifest_uri} has no '{required}' column (columns: {sorted(dataset.schema.names)})"
@@ -88,6 +97,7 @@ def read_manifest_file(
     prepare: Callable[[pa.Table], pa.Table],
     start: int = 0,
     stop: int | None = None,
+    version: tuple | None = None,
 ) -> Iterator[pa.Table]:
     """One manifest file's ``target`` columns (those it has; a column it lacks is null), of ``row_groups`` (all
     when None), rows ``start`` to ``stop`` of those (all when None; the rows before ``start`` are decoded, not
@@ -96,7 +106,14 @@ def read_manifest_file(
 
     Read with ``ParquetFile.iter_batches``, which decodes page by page: the dataset scanner decodes a whole row
     group per column before it slices it (measured: a 1M-row row group of ids and URIs, +138 MB of driver RSS in
-    the scanner, +48 MB page by page)."""
+    the scanner, +48 MB page by page).
+
+    ``version`` (``file_version`` when the plan began): ``RuntimeError`` if the file is another version now. The
+    plan marks done rows by their position, so a manifest rewritten between the plan and the read (the same rows
+    in another order) would have done rows run again and pending ones skipped."""
+    if version is not None and file_version(filesystem, path) != version:
+        raise RuntimeError(f"manifest {path} changed while it was read: rewritten after the plan (mtime_ns, size:"
+                           f" {version}, now {file_version(filesystem, path)}); rerun to plan again")  # fmt: skip
     with filesystem.open_input_file(path) as fh:
         parquet = pq.ParquetFile(fh)
         present = set(parquet.schema_arrow.names)
@@ -117,6 +134,12 @@ def read_manifest_file(
             yield prepare(table)
             if stop is not None and offset >= stop:
                 return
+
+
+def file_version(filesystem, path: str) -> tuple:
+    """(modification time in ns, size) of a manifest file: what changes when it is rewritten."""
+    info = filesystem.get_file_info(path)
+    return (info.mtime_ns, info.size)
 
 
 def encode_styles(table: pa.Table) -> pa.Table:
@@ -162,6 +185,17 @@ class ManifestReader:
         self.columns, self.id_columns, self.id_hint = columns, id_columns, id_hint
         self.prepare = prepare or (lambda table: prepare_manifest(table, default_style_uri))
         self.dataset = _manifest_dataset(manifest_uri, required, storage_options, files)
+        # each file's version as the plan begins: every later read of it checks it is the same file
+        paths = [fragment.path for fragment in self.dataset.get_fragments()]
+        fs = self.dataset.filesystem
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+            self.versions = dict(zip(paths, pool.map(lambda path: file_version(fs, path), paths)))
+        for column in self._target(columns):  # a list or struct column cannot be cast to ids and URIs
+            if pa.types.is_nested(column.type):
+                raise ValueError(
+                    f"manifest {manifest_uri}: column '{column.name}' is of type {column.type}; it must hold one"
+                    " string per row"
+                )
 
     def _target(self, columns: tuple[str, ...]) -> list[pa.Field]:
         """The fields of ``columns`` the manifest has, typed as its unified schema."""
@@ -175,7 +209,7 @@ class ManifestReader:
         target = self._target(columns)
         for fragment in self.dataset.get_fragments():
             yield from read_manifest_file(self.dataset.filesystem, fragment.path, None, target, self.batch_rows,
-                                          self.prepare)  # fmt: skip
+                                          self.prepare, version=self.versions.get(fragment.path))  # fmt: skip
 
     def row_groups(self) -> list[tuple[str, int, int]]:
         """(file, row group index, rows) of every row group, in the order ``_batches`` reads them; the files'
@@ -507,9 +541,11 @@ class ManifestSliceReader:
     #: open reads an instance keeps (a few: the slices whose pieces its actor is being given)
     OPEN_READS = 2
 
-    def __init__(self, filesystem, target: list[pa.Field], batch_rows: int, prepare, manifest_uri: str) -> None:
+    def __init__(self, filesystem, target: list[pa.Field], batch_rows: int, prepare, manifest_uri: str,
+                 versions: dict[str, tuple] | None = None) -> None:  # fmt: skip
         self.filesystem, self.target, self.batch_rows, self.prepare = filesystem, target, batch_rows, prepare
         self.manifest_uri = manifest_uri
+        self.versions = versions or {}  # path -> file_version when the plan began
         self._open: dict[tuple, _Cursor] = {}
 
     def __getstate__(self) -> dict:
@@ -524,7 +560,7 @@ class ManifestSliceReader:
         cursor = self._open.pop(key, None)
         if cursor is None or cursor.position > start:
             tables = read_manifest_file(self.filesystem, path, row_groups, self.target, self.batch_rows,
-                                        self.prepare, start=start)  # fmt: skip
+                                        self.prepare, start=start, version=self.versions.get(path))  # fmt: skip
             cursor = _Cursor(tables, start)
         taken = cursor.take(start, stop)
         self._open[key] = cursor  # the newest last: the oldest goes first
@@ -566,7 +602,8 @@ class PendingRows(Datasource):
 
     def __init__(self, manifest: ManifestReader, is_done: np.ndarray, block_rows: int) -> None:
         self.reader = ManifestSliceReader(manifest.dataset.filesystem, manifest._target(manifest.columns),
-                                          manifest.batch_rows, manifest.prepare, manifest.manifest_uri)  # fmt: skip
+                                          manifest.batch_rows, manifest.prepare, manifest.manifest_uri,
+                                          manifest.versions)  # fmt: skip
         self.batch_rows = manifest.batch_rows
         self.manifest_uri = manifest.manifest_uri
         self.block_rows = block_rows
@@ -865,13 +902,32 @@ def process_pending(
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
     """Run the rows of ``manifest`` not yet in ``output_uri``'s ledger (``plan_pending``) through
     ``build(rows, writers)``'s dataset, its rows written into shards of ``rows_per_shard`` rows by the job's shard
-    writers; returns the manifest's ids already done and the status counts of the rows processed now.
+    writers; returns the manifest's ids already done and the status counts of the rows processed now. Rows that
+    failed in an earlier run with a transient status (``ledger.RETRIED_STATUSES``: read_error, write_error) are
+    taken out of the ledger first (``ledger.release_retried_rows``), so they are pending again. All of it under
+    the output's writer lease (``stylid_core.lease``): a second job into the same output is refused.
 
     ``build`` gets the pending rows as one Arrow table, or with ``block_rows`` as ``PendingRows`` to be read as the
     dataset runs (``plan_pending``), and the job's ``ShardWriters``: its write stage hands them its metrics and
     face rows and returns their statuses, which is all that reaches this driver. The writers are flushed when the
     stream ends or fails (the rows they hold are complete: their images are stored), then ended. With nothing
     pending no dataset is built, so no stage starts, no writer and no model loads."""
+    with OutputLease(output_uri, storage_options):  # one writer per output: a second run stops here, in one line
+        return _process_pending(manifest, output_uri, storage_options, build, rows_per_shard, block_rows)
+
+
+def _process_pending(
+    manifest: pa.Table | pd.DataFrame | Iterable[pa.Table],
+    output_uri: str,
+    storage_options: dict,
+    build: Callable[[pa.Table | PendingRows, ShardWriters], ray.data.Dataset],
+    rows_per_shard: int,
+    block_rows: Callable[[int], int] | None,
+) -> tuple[pa.ChunkedArray, Counter[str]]:
+    retried = ledger.release_retried_rows(output_uri, storage_options)  # a storage outage's rows are redone
+    if retried:
+        log.warning("retrying %d rows that failed with %s in an earlier run", retried,
+                    "/".join(ledger.RETRIED_STATUSES))  # fmt: skip
     done, pending = plan_pending(manifest, output_uri, storage_options, block_rows)
     log.info("manifest: %d rows, %d already in the output, %d to process", len(done) + len(pending), len(done),
              len(pending))  # fmt: skip

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,7 +342,116 @@ def _build(cls: type, data: dict[str, Any], where: str):
         if sub is not None:
             value = _build(sub, value or {}, key)
         kwargs[key] = value
+    _check_types(typing.get_type_hints(cls), kwargs, where)
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad value in {where or 'config'}: {exc}") from None
+    if cls is StylizeConfig:
+        check_engine(built)
+    return built
+
+
+# ------------------------------------------------------------------------------------------ validation by type
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` must be when it is not of type ``hint``; None when it is (or ``hint`` is a type this check
+    does not know: the engine's or dataclass's own checks then judge it)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        problems = [_type_problem(value, arm) for arm in arms if arm is not type(None)]
+        if any(p is None for p in problems):
+            return None
+        return " or ".join(problems + (["null"] if type(None) in arms else []))
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if hint is dict or origin is dict or dataclasses.is_dataclass(hint):
+        return None if isinstance(value, dict) or (dataclasses.is_dataclass(hint) and isinstance(value, hint)) else (
+            "a mapping")  # fmt: skip
+    if hint in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        item = typing.get_args(hint)[0] if origin is list and typing.get_args(hint) else None
+        bad = [_type_problem(v, item) for v in value] if item is not None else []
+        wrong = next((p for p in bad if p is not None), None)
+        return None if wrong is None else f"a list whose items are each {wrong}"
+    return None
+
+
+def _shown(key: str, value: Any) -> str:
+    """``value`` for an error message: its type only where it may hold a credential, else a short repr."""
+    if "storage_options" in key or "secret" in key or "token" in key or "key" in key.split("_"):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
+
+
+def _check_types(hints: dict[str, Any], values: dict[str, Any], where: str) -> None:
+    """``ConfigError`` naming the first of ``values`` that is not of its field's type (``--set score.redetect=maybe``
+    and ``--set stylize.style_uri=123`` were accepted; ``io.storage_options=x`` failed later, blaming the manifest)."""
+    prefix = f"{where}." if where else ""
+    for key, value in values.items():
+        problem = _type_problem(value, hints.get(key, Any))
+        if problem is not None:
+            raise ConfigError(f"{prefix}{key} must be {problem}, got {_shown(key, value)}")
+
+
+def _engine_options_of(engine: str) -> tuple[dict[str, Any], Callable[[dict], Any]] | None:
+    """(option name -> type hint, a cheap check of a whole options dict) of a built-in engine; None for an engine
+    this module does not know the options of. Nothing here loads a model."""
+    if engine == "neural":
+        from stylid_core.stylize.neural import NeuralOptions
+
+        return typing.get_type_hints(NeuralOptions), lambda options: NeuralOptions(**options)
+    if engine == "classical":
+        from stylid_core.stylize.classical import ClassicalStylizer
+
+        init = ClassicalStylizer.__init__
+        hints = typing.get_type_hints(init)
+        names = [n for n in inspect.signature(init).parameters if n != "self"]
+        return {n: hints.get(n, Any) for n in names}, lambda options: ClassicalStylizer(**options)
+    if engine == "identity":
+        return {}, lambda options: None
+    if engine == "diffusion":
+        from stylid_core.stylize.diffusion.config import DiffusionConfig
+
+        return typing.get_type_hints(DiffusionConfig), DiffusionConfig.from_options
+    return None
+
+
+def check_engine(stylize: StylizeConfig) -> None:
+    """``stylize.engine`` a registered engine and ``stylize.options`` ones it takes, of their types and in range:
+    checked when the config is read, before Ray starts (an unknown engine or option was found only once the
+    workers had started, 30-60 s later). An engine registered outside this package has its name checked only."""
+    from stylid_core.stylize import STYLIZERS
+
+    known = STYLIZERS.names()
+    _check(
+        isinstance(stylize.engine, str) and stylize.engine in known,
+        f"stylize.engine must be one of {', '.join(known)}, got {stylize.engine!r}",
+    )
+    schema = _engine_options_of(stylize.engine)
+    if schema is None:
+        return
+    hints, check = schema
+    unknown = sorted(set(stylize.options) - set(hints))
+    _check(
+        not unknown,
+        f"unknown option(s) of engine {stylize.engine}: {', '.join(f'stylize.options.{k}' for k in unknown)};"
+        f" known: {', '.join(sorted(hints)) or '(none)'}",
+    )
+    _check_types(hints, stylize.options, "stylize.options")
+    try:
+        check(dict(stylize.options))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"stylize.options of engine {stylize.engine}: {' '.join(str(exc).split())}") from None

@@ -102,15 +102,28 @@ def _decode(
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        # Pillow's message names its BytesIO object; say what the bytes look like instead
+        # Pillow's message names its BytesIO object; say what kind of bytes they are, never the bytes themselves
+        # (a token or password file given as an image must not reach the error column)
         raise ImageDecodeError(
-            "decode_error", f"not an image in a known format ({len(data)} bytes, starting {data[:16]!r})"
+            "decode_error", f"not an image in a known format ({len(data)} bytes of {_byte_kind(data)})"
         ) from None
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageDecodeError("decode_error", f"{type(exc).__name__}: {exc}") from None
 
 
 _ORIENTATION = 0x0112
+
+
+def _byte_kind(data: bytes) -> str:
+    """A coarse kind for bytes that are not an image: ``markup`` (HTML/XML), ``text`` or ``binary data``."""
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data"
+    if not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "binary data"
+    return "markup" if text.lstrip().startswith("<") else "text"
 
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:

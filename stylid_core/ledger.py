@@ -156,15 +156,52 @@ def ledger_state(output_uri: str, storage_options: dict | None) -> LedgerState:
     journals = {}
     for n in names:
         if n.startswith(_JOURNAL) and n.endswith(".json"):
+            uri = join(output_uri, METRICS, n)
             try:
-                journals[n] = json.loads(read_bytes(join(output_uri, METRICS, n), storage_options))
+                raw = read_bytes(uri, storage_options)
             except Exception:  # deleted meanwhile: that compaction is over
                 continue
+            journals[n] = _checked_journal(uri, raw)
     replaced: set[str] = set()
     for j in journals.values():
         if j["shard"] in present:  # committed: its sources are superseded, whether or not deleted yet
             replaced |= set(j["replaces"])
     return LedgerState(sorted(present - replaced), replaced, journals, present)
+
+
+def _is_shard_file_name(name: object) -> bool:
+    """True for the bare name of a shard file in ``metrics/`` or ``faces/``: no separator, no ``..``, not a
+    journal or hidden file. Joined to either folder it names a file inside the output, and only there."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".parquet")
+        and not name.startswith(("_", "."))
+        and not any(c in name for c in "/\\\0")
+        and posixpath.basename(name) == name
+    )
+
+
+def _checked_journal(uri: str, raw: bytes) -> dict:
+    """A compaction journal's ``{"shard": ..., "replaces": [...]}``, refused (``ValueError``) unless every name in
+    it is a bare shard file name: compaction deletes what a journal names, so a planted ``../../x`` would delete a
+    file outside the output."""
+    try:
+        journal = json.loads(raw)
+    except ValueError:
+        journal = None
+    ok = (
+        isinstance(journal, dict)
+        and _is_shard_file_name(journal.get("shard"))
+        and isinstance(journal.get("replaces"), list)
+        and all(_is_shard_file_name(n) for n in journal["replaces"])
+    )
+    if not ok:
+        raise ValueError(
+            f"{uri}: not a compaction journal of this output (it must name shard files inside metrics/ and faces/,"
+            ' as {"shard": "part-<h>.parquet", "replaces": [...]}); refusing to read or delete what it names.'
+            " Remove it if no stylid compact is running"
+        )
+    return journal
 
 
 def live_shards(output_uri: str, storage_options: dict | None) -> list[str]:
@@ -400,6 +437,66 @@ def compact_group(output_uri: str, sources: list[str], storage_options: dict | N
         delete(join(output_uri, FACES, src), storage_options)
     delete(join(output_uri, METRICS, _journal_name(name)), storage_options)
     return name
+
+
+#: row statuses a rerun retries: what a storage outage or a dropped connection leaves (the storage layer's retries
+#: already failed). Not retried: what the input itself is (missing, forbidden, decode_error, too_large, no_face, ...)
+RETRIED_STATUSES = ("read_error", "write_error", "timeout")
+
+
+def release_retried_rows(
+    output_uri: str, storage_options: dict | None, statuses: Iterable[str] = RETRIED_STATUSES
+) -> int:
+    """Take the rows of ``statuses`` out of the ledger, so that the plan finds them pending and the rerun redoes
+    them (once: their old rows are gone before the new ones are written); returns how many.
+
+    Each live shard holding such rows is replaced by one of its other rows, with ``compact_group``'s commit
+    protocol (new faces shard, journal, new metrics shard: the commit, old pair deleted, journal deleted), so an
+    interruption anywhere leaves every row in the ledger once, and the next ``compact`` or rerun finishes or undoes
+    it. A shard of such rows only is deleted, metrics shard first (a faces shard left alone is an orphan that the
+    plan removes). Shards that an open compaction journal names are left for a later run."""
+    wanted = pa.array(sorted(set(statuses)), pa.string())
+    state = ledger_state(output_uri, storage_options)
+    busy = {j["shard"] for j in state.journals.values()} | {n for j in state.journals.values() for n in j["replaces"]}
+    names = [n for n in state.live if n not in busy]
+    read = lambda n: read_shard(join(output_uri, METRICS, n), storage_options, ["status"])  # noqa: E731
+    released = 0
+    for name, table in zip(names, _map_concurrent(read, names)):
+        if table is None or "status" not in table.column_names:
+            continue
+        retried = pc.fill_null(pc.is_in(table.column("status").cast(pa.string()), value_set=wanted), False)
+        count = pc.sum(retried).as_py() or 0
+        if count:
+            released += count
+            _replace_without(output_uri, name, storage_options, wanted)
+    return released
+
+
+def _replace_without(output_uri: str, name: str, storage_options: dict | None, statuses: pa.Array) -> None:
+    """The shard pair ``name`` replaced by its rows whose status is not in ``statuses`` (or deleted when none)."""
+    metrics = read_shard(join(output_uri, METRICS, name), storage_options)
+    if metrics is None:  # gone meanwhile
+        return
+    keep = pc.invert(pc.fill_null(pc.is_in(metrics.column("status").cast(pa.string()), value_set=statuses), False))
+    kept = metrics.filter(keep)
+    if not kept.num_rows:
+        delete(join(output_uri, METRICS, name), storage_options)  # the ledger entry first: its rows are pending now
+        delete(join(output_uri, FACES, name), storage_options)
+        return
+    faces = read_shard(join(output_uri, FACES, name), storage_options)
+    if faces is None:
+        faces = pa.schema([("image_id", pa.string())]).empty_table()
+    else:
+        ids = kept.column("image_id").cast(pa.string())
+        faces = faces.filter(pc.is_in(faces.column("image_id").cast(pa.string()), value_set=ids.combine_chunks()))
+    new = shard_name(kept.column("image_id").to_pylist())
+    write_bytes(join(output_uri, FACES, new), parquet_bytes(faces), storage_options)
+    journal = {"shard": new, "replaces": [name]}
+    write_bytes(join(output_uri, METRICS, _journal_name(new)), json.dumps(journal).encode(), storage_options)
+    write_bytes(join(output_uri, METRICS, new), parquet_bytes(kept), storage_options)
+    delete(join(output_uri, METRICS, name), storage_options)
+    delete(join(output_uri, FACES, name), storage_options)
+    delete(join(output_uri, METRICS, _journal_name(new)), storage_options)
 
 
 def compact(

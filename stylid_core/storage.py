@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 import random
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -81,6 +82,8 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure that may pass on a retry (5xx, throttling, timeouts, dropped connections);
     not found, access denied and bad requests are permanent."""
+    if _connection_failure(exc) is not None:
+        return True
     if isinstance(exc, (StorageError, *_PERMANENT)):
         return False
     if _TRANSIENT_TYPES & {c.__name__ for c in type(exc).__mro__}:
@@ -89,6 +92,15 @@ def is_transient(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, OSError) and any(w in text for w in _TRANSIENT_WORDS)
+
+
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The transient error behind a ``FileNotFoundError`` that is none (fsspec's HTTP filesystem reports a refused
+    or dropped connection as not found, raised from the connection error), else None."""
+    cause = exc.__cause__
+    if isinstance(exc, FileNotFoundError) and cause is not None and not isinstance(cause, _PERMANENT):
+        return cause if is_transient(cause) else None
+    return None
 
 
 def with_retries(call: Callable[[], T], what: str, retry: RetryPolicy | None = None) -> T:
@@ -148,18 +160,56 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _read_local_file(path: str, uri: str, max_bytes: int | None) -> bytes:
+    """The bytes of the local regular file ``path``, read to at most ``max_bytes`` (counted as read, not as the
+    size the file reports). A FIFO, socket or device is refused before any read: it is opened non-blocking (so a
+    FIFO with no writer does not hang the open) and its type checked on the open descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with open(fd, "rb", closefd=True) as f:
+        info = os.fstat(fd)
+        mode = info.st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise StorageError("missing", f"{uri}: not a regular file ({_file_kind(mode)}); refused unread")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        if max_bytes is None:
+            return f.read()
+        if info.st_size > max_bytes:  # refused unread; a file that grows is still cut at max_bytes + 1 below
+            raise StorageError("too_large", f"{uri}: {info.st_size} bytes exceeds the limit of {max_bytes}")
+        data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise StorageError("too_large", f"{uri}: more than {max_bytes} bytes, the limit")
+        return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _storage_error(uri: str, exc: BaseException, other: str, retry: RetryPolicy | None) -> StorageError:
     """``exc`` (raised for ``uri``) as a ``StorageError`` whose message names the URI and whose status is the row
     status it maps to (``other`` for anything that is not not-found or access-denied)."""
     if isinstance(exc, StorageError):
         return exc
+    exc = _connection_failure(exc) or exc  # a refused connection is a read error, retried, not a missing file
     cause = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, FileNotFoundError):
-        return StorageError("missing", f"not found: {uri} ({exc})")
+        return StorageError("missing", f"{uri}: not found ({exc})")
     if isinstance(exc, PermissionError):
-        return StorageError("forbidden", f"access denied: {uri} ({exc})")
+        return StorageError("forbidden", f"{uri}: access denied ({exc})")
     if isinstance(exc, IsADirectoryError):
-        return StorageError("missing", f"is a directory, not a file: {uri}")
+        return StorageError("missing", f"{uri}: is a directory, not a file")
     if is_transient(exc):
         cause += f" (still failing after {(retry or DEFAULT_RETRY).attempts} tries)"
     return StorageError(other, f"{uri}: {cause}")
@@ -174,20 +224,26 @@ def read_bytes(
     """The bytes of ``uri``; transient failures are retried (``retry``), and what still fails raises
     ``StorageError`` with a row status (``missing``, ``forbidden``, ``too_large``, ``read_error``) and the URI."""
 
+    def too_large(size: int | str) -> StorageError:
+        return StorageError("too_large", f"{uri}: {size} bytes exceeds the limit of {max_bytes}")
+
     def read() -> bytes:
         local = local_path(uri)
-        if local is not None:
-            with open(local, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise StorageError("too_large", f"{uri}: {size} bytes exceeds the limit of {max_bytes}")
-                return f.read()
-        fs, path = filesystem(uri, storage_options, retry)
-        if max_bytes is not None:
-            size = fs.size(path)
-            if size is not None and size > max_bytes:
-                raise StorageError("too_large", f"{uri}: {size} bytes exceeds the limit of {max_bytes}")
-        return fs.cat_file(path)
+        fs = None
+        if local is None:
+            fs, local = filesystem(uri, storage_options, retry)
+            if not _is_local(fs):
+                if max_bytes is None:
+                    return fs.cat_file(local)
+                size = fs.size(local)
+                if size is not None and size > max_bytes:
+                    raise too_large(size)
+                # a range read: a server that reports a wrong size still sends at most max_bytes + 1
+                data = fs.cat_file(local, start=0, end=max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise too_large(f"more than {max_bytes}")
+                return data
+        return _read_local_file(local, uri, max_bytes)
 
     try:
         return with_retries(read, f"read {uri}", retry)

@@ -11,8 +11,8 @@ from stylid_core.config import ConfigError, JobConfig
 def test_yaml_and_overrides_parse_into_job_config(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(
-        "name: mine\nfaces:\n  upsample: 1\nstylize:\n  options: {levels: 6}\n  mosaic: {max_face_px: 48}\n"
-        "resources:\n  faces: {batch_size: 3}\n"
+        "name: mine\nfaces:\n  upsample: 1\nstylize:\n  engine: classical\n  options: {levels: 6}\n"
+        "  mosaic: {max_face_px: 48}\nresources:\n  faces: {batch_size: 3}\n"
     )
     cfg = load_job_config(
         str(path), ["score.redetect=false", "stylize.mosaic.margin=0.25", "io.image_format=jpg", "faces.max_faces=5"]
@@ -78,7 +78,8 @@ def test_default_yaml_hashes_like_the_dataclass_defaults():
 
 
 @pytest.mark.parametrize(
-    "override", ["faces.upsample=1", "stylize.mosaic.max_face_px=48", "stylize.options.levels=4", "io.max_pixels=10"]
+    "override",
+    ["faces.upsample=1", "stylize.mosaic.max_face_px=48", "stylize.options.style_strength=0.5", "io.max_pixels=10"],
 )
 def test_semantic_changes_change_the_hash(override):
     cfg = load_job_config("default", [override])
