@@ -18,6 +18,7 @@ __all__ = [
     "METRICS_VERSION",
     "PhotoDetailCorrelation",
     "content_similarity",
+    "face_halo",
     "cosine_similarity",
     "identity_similarity",
     "photo_detail_correlation",
@@ -159,3 +160,34 @@ def photo_detail_correlation(
         h, w = min(s_fine.shape[0], o_fine.shape[0]), min(s_fine.shape[1], o_fine.shape[1])
         s_fine, s_mid, o_fine, o_mid = (x[:h, :w] for x in (s_fine, s_mid, o_fine, o_mid))
     return PhotoDetailCorrelation(_correlation(o_fine, s_fine), _correlation(o_mid, s_mid))
+
+
+def _grown_boxes_mask(shape: tuple[int, int], boxes, grow: float) -> np.ndarray:
+    """True inside each box grown by ``grow`` of its size in all (``grow / 2`` a side), clipped to the image."""
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        gx, gy = grow / 2 * (x1 - x0), grow / 2 * (y1 - y0)
+        mask[
+            max(0, int(y0 - gy)) : max(0, int(np.ceil(y1 + gy))), max(0, int(x0 - gx)) : max(0, int(np.ceil(x1 + gx)))
+        ] = True
+    return mask
+
+
+#: the halo ring: from the face box grown by HALO_INNER (the face's own mask may reach that far) to grown by HALO_OUTER
+HALO_INNER, HALO_OUTER = 0.5, 2.0
+
+
+def face_halo(output: np.ndarray, plain: np.ndarray, boxes) -> float | None:
+    """The halo around faces: the mean absolute difference (0-255, all channels) between ``output`` and the plain
+    stylization ``plain`` in the ring around the faces, from each box grown by ``HALO_INNER`` (50%: where a face's own
+    mask may reach) to grown by ``HALO_OUTER`` (200%), outside every face's inner box. 0 means that around the faces
+    the output is the plain stylization; a face restore that reaches too far (a square feather over the whole tile,
+    a face mask with a wide margin) shows here, where a mean over the whole image would dilute it. None without a
+    ring (no faces, or faces covering the image)."""
+    shape = output.shape[:2]
+    ring = _grown_boxes_mask(shape, boxes, HALO_OUTER) & ~_grown_boxes_mask(shape, boxes, HALO_INNER)
+    if not ring.any():
+        return None
+    diff = np.abs(np.asarray(output, np.int16) - np.asarray(plain, np.int16))
+    return float(diff[ring].mean())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +13,7 @@ from stylid_core.sample_data import default_style_path, face_boxes, load_photo
 from stylid_core.stylize.classical import ClassicalStylizer
 
 STEM = "obama"
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +49,32 @@ def test_an_output_of_another_size_is_compared_at_its_own_box(photo):
     got = photo_detail_correlation(half, photo, box, tuple(v / 2 for v in box))
     shifted = photo_detail_correlation(half, photo, box, tuple(v / 2 + 15 for v in box))
     assert got.mid > 0.9 and got.mid > shifted.mid + 0.2
+
+
+def test_the_halo_rule_fails_the_old_default_and_passes_todays():
+    """``face_halo`` on the bundled group scene, neural engine, The Starry Night (../shared/styles): the default
+    before issue "Faces that stay painted" (box restore, whose square feather spreads the tile's finer-painted
+    background over twice the face; face style 0.4 and the detail transfer, both with masks grown 30% a side) breaks
+    the 2/255 rule; today's default (ellipse restore, the face-style pass only on the tiles, no transfer) leaves the
+    plain stylization around the faces."""
+    from stylid_core.config import FaceDetailConfig, FacesConfig, MosaicConfig
+    from stylid_core.faces import create_face_analyzer
+    from stylid_core.metrics import face_halo
+    from stylid_core.sample_data import SCENES, build_scene
+    from stylid_core.stylize import STYLIZERS
+    from stylid_core.stylize.face_detail import FaceDetailTransfer
+    from stylid_core.stylize.mosaic import MosaicRestorer
+
+    scene, _ = build_scene(SCENES["scene_group_small"])
+    faces = create_face_analyzer(FacesConfig(backend="dlib", upsample=2)).detect(scene)
+    boxes = [f.box for f in faces]
+    style = np.asarray(Image.open(SHARED / "styles" / "starry_night.jpg").convert("RGB"))
+    plain = STYLIZERS.create("neural", threads=2, face_style_strength=None).stylize(scene, style)
+    old_engine = STYLIZERS.create("neural", threads=2, face_style_strength=0.4)
+    old = FaceDetailTransfer(
+        MosaicRestorer(old_engine, MosaicConfig(restore_mask="box")), FaceDetailConfig(strength=1.0)
+    )
+    today = MosaicRestorer(STYLIZERS.create("neural", threads=2), MosaicConfig())
+    old_halo, today_halo = (face_halo(x.stylize(scene, style, faces), plain, boxes) for x in (old, today))
+    assert old_halo > 2.0 > today_halo, (old_halo, today_halo)
+    assert face_halo(plain, plain, []) is None
