@@ -6,8 +6,10 @@ and ``faces/`` tables and exits 1 when it fails.
 Figures, per size bucket and over all faces (``all``):
 
 - ``id_sim`` (mean identity similarity), ``id_match`` (match rate) and ``redetected`` (re-detection rate) are
-  per face. Faces are paired by ``(image_id, face_index)`` where both runs scored the image (status ``ok`` in
-  both) and the two boxes overlap (IoU >= ``pair_iou``); a face's bucket is its bucket in the baseline.
+  per face. Faces pair by geometry within each image both runs scored (status ``ok`` in both): the assignment of
+  boxes with the largest total IoU, pairs needing IoU >= ``pair_iou`` (``face_index`` orders faces by size, so it
+  cannot pair them); a face's bucket is its bucket in the baseline. Faces left without a partner are lost (baseline)
+  or new (candidate), counted per bucket; their share of all faces fails the gate beyond ``max_unpaired_share``.
 - ``style_distance`` (learned, lower is better), ``colour_distance`` (Lab, lower is better) and ``content_ssim``
   are per image; an image counts in every bucket it
   has a paired face in.
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stylid_core.boxes import rowwise_iou
+from stylid_core.boxes import pairwise_iou
 from stylid_core.config import ConfigError
 from stylid_core.faces.base import SIZE_BUCKETS
 
@@ -72,7 +74,8 @@ class GateConfig:
 
     confidence: float = 0.95  # of the interval of each paired difference
     min_faces: int = 20  # paired faces a bucket needs before any of its figures can fail
-    pair_iou: float = 0.5  # a face pairs with the same face_index of the other run only if the boxes overlap so
+    pair_iou: float = 0.5  # a face pairs with a face of the other run only if the boxes overlap this much
+    max_unpaired_share: float | None = 0.02  # (lost + new faces) / all faces of the images scored in both
     max_status_worse: int | None = 0  # rows ok in the baseline and not ok now
     max_only_in_baseline: int | None = 0  # ids the candidate lost
     max_only_in_candidate: int | None = None  # ids new in the candidate (reported; null: never fails)
@@ -102,6 +105,9 @@ class GateConfig:
             raise ConfigError(f"gate.min_faces must be an integer >= 1, got {self.min_faces!r}")
         if not (isinstance(self.pair_iou, (int, float)) and 0 < self.pair_iou <= 1):
             raise ConfigError(f"gate.pair_iou must be in (0, 1], got {self.pair_iou!r}")
+        v = self.max_unpaired_share
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+            raise ConfigError(f"gate.max_unpaired_share must be in [0, 1] or null, got {v!r}")
         if not (isinstance(self.history_runs, int) and self.history_runs >= 1):
             raise ConfigError(f"gate.history_runs must be an integer >= 1, got {self.history_runs!r}")
         for name in ("max_status_worse", "max_only_in_baseline", "max_only_in_candidate"):
@@ -232,6 +238,76 @@ def _figure_check(
     return row
 
 
+FACE_KEY = ["image_id", "face_index"]
+BOX = ["x0", "y0", "x1", "y1"]
+
+
+def pair_faces(
+    baseline_faces: pd.DataFrame, candidate_faces: pd.DataFrame, pair_iou: float
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Pair the faces of each image by geometry: the assignment of baseline to candidate boxes that maximises the
+    total IoU (``scipy.optimize.linear_sum_assignment`` on 1 - IoU), keeping the pairs whose IoU is at least
+    ``pair_iou``. ``face_index`` plays no part (it orders faces by size, so one lost face would shift every index
+    of its image). Rows repeated with the same ``(image_id, face_index)`` (a shard written twice) count once.
+
+    Returns the pairs (every column of both sides, suffixed ``_b`` and ``_c``, ``image_id`` shared), the baseline
+    faces left unpaired (lost) and the candidate faces left unpaired (new)."""
+    from scipy.optimize import linear_sum_assignment
+
+    base = baseline_faces.drop_duplicates(FACE_KEY).reset_index(drop=True)
+    cand = candidate_faces.drop_duplicates(FACE_KEY).reset_index(drop=True)
+    base_rows: list[int] = []
+    cand_rows: list[int] = []
+    cand_groups = cand.groupby("image_id", sort=False).indices
+    for image_id, b_idx in base.groupby("image_id", sort=True).indices.items():
+        c_idx = cand_groups.get(image_id)
+        if c_idx is None:
+            continue
+        overlap = pairwise_iou(base.loc[b_idx, BOX].to_numpy(float), cand.loc[c_idx, BOX].to_numpy(float))
+        rows, cols = linear_sum_assignment(1.0 - overlap)
+        keep = overlap[rows, cols] >= pair_iou
+        base_rows += [int(b_idx[r]) for r in rows[keep]]
+        cand_rows += [int(c_idx[c]) for c in cols[keep]]
+    left = base.loc[base_rows].reset_index(drop=True).add_suffix("_b")
+    right = cand.loc[cand_rows].reset_index(drop=True).add_suffix("_c")
+    pairs = pd.concat([left, right], axis=1)
+    pairs.insert(0, "image_id", left["image_id_b"] if len(left) else pd.Series(dtype=object))
+    pairs = pairs.drop(columns=["image_id_b", "image_id_c"])
+    lost = base.drop(index=base_rows).sort_values(FACE_KEY).reset_index(drop=True)
+    new = cand.drop(index=cand_rows).sort_values(FACE_KEY).reset_index(drop=True)
+    return pairs, lost, new
+
+
+def _in_bucket(frame: pd.DataFrame, column: str, bucket: str) -> int:
+    if bucket == "all":
+        return int(len(frame))
+    return int((frame[column] == bucket).sum()) if column in frame else 0
+
+
+def _pairing_by_bucket(pairs: pd.DataFrame, lost: pd.DataFrame, new: pd.DataFrame) -> list[dict[str, Any]]:
+    """Paired, lost (baseline faces without a partner, in their baseline bucket) and new (candidate faces without
+    one, in their candidate bucket) faces per size bucket and in ``all``."""
+    rows = []
+    for bucket in [*(name for name, _ in SIZE_BUCKETS), "all"]:
+        row = {
+            "bucket": bucket,
+            "paired": _in_bucket(pairs, "size_bucket_b", bucket),
+            "lost": _in_bucket(lost, "size_bucket", bucket),
+            "new": _in_bucket(new, "size_bucket", bucket),
+        }
+        if bucket == "all" or row["paired"] or row["lost"] or row["new"]:
+            rows.append(row)
+    return rows
+
+
+def _unpaired_check(paired: int, lost: int, new: int, limit: float | None) -> dict[str, Any]:
+    """The share of faces left without a partner: (lost + new) / (paired + lost + new), against its maximum."""
+    faces = paired + lost + new
+    share = (lost + new) / faces if faces else 0.0
+    return {"check": "unpaired_faces", "count": lost + new, "lost": lost, "new": new, "faces": faces, "share": share,
+            "max": limit, "passed": limit is None or share <= limit + 1e-12}  # fmt: skip
+
+
 def _count_check(name: str, ids: list, limit: int | None) -> dict[str, Any]:
     return {"check": name, "count": len(ids), "max": limit, "passed": limit is None or len(ids) <= limit}
 
@@ -265,20 +341,11 @@ def compare_runs(
               "error": errors[i] if isinstance(errors[i], str) else None} for i in worse_ids]  # fmt: skip
     both_ok = list(base_status.index[(base_status == "ok") & (cand_status == "ok")])
 
-    key = ["image_id", "face_index"]
-    box = ["x0", "y0", "x1", "y1"]
     bf = baseline_faces[baseline_faces["image_id"].isin(both_ok)]
     cf = candidate_faces[candidate_faces["image_id"].isin(both_ok)]
-    merged = bf.merge(cf, on=key, suffixes=("_b", "_c"), how="outer", indicator=True)
-    both = (merged["_merge"] == "both").to_numpy().copy()
-    if both.any():
-        overlap = rowwise_iou(merged.loc[both, [f"{c}_b" for c in box]].to_numpy(float),
-                              merged.loc[both, [f"{c}_c" for c in box]].to_numpy(float))  # fmt: skip
-        both[both] = overlap >= config.pair_iou
-    pairs = merged[both].drop(columns="_merge")
-    rest = merged[~both]
-    unpaired_base = rest.loc[rest["_merge"] != "right_only", key].to_numpy().tolist()
-    unpaired_cand = rest.loc[rest["_merge"] != "left_only", key].to_numpy().tolist()
+    pairs, lost, new = pair_faces(bf, cf, config.pair_iou)
+    unpaired_base = lost[FACE_KEY].to_numpy().tolist()
+    unpaired_cand = new[FACE_KEY].to_numpy().tolist()
 
     images = cm.loc[both_ok].add_suffix("_c").join(bm.loc[both_ok].add_suffix("_b"))
     order = [name for name, _ in SIZE_BUCKETS]
@@ -298,8 +365,14 @@ def compare_runs(
         _count_check("only_in_baseline", only_base, config.max_only_in_baseline),
         _count_check("only_in_candidate", only_cand, config.max_only_in_candidate),
     ]
+    unpaired = _unpaired_check(len(pairs), len(lost), len(new), config.max_unpaired_share)
     failures = [_describe(c, config) for c in checks if not c["passed"]]
     failures += [f"{c['check']}: {c['count']} (at most {c['max']})" for c in counts if not c["passed"]]
+    if not unpaired["passed"]:
+        failures.append(
+            f"unpaired faces: {unpaired['count']} of {unpaired['faces']} ({unpaired['lost']} lost,"
+            f" {unpaired['new']} new; {unpaired['share']:.1%}, at most {unpaired['max']:.1%})"
+        )
     return {
         "passed": not failures,
         "failures": failures,
@@ -310,6 +383,8 @@ def compare_runs(
         "faces_paired": int(len(pairs)),
         "faces_unpaired_baseline": [[str(i), int(k)] for i, k in unpaired_base],
         "faces_unpaired_candidate": [[str(i), int(k)] for i, k in unpaired_cand],
+        "unpaired_faces": unpaired,
+        "face_pairing": _pairing_by_bucket(pairs, lost, new),
         "only_in_baseline": only_base,
         "only_in_candidate": only_cand,
         "status_worse": worse,
@@ -361,11 +436,19 @@ def format_gate(result: dict[str, Any]) -> str:
         shown = ", ".join(map(str, ids[:10])) + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
         lines.append(f"{c['check']}: {c['count']} (max {c['max'] if c['max'] is not None else '-'})"
                      f" {'ok' if c['passed'] else 'FAIL'}" + (f": {shown}" if ids else ""))  # fmt: skip
-    unpaired = len(result["faces_unpaired_baseline"]) + len(result["faces_unpaired_candidate"])
-    if unpaired:
+    u = result["unpaired_faces"]
+    lines.append(
+        f"unpaired faces: {u['count']} of {u['faces']} ({u['lost']} lost, {u['new']} new; {u['share']:.1%},"
+        f" max {'-' if u['max'] is None else format(u['max'], '.1%')}) {'ok' if u['passed'] else 'FAIL'}"
+    )
+    if u["count"]:
         lines.append(
-            f"faces not paired: {len(result['faces_unpaired_baseline'])} of the baseline,"
-            f" {len(result['faces_unpaired_candidate'])} of the candidate (another face_index or box)"
+            "  per bucket: "
+            + ", ".join(
+                f"{r['bucket']} {r['paired']} paired, {r['lost']} lost, {r['new']} new"
+                for r in result["face_pairing"]
+                if r["lost"] or r["new"]
+            )
         )
     for f in result["failures"]:
         lines.append(f"FAIL {f}")

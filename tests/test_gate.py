@@ -194,3 +194,83 @@ def test_a_missing_figure_column_is_no_data_not_an_error():
     old = m.drop(columns=["style_distance"])  # an output written before the column existed
     checks = _checks(compare_runs(m, f, old, f, GateConfig(min_faces=5)))
     assert checks[("all", "style_distance")]["status"] == "no_data" and checks[("all", "style_distance")]["passed"]
+
+
+def _canary(n_images: int = 12, seed: int = 0):
+    """A 54-face canary like the issue's: 12 images, 3-6 faces each, face_index by size (largest first)."""
+    rng = np.random.default_rng(seed)
+    metrics, faces = [], []
+    for i in range(n_images):
+        image_id = f"img{i:03d}"
+        metrics.append({"image_id": image_id, "status": "ok", "error": None, "colour_distance": 3.0,
+                        "style_distance": 1.5, "content_ssim": 0.7})  # fmt: skip
+        n = [6, 3][i % 2]  # 6 x 6 + 6 x 3 = 54 faces
+        sizes = sorted(rng.uniform(20, 120, n), reverse=True)
+        for k, size in enumerate(sizes):
+            x0 = 10.0 + 150 * k
+            bucket = "<32" if size < 32 else "32-48" if size < 48 else "48-64" if size < 64 else "64-128"
+            faces.append({"image_id": image_id, "face_index": k, "x0": x0, "y0": 10.0, "x1": x0 + size,
+                          "y1": 10.0 + size, "size_px": size, "size_bucket": bucket,
+                          "id_sim": 0.9 + rng.normal(0, 0.02), "id_match": True, "redetected": True})  # fmt: skip
+    return pd.DataFrame(metrics), pd.DataFrame(faces)
+
+
+def test_one_lost_face_leaves_the_other_faces_of_its_image_paired():
+    m, f = _canary()
+    assert len(f) == 54
+    lost = f[~((f["image_id"] == "img000") & (f["face_index"] == 0))].copy()  # the largest face of img000 is gone
+    lost.loc[lost["image_id"] == "img000", "face_index"] -= 1  # so every other face of it moves up one index
+    result = compare_runs(m, lost, m, f, GateConfig(min_faces=5))
+    assert result["faces_paired"] == 53
+    assert result["faces_unpaired_baseline"] == [["img000", 0]] and result["faces_unpaired_candidate"] == []
+    checks = _checks(result)
+    assert checks[("all", "id_sim")]["diff"] == 0  # each face met its own self, not a neighbour
+    u = result["unpaired_faces"]
+    assert (u["lost"], u["new"], u["faces"]) == (1, 0, 54) and u["share"] == pytest.approx(1 / 54)
+    assert u["passed"] and result["passed"]  # 1.9% is under the default 2%
+    lost_bucket = f.loc[(f["image_id"] == "img000") & (f["face_index"] == 0), "size_bucket"].item()
+    by_bucket = {r["bucket"]: r for r in result["face_pairing"]}
+    assert by_bucket[lost_bucket]["lost"] == 1 and by_bucket["all"] == {"bucket": "all", "paired": 53, "lost": 1,
+                                                                        "new": 0}  # fmt: skip
+    strict = compare_runs(m, lost, m, f, GateConfig(min_faces=5, max_unpaired_share=0.01))
+    assert not strict["passed"] and any(s.startswith("unpaired faces: 1 of 54") for s in strict["failures"])
+
+
+def test_a_reordered_face_list_pairs_every_face():
+    m, f = _canary()
+    shuffled = f.copy()
+    rng = np.random.default_rng(3)
+    for idx in shuffled.groupby("image_id").groups.values():
+        shuffled.loc[idx, "face_index"] = rng.permutation(len(idx))
+    shuffled = shuffled.sample(frac=1, random_state=4)
+    assert (shuffled.sort_index()["face_index"] != f["face_index"]).sum() > 30
+    result = compare_runs(m, shuffled, m, f, GateConfig(min_faces=5))
+    assert result["faces_paired"] == 54 and result["unpaired_faces"]["count"] == 0
+    assert all(c["diff"] == 0 for c in result["checks"] if c["diff"] is not None) and result["passed"]
+
+
+def test_46_of_54_faces_unpaired_fails_the_gate():
+    m, f = _canary()
+    moved = f.copy()
+    moved.loc[moved.index[8:], ["x0", "x1"]] += 5000  # 46 faces found elsewhere: no overlap with any baseline face
+    result = compare_runs(m, moved, m, f, GateConfig(min_faces=5))
+    u = result["unpaired_faces"]
+    assert result["faces_paired"] == 8 and (u["lost"], u["new"]) == (46, 46) and not u["passed"]
+    assert not result["passed"]
+    assert any(s.startswith("unpaired faces: 92 of 100 (46 lost, 46 new") for s in result["failures"])
+    assert "unpaired faces: 92 of 100" in format_gate(result)
+    assert compare_runs(m, moved, m, f, GateConfig(min_faces=5, max_unpaired_share=None))["passed"]
+
+
+def test_a_duplicated_faces_shard_gives_no_extra_pairs():
+    m, f = _canary()
+    doubled = pd.concat([f, f.iloc[:7]], ignore_index=True)  # a shard of 7 face rows written twice
+    result = compare_runs(m, doubled, m, pd.concat([f.iloc[10:17], f], ignore_index=True), GateConfig(min_faces=5))
+    assert result["faces_paired"] == 54 and result["unpaired_faces"]["count"] == 0
+    assert _checks(result)[("all", "id_sim")]["pairs"] == 54
+
+
+def test_max_unpaired_share_is_validated():
+    with pytest.raises(ConfigError, match="max_unpaired_share"):
+        GateConfig(max_unpaired_share=1.5)
+    assert GateConfig().max_unpaired_share == 0.02
