@@ -1,7 +1,8 @@
 """``stylid score``: score images that already exist (made by stylid or by anything else), and gate on a baseline.
 
 Exit codes: 0 scored (and, with ``--baseline``, the gate passed); 1 the gate failed; 2 bad input or configuration
-(``jobs.cli`` maps ``ConfigError``/``ValueError``, ``GateInputError`` included, to 2). The baseline is checked
+(``jobs.cli`` maps ``ConfigError``/``ValueError``, ``GateInputError`` included, to 2); 3 scored, nothing failed, but
+nothing could be gated (too few paired faces in every bucket and in ``all``). The baseline is checked
 before any scoring, so a baseline that cannot be compared costs no model work.
 """
 
@@ -27,6 +28,7 @@ from stylid_core.storage import delete, exists, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "nightly_score"
+EXIT_NOT_GATED = 3
 
 
 def add_parser(subparsers) -> None:
@@ -201,4 +203,6 @@ def main(args: argparse.Namespace) -> int:
         print("versions changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in gate["versions_changed"].items()))
     print(format_gate(gate))
     print(f"gate.json: {join(args.output, 'gate.json')}")
-    return 0 if gate["passed"] else 1
+    if not gate["passed"]:
+        return 1
+    return 0 if gate["gated"] else EXIT_NOT_GATED

@@ -46,6 +46,16 @@ FIGURES: dict[str, tuple[str, str, bool, str]] = {
     "colour_distance": ("metrics", "colour_distance", False, "colour distance (Lab)"),
     "content_ssim": ("metrics", "content_ssim", True, "content similarity"),
 }
+#: figure -> (lowest, highest) value it can take; its paired difference lies in [lowest - highest, highest - lowest]
+#: and so does its interval (a t interval of a few pairs can reach beyond it)
+FIGURE_RANGES: dict[str, tuple[float, float]] = {
+    "id_sim": (-1.0, 1.0),  # cosine
+    "id_match": (0.0, 1.0),
+    "redetected": (0.0, 1.0),
+    "style_distance": (0.0, math.inf),
+    "colour_distance": (0.0, math.inf),
+    "content_ssim": (-1.0, 1.0),
+}
 INTERVAL_METHOD = "Student-t interval of the mean paired difference (candidate - baseline)"
 
 
@@ -73,7 +83,8 @@ class GateConfig:
     """Thresholds of the regression gate (``gate:`` in ``configs/nightly_score.yaml``)."""
 
     confidence: float = 0.95  # of the interval of each paired difference
-    min_faces: int = 20  # paired faces a bucket needs before any of its figures can fail
+    min_faces: int = 20  # paired faces a size bucket needs to be gated alone (fewer: folded into the next larger)
+    min_faces_all: int = 10  # paired faces the `all` bucket needs to be gated (under it nothing is gated: exit 3)
     pair_iou: float = 0.5  # a face pairs with a face of the other run only if the boxes overlap this much
     max_unpaired_share: float | None = 0.02  # (lost + new faces) / all faces of the images scored in both
     max_status_worse: int | None = 0  # rows ok in the baseline and not ok now
@@ -101,8 +112,10 @@ class GateConfig:
                 raise ConfigError(f"gate.{name} must be a mapping with abs_drop and rel_drop, got {value!r}")
         if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
             raise ConfigError(f"gate.confidence must be in [0.5, 1), got {self.confidence!r}")
-        if not (isinstance(self.min_faces, int) and self.min_faces >= 1):
-            raise ConfigError(f"gate.min_faces must be an integer >= 1, got {self.min_faces!r}")
+        for name in ("min_faces", "min_faces_all"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 2):
+                raise ConfigError(f"gate.{name} must be an integer >= 2 (an interval needs two pairs), got {v!r}")
         if not (isinstance(self.pair_iou, (int, float)) and 0 < self.pair_iou <= 1):
             raise ConfigError(f"gate.pair_iou must be in (0, 1], got {self.pair_iou!r}")
         v = self.max_unpaired_share
@@ -186,8 +199,11 @@ def check_comparable(candidate_info: dict[str, Any], baseline_info: dict[str, An
 # the comparison
 
 
-def paired_interval(diffs: np.ndarray, confidence: float) -> tuple[float, float] | None:
-    """The ``confidence`` Student-t interval of the mean of paired differences; ``None`` for fewer than two."""
+def paired_interval(
+    diffs: np.ndarray, confidence: float, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> tuple[float, float] | None:
+    """The ``confidence`` Student-t interval of the mean of paired differences, clipped to ``bounds`` (the range
+    the difference can take); ``None`` for fewer than two."""
     from scipy import stats
 
     n = len(diffs)
@@ -195,11 +211,16 @@ def paired_interval(diffs: np.ndarray, confidence: float) -> tuple[float, float]
         return None
     mean = float(np.mean(diffs))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
-    return mean - half, mean + half
+    return max(mean - half, bounds[0]), min(mean + half, bounds[1])
+
+
+def _difference_bounds(figure: str) -> tuple[float, float]:
+    low, high = FIGURE_RANGES[figure]
+    return low - high, high - low
 
 
 def _figure_check(
-    bucket: str, figure: str, base: pd.Series, cand: pd.Series, n_faces: int, config: GateConfig
+    bucket: str, figure: str, base: pd.Series, cand: pd.Series, n_faces: int, min_faces: int, config: GateConfig
 ) -> dict[str, Any]:
     _, _, higher_better, what = FIGURES[figure]
     keep = base.notna().to_numpy() & cand.notna().to_numpy()
@@ -210,21 +231,21 @@ def _figure_check(
         "bucket": bucket, "figure": figure, "what": what, "higher_is_better": higher_better, "faces": n_faces,
         "pairs": int(len(b)), "baseline": None, "candidate": None, "diff": None, "ci_low": None, "ci_high": None,
         "drop": None, "rel_drop": None, "abs_threshold": limits.abs_drop, "rel_threshold": limits.rel_drop,
-        "breached": False, "significant": False, "status": "no_data", "passed": True,
+        "min_faces": min_faces, "breached": False, "significant": False, "status": "no_data", "passed": True,
     }  # fmt: skip
     if not len(b):
         return row
     diffs = c - b
     mean = float(np.mean(diffs))
-    ci = paired_interval(diffs, config.confidence)
+    ci = paired_interval(diffs, config.confidence, _difference_bounds(figure))
     drop = (-mean if higher_better else mean) + 0.0  # never -0.0
     base_mean = float(np.mean(b))
     rel = drop / abs(base_mean) if base_mean != 0 else (math.inf if drop > 0 else 0.0)
     breached = bool((limits.abs_drop is not None and drop > limits.abs_drop + 1e-12)
                     or (limits.rel_drop is not None and rel > limits.rel_drop + 1e-12))  # fmt: skip
     significant = ci is not None and (ci[1] < 0 if higher_better else ci[0] > 0)
-    if n_faces < config.min_faces:
-        status = "too_few_faces"
+    if n_faces < min_faces or ci is None:
+        status = "too_few_faces"  # not gated: reported, never a pass
     elif breached and significant:
         status = "fail"
     elif breached:
@@ -308,6 +329,31 @@ def _unpaired_check(paired: int, lost: int, new: int, limit: float | None) -> di
             "max": limit, "passed": limit is None or share <= limit + 1e-12}  # fmt: skip
 
 
+def fold_small_buckets(
+    sizes: list[tuple[str, int]], min_faces: int
+) -> tuple[list[tuple[str, list[str]]], dict[str, str]]:
+    """Buckets with fewer than ``min_faces`` faces are not gated alone: each run of them, smallest first, is folded
+    into the next larger bucket(s) until the fold has ``min_faces`` faces; a fold that never gets there is left to
+    ``all``. ``sizes``: (bucket, paired faces), smallest bucket first. Returns the folds to gate, as (name, e.g.
+    ``"<32+32-48"``, member buckets), and each small bucket -> the name of what gates it."""
+    folds: list[tuple[str, list[str]]] = []
+    gated_in: dict[str, str] = {}
+    pending: list[str] = []
+    n_pending = 0
+    for bucket, n in sizes:
+        if not pending and n >= min_faces:
+            continue
+        pending.append(bucket)
+        n_pending += n
+        if len(pending) > 1 and n_pending >= min_faces:
+            name = "+".join(pending)
+            folds.append((name, list(pending)))
+            gated_in.update({b: name for b in pending if dict(sizes)[b] < min_faces})
+            pending, n_pending = [], 0
+    gated_in.update({b: "all" for b in pending})
+    return folds, gated_in
+
+
 def _count_check(name: str, ids: list, limit: int | None) -> dict[str, Any]:
     return {"check": name, "count": len(ids), "max": limit, "passed": limit is None or len(ids) <= limit}
 
@@ -349,17 +395,23 @@ def compare_runs(
 
     images = cm.loc[both_ok].add_suffix("_c").join(bm.loc[both_ok].add_suffix("_b"))
     order = [name for name, _ in SIZE_BUCKETS]
-    present = [b for b in order if len(pairs) and (pairs["size_bucket_b"] == b).any()]
+    sizes = {b: int((pairs["size_bucket_b"] == b).sum()) if len(pairs) else 0 for b in order}
+    present = [b for b in order if sizes[b]]
+    groups, gated_in = fold_small_buckets([(b, sizes[b]) for b in present], config.min_faces)
     checks = []
-    for bucket in [*present, "all"]:
-        sub = pairs if bucket == "all" else pairs[pairs["size_bucket_b"] == bucket]
+    for bucket, members in [*((b, [b]) for b in present), *groups, ("all", order)]:
+        sub = pairs[pairs["size_bucket_b"].isin(members)] if len(pairs) else pairs
         in_bucket = both_ok if bucket == "all" else list(pd.unique(sub["image_id"]))
+        min_faces = config.min_faces_all if bucket == "all" else config.min_faces
         for figure, (table, column, _, _) in FIGURES.items():
             frame = sub if table == "faces" else images.loc[in_bucket]
             none = pd.Series(None, index=frame.index, dtype=object)  # a column an output lacks is null
             base, cand = frame.get(f"{column}_b", none), frame.get(f"{column}_c", none)
             checks.append(_figure_check(bucket, figure, base.reset_index(drop=True), cand.reset_index(drop=True),
-                                        int(len(sub)), config))  # fmt: skip
+                                        int(len(sub)), min_faces, config))  # fmt: skip
+    for check in checks:
+        check["gated_in"] = gated_in.get(check["bucket"], check["bucket"])
+    any_gated = any(c["status"] not in ("too_few_faces", "no_data") for c in checks)
     counts = [
         _count_check("status_worse", worse, config.max_status_worse),
         _count_check("only_in_baseline", only_base, config.max_only_in_baseline),
@@ -375,6 +427,8 @@ def compare_runs(
         )
     return {
         "passed": not failures,
+        "gated": any_gated,  # false: no figure had faces enough to be gated (stylid score exits 3 unless it failed)
+        "not_gated_alone": gated_in,  # size bucket under min_faces -> the folded bucket (or `all`) that gates it
         "failures": failures,
         "interval": f"{INTERVAL_METHOD}, {config.confidence:.0%}",
         "thresholds": config.to_dict(),
@@ -414,7 +468,7 @@ def format_gate(result: dict[str, Any]) -> str:
     lines = [
         f"gate: {'PASS' if result['passed'] else 'FAIL'}  (shared ids {result['shared_ids']}, scored in both"
         f" {result['scored_in_both']}, faces paired {result['faces_paired']}; {result['interval']})",
-        f"{'bucket':>7} {'figure':>14} {'faces':>5} {'pairs':>5} {'baseline':>9} {'candidate':>9} {'diff':>8}"
+        f"{'bucket':>13} {'figure':>15} {'faces':>5} {'pairs':>5} {'baseline':>9} {'candidate':>9} {'diff':>8}"
         f" {'interval':>19} {'drop':>7} {'allowed':>13} {'verdict':>13}",
     ]
     for c in result["checks"]:
@@ -425,7 +479,7 @@ def format_gate(result: dict[str, Any]) -> str:
             c["status"], "pass"
         )
         lines.append(
-            f"{c['bucket']:>7} {c['figure']:>14} {c['faces']:>5} {c['pairs']:>5} {_num(c['baseline']):>9}"
+            f"{c['bucket']:>13} {c['figure']:>15} {c['faces']:>5} {c['pairs']:>5} {_num(c['baseline']):>9}"
             f" {_num(c['candidate']):>9} {_num(c['diff'], '+.3f'):>8} {interval:>19} {_num(c['drop'], '+.3f'):>7}"
             f" {allowed:>13} {verdict:>13}"
         )
@@ -450,6 +504,13 @@ def format_gate(result: dict[str, Any]) -> str:
                 if r["lost"] or r["new"]
             )
         )
+    if result["not_gated_alone"]:
+        lines.append("not gated alone (fewer than min_faces paired faces): " + ", ".join(
+            f"{b} (in {into})" for b, into in result["not_gated_alone"].items()))  # fmt: skip
+    if not result["gated"]:
+        t = result["thresholds"]
+        lines.append(f"NOT GATED: no bucket had min_faces ({t['min_faces']}) paired faces, nor `all` min_faces_all"
+                     f" ({t['min_faces_all']}): no figure could be gated")  # fmt: skip
     for f in result["failures"]:
         lines.append(f"FAIL {f}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from stylid_core.gate import (
     GateInputError,
     check_comparable,
     compare_runs,
+    fold_small_buckets,
     format_gate,
     paired_interval,
 )
@@ -72,19 +73,24 @@ def test_a_drop_inside_the_noise_does_not_fail():
     m, f = _tables(n_images=3, faces_per_image=1)
     noisy = f.copy()
     noisy["id_sim"] = noisy["id_sim"].to_numpy() + np.array([-0.20, 0.15, -0.04])
-    result = compare_runs(m, noisy, m, f, GateConfig(min_faces=1))
+    result = compare_runs(m, noisy, m, f, GateConfig(min_faces=2))
     check = _checks(result)[("32-48", "id_sim")]
     assert check["breached"] and not check["significant"] and check["status"] == "noise"
     assert check["ci_low"] < 0 < check["ci_high"] and result["passed"]
 
 
-def test_a_bucket_with_too_few_faces_cannot_fail():
+def test_a_bucket_with_too_few_faces_is_not_gated_alone_but_folded_into_all():
     m, f = _tables()
     worse = f.copy()
     worse["id_sim"] -= 0.2
-    result = compare_runs(m, worse, m, f, GateConfig(min_faces=25))  # 24 paired faces
-    assert result["passed"] and _checks(result)[("32-48", "id_sim")]["status"] == "too_few_faces"
-    assert not compare_runs(m, worse, m, f, GateConfig(min_faces=24))["passed"]
+    result = compare_runs(m, worse, m, f, GateConfig(min_faces=25))  # 24 paired faces, all in 32-48
+    checks = _checks(result)
+    assert checks[("32-48", "id_sim")]["status"] == "too_few_faces" and checks[("32-48", "id_sim")]["passed"]
+    assert checks[("32-48", "id_sim")]["gated_in"] == "all" and result["not_gated_alone"] == {"32-48": "all"}
+    assert checks[("all", "id_sim")]["status"] == "fail" and not result["passed"] and result["gated"]
+    assert "not gated alone (fewer than min_faces paired faces): 32-48 (in all)" in format_gate(result)
+    gated = compare_runs(m, worse, m, f, GateConfig(min_faces=24))
+    assert _checks(gated)[("32-48", "id_sim")]["status"] == "fail" and gated["not_gated_alone"] == {}
 
 
 def test_colour_distance_fails_on_a_rise_and_relative_thresholds_apply():
@@ -274,3 +280,92 @@ def test_max_unpaired_share_is_validated():
     with pytest.raises(ConfigError, match="max_unpaired_share"):
         GateConfig(max_unpaired_share=1.5)
     assert GateConfig().max_unpaired_share == 0.02
+
+
+def _sized(sizes_per_image: list[list[float]], seed: int = 0):
+    """Metrics and faces of images whose faces have the given sizes (px)."""
+    rng = np.random.default_rng(seed)
+    metrics, faces = [], []
+    for i, sizes in enumerate(sizes_per_image):
+        image_id = f"img{i:03d}"
+        metrics.append({"image_id": image_id, "status": "ok", "error": None, "colour_distance": 3.0,
+                        "style_distance": 1.5, "content_ssim": 0.7 + rng.normal(0, 0.01)})  # fmt: skip
+        for k, size in enumerate(sizes):
+            x0 = 10.0 + 200 * k
+            bucket = "<32" if size < 32 else "32-48" if size < 48 else "48-64"
+            faces.append({"image_id": image_id, "face_index": k, "x0": x0, "y0": 10.0, "x1": x0 + size,
+                          "y1": 10.0 + size, "size_px": size, "size_bucket": bucket,
+                          "id_sim": 0.9 + rng.normal(0, 0.01), "id_match": True, "redetected": True})  # fmt: skip
+    return pd.DataFrame(metrics), pd.DataFrame(faces)
+
+
+def test_fold_small_buckets_into_the_next_larger_and_leave_the_rest_to_all():
+    folds, gated_in = fold_small_buckets([("<32", 5), ("32-48", 6), ("48-64", 30), ("64-128", 3)], 20)
+    assert folds == [("<32+32-48+48-64", ["<32", "32-48", "48-64"])]
+    assert gated_in == {"<32": "<32+32-48+48-64", "32-48": "<32+32-48+48-64", "64-128": "all"}
+    assert fold_small_buckets([("<32", 25), ("32-48", 30)], 20) == ([], {})
+    assert fold_small_buckets([("<32", 12), ("32-48", 8)], 20) == (
+        [("<32+32-48", ["<32", "32-48"])],
+        {"<32": "<32+32-48", "32-48": "<32+32-48"},
+    )
+
+
+def test_a_drop_in_a_small_bucket_fails_the_bucket_it_is_folded_into():
+    """The issue's <32 px bucket: 8 faces lose 0.2 id_sim; alone it is `few faces`, folded into 32-48 it fails."""
+    m, f = _sized([[24.0, 40.0, 40.0, 40.0]] * 8)  # 8 faces under 32 px, 24 at 32-48
+    worse = f.copy()
+    worse.loc[worse["size_bucket"] == "<32", "id_sim"] -= 0.2
+    result = compare_runs(m, worse, m, f, GateConfig())  # default min_faces 20
+    checks = _checks(result)
+    assert (
+        checks[("<32", "id_sim")]["status"] == "too_few_faces" and checks[("<32", "id_sim")]["gated_in"] == "<32+32-48"
+    )
+    fold = checks[("<32+32-48", "id_sim")]
+    assert fold["faces"] == 32 and fold["status"] == "fail" and fold["drop"] == pytest.approx(0.05, abs=1e-9)
+    assert checks[("32-48", "id_sim")]["status"] == "pass"
+    assert any(s.startswith("bucket <32+32-48: id_sim") for s in result["failures"]) and not result["passed"]
+
+
+def test_fourteen_heavily_blurred_faces_fail_the_all_bucket_with_the_default_config():
+    """The issue's seven blurred scenes: 14 faces, match rate 1.00 -> 0.21, id_sim -0.11; every size bucket is too
+    small for min_faces 20, and `stylid score` exited 0. Now `all` (min_faces_all 10) fails."""
+    m, f = _sized([[24.0, 40.0]] * 7, seed=2)
+    blurred = f.copy()
+    rng = np.random.default_rng(5)
+    blurred["id_sim"] -= 0.111 + rng.normal(0, 0.03, len(blurred))
+    blurred["id_match"] = [True, False, False, True, False, False, False, True, False, False, False, False, False,
+                           False]  # 3 of 14  # fmt: skip
+    result = compare_runs(m, blurred, m, f, GateConfig())
+    checks = _checks(result)
+    assert all(checks[(b, "id_sim")]["status"] == "too_few_faces" for b in ("<32", "32-48"))
+    assert checks[("all", "id_match")]["status"] == "fail" and checks[("all", "id_sim")]["status"] == "fail"
+    assert checks[("all", "id_match")]["candidate"] == pytest.approx(3 / 14)
+    assert not result["passed"] and result["gated"]
+
+
+def test_intervals_stay_inside_the_range_of_the_difference_and_one_pair_has_none():
+    low, high = paired_interval(np.array([1.0, -1.0]), 0.95, (-1.0, 1.0))
+    assert (low, high) == (-1.0, 1.0)  # unclipped: [-12.7, 12.7]
+    m, f = _sized([[40.0, 40.0], [40.0]])
+    flipped = f.copy()
+    flipped["redetected"] = [False, True, False]  # differences -1, 0, -1: the t interval reaches -2.1
+    result = compare_runs(m, flipped, m, f, GateConfig(min_faces=2, min_faces_all=2))
+    for c in result["checks"]:
+        if c["ci_low"] is not None:
+            lowest, highest = {"id_sim": (-2, 2), "id_match": (-1, 1), "redetected": (-1, 1),
+                               "content_ssim": (-2, 2)}.get(c["figure"], (-math.inf, math.inf))  # fmt: skip
+            assert lowest <= c["ci_low"] <= c["ci_high"] <= highest
+    assert _checks(result)[("all", "redetected")]["ci_low"] == -1.0
+    one = compare_runs(m[m["image_id"] == "img000"], f, m, f, GateConfig(min_faces=2, min_faces_all=2))
+    image_check = _checks(one)[("all", "content_ssim")]  # one image: one pair
+    assert image_check["pairs"] == 1 and image_check["ci_low"] is None and image_check["status"] == "too_few_faces"
+
+
+def test_a_night_too_small_to_gate_even_all_is_not_gated():
+    m, f = _sized([[40.0]] * 4)
+    result = compare_runs(m, f, m, f, GateConfig())  # 4 faces < min_faces_all 10
+    assert result["passed"] and not result["gated"]
+    assert "NOT GATED" in format_gate(result)
+    assert compare_runs(m, f, m, f, GateConfig(min_faces_all=4))["gated"]
+    with pytest.raises(ConfigError, match="min_faces_all"):
+        GateConfig(min_faces_all=1)
