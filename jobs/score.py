@@ -12,6 +12,8 @@ import argparse
 import datetime as dt
 import json
 import logging
+import posixpath
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -24,7 +26,7 @@ from stylid_core.config import ScoreJobConfig
 from stylid_core.gate import GateConfig, GateInputError, check_comparable, compare_runs, format_gate
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.report import format_summary, summarize_output, write_report
-from stylid_core.storage import delete, exists, join, read_bytes, write_bytes
+from stylid_core.storage import delete, exists, filesystem, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "nightly_score"
@@ -40,7 +42,11 @@ def add_parser(subparsers) -> None:
                    f" {DEFAULT_CONFIG})")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value,"
                    " e.g. gate.min_faces=5 or gate.id_sim.abs_drop=0.01")  # fmt: skip
-    p.add_argument("--baseline", help="a previous stylid score or stylid run output to compare with (the gate)")
+    p.add_argument("--baseline", help="a previous stylid score or stylid run output to compare with (the gate),"
+                   " or a folder of nightly score outputs (PREFIX/): the newest finished night before this one"
+                   " (by night name) whose gate passed")  # fmt: skip
+    p.add_argument("--reference", metavar="URI", help="a pinned reference output: every figure is also gated"
+                   " against it, so a slow drift fails once it crosses the thresholds in total")  # fmt: skip
     p.add_argument("--history", metavar="PREFIX", help="folder of previous nightly score outputs: report.html"
                    " gains trend plots over the last gate.history_runs of them")  # fmt: skip
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -70,6 +76,94 @@ def read_baseline(uri: str, storage_options: dict) -> dict[str, Any]:
     return info
 
 
+def night_name(uri: str) -> str:
+    """A night's name: the last part of its output URI (e.g. ``2026-12-07`` of ``s3://b/scores/2026-12-07/``)."""
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def choose_baseline(nights: list[dict[str, Any]], current: str, metrics_version: int) -> tuple[str | None, list[str]]:
+    """The baseline night for night ``current``: the newest, by night name, of the nights before it (names that sort
+    before ``current``) that finished (``success`` and a ``run.json``, as ``info``), were written with
+    ``metrics_version`` and whose gate passed (``gate.passed`` true, or no gate). A missed night, a night whose gate
+    failed and a rescore of an old night thus all leave the next night gated against the last good one; a night
+    after a FAIL stays failed until its figures are back. ``nights``: ``{"name", "success", "info"}`` each.
+    Returns the chosen name (``None`` when no night qualifies) and why each newer night was passed over."""
+    skipped = []
+    for night in sorted(nights, key=lambda n: n["name"], reverse=True):
+        name, info = night["name"], night.get("info")
+        if name >= current:
+            continue
+        if not night.get("success") or info is None:
+            skipped.append(f"{name} (did not finish)")
+        elif info.get("job", "run") not in ("run", "score"):
+            skipped.append(f"{name} (a stylid {info.get('job')} output)")
+        elif info.get("metrics_version", 1) != metrics_version:
+            skipped.append(f"{name} (metrics version {info.get('metrics_version', 1)})")
+        elif (info.get("gate") or {}).get("passed", True) is not True:
+            skipped.append(f"{name} (gate failed)")
+        else:
+            return name, skipped
+    return None, skipped
+
+
+@dataclass
+class BaselineChoice:
+    """Which baseline ``--baseline`` resolved to: the output itself, or the night chosen under a prefix."""
+
+    requested: str
+    uri: str | None  # None: a prefix without a night that qualifies
+    prefix: str | None = None  # set when ``requested`` was a folder of nights
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.prefix is None:
+            return str(self.uri)
+        skipped = f"; passed over: {', '.join(self.skipped)}" if self.skipped else ""
+        if self.uri is None:
+            return f"none: no finished night whose gate passed under {self.prefix}{skipped}"
+        return (f"{self.uri} (the newest finished night before this one whose gate passed, under {self.prefix}"
+                f"{skipped})")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "uri": self.uri, "prefix": self.prefix, "skipped": self.skipped}
+
+
+def _list_nights(prefix: str, storage_options: dict) -> list[dict[str, Any]] | None:
+    """The folders under ``prefix`` as nights (``name``, ``success``, ``info``); ``None`` when it is no folder."""
+    fs, path = filesystem(prefix, storage_options)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True) if fs.isdir(path) else None
+    except FileNotFoundError:
+        entries = None
+    if entries is None:
+        return None
+    nights = []
+    for entry in entries:
+        if entry.get("type") != "directory":
+            continue
+        name = posixpath.basename(str(entry["name"]).rstrip("/"))
+        uri = join(prefix, name)
+        success = exists(join(uri, "_SUCCESS"), storage_options)
+        try:
+            info = json.loads(read_bytes(join(uri, "run.json"), storage_options)) if success else None
+        except Exception:
+            info = None
+        nights.append({"name": name, "success": success, "info": info})
+    return nights
+
+
+def resolve_baseline(uri: str, output_uri: str, storage_options: dict) -> BaselineChoice:
+    """``--baseline``: an output (it has a ``run.json``) is the baseline itself; a folder of nights (no
+    ``run.json`` of its own) gives the night ``choose_baseline`` picks before ``output_uri``'s night."""
+    if exists(join(uri, "run.json"), storage_options):
+        return BaselineChoice(requested=uri, uri=uri)
+    nights = _list_nights(uri, storage_options)
+    if nights is None:
+        raise GateInputError(f"baseline {uri}: neither a stylid output (no run.json) nor a folder of nightly outputs")
+    name, skipped = choose_baseline(nights, night_name(output_uri), METRICS_VERSION)
+    return BaselineChoice(requested=uri, uri=None if name is None else join(uri, name), prefix=uri, skipped=skipped)
+
+
 def _config_record(config: ScoreJobConfig) -> dict[str, Any]:
     record = config.to_dict()
     record["io"].pop("storage_options", None)  # may hold credentials
@@ -85,21 +179,21 @@ def run_score_job(
     history_prefix: str | None = None,
     overwrite: bool = False,
     report: bool = True,
+    reference_uri: str | None = None,
 ) -> dict[str, Any]:
     """The whole job on an initialised Ray, with ``stylid run``'s guarantees (refuse an output of another config
     unless ``overwrite``; score only the rows not yet in ``metrics/``; ``run.json`` and ``_SUCCESS`` last), then the
-    gate against ``baseline_uri`` (``gate.json``) and ``report.html`` (with trend plots over ``history_prefix``).
-    Returns the content of ``run.json``; with a baseline, ``info["gate"]`` holds the verdict and
-    ``info["gate_result"]`` every figure."""
+    gate (``gate.json``) against ``baseline_uri`` (an output, or a folder of nights: ``resolve_baseline``) and the
+    pinned ``reference_uri``, and ``report.html`` (with trend plots over ``history_prefix``).
+    Returns the content of ``run.json``; with a baseline or reference, ``info["gate"]`` holds the verdict and which
+    baseline was used, and ``info["gate_result"]`` every figure (``None`` when a prefix held no baseline)."""
     from pipelines.score import run_score
 
     opts = config.io.storage_options
     started = dt.datetime.now(dt.timezone.utc).isoformat()
     record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
-    baseline_info = None
-    if baseline_uri:
-        baseline_info = read_baseline(baseline_uri, opts)
-        check_comparable(record, baseline_info, baseline_uri)
+    choice = resolve_baseline(baseline_uri, output_uri, opts) if baseline_uri else None
+    targets = gate_targets(record, choice, reference_uri, opts)
     check_output_config(output_uri, config, overwrite)
     for name in ("_SUCCESS", "gate.json"):
         delete(join(output_uri, name), opts)
@@ -118,20 +212,72 @@ def run_score_job(
         "summary": summarize_output(output_uri, opts),
     }
     gate = None
-    if baseline_info is not None:
-        gate = gate_against(metrics, faces, baseline_uri, baseline_info, gate_config, opts)
-        changed = versions_changed(baseline_info.get("versions") or {}, info["versions"])
-        gate = {"baseline": baseline_uri, "candidate": output_uri, **gate, "versions_changed": changed}
+    if targets:
+        results = {}
+        for role, (uri, target_info) in targets.items():
+            result_of = gate_against(metrics, faces, uri, target_info, gate_config, opts)
+            changed = versions_changed(target_info.get("versions") or {}, info["versions"])
+            results[role] = {**result_of, "versions_changed": changed}
+        gate = combine_gates(results.get("baseline"), results.get("reference"), reference_uri)
+        gate = {"baseline": targets["baseline"][0] if "baseline" in targets else None, "reference": reference_uri,
+                "candidate": output_uri, **gate}  # fmt: skip
         write_bytes(join(output_uri, "gate.json"), json.dumps(gate, indent=2, default=str).encode(), opts)
-        info["gate"] = {"baseline": baseline_uri, "passed": gate["passed"], "failures": gate["failures"]}
+    if choice is not None or reference_uri:
+        info["gate"] = {
+            "baseline": gate["baseline"] if gate else None,
+            "reference": reference_uri,
+            "baseline_used": choice.describe() if choice else None,
+            "baseline_choice": choice.to_dict() if choice else None,
+            "passed": gate["passed"] if gate else True,  # no baseline under the prefix: nothing failed (exit 3)
+            "gated": gate["gated"] if gate else False,
+            "failures": gate["failures"] if gate else [],
+        }
     write_run_json(output_uri, info, opts)
     if report and len(metrics):
         info["report"] = write_report(output_uri, opts, extra_html=_nightly_html(info, gate, history_prefix,
                                                                                 gate_config, opts))  # fmt: skip
     write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
-    if gate is not None:
+    if "gate" in info:
         info["gate_result"] = gate
     return info
+
+
+def gate_targets(
+    record: dict[str, Any], choice: BaselineChoice | None, reference_uri: str | None, storage_options: dict
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{"baseline": (uri, run.json), "reference": (uri, run.json)}`` of what this night is gated against, each
+    checked to be a finished output comparable with this run (``GateInputError`` otherwise). The reference is left
+    out when it is the baseline itself."""
+    targets = {}
+    if choice is not None and choice.uri is not None:
+        targets["baseline"] = (choice.uri, read_baseline(choice.uri, storage_options))
+    if reference_uri and (choice is None or choice.uri is None or choice.uri.rstrip("/") != reference_uri.rstrip("/")):
+        targets["reference"] = (reference_uri, read_baseline(reference_uri, storage_options))
+    for uri, target_info in targets.values():
+        check_comparable(record, target_info, uri)
+    return targets
+
+
+def combine_gates(night: dict[str, Any] | None, reference: dict[str, Any] | None, reference_uri: str | None) -> dict:
+    """One verdict of the night-over-night gate and the drift gate against the pinned reference: the night's result
+    (or the reference's, when there is no night), failing when either fails, with the reference's failures named
+    as such and its whole result under ``reference_gate``."""
+    if night is None:
+        assert reference is not None
+        return {**reference, "gated_against": "reference", "reference_gate": None}
+    if reference is None:
+        return {**night, "gated_against": "baseline", "reference_gate": None}
+    return {
+        **night,
+        "gated_against": "baseline and reference",
+        "passed": night["passed"] and reference["passed"],
+        "gated": night["gated"] or reference["gated"],
+        "failures": [
+            *night["failures"],
+            *(f"against the reference {reference_uri}: {f}" for f in reference["failures"]),
+        ],
+        "reference_gate": reference,
+    }
 
 
 def gate_against(
@@ -169,7 +315,7 @@ def _nightly_html(
 
     parts = []
     if gate is not None:
-        parts.append(gate_section_html(gate, gate["baseline"]))
+        parts.append(gate_section_html(gate, gate["baseline"] or gate["reference"]))
     if history_prefix:
         nights = read_history(history_prefix, info, info["output"], gate_config.history_runs, storage_options)
         parts.append(history_section_html(nights))
@@ -178,30 +324,44 @@ def _nightly_html(
 
 def main(args: argparse.Namespace) -> int:
     config, gate_config = load_score_config(args.config, args.set)
-    if args.baseline:  # bad baselines are refused before Ray starts
-        check_comparable({"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)},
-                         read_baseline(args.baseline, config.io.storage_options), args.baseline)  # fmt: skip
+    opts = config.io.storage_options
+    if args.baseline or args.reference:  # bad baselines are refused before Ray starts
+        record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
+        choice = resolve_baseline(args.baseline, args.output, opts) if args.baseline else None
+        gate_targets(record, choice, args.reference, opts)
+        if choice is not None:
+            print(f"baseline: {choice.describe()}")
     from pipelines.score import iter_score_manifest
 
     # the manifest's schema read before Ray starts: a missing manifest, column or a nested column fails in one line
     iter_score_manifest(args.manifest, config.style_uri, config.io.storage_options)
     init_ray(args.address, args.num_cpus)
     info = run_score_job(config, gate_config, args.manifest, args.output, args.baseline, args.history,
-                         overwrite=args.overwrite, report=not args.no_report)  # fmt: skip
+                         overwrite=args.overwrite, report=not args.no_report,
+                         reference_uri=args.reference)  # fmt: skip
     r = info["this_run"]
     print()
     print(f"stylid score: {r['total_rows']} rows in the manifest, {r['already_done']} already done, "
           f"{r['processed']} scored in {r['seconds']:.1f} s ({r['images_per_second']:.2f} images/s)")  # fmt: skip
     print(format_summary(info["summary"]))
     print(f"output: {args.output}" + (f"  report: {info['report']}" if "report" in info else ""))
-    gate = info.get("gate_result")
-    if gate is None:
+    if "gate" not in info:
         return 0
+    gate = info["gate_result"]
     print()
-    print(f"baseline: {args.baseline}")
+    print(f"baseline: {info['gate']['baseline_used'] or '-'}")
+    if args.reference:
+        print(f"reference: {args.reference}")
+    if gate is None:
+        print("gate: NOT GATED (no baseline)")
+        return EXIT_NOT_GATED
     if gate["versions_changed"]:
         print("versions changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in gate["versions_changed"].items()))
     print(format_gate(gate))
+    if gate["reference_gate"] is not None:
+        print()
+        print(f"against the reference {args.reference}:")
+        print(format_gate(gate["reference_gate"]))
     print(f"gate.json: {join(args.output, 'gate.json')}")
     if not gate["passed"]:
         return 1

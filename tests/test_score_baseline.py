@@ -1,0 +1,155 @@
+"""``stylid score --baseline PREFIX/`` and ``--reference``: which night is the baseline (a pure rule, then local
+folders), and a week of nights through the CLI in process, with the scoring itself replaced by hand-built shards
+(no Ray, no models: what is under test is the choice of baseline, the drift gate and the exit codes)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import jobs.score
+from jobs.cli import main as cli
+from jobs.score import choose_baseline, resolve_baseline
+from pipelines.stylize import RunResult
+from stylid_core import ledger
+from stylid_core.gate import GateInputError
+from stylid_core.metrics import METRICS_VERSION
+
+
+def _n(name: str, passed: bool | None = True, success: bool = True, version: int = METRICS_VERSION) -> dict:
+    info = {"job": "score", "metrics_version": version}
+    if passed is not None:
+        info["gate"] = {"passed": passed}
+    return {"name": name, "success": success, "info": info if success else None}
+
+
+def test_the_baseline_is_the_newest_finished_passing_night_before_this_one():
+    nights = [_n("2026-12-01", None), _n("2026-12-02"), _n("2026-12-04", success=False), _n("2026-12-05", False),
+              _n("2026-12-06", True, version=METRICS_VERSION - 1), _n("2026-12-08"), _n("2026-12-07")]  # fmt: skip
+    name, skipped = choose_baseline(nights, "2026-12-07", METRICS_VERSION)
+    assert name == "2026-12-02"  # 12-03 missed, 12-04 crashed, 12-05 failed, 12-06 another metrics version
+    assert skipped == ["2026-12-06 (metrics version 1)", "2026-12-05 (gate failed)", "2026-12-04 (did not finish)"]
+    # a rescore of an old night is gated against the night before it, not the newest
+    assert choose_baseline(nights, "2026-12-02", METRICS_VERSION) == ("2026-12-01", [])
+    assert choose_baseline(nights, "2026-12-01", METRICS_VERSION) == (None, [])  # the first night has none
+    assert choose_baseline(nights, "2026-12-09", METRICS_VERSION)[0] == "2026-12-08"
+
+
+def _folder(root, name: str, info: dict | None, success: bool = True) -> str:
+    os.makedirs(root / name, exist_ok=True)
+    if info is not None:
+        (root / name / "run.json").write_text(json.dumps(info))
+    if success:
+        (root / name / "_SUCCESS").write_text("")
+    return str(root / name)
+
+
+def test_resolve_baseline_takes_an_output_itself_or_picks_a_night_under_a_prefix(tmp_path):
+    ok = {"job": "score", "metrics_version": METRICS_VERSION, "gate": {"passed": True}}
+    _folder(tmp_path, "n01", {"job": "score", "metrics_version": METRICS_VERSION})
+    _folder(tmp_path, "n02", ok)
+    _folder(tmp_path, "n03", {**ok, "gate": {"passed": False}})
+    _folder(tmp_path, "n04", ok, success=False)
+    (tmp_path / "notes.txt").write_text("not a night")
+    choice = resolve_baseline(str(tmp_path) + "/", str(tmp_path / "n05"), {})
+    assert choice.uri == os.path.join(str(tmp_path) + "/", "n02") and choice.prefix == str(tmp_path) + "/"
+    assert choice.skipped == ["n04 (did not finish)", "n03 (gate failed)"]
+    assert "n02" in choice.describe() and "n03 (gate failed)" in choice.describe()
+    itself = resolve_baseline(str(tmp_path / "n03"), str(tmp_path / "n05"), {})
+    assert itself.uri == str(tmp_path / "n03") and itself.prefix is None  # an output named by hand: as given
+    first = resolve_baseline(str(tmp_path), str(tmp_path / "n00"), {})
+    assert first.uri is None and "none" in first.describe()
+    with pytest.raises(GateInputError, match="neither a stylid output"):
+        resolve_baseline(str(tmp_path / "nowhere"), str(tmp_path / "n05"), {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a week of nights through the CLI
+
+N_IMAGES, FACES_PER_IMAGE = 15, 2  # 30 faces of 40 px: the 32-48 bucket is gated with the default min_faces 20
+FIXED = np.random.default_rng(0).normal(0, 0.02, N_IMAGES * FACES_PER_IMAGE)  # each face's own level, every night
+
+
+def _shards(id_sim_offset: float, night_seed: int) -> tuple[pa.Table, pa.Table]:
+    rng = np.random.default_rng(night_seed)
+    metrics, faces = [], []
+    for i in range(N_IMAGES):
+        image_id = f"img{i:03d}"
+        metrics.append({"image_id": image_id, "status": "ok", "error": None, "style_distance": 1.5,
+                        "colour_distance": 3.0, "content_ssim": 0.7 + rng.normal(0, 0.002)})  # fmt: skip
+        for k in range(FACES_PER_IMAGE):
+            x0 = 10.0 + 100 * k
+            faces.append({"image_id": image_id, "face_index": k, "x0": x0, "y0": 10.0, "x1": x0 + 40, "y1": 50.0,
+                          "size_px": 40.0, "size_bucket": "32-48", "id_match": True, "redetected": True,
+                          "id_sim": 0.9 + FIXED[i * FACES_PER_IMAGE + k] + id_sim_offset + rng.normal(0, 0.002),
+                          "backend": "dlib"})  # fmt: skip
+    return pa.Table.from_pandas(pd.DataFrame(faces)), pa.Table.from_pandas(pd.DataFrame(metrics))
+
+
+@pytest.fixture
+def fake_scoring(monkeypatch):
+    """``run_score`` replaced: the manifest argument ``offset:<x>:<seed>`` gives the night's id_sim offset."""
+
+    def run_score(config, manifest_uri, output_uri):
+        _, offset, seed = manifest_uri.split(":")
+        faces, metrics = _shards(float(offset), int(seed))
+        ledger.write_shard_pair(output_uri, faces, metrics, config.io.storage_options)
+        return RunResult(total_rows=N_IMAGES, already_done=0, processed=N_IMAGES, seconds=1.0)
+
+    import pipelines.score
+
+    monkeypatch.setattr(pipelines.score, "run_score", run_score)
+    monkeypatch.setattr(pipelines.score, "iter_score_manifest", lambda *a, **k: iter(()))
+    monkeypatch.setattr(jobs.score, "init_ray", lambda *a, **k: None)
+
+
+def _night(prefix: str, name: str, offset: float, seed: int, *extra: str) -> tuple[int, str, dict]:
+    out = io.StringIO()
+    output = os.path.join(prefix, name)
+    with contextlib.redirect_stdout(out):
+        rc = cli(["score", "--manifest", f"offset:{offset}:{seed}", "--output", output, "--baseline", prefix + "/",
+                  "--no-report", *extra])  # fmt: skip
+    with open(os.path.join(output, "run.json")) as f:
+        return rc, out.getvalue(), json.load(f)
+
+
+def test_a_week_of_nights_stays_gated_through_missed_failed_and_regressed_nights(tmp_path, fake_scoring):
+    prefix = str(tmp_path / "scores")
+    os.makedirs(prefix)
+    rc, out, info = _night(prefix, "n01", 0.0, 1)
+    assert rc == 3 and "NOT GATED (no baseline)" in out  # the first night: nothing to gate against
+    assert info["gate"]["baseline"] is None and info["gate"]["passed"] and not info["gate"]["gated"]
+    rc, out, info = _night(prefix, "n02", 0.0, 2)
+    assert rc == 0 and info["gate"]["baseline"] == os.path.join(prefix + "/", "n01") and "gate: PASS" in out
+    # n03 is missed; n04 crashed after writing run.json (no _SUCCESS)
+    _folder(tmp_path / "scores", "n04", {"job": "score", "metrics_version": METRICS_VERSION}, success=False)
+    rc, out, info = _night(prefix, "n05", -0.1, 5)  # a regression
+    assert rc == 1 and info["gate"]["baseline"].endswith("n02") and "n04 (did not finish)" in out
+    rc, out, info = _night(prefix, "n06", -0.1, 6)  # still regressed: gated against n02, not the failed n05
+    assert rc == 1 and info["gate"]["baseline"].endswith("n02") and "n05 (gate failed)" in out
+    assert "n05 (gate failed)" in info["gate"]["baseline_used"]  # which baseline, and why, is in run.json
+    rc, out, info = _night(prefix, "n07", 0.0, 7)  # fixed
+    assert rc == 0 and info["gate"]["baseline"].endswith("n02")
+    # a slow drift: each night 0.015 under the last (under abs_drop 0.02), gated also against the pinned n02
+    reference = os.path.join(prefix, "n02")
+    rc, out, info = _night(prefix, "n08", -0.015, 8, "--reference", reference)
+    assert rc == 0 and info["gate"]["baseline"].endswith("n07") and info["gate"]["reference"] == reference
+    rc, out, info = _night(prefix, "n09", -0.03, 9, "--reference", reference)
+    assert rc == 1 and info["gate"]["baseline"].endswith("n08")
+    with open(os.path.join(prefix, "n09", "gate.json")) as f:
+        gate = json.load(f)
+    night = {(c["bucket"], c["figure"]): c for c in gate["checks"]}
+    drift = {(c["bucket"], c["figure"]): c for c in gate["reference_gate"]["checks"]}
+    assert night[("32-48", "id_sim")]["status"] == "pass"  # night over night the drop is small
+    assert drift[("32-48", "id_sim")]["status"] == "fail"  # in total it crossed the threshold
+    assert any(f.startswith(f"against the reference {reference}: bucket 32-48: id_sim") for f in gate["failures"])
+    assert "against the reference" in out
+    # rescoring the old night n02 now gates it against n01, not the newest night
+    assert resolve_baseline(prefix + "/", os.path.join(prefix, "n02"), {}).uri.endswith("n01")
