@@ -38,7 +38,9 @@ def read_history(
 ) -> list[dict[str, Any]]:
     """The last ``limit`` nights under ``prefix`` (finished outputs: ``_SUCCESS`` and ``run.json``), oldest first,
     ending with the current run (``current``: its ``run.json`` content, at ``current_uri``, which may lie under
-    ``prefix`` or not). Nights are ordered by the time their run finished."""
+    ``prefix`` or not). Nights are ordered by their name (the folder's, e.g. the date), not by when they finished,
+    so a rescore of an old night keeps its place; nights whose names sort after the current one are left out (the
+    trend of a night ends with it)."""
     fs, path = filesystem(prefix, storage_options)
     current_name = posixpath.basename(current_uri.rstrip("/"))
     nights = []
@@ -50,7 +52,7 @@ def read_history(
         if entry.get("type") != "directory":
             continue
         name = posixpath.basename(str(entry["name"]).rstrip("/"))
-        if name == current_name:
+        if name >= current_name:
             continue
         uri = join(prefix, name)
         try:
@@ -60,7 +62,7 @@ def read_history(
         except Exception:
             continue  # not a finished stylid output
         nights.append(_night(info, name))
-    nights.sort(key=lambda n: (n["finished"], n["run"]))
+    nights.sort(key=lambda n: n["run"])
     return [*nights[-(limit - 1) :], _night(current, current_name)] if limit > 1 else [_night(current, current_name)]
 
 

@@ -46,3 +46,15 @@ def test_history_of_an_empty_prefix_is_this_run_alone(tmp_path):
     nights = read_history(str(tmp_path / "nothing-here"), current, "s3://b/scores/today/", limit=5)
     assert [n["run"] for n in nights] == ["today"]
     assert "Nightly trend" in history_section_html(nights)
+
+
+def test_history_orders_nights_by_name_so_a_rescored_old_night_keeps_its_place(tmp_path):
+    _night(tmp_path, "2026-12-01", "2026-12-01T02:00:00", 0.90, None)
+    _night(tmp_path, "2026-12-02", "2026-12-09T15:00:00", 0.91, True)  # rescored a week later
+    _night(tmp_path, "2026-12-03", "2026-12-03T02:00:00", 0.92, True)
+    current = _night(tmp_path, "2026-12-04", "2026-12-04T02:00:00", 0.93, True)
+    nights = read_history(str(tmp_path), current, str(tmp_path / "2026-12-04"), limit=14)
+    assert [n["run"] for n in nights] == ["2026-12-01", "2026-12-02", "2026-12-03", "2026-12-04"]
+    # the old night's own report, rescored: its trend ends with it, in its place
+    old = read_history(str(tmp_path), current, str(tmp_path / "2026-12-02"), limit=14)
+    assert [n["run"] for n in old] == ["2026-12-01", "2026-12-02"]
