@@ -132,6 +132,10 @@ def gate_section_html(gate: dict[str, Any], baseline_uri: str) -> str:
          "abs_threshold", "rel_threshold", "status"]
     ]  # fmt: skip
     verdict = "PASS" if gate["passed"] else "FAIL"
+    if gate["passed"] and not gate.get("gated", True):
+        verdict = "NOT GATED (too few paired faces)"
+    unpaired = gate.get("unpaired_faces")
+    folded = gate.get("not_gated_alone") or {}
     parts = [
         f"<h2>Regression gate: {verdict}</h2>",
         f"<p>Baseline <code>{html.escape(baseline_uri)}</code>; {gate['shared_ids']} shared ids,"
@@ -139,7 +143,25 @@ def gate_section_html(gate: dict[str, Any], baseline_uri: str) -> str:
         checks.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"),
         "<ul>",
         *[f"<li>{html.escape(c['check'])}: {c['count']} (max {c['max']})</li>" for c in gate["counts"]],
+        *(
+            [
+                f"<li>unpaired faces: {unpaired['count']} of {unpaired['faces']} ({unpaired['lost']} lost,"
+                f" {unpaired['new']} new)</li>"
+            ]
+            if unpaired
+            else []
+        ),  # fmt: skip
+        *[
+            f"<li>not gated alone (too few faces): {html.escape(b)}, gated in {html.escape(into)}</li>"
+            for b, into in folded.items()
+        ],  # fmt: skip
         *[f"<li><b>FAIL</b> {html.escape(f)}</li>" for f in gate["failures"]],
         "</ul>",
     ]
+    reference = gate.get("reference_gate")
+    if reference:
+        parts.append(f"<h3>Against the pinned reference <code>{html.escape(str(gate.get('reference')))}</code>:"
+                     f" {'PASS' if reference['passed'] else 'FAIL'}</h3>")  # fmt: skip
+        ref_checks = pd.DataFrame(reference["checks"])[list(checks.columns)]
+        parts.append(ref_checks.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     return "\n".join(parts)

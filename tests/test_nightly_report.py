@@ -58,3 +58,22 @@ def test_history_orders_nights_by_name_so_a_rescored_old_night_keeps_its_place(t
     # the old night's own report, rescored: its trend ends with it, in its place
     old = read_history(str(tmp_path), current, str(tmp_path / "2026-12-02"), limit=14)
     assert [n["run"] for n in old] == ["2026-12-01", "2026-12-02"]
+
+
+def test_the_gate_section_shows_unpaired_faces_folded_buckets_and_the_reference():
+    import pandas as pd
+
+    from stylid_core.gate import GateConfig, compare_runs
+    from stylid_core.nightly_report import gate_section_html
+
+    metrics = pd.DataFrame([{"image_id": f"i{k}", "status": "ok", "error": None, "content_ssim": 0.7 + k / 100}
+                            for k in range(12)])  # fmt: skip
+    faces = pd.DataFrame([{"image_id": f"i{k}", "face_index": 0, "x0": 0.0, "y0": 0.0, "x1": 40.0, "y1": 40.0,
+                           "size_bucket": "32-48", "id_sim": 0.9 + k / 1000} for k in range(12)])  # fmt: skip
+    worse = faces.assign(id_sim=faces["id_sim"] - 0.1)
+    night = compare_runs(metrics, faces, metrics, faces, GateConfig())
+    drift = compare_runs(metrics, worse, metrics, faces, GateConfig())
+    page = gate_section_html({**night, "reference": "s3://b/ref/", "reference_gate": drift}, "s3://b/n1/")
+    assert "Regression gate: PASS" in page and "unpaired faces: 0 of 12" in page
+    assert "not gated alone (too few faces): 32-48, gated in all" in page
+    assert "Against the pinned reference <code>s3://b/ref/</code>: FAIL" in page
