@@ -11,16 +11,18 @@ Figures, per size bucket and over all faces (``all``):
   cannot pair them); a face's bucket is its bucket in the baseline. Faces left without a partner are lost (baseline)
   or new (candidate), counted per bucket; their share of all faces fails the gate beyond ``max_unpaired_share``.
 - ``style_distance`` (learned, lower is better), ``colour_distance`` (Lab, lower is better) and ``content_ssim``
-  are per image; an image counts in every bucket it
-  has a paired face in.
+  are per image; an image counts in every bucket it has a paired face in.
 
 Noise is handled by pairing: each figure's difference (candidate - baseline) is averaged over the pairs, with a
-Student-t confidence interval of that mean (``confidence``, default 95%) from the paired differences. A figure
-fails only when the bucket has at least ``min_faces`` paired faces, its drop (the worsening, in the figure's own
-units) is beyond ``abs_drop`` or its drop relative to the baseline mean is beyond ``rel_drop``, *and* the interval
-excludes zero on the worse side (the drop is not noise). Besides the figures: ids only in the baseline, ids only
-in the candidate, and rows whose status got worse (``ok`` in the baseline, anything else now), each checked
-against its own maximum. Every id of either side is reported: none is dropped silently.
+Student-t confidence interval of that mean (``confidence``, default 95%) from the paired differences (for the
+yes/no figures ``id_match`` and ``redetected``: the Agresti-Min interval of matched proportions), clipped to the
+range the difference can take. A figure fails only when the bucket has at least ``min_faces`` paired faces
+(``min_faces_all`` for ``all``; a smaller bucket is folded into the next larger one, see ``fold_small_buckets``),
+its drop (the worsening, in the figure's own units) is beyond ``abs_drop`` or its drop relative to the baseline
+mean is beyond ``rel_drop``, *and* the interval excludes zero on the worse side (the drop is not noise). Besides the
+figures: ids only in the baseline, ids only in the candidate, and rows whose status got worse (``ok`` in the
+baseline, anything else now), each checked against its own maximum. Every id of either side is reported: none is
+dropped silently.
 """
 
 from __future__ import annotations
@@ -56,7 +58,13 @@ FIGURE_RANGES: dict[str, tuple[float, float]] = {
     "colour_distance": (0.0, math.inf),
     "content_ssim": (-1.0, 1.0),
 }
-INTERVAL_METHOD = "Student-t interval of the mean paired difference (candidate - baseline)"
+#: yes/no figures: their interval is one for a difference of matched proportions, not a t interval (which is
+#: zero-wide when every pair changed the same way, e.g. two faces that both stopped matching: [-1, -1])
+BINARY_FIGURES = frozenset({"id_match", "redetected"})
+INTERVAL_METHOD = (
+    "Student-t interval of the mean paired difference (candidate - baseline); for id_match and redetected the"
+    " Agresti-Min interval of the difference of matched proportions"
+)
 
 
 class GateInputError(ValueError):
@@ -214,6 +222,26 @@ def paired_interval(
     return max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
+def paired_binary_interval(base: np.ndarray, cand: np.ndarray, confidence: float) -> tuple[float, float] | None:
+    """The ``confidence`` interval of the difference of two matched proportions (candidate - baseline) by Agresti
+    and Min (2005, Statistics in Medicine 24:729): the Wald interval after adding 1/2 to each cell of the 2x2
+    table of pairs, clipped to [-1, 1]; ``None`` for fewer than two pairs. Unlike a t interval of the 0/1
+    differences it never has zero width, and it covers near its nominal level even for a handful of pairs."""
+    from scipy import stats
+
+    b, c = np.asarray(base, bool), np.asarray(cand, bool)
+    n = len(b)
+    if n < 2:
+        return None
+    lost = float(np.sum(b & ~c)) + 0.5  # yes in the baseline, no now
+    gained = float(np.sum(~b & c)) + 0.5
+    total = n + 2.0
+    p_lost, p_gained = lost / total, gained / total
+    diff = p_gained - p_lost
+    half = float(stats.norm.ppf(0.5 + confidence / 2)) * math.sqrt(((p_lost + p_gained) - diff**2) / total)
+    return max(diff - half, -1.0), min(diff + half, 1.0)
+
+
 def _difference_bounds(figure: str) -> tuple[float, float]:
     low, high = FIGURE_RANGES[figure]
     return low - high, high - low
@@ -237,7 +265,10 @@ def _figure_check(
         return row
     diffs = c - b
     mean = float(np.mean(diffs))
-    ci = paired_interval(diffs, config.confidence, _difference_bounds(figure))
+    if figure in BINARY_FIGURES:
+        ci = paired_binary_interval(b, c, config.confidence)
+    else:
+        ci = paired_interval(diffs, config.confidence, _difference_bounds(figure))
     drop = (-mean if higher_better else mean) + 0.0  # never -0.0
     base_mean = float(np.mean(b))
     rel = drop / abs(base_mean) if base_mean != 0 else (math.inf if drop > 0 else 0.0)

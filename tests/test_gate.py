@@ -17,6 +17,7 @@ from stylid_core.gate import (
     compare_runs,
     fold_small_buckets,
     format_gate,
+    paired_binary_interval,
     paired_interval,
 )
 
@@ -348,14 +349,15 @@ def test_intervals_stay_inside_the_range_of_the_difference_and_one_pair_has_none
     assert (low, high) == (-1.0, 1.0)  # unclipped: [-12.7, 12.7]
     m, f = _sized([[40.0, 40.0], [40.0]])
     flipped = f.copy()
-    flipped["redetected"] = [False, True, False]  # differences -1, 0, -1: the t interval reaches -2.1
+    flipped["redetected"] = [False, True, False]
+    flipped["id_sim"] = [-0.6, 0.95, -0.5]  # differences about -1.5, 0.05, -1.4: the t interval reaches -3.1
     result = compare_runs(m, flipped, m, f, GateConfig(min_faces=2, min_faces_all=2))
     for c in result["checks"]:
         if c["ci_low"] is not None:
             lowest, highest = {"id_sim": (-2, 2), "id_match": (-1, 1), "redetected": (-1, 1),
                                "content_ssim": (-2, 2)}.get(c["figure"], (-math.inf, math.inf))  # fmt: skip
             assert lowest <= c["ci_low"] <= c["ci_high"] <= highest
-    assert _checks(result)[("all", "redetected")]["ci_low"] == -1.0
+    assert _checks(result)[("all", "id_sim")]["ci_low"] == -2.0
     one = compare_runs(m[m["image_id"] == "img000"], f, m, f, GateConfig(min_faces=2, min_faces_all=2))
     image_check = _checks(one)[("all", "content_ssim")]  # one image: one pair
     assert image_check["pairs"] == 1 and image_check["ci_low"] is None and image_check["status"] == "too_few_faces"
@@ -369,3 +371,22 @@ def test_a_night_too_small_to_gate_even_all_is_not_gated():
     assert compare_runs(m, f, m, f, GateConfig(min_faces_all=4))["gated"]
     with pytest.raises(ConfigError, match="min_faces_all"):
         GateConfig(min_faces_all=1)
+
+
+def test_binary_figures_use_an_interval_for_matched_proportions():
+    """Two faces that both stop matching: the t interval of the 0/1 differences is [-1, -1] (zero wide, a FAIL);
+    the Agresti-Min interval (1/2 added to each cell of the 2x2 table) is wide and reaches zero."""
+    low, high = paired_binary_interval(np.array([True, True]), np.array([False, False]), 0.95)
+    p_lost, p_gained = 2.5 / 4, 0.5 / 4
+    half = 1.959963984540054 * math.sqrt((p_lost + p_gained - (p_gained - p_lost) ** 2) / 4)
+    assert low == pytest.approx(max(-0.5 - half, -1.0)) and high == pytest.approx(-0.5 + half) and high > 0
+    assert paired_interval(np.array([-1.0, -1.0]), 0.95) == (-1.0, -1.0)  # what the t interval said
+    m, f = _sized([[40.0], [40.0]])
+    result = compare_runs(m, f.assign(id_match=False), m, f, GateConfig(min_faces=2, min_faces_all=2))
+    check = _checks(result)[("all", "id_match")]
+    assert check["breached"] and not check["significant"] and check["status"] == "noise"
+    # 30 of 30 faces that stop matching is decisive
+    m, f = _sized([[40.0]] * 30)
+    many = _checks(compare_runs(m, f.assign(id_match=False), m, f, GateConfig()))[("all", "id_match")]
+    assert many["status"] == "fail" and many["ci_high"] < -0.8
+    assert paired_binary_interval(np.array([True]), np.array([False]), 0.95) is None
