@@ -159,7 +159,9 @@ def resolve_baseline(uri: str, output_uri: str, storage_options: dict) -> Baseli
         return BaselineChoice(requested=uri, uri=uri)
     nights = _list_nights(uri, storage_options)
     if nights is None:
-        raise GateInputError(f"baseline {uri}: neither a stylid output (no run.json) nor a folder of nightly outputs")
+        raise GateInputError(
+            f"baseline {uri}: no readable run.json and no folder of nightly outputs; is it a stylid output?"
+        )
     name, skipped = choose_baseline(nights, night_name(output_uri), METRICS_VERSION)
     return BaselineChoice(requested=uri, uri=None if name is None else join(uri, name), prefix=uri, skipped=skipped)
 

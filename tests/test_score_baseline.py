@@ -66,7 +66,7 @@ def test_resolve_baseline_takes_an_output_itself_or_picks_a_night_under_a_prefix
     assert itself.uri == str(tmp_path / "n03") and itself.prefix is None  # an output named by hand: as given
     first = resolve_baseline(str(tmp_path), str(tmp_path / "n00"), {})
     assert first.uri is None and "none" in first.describe()
-    with pytest.raises(GateInputError, match="neither a stylid output"):
+    with pytest.raises(GateInputError, match="no readable run.json and no folder of nightly outputs"):
         resolve_baseline(str(tmp_path / "nowhere"), str(tmp_path / "n05"), {})
 
 
