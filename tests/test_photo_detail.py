@@ -51,6 +51,9 @@ def test_an_output_of_another_size_is_compared_at_its_own_box(photo):
     assert got.mid > 0.9 and got.mid > shifted.mid + 0.2
 
 
+@pytest.mark.skipif(
+    not (SHARED / "styles" / "starry_night.jpg").is_file(), reason=f"The Starry Night is not at {SHARED}/styles"
+)
 def test_the_halo_rule_fails_the_old_default_and_passes_todays():
     """``face_halo`` on the bundled group scene, neural engine, The Starry Night (../shared/styles): the default
     before issue "Faces that stay painted" (box restore, whose square feather spreads the tile's finer-painted
