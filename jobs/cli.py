@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -39,6 +40,26 @@ def check_path_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} is empty (an unset variable?): give a folder or URI")
 
 
+#: errors of the output's storage that no retry mends: they end the job with one line, not a traceback
+STORAGE_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_failure(exc: BaseException) -> OSError | None:
+    """The disk-full, quota, read-only or permission ``OSError`` behind ``exc`` (through ``raise ... from``, Ray's
+    task errors and exception groups), or None."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in STORAGE_FULL_OR_READ_ONLY:
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), *getattr(e, "exceptions", ())]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         secrets = secret_values() | secrets_in_overrides(getattr(args, "set", None) or [])
         print(scrub(f"stylid {args.command}: error: {exc}", secrets), file=sys.stderr)
+        return 2
+    except Exception as exc:
+        failure = storage_failure(exc)
+        if failure is None:
+            raise
+        where = getattr(args, "output", None) or "the output"
+        what = failure.strerror or type(failure).__name__
+        path = f" ({failure.filename})" if failure.filename else ""
+        secrets = secret_values() | secrets_in_overrides(getattr(args, "set", None) or [])
+        print(scrub(f"stylid {args.command}: error: output {where}: {what}{path}; the rows written so far are"
+                    " consistent, rerun when there is room to write", secrets), file=sys.stderr)  # fmt: skip
         return 2
 
 

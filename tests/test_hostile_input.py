@@ -718,3 +718,40 @@ def test_a_job_into_an_output_another_run_writes_stops_before_its_plan(tmp_path)
     with pytest.raises(LeaseHeld, match="being written by another run"):
         process_pending(manifest, str(out), {}, lambda rows, writers: built.append(rows))
     assert built == [] and sorted(os.listdir(out)) == [LEASE]
+
+
+def test_a_full_or_read_only_output_ends_in_one_line(monkeypatch, capsys, tmp_path):
+    """Item 17: disk full, a quota or a read-only output ends the job with one line naming the output and the cause
+    (it was a ~300-line Ray traceback), found behind ``raise ... from`` and Ray's task errors (``.cause``)."""
+    import errno as errno_module
+
+    from jobs import cli
+
+    class TaskError(Exception):  # the shape of ray.exceptions.RayTaskError: the worker's exception as .cause
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    full = OSError(errno_module.ENOSPC, "No space left on device", str(tmp_path / "metrics" / "part-1.parquet"))
+    assert cli.storage_failure(TaskError(full)) is full
+    assert cli.storage_failure(RuntimeError("x")) is None
+    assert cli.storage_failure(OSError(errno_module.ENOENT, "gone")) is None  # not a full or read-only output
+
+    real = cli.build_parser
+
+    def failing_with(exc):
+        class Parser:  # the real parser, the job replaced by one that fails with exc
+            def parse_args(self, argv):
+                args = real().parse_args(argv)
+                args.func = lambda a: (_ for _ in ()).throw(exc)
+                return args
+
+        return Parser
+
+    monkeypatch.setattr(cli, "build_parser", failing_with(TaskError(full)))
+    assert cli.main(["run", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stylid run: error: output {tmp_path}: No space left on device")
+    monkeypatch.setattr(cli, "build_parser", failing_with(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else is not hidden
+        cli.main(["run", "--output", str(tmp_path)])
