@@ -13,13 +13,18 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def resolve_config_path(name_or_path: str) -> str:
-    """A config file path; bare names (``default``, ``stylize_tiny``) are looked up in ``configs/``."""
+    """A config file path; names (``default``, ``stylize_tiny.yaml``, ``configs/default.yaml``) not found from the
+    current folder are looked up in the project's ``configs/`` (its file name), so the README's commands work from
+    any folder."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    name = os.path.basename(name_or_path)
+    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else f"{name}.yaml")
     if os.path.isfile(candidate):
         return candidate
-    raise ConfigError(f"config {name_or_path!r} not found (looked for it as a path and in {CONFIG_DIR})")
+    raise ConfigError(
+        f"config {name_or_path!r} not found: not a file from {os.getcwd()}, and {candidate} does not exist"
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -755,3 +755,18 @@ def test_a_full_or_read_only_output_ends_in_one_line(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(cli, "build_parser", failing_with(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # anything else is not hidden
         cli.main(["run", "--output", str(tmp_path)])
+
+
+def test_a_config_path_from_another_folder_is_found_in_the_projects_configs(tmp_path, monkeypatch):
+    """Issue 26 item 8: ``cd /tmp && stylid run --config configs/default.yaml`` looked for configs/configs/..."""
+    from jobs.config import CONFIG_DIR, resolve_config_path
+    from stylid_core.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/default.yaml", "default.yaml", "default"):
+        assert resolve_config_path(name) == os.path.join(CONFIG_DIR, "default.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "default.yaml").write_text("name: mine\n")
+    assert resolve_config_path("configs/default.yaml") == "configs/default.yaml"  # a file here wins
+    with pytest.raises(ConfigError, match=r"nope.yaml. not found: not a file from .*, and .*nope.yaml does not"):
+        resolve_config_path("configs/nope.yaml")
