@@ -111,10 +111,17 @@ def read_manifest_file(
     ``version`` (``file_version`` when the plan began): ``RuntimeError`` if the file is another version now. The
     plan marks done rows by their position, so a manifest rewritten between the plan and the read (the same rows
     in another order) would have done rows run again and pending ones skipped."""
-    if version is not None and file_version(filesystem, path) != version:
-        raise RuntimeError(f"manifest {path} changed while it was read: rewritten after the plan (mtime_ns, size:"
-                           f" {version}, now {file_version(filesystem, path)}); rerun to plan again")  # fmt: skip
-    with filesystem.open_input_file(path) as fh:
+
+    def opened():
+        if version is not None:
+            now = file_version(filesystem, path)
+            if now != version:
+                raise RuntimeError(f"manifest {path} changed while it was read: rewritten after the plan (mtime_ns,"
+                                   f" size: {version}, now {now}); rerun to plan again")  # fmt: skip
+        return filesystem.open_input_file(path)
+
+    # the version check and the open are metadata calls a flaky store may fail (503, throttling): retried
+    with with_retries(opened, f"read manifest {path}") as fh:
         parquet = pq.ParquetFile(fh)
         present = set(parquet.schema_arrow.names)
         names = [f.name for f in target if f.name in present]
