@@ -5,8 +5,11 @@
    process with its own local Ray (2 CPUs). First clean; then through the fault-injecting proxy
    (``tests/faultproxy.py``: 5% of S3 requests answered 503) alone; then with all the faults: the proxy, one stage
    actor SIGKILLed once the first rows are written, the driver SIGKILLed once 40% of the images are written, and the
-   job rerun through the proxy. Printed: rows in and out, ids once, face rows without orphans, the proxy's counts,
-   the extra wall time each fault costs against the clean run, and the peak RSS of each kind of worker process.
+   job rerun through the proxy. Then the outage and concurrency cases: every image read failing for a whole run,
+   every request failing for 10 s mid-run, and two runs started together into one output, each followed by a
+   rerun, counting rows lost and doubled. Printed: rows in and out, ids once, face rows without orphans, the
+   proxy's counts, the extra wall time each fault costs against the clean run, and the peak RSS of each kind of
+   worker process.
 2. Memory per image: one 16 MP photo (4896 x 3264 JPEG with a 400 px face) through the default stages (load,
    faces, stylize with mosaic, score, write) in a fresh process, once at full resolution (``io.max_work_pixels``
    as large as ``io.max_pixels``: before) and once at the default working resolution (after): peak RSS of that
@@ -14,6 +17,7 @@
 
     python benchmarks/bench_faults.py                    # both parts
     python benchmarks/bench_faults.py --part memory      # memory only
+    python benchmarks/bench_faults.py --part outage      # the outage and concurrency cases only
 """
 
 from __future__ import annotations
@@ -185,8 +189,15 @@ def count(client, prefix: str) -> int:
 def run_cli(manifest: str, output: str, endpoint: str, sampler: Sampler, on_progress=None) -> tuple[float, int]:
     """One ``stylid run`` process against ``endpoint``; ``on_progress(proc)`` is polled while it runs (it may kill
     things). Returns (seconds, exit status); what is left of its process tree afterwards is killed by PID."""
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL": endpoint,
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "HF_HUB_OFFLINE": "1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     cmd = [sys.executable, "-m", "jobs.cli", "run", "--manifest", manifest, "--output", output, "--num-cpus", "2",
            "--no-report", *CHEAP]  # fmt: skip
     t0 = time.perf_counter()
@@ -237,7 +248,79 @@ def check_output(client, output_key: str, rows: int) -> dict:
     }  # fmt: skip
 
 
-def faults_part(rows: int, fail_share: float) -> None:
+def lost_and_doubled(client, output_key: str, rows: int) -> dict:
+    """After the last run into an output: ids of the manifest with no row or whose only rows failed for a transient
+    cause (``lost``), and metrics rows beyond one per id (``doubled``)."""
+    r = check_output(client, output_key, rows)
+    metrics = _metrics_frame(client, output_key)
+    ids = set(metrics["image_id"]) if len(metrics) else set()
+    transient = {"read_error", "write_error", "timeout"}
+    failed = set(metrics.loc[metrics["status"].isin(transient), "image_id"]) if len(metrics) else set()
+    return {"lost": (rows - len(ids)) + len(failed), "doubled": len(metrics) - len(ids), "statuses": r["statuses"]}
+
+
+def _metrics_frame(client, output_key: str) -> pd.DataFrame:
+    keys, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        r = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{output_key}/metrics/", **kw)
+        keys += [o["Key"] for o in r.get("Contents", []) if o["Key"].endswith(".parquet")]
+        if not r.get("IsTruncated"):
+            break
+        token = r["NextContinuationToken"]
+    parts = [pd.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in keys]
+    return pd.concat(parts) if parts else pd.DataFrame()
+
+
+def outage_and_concurrency(client, manifest: str, endpoint: str, rows: int, sampler: Sampler) -> dict:
+    """Issue "Hostile and careless input", items 4 and 6, at the bench's size: a storage outage for a whole run
+    (every image read answered 503), one of 10 s in the middle of a run (every request), and two ``stylid run``
+    processes started together into one output; each followed by one plain rerun. Counted in the end: rows lost
+    and rows doubled (the target is 0 of each)."""
+    from tests.faultproxy import FaultProxy
+
+    out: dict = {}
+    with FaultProxy(endpoint, fail_share=1.0, paths=("/in/",), lifetime_s=1800) as proxy:
+        _, rc = run_cli(manifest, f"s3://{BUCKET}/outage", proxy.url, sampler)
+        first = check_output(client, "outage", rows)["statuses"]
+    _, rc2 = run_cli(manifest, f"s3://{BUCKET}/outage", endpoint, sampler)
+    out["outage, whole run"] = {"first": f"exit {rc}, {first}", "rerun_rc": rc2,
+                                **lost_and_doubled(client, "outage", rows)}  # fmt: skip
+
+    with FaultProxy(endpoint, lifetime_s=1800) as proxy:
+        state = {"down_at": None}
+
+        def outage(proc: psutil.Process) -> None:
+            now = time.perf_counter()
+            if state["down_at"] is None and count(client, "midrun/images/") >= 5:
+                proxy.fail_share, state["down_at"] = 1.0, now
+            elif state["down_at"] is not None and now - state["down_at"] >= 10:
+                proxy.fail_share = 0.0
+
+        _, rc = run_cli(manifest, f"s3://{BUCKET}/midrun", proxy.url, sampler, outage)
+        first = check_output(client, "midrun", rows)["statuses"]
+    _, rc2 = run_cli(manifest, f"s3://{BUCKET}/midrun", endpoint, sampler)
+    out["outage 10 s mid-run"] = {"first": f"exit {rc}, {first}", "rerun_rc": rc2,
+                                  **lost_and_doubled(client, "midrun", rows)}  # fmt: skip
+
+    codes: list = [None, None]
+
+    def one(k: int) -> None:
+        codes[k] = run_cli(manifest, f"s3://{BUCKET}/together", endpoint, sampler)[1]
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = check_output(client, "together", rows)["statuses"]
+    _, rc2 = run_cli(manifest, f"s3://{BUCKET}/together", endpoint, sampler)
+    out["two runs at once"] = {"first": f"exits {sorted(codes)}, {first}", "rerun_rc": rc2,
+                               **lost_and_doubled(client, "together", rows)}  # fmt: skip
+    return out
+
+
+def faults_part(rows: int, fail_share: float, only_outage: bool = False) -> None:
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -254,6 +337,15 @@ def faults_part(rows: int, fail_share: float) -> None:
     ok_images = (rows + 3) // 4
     sampler = Sampler()
     results = {}
+    if only_outage:
+        results = outage_and_concurrency(client, manifest, endpoint, rows, sampler)
+        sampler.stop()
+        server.stop()
+        print(f"outage and concurrency: {rows} rows (cheap config, 1 portrait in 4), S3 on moto, local Ray of 2 CPUs")
+        for name, r in results.items():
+            print(f"  {name}: first run(s) {r['first']}; after the rerun (exit {r['rerun_rc']}): lost {r['lost']},"
+                  f" doubled {r['doubled']} (target 0 and 0), statuses {r['statuses']}")  # fmt: skip
+        return
 
     clean_s, rc = run_cli(manifest, f"s3://{BUCKET}/clean", endpoint, sampler)
     results["clean"] = {"seconds": clean_s, "rc": rc, **check_output(client, "clean", rows)}
@@ -288,6 +380,7 @@ def faults_part(rows: int, fail_share: float) -> None:
             "images_when_actor_killed": state["actor_killed"], "images_when_driver_killed": state["driver_killed"],
             "rows_in_ledger_at_crash": in_ledger, **proxy.stats(), **check_output(client, "all", rows),
         }  # fmt: skip
+    results.update(outage_and_concurrency(client, manifest, endpoint, rows, sampler))
     sampler.stop()
     server.stop()
 
@@ -299,6 +392,10 @@ def faults_part(rows: int, fail_share: float) -> None:
               f"n_faces {r['face_rows_match_n_faces']}, statuses {r['statuses']}")  # fmt: skip
         if "requests" in r:
             print(f"{'':>16}proxy: {r['requests']} requests, {r['failed']} answered 503")
+    for name in ("outage, whole run", "outage 10 s mid-run", "two runs at once"):
+        r = results[name]
+        print(f"  {name}: first run(s) {r['first']}; after the rerun: lost {r['lost']}, doubled {r['doubled']}"
+              f" (target 0 and 0), statuses {r['statuses']}")  # fmt: skip
     a = results["all faults"]
     print(f"  all faults: actor killed at {a['images_when_actor_killed']} images written, driver killed at "
           f"{a['images_when_driver_killed']} ({a['rows_in_ledger_at_crash']} rows in the ledger); first run "
@@ -310,7 +407,7 @@ def faults_part(rows: int, fail_share: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("all", "faults", "memory"), default="all")
+    p.add_argument("--part", choices=("all", "faults", "outage", "memory"), default="all")
     p.add_argument("--rows", type=int, default=500)
     p.add_argument("--fail-share", type=float, default=0.05)
     p.add_argument("--one-image", help=argparse.SUPPRESS)
@@ -319,8 +416,8 @@ def main() -> None:
     if args.one_image:
         one_image(args.one_image, args.max_work_pixels)
         return
-    if args.part in ("all", "faults"):
-        faults_part(args.rows, args.fail_share)
+    if args.part in ("all", "faults", "outage"):
+        faults_part(args.rows, args.fail_share, only_outage=args.part == "outage")
     if args.part in ("all", "memory"):
         memory_part()
 

@@ -11,6 +11,9 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
+
+register_heif_opener()  # HEIC/HEIF, as phones save photos (AVIF and the rest are Pillow's own)
 
 #: default pixel limit against decompression bombs (about 8k x 8k)
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -31,8 +34,9 @@ def decode_image(
 ) -> np.ndarray:
     """Decode encoded bytes into an RGB uint8 array (H, W, 3).
 
-    EXIF orientation is applied; CMYK, 16-bit, greyscale, palette and alpha images are normalised to 8-bit RGB
-    (alpha is composited on white); of an animated image (GIF, WebP, APNG) the first frame is used. Images over
+    JPEG, PNG, WebP, GIF, TIFF, BMP, AVIF and HEIC/HEIF are read. EXIF orientation is applied; CMYK, 16-bit,
+    greyscale, palette and alpha images are normalised to 8-bit RGB (alpha is composited on white); of an animated
+    or multi-page image (GIF, WebP, APNG, TIFF) the first frame is used. Images over
     ``max_pixels`` are refused before their pixels are decoded. Error messages start with ``source`` (the URI the
     bytes came from) when given.
     """

@@ -91,6 +91,31 @@ def _exif(img: Image.Image, orientation: int) -> bytes:
     return _encode(stored, "JPEG", quality=92, exif=exif.tobytes())
 
 
+def multipage_tiff() -> bytes:
+    """Two pages: the portrait first, then flat grey (decoding must use the first page)."""
+    face = portrait()
+    grey = Image.new("RGB", face.size, (128, 128, 128))
+    return _encode(face, "TIFF", save_all=True, append_images=[grey])
+
+
+def rgb16_png(img: Image.Image) -> bytes:
+    """A 48-bit (16 bits per channel) RGB PNG, which Pillow reads but does not write."""
+    import cv2
+
+    bgr16 = np.asarray(img.convert("RGB"), dtype=np.uint16)[..., ::-1] * 257
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr16))
+    assert ok
+    return buf.tobytes()
+
+
+def heic(img: Image.Image) -> bytes:
+    """HEIC, as phones save photos (pillow-heif's encoder)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    return _encode(img, "HEIF", quality=90)
+
+
 def _cases() -> dict[str, tuple[bytes, str, tuple[int, int] | None, str]]:
     face = portrait()
     h, w = face.height, face.width
@@ -136,6 +161,20 @@ def _cases() -> dict[str, tuple[bytes, str, tuple[int, int] | None, str]]:
         "no_face.jpg": (_encode(Image.fromarray(background(320, 240)), "JPEG", quality=90), "no_face", (240, 320),
                         "a room, nobody in it"),
         "portrait-ñ-日本-😀.jpg": (jpeg, "ok", (h, w), "a unicode file name"),
+        # the formats and variants that many teams' datasets hold besides (docs/inputs.md)
+        "portrait.heic": (heic(face), "ok", (h, w), "HEIC, as phones save photos"),
+        "portrait.avif": (_encode(face, "AVIF", quality=90), "ok", (h, w), "AVIF"),
+        "progressive.jpg": (_encode(face, "JPEG", quality=90, progressive=True), "ok", (h, w), "progressive JPEG"),
+        "multipage.tiff": (multipage_tiff(), "ok", (h, w), "two-page TIFF: the first page (the face) is used"),
+        "rgb16.png": (rgb16_png(face), "ok", (h, w), "48-bit RGB PNG -> 8-bit RGB"),
+        "rgba.png": (_encode(face.convert("RGBA"), "PNG"), "ok", (h, w), "RGBA PNG, composited on white"),
+        "portrait.bmp": (_encode(face, "BMP"), "ok", (h, w), "BMP"),
+        "trailing_bytes.jpg": (jpeg + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(), "ok", (h, w),
+                               "a JPEG with 2,000 bytes of junk after its end marker"),
+        "drawing.svg.jpg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', "decode_error",
+                            None, "an SVG (vector; not decoded) under an image name"),
+        "document.pdf.jpg": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+                             "decode_error", None, "a PDF under an image name"),
     }  # fmt: skip
 
 

@@ -770,3 +770,47 @@ def test_a_config_path_from_another_folder_is_found_in_the_projects_configs(tmp_
     assert resolve_config_path("configs/default.yaml") == "configs/default.yaml"  # a file here wins
     with pytest.raises(ConfigError, match=r"nope.yaml. not found: not a file from .*, and .*nope.yaml does not"):
         resolve_config_path("configs/nope.yaml")
+
+
+def test_two_stylid_run_processes_started_together_write_each_row_once(tmp_path):
+    """Item 4 as a user meets it: two ``stylid run`` processes (each with its own local Ray) started at the same
+    moment into one output. One is refused in one line (exit 2) while the other holds the output's lease, or, if
+    the first was already done, the second finds every row done; either way every id is in the metrics once."""
+    import contextlib
+    import time
+
+    import psutil
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stylid_core.storage import read_parquet_dir
+    from tests.processes import note_tree
+    from tests.test_local_ray import small_photos, start_stylid, stylid_env
+
+    rows = small_photos(str(tmp_path / "in"), 4)
+    manifest, out = str(tmp_path / "m.parquet"), str(tmp_path / "out")
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    args = ["run", "--manifest", manifest, "--output", out, "--num-cpus", "1", "--no-report",
+            "--set", "score.redetect=false", "--set", "score.compare_without_mosaic=false"]  # fmt: skip
+    logs = [str(tmp_path / f"run{k}.log") for k in range(2)]
+    procs = [start_stylid(args, stylid_env(), log) for log in logs]
+    seen: dict = {}
+    deadline = time.monotonic() + 400
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            for p in procs:
+                note_tree(p.pid, seen)
+            time.sleep(0.2)
+        codes = [p.poll() for p in procs]
+    finally:
+        for child in seen.values():  # what is left of either run's local Ray, by PID
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    texts = [open(log, errors="replace").read() for log in logs]
+    assert sorted(codes) in ([0, 2], [0, 0]), (codes, [t[-2000:] for t in texts])
+    if 2 in codes:
+        refused = texts[codes.index(2)]
+        assert "is being written by another run" in refused
+        assert "Traceback" not in refused
+    metrics = read_parquet_dir(os.path.join(out, "metrics"))
+    assert sorted(metrics["image_id"]) == sorted(r["image_id"] for r in rows)  # once each, none lost
