@@ -36,7 +36,8 @@ T = TypeVar("T")
 
 
 class StorageError(OSError):
-    """A read that failed; ``status`` is the row status it maps to (missing, forbidden, read_error)."""
+    """A read that failed; ``status`` is the row status it maps to (missing, forbidden, read_error, unsupported:
+    a URI scheme no installed filesystem serves)."""
 
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -210,6 +211,10 @@ def _storage_error(uri: str, exc: BaseException, other: str, retry: RetryPolicy 
         return StorageError("forbidden", f"{uri}: access denied ({exc})")
     if isinstance(exc, IsADirectoryError):
         return StorageError("missing", f"{uri}: is a directory, not a file")
+    if isinstance(exc, ImportError) or (isinstance(exc, ValueError) and "Protocol not known" in str(exc)):
+        # gs://, az://, hdfs:// ... with no fsspec implementation installed here: permanent, never retried
+        scheme = uri.split("://", 1)[0] if "://" in uri else "?"
+        return StorageError("unsupported", f"{uri}: no storage for {scheme}:// here ({cause})")
     if is_transient(exc):
         cause += f" (still failing after {(retry or DEFAULT_RETRY).attempts} tries)"
     return StorageError(other, f"{uri}: {cause}")

@@ -814,3 +814,50 @@ def test_two_stylid_run_processes_started_together_write_each_row_once(tmp_path)
         assert "Traceback" not in refused
     metrics = read_parquet_dir(os.path.join(out, "metrics"))
     assert sorted(metrics["image_id"]) == sorted(r["image_id"] for r in rows)  # once each, none lost
+
+
+def test_manifest_kinds_many_teams_write_each_end_with_a_clear_status(tmp_path, monkeypatch):
+    """docs/inputs.md, the manifest side: string columns as large_string and dictionary-encoded, ids blank or
+    with a line break, URIs with spaces and percent signs, ``file://`` and relative paths, a scheme no filesystem
+    here serves (``unsupported``, never retried) and a refused ``ftp://`` (a retried ``read_error``). Each row
+    ends with its status, and every error names its URI."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipelines.stages import FusedCPUStage, prepare_manifest
+    from stylid_core.config import JobConfig
+    from stylid_core.ledger import RETRIED_STATUSES
+    from stylid_core.sample_data import background
+
+    for name in ("a b.png", "p%41.png", "plain.png"):
+        Image.fromarray(background(64, 48)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    cases = {  # id -> (uri, status)
+        "space": (str(tmp_path / "a b.png"), "no_face"),
+        "percent": (str(tmp_path / "p%41.png"), "no_face"),
+        "file-uri": (f"file://{tmp_path / 'plain.png'}", "no_face"),
+        "relative": ("plain.png", "no_face"),
+        "line\nbreak": (str(tmp_path / "plain.png"), "no_face"),
+        "gs": ("gs://bucket/x.png", "unsupported"),
+        "unknown-scheme": ("nosuch://bucket/x.png", "unsupported"),
+        "ftp": ("ftp://127.0.0.1:9/x.png", "read_error"),
+    }
+    ids = list(cases) + ["   "]
+    uris = [u for u, _ in cases.values()] + [str(tmp_path / "plain.png")]
+    table = pa.table({"image_id": pa.array(ids, pa.large_string()), "image_uri": pa.array(uris).dictionary_encode()})
+    rows = prepare_manifest(table, None)
+    assert rows.column("image_uri").to_pylist() == uris
+    derived = rows.column("image_id").to_pylist()[-1]
+    assert derived.strip() and derived != "   "  # a blank id gets one derived from its URI
+    config = JobConfig.from_dict({"score": {"redetect": False, "compare_without_mosaic": False},
+                                  "io": {"retries": 1}})  # fmt: skip
+    write = {"output_uri": str(tmp_path / "out"), "config_hash": config.config_hash(), "key_suffix": ""}
+    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+    out = stage(rows.to_pandas()).to_pandas().set_index("image_id")
+    assert len(out) == len(ids)
+    for image_id, (uri, status) in cases.items():
+        assert out.loc[image_id, "status"] == status, (image_id, out.loc[image_id, "error"])
+        if status != "no_face":
+            assert out.loc[image_id, "error"].startswith(uri)
+    assert out.loc[derived, "status"] == "no_face"
+    assert "unsupported" not in RETRIED_STATUSES and "read_error" in RETRIED_STATUSES
