@@ -23,7 +23,7 @@ from jobs.ray_cluster import init_ray
 from jobs.run import check_output_config, versions, write_run_json
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
-from stylid_core.gate import GateConfig, GateInputError, check_comparable, compare_runs, format_gate
+from stylid_core.gate import GateConfig, GateInputError, check_comparable, compare_runs, format_gate, median_night
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.report import format_summary, summarize_output, write_report
 from stylid_core.storage import delete, exists, filesystem, join, read_bytes, write_bytes
@@ -81,6 +81,28 @@ def night_name(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
 
 
+def _passed_over(night: dict[str, Any], metrics_version: int) -> str | None:
+    """Why a night cannot be a baseline (``None``: it can): it did not finish, is another job's output, was written
+    with another metrics version, or its gate failed."""
+    info = night.get("info")
+    if not night.get("success") or info is None:
+        return "did not finish"
+    if info.get("job", "run") not in ("run", "score"):
+        return f"a stylid {info.get('job')} output"
+    if info.get("metrics_version", 1) != metrics_version:
+        return f"metrics version {info.get('metrics_version', 1)}"
+    if (info.get("gate") or {}).get("passed", True) is not True:
+        return "gate failed"
+    return None
+
+
+def passing_nights(nights: list[dict[str, Any]], current: str, metrics_version: int) -> list[str]:
+    """The names of the nights before ``current`` that could be its baseline (``choose_baseline``'s rule), newest
+    first: the nights whose median is the drift base when no reference is pinned."""
+    earlier = sorted((n for n in nights if n["name"] < current), key=lambda n: n["name"], reverse=True)
+    return [n["name"] for n in earlier if _passed_over(n, metrics_version) is None]
+
+
 def choose_baseline(nights: list[dict[str, Any]], current: str, metrics_version: int) -> tuple[str | None, list[str]]:
     """The baseline night for night ``current``: the newest, by night name, of the nights before it (names that sort
     before ``current``) that finished (``success`` and a ``run.json``, as ``info``), were written with
@@ -90,19 +112,12 @@ def choose_baseline(nights: list[dict[str, Any]], current: str, metrics_version:
     Returns the chosen name (``None`` when no night qualifies) and why each newer night was passed over."""
     skipped = []
     for night in sorted(nights, key=lambda n: n["name"], reverse=True):
-        name, info = night["name"], night.get("info")
-        if name >= current:
+        if night["name"] >= current:
             continue
-        if not night.get("success") or info is None:
-            skipped.append(f"{name} (did not finish)")
-        elif info.get("job", "run") not in ("run", "score"):
-            skipped.append(f"{name} (a stylid {info.get('job')} output)")
-        elif info.get("metrics_version", 1) != metrics_version:
-            skipped.append(f"{name} (metrics version {info.get('metrics_version', 1)})")
-        elif (info.get("gate") or {}).get("passed", True) is not True:
-            skipped.append(f"{name} (gate failed)")
-        else:
-            return name, skipped
+        why = _passed_over(night, metrics_version)
+        if why is None:
+            return night["name"], skipped
+        skipped.append(f"{night['name']} ({why})")
     return None, skipped
 
 
@@ -114,6 +129,8 @@ class BaselineChoice:
     uri: str | None  # None: a prefix without a night that qualifies
     prefix: str | None = None  # set when ``requested`` was a folder of nights
     skipped: list[str] = field(default_factory=list)
+    passing: list[str] = field(default_factory=list)  # under a prefix: nights that could be baselines, newest first
+    infos: dict[str, dict] = field(default_factory=dict, repr=False)  # their run.json, by URI
 
     def describe(self) -> str:
         if self.prefix is None:
@@ -163,7 +180,55 @@ def resolve_baseline(uri: str, output_uri: str, storage_options: dict) -> Baseli
             f"baseline {uri}: no readable run.json and no folder of nightly outputs; is it a stylid output?"
         )
     name, skipped = choose_baseline(nights, night_name(output_uri), METRICS_VERSION)
-    return BaselineChoice(requested=uri, uri=None if name is None else join(uri, name), prefix=uri, skipped=skipped)
+    passing = [join(uri, n) for n in passing_nights(nights, night_name(output_uri), METRICS_VERSION)]
+    infos = {join(uri, n["name"]): n["info"] for n in nights}
+    return BaselineChoice(requested=uri, uri=None if name is None else join(uri, name), prefix=uri, skipped=skipped,
+                          passing=passing, infos=infos)  # fmt: skip
+
+
+@dataclass
+class DriftBase:
+    """What each figure is also gated against, for drift: the pinned ``--reference``, else (with ``--baseline
+    PREFIX/``) the median of the last ``gate.history_runs`` passing nights, the baseline first."""
+
+    kind: str  # "reference", "median" or "none"
+    nights: list[str] = field(default_factory=list)  # the reference, or the nights of the median
+    skipped: list[str] = field(default_factory=list)  # passing nights left out: scored another way
+
+    def describe(self) -> str:
+        if self.kind == "reference":
+            return f"the reference {self.nights[0]}"
+        left_out = f"; left out: {', '.join(self.skipped)}" if self.skipped else ""
+        if self.kind == "median":
+            names = ", ".join(map(night_name, self.nights))
+            return f"the median of the last {len(self.nights)} passing nights ({names}{left_out})"
+        return f"none (a drift base needs --reference, or --baseline PREFIX/ with two passing nights{left_out})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "nights": self.nights, "skipped": self.skipped, "described": self.describe()}
+
+
+def choose_drift_base(
+    record: dict[str, Any], choice: BaselineChoice | None, reference_uri: str | None, runs: int
+) -> DriftBase:
+    """The drift base of this night (``DriftBase``): a median needs two or more passing nights comparable with this
+    run (a night scored another way is left out, named in ``skipped``); with one there is nothing beyond the
+    night-over-night gate."""
+    if reference_uri:
+        return DriftBase("reference", [reference_uri])
+    if choice is None or choice.prefix is None or choice.uri is None:
+        return DriftBase("none")
+    nights, skipped = [], []
+    for uri in choice.passing:
+        if len(nights) == runs:
+            break
+        try:
+            check_comparable(record, choice.infos[uri], uri)
+        except GateInputError:
+            skipped.append(f"{night_name(uri)} (scored another way)")
+            continue
+        nights.append(uri)
+    return DriftBase("median", nights, skipped) if len(nights) >= 2 else DriftBase("none", [], skipped)
 
 
 def _config_record(config: ScoreJobConfig) -> dict[str, Any]:
@@ -196,6 +261,7 @@ def run_score_job(
     record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
     choice = resolve_baseline(baseline_uri, output_uri, opts) if baseline_uri else None
     targets = gate_targets(record, choice, reference_uri, opts)
+    drift = choose_drift_base(record, choice, reference_uri, gate_config.history_runs)
     check_output_config(output_uri, config, overwrite)
     for name in ("_SUCCESS", "gate.json"):
         delete(join(output_uri, name), opts)
@@ -220,9 +286,11 @@ def run_score_job(
             result_of = gate_against(metrics, faces, uri, target_info, gate_config, opts)
             changed = versions_changed(target_info.get("versions") or {}, info["versions"])
             results[role] = {**result_of, "versions_changed": changed}
-        gate = combine_gates(results.get("baseline"), results.get("reference"), reference_uri)
+        if drift.kind == "median":
+            results["reference"] = median_drift_gate(metrics, faces, drift.nights, gate_config, opts)
+        gate = combine_gates(results.get("baseline"), results.get("reference"), drift.describe())
         gate = {"baseline": targets["baseline"][0] if "baseline" in targets else None, "reference": reference_uri,
-                "candidate": output_uri, **gate}  # fmt: skip
+                "drift_base": drift.to_dict(), "candidate": output_uri, **gate}  # fmt: skip
         write_bytes(join(output_uri, "gate.json"), json.dumps(gate, indent=2, default=str).encode(), opts)
     if choice is not None or reference_uri:
         info["gate"] = {
@@ -230,6 +298,7 @@ def run_score_job(
             "reference": reference_uri,
             "baseline_used": choice.describe() if choice else None,
             "baseline_choice": choice.to_dict() if choice else None,
+            "drift_base": drift.to_dict(),
             "passed": gate["passed"] if gate else True,  # no baseline under the prefix: nothing failed (exit 3)
             "gated": gate["gated"] if gate else False,
             "failures": gate["failures"] if gate else [],
@@ -260,26 +329,35 @@ def gate_targets(
     return targets
 
 
-def combine_gates(night: dict[str, Any] | None, reference: dict[str, Any] | None, reference_uri: str | None) -> dict:
-    """One verdict of the night-over-night gate and the drift gate against the pinned reference: the night's result
-    (or the reference's, when there is no night), failing when either fails, with the reference's failures named
-    as such and its whole result under ``reference_gate``."""
+def combine_gates(night: dict[str, Any] | None, drift: dict[str, Any] | None, drift_described: str) -> dict:
+    """One verdict of the night-over-night gate and the drift gate (against ``drift_described``: the pinned
+    reference or the median of the last passing nights): the night's result (or the drift's, when there is no
+    night), failing when either fails, with the drift's failures named as such ("against the reference ...: ") and
+    its whole result under ``drift_gate``."""
     if night is None:
-        assert reference is not None
-        return {**reference, "gated_against": "reference", "reference_gate": None}
-    if reference is None:
-        return {**night, "gated_against": "baseline", "reference_gate": None}
+        assert drift is not None
+        return {**drift, "gated_against": drift_described, "drift_gate": None}
+    if drift is None:
+        return {**night, "gated_against": "baseline", "drift_gate": None}
     return {
         **night,
-        "gated_against": "baseline and reference",
-        "passed": night["passed"] and reference["passed"],
-        "gated": night["gated"] or reference["gated"],
-        "failures": [
-            *night["failures"],
-            *(f"against the reference {reference_uri}: {f}" for f in reference["failures"]),
-        ],
-        "reference_gate": reference,
+        "gated_against": f"baseline and {drift_described}",
+        "passed": night["passed"] and drift["passed"],
+        "gated": night["gated"] or drift["gated"],
+        "failures": [*night["failures"], *(f"against {drift_described}: {f}" for f in drift["failures"])],
+        "drift_gate": drift,
     }
+
+
+def median_drift_gate(
+    metrics: pd.DataFrame, faces: pd.DataFrame, nights: list[str], gate_config: GateConfig, storage_options: dict
+) -> dict[str, Any]:
+    """``compare_runs`` of this output against ``median_night`` of ``nights`` (newest first): the drift gate when no
+    reference is pinned."""
+    tables = [(ledger.read_frame(uri, ledger.METRICS, storage_options),
+               ledger.read_frame(uri, ledger.FACES, storage_options)) for uri in nights]  # fmt: skip
+    base_metrics, base_faces = median_night(tables, gate_config.pair_iou)
+    return compare_runs(metrics, faces, base_metrics, base_faces, gate_config)
 
 
 def gate_against(
@@ -333,6 +411,7 @@ def main(args: argparse.Namespace) -> int:
         gate_targets(record, choice, args.reference, opts)
         if choice is not None:
             print(f"baseline: {choice.describe()}")
+        print(f"drift base: {choose_drift_base(record, choice, args.reference, gate_config.history_runs).describe()}")
     from pipelines.score import iter_score_manifest
 
     # the manifest's schema read before Ray starts: a missing manifest, column or a nested column fails in one line
@@ -352,18 +431,17 @@ def main(args: argparse.Namespace) -> int:
     gate = info["gate_result"]
     print()
     print(f"baseline: {info['gate']['baseline_used'] or '-'}")
-    if args.reference:
-        print(f"reference: {args.reference}")
+    print(f"drift base: {info['gate']['drift_base']['described']}")
     if gate is None:
         print("gate: NOT GATED (no baseline)")
         return EXIT_NOT_GATED
     if gate["versions_changed"]:
         print("versions changed: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in gate["versions_changed"].items()))
     print(format_gate(gate))
-    if gate["reference_gate"] is not None:
+    if gate["drift_gate"] is not None:
         print()
-        print(f"against the reference {args.reference}:")
-        print(format_gate(gate["reference_gate"]))
+        print(f"against {info['gate']['drift_base']['described']}:")
+        print(format_gate(gate["drift_gate"]))
     print(f"gate.json: {join(args.output, 'gate.json')}")
     if not gate["passed"]:
         return 1

@@ -330,6 +330,58 @@ def pair_faces(
     return pairs, lost, new
 
 
+def median_night(
+    nights: list[tuple[pd.DataFrame, pd.DataFrame]], pair_iou: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The median of several nights, as one night's ``(metrics, faces)`` to gate against (the drift base when no
+    reference is pinned). ``nights``: ``(metrics, faces)`` each, the newest first; the newest is the anchor: its
+    ids, statuses, faces and boxes are the median night's. Each figure of an anchor row is the median of that row's
+    figure over the nights in which it was scored (status ``ok``; a face paired to the anchor's face by geometry,
+    as ``pair_faces`` pairs two nights); for the yes/no figures the majority, a tie going to the anchor's value."""
+    anchor_metrics, anchor_faces = nights[0]
+    metrics = anchor_metrics.drop_duplicates("image_id").reset_index(drop=True)
+    faces = anchor_faces.drop_duplicates(FACE_KEY).reset_index(drop=True)
+    ok_ids = set(metrics.loc[metrics["status"] == "ok", "image_id"])
+    faces = faces[faces["image_id"].isin(ok_ids)].reset_index(drop=True)
+    image_columns = [c for t, c, _, _ in FIGURES.values() if t == "metrics" and c in metrics]
+    face_columns = [c for t, c, _, _ in FIGURES.values() if t == "faces" and c in faces]
+    image_values = [metrics.loc[metrics["status"] == "ok", ["image_id", *image_columns]]]
+    face_values = [faces[FACE_KEY + face_columns]]
+    for night_metrics, night_faces in nights[1:]:
+        night_metrics = night_metrics.drop_duplicates("image_id")
+        ok = night_metrics[(night_metrics["status"] == "ok") & night_metrics["image_id"].isin(ok_ids)]
+        image_values.append(ok.reindex(columns=["image_id", *image_columns]))
+        pairs, _, _ = pair_faces(faces, night_faces[night_faces["image_id"].isin(set(ok["image_id"]))], pair_iou)
+        paired = pairs.rename(columns={"face_index_b": "face_index"})
+        face_values.append(paired.reindex(columns=["image_id", "face_index", *(f"{c}_c" for c in face_columns)])
+                           .set_axis(FACE_KEY + face_columns, axis=1))  # fmt: skip
+
+    def medians(parts: list[pd.DataFrame], key: list[str], columns: list[str]) -> pd.DataFrame:
+        long = pd.concat(parts, ignore_index=True)
+        out = {}
+        for c in columns:
+            values = long[[*key, c]].dropna(subset=[c])
+            if c in BINARY_FIGURES:
+                share = values.assign(v=values[c].astype(float)).groupby(key)["v"].mean()
+                out[c] = share.map(lambda s: None if s == 0.5 else bool(s > 0.5)).astype(object)
+            else:
+                out[c] = values.assign(v=values[c].astype(float)).groupby(key)["v"].median()
+        return pd.DataFrame(out)
+
+    def replace(frame: pd.DataFrame, key: list[str], values: pd.DataFrame) -> pd.DataFrame:
+        indexed = frame.set_index(key)
+        for c in values.columns:
+            new = values[c].reindex(indexed.index)
+            if c in BINARY_FIGURES:  # a tie keeps the anchor's value
+                new = new.where(new.notna(), indexed[c]).astype(object)
+            indexed[c] = new
+        return indexed.reset_index()
+
+    metrics = replace(metrics, ["image_id"], medians(image_values, ["image_id"], image_columns))
+    faces = replace(faces, FACE_KEY, medians(face_values, FACE_KEY, face_columns))
+    return metrics, faces
+
+
 def _in_bucket(frame: pd.DataFrame, column: str, bucket: str) -> int:
     if bucket == "all":
         return int(len(frame))

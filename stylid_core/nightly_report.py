@@ -158,7 +158,7 @@ def gate_section_html(gate: dict[str, Any], baseline_uri: str) -> str:
         *[f"<li><b>FAIL</b> {html.escape(f)}</li>" for f in gate["failures"]],
         "</ul>",
     ]
-    reference = gate.get("reference_gate")
+    reference = gate.get("drift_gate")
     if reference:
         parts.append(f"<h3>Against the pinned reference <code>{html.escape(str(gate.get('reference')))}</code>:"
                      f" {'PASS' if reference['passed'] else 'FAIL'}</h3>")  # fmt: skip

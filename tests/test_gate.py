@@ -390,3 +390,36 @@ def test_binary_figures_use_an_interval_for_matched_proportions():
     many = _checks(compare_runs(m, f.assign(id_match=False), m, f, GateConfig()))[("all", "id_match")]
     assert many["status"] == "fail" and many["ci_high"] < -0.8
     assert paired_binary_interval(np.array([True]), np.array([False]), 0.95) is None
+
+
+def test_the_median_night_takes_each_faces_median_over_the_nights_it_was_paired_in():
+    from stylid_core.gate import median_night
+
+    m, f = _tables(n_images=3, faces_per_image=2)
+    nights = []
+    for k, (sim, match) in enumerate([(0.90, True), (0.80, False), (0.70, False), (0.60, False)]):
+        night_faces = f.assign(id_sim=sim, id_match=match | ((k == 3) & (f["image_id"] == "img001")))
+        night_metrics = m.assign(content_ssim=0.5 + k / 10)
+        if k == 1:  # night 1: img000's face 0 lost, faces listed in another order, img002 failed
+            night_faces = night_faces[~((night_faces["image_id"] == "img000") & (night_faces["face_index"] == 0))]
+            night_faces = night_faces.iloc[::-1].assign(face_index=lambda d: d.groupby("image_id").cumcount())
+            night_metrics = night_metrics.assign(status=np.where(night_metrics["image_id"] == "img002", "no_face",
+                                                                 "ok"))  # fmt: skip
+        nights.append((night_metrics, night_faces))
+    metrics, faces = median_night(nights, pair_iou=0.5)
+    assert len(faces) == 6 and faces[["image_id", "face_index"]].equals(f[["image_id", "face_index"]])
+    sims = faces.set_index(["image_id", "face_index"])["id_sim"]
+    assert sims[("img001", 0)] == pytest.approx(0.75)  # median of 0.9, 0.8, 0.7, 0.6
+    assert sims[("img000", 0)] == pytest.approx(0.70)  # lost in night 1: median of 0.9, 0.7, 0.6
+    assert sims[("img002", 1)] == pytest.approx(0.70)  # its image failed in night 1: not counted there
+    matches = faces.set_index(["image_id", "face_index"])["id_match"]
+    assert matches[("img001", 0)] is True  # 2 of 4: a tie keeps the newest night's (the anchor's) value
+    assert matches[("img000", 0)] is False and matches[("img002", 0)] is False  # 1 of 3 matched
+    ssim = metrics.set_index("image_id")["content_ssim"]
+    assert ssim["img000"] == pytest.approx(0.65) and ssim["img002"] == pytest.approx(0.7)  # 0.5, 0.7, 0.8
+    assert metrics["status"].tolist() == ["ok"] * 3  # the anchor's statuses
+    # a candidate equal to the median passes with zero differences; one 0.1 under it fails
+    result = compare_runs(metrics, faces, metrics, faces, GateConfig(min_faces=5, min_faces_all=5))
+    assert result["passed"] and _checks(result)[("all", "id_sim")]["diff"] == 0
+    worse = faces.assign(id_sim=faces["id_sim"].astype(float) - 0.1 + np.linspace(0, 0.01, 6))
+    assert not compare_runs(metrics, worse, metrics, faces, GateConfig(min_faces=5, min_faces_all=5))["passed"]

@@ -73,7 +73,7 @@ def test_the_gate_section_shows_unpaired_faces_folded_buckets_and_the_reference(
     worse = faces.assign(id_sim=faces["id_sim"] - 0.1)
     night = compare_runs(metrics, faces, metrics, faces, GateConfig())
     drift = compare_runs(metrics, worse, metrics, faces, GateConfig())
-    page = gate_section_html({**night, "reference": "s3://b/ref/", "reference_gate": drift}, "s3://b/n1/")
+    page = gate_section_html({**night, "reference": "s3://b/ref/", "drift_gate": drift}, "s3://b/n1/")
     assert "Regression gate: PASS" in page and "unpaired faces: 0 of 12" in page
     assert "not gated alone (too few faces): 32-48, gated in all" in page
     assert "Against the pinned reference <code>s3://b/ref/</code>: FAIL" in page

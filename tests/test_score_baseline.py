@@ -146,10 +146,48 @@ def test_a_week_of_nights_stays_gated_through_missed_failed_and_regressed_nights
     with open(os.path.join(prefix, "n09", "gate.json")) as f:
         gate = json.load(f)
     night = {(c["bucket"], c["figure"]): c for c in gate["checks"]}
-    drift = {(c["bucket"], c["figure"]): c for c in gate["reference_gate"]["checks"]}
+    drift = {(c["bucket"], c["figure"]): c for c in gate["drift_gate"]["checks"]}
     assert night[("32-48", "id_sim")]["status"] == "pass"  # night over night the drop is small
     assert drift[("32-48", "id_sim")]["status"] == "fail"  # in total it crossed the threshold
     assert any(f.startswith(f"against the reference {reference}: bucket 32-48: id_sim") for f in gate["failures"])
     assert "against the reference" in out
     # rescoring the old night n02 now gates it against n01, not the newest night
     assert resolve_baseline(prefix + "/", os.path.join(prefix, "n02"), {}).uri.endswith("n01")
+
+
+def test_a_slow_slide_fails_against_the_median_of_the_passing_nights_and_stays_failed(tmp_path, fake_scoring):
+    """No reference pinned: each night 0.009 under the last (under abs_drop 0.02 night over night) fails on the
+    night its distance to the median of the passing nights crosses 0.02, and stays failed until it is back."""
+    prefix = str(tmp_path / "scores")
+    os.makedirs(prefix)
+    assert _night(prefix, "n01", 0.0, 1)[0] == 3
+    rc, out, info = _night(prefix, "n02", -0.009, 2)
+    assert rc == 0 and info["gate"]["drift_base"]["kind"] == "none"  # one passing night: no median yet
+    assert "drift base: none" in out
+    rc, out, info = _night(prefix, "n03", -0.018, 3)  # median of n02, n01: -0.0045; drop 0.0135
+    assert rc == 0 and info["gate"]["drift_base"]["nights"] == [os.path.join(prefix + "/", n) for n in ("n02", "n01")]
+    assert "drift base: the median of the last 2 passing nights (n02, n01)" in out
+    rc, out, info = _night(prefix, "n04", -0.027, 4)  # median of n03..n01: -0.009; drop 0.018
+    assert rc == 0
+    rc, out, info = _night(prefix, "n05", -0.036, 5)  # median of n04..n01: -0.0135; drop 0.0225: crossed
+    assert rc == 1 and info["gate"]["baseline"].endswith("n04")
+    with open(os.path.join(prefix, "n05", "gate.json")) as f:
+        gate = json.load(f)
+    night = {(c["bucket"], c["figure"]): c for c in gate["checks"]}
+    drift = {(c["bucket"], c["figure"]): c for c in gate["drift_gate"]["checks"]}
+    assert night[("32-48", "id_sim")]["status"] == "pass" and night[("32-48", "id_sim")]["drop"] < 0.01
+    assert drift[("32-48", "id_sim")]["status"] == "fail"
+    assert drift[("32-48", "id_sim")]["baseline"] == pytest.approx(0.9 + FIXED.mean() - 0.0135, abs=0.002)
+    assert gate["drift_base"]["kind"] == "median" and len(gate["drift_base"]["nights"]) == 4
+    assert any(f.startswith("against the median of the last 4 passing nights (n04, n03, n02, n01): bucket 32-48:"
+                            " id_sim") for f in gate["failures"])  # fmt: skip
+    assert "against the median of the last 4 passing nights" in out
+    # the slide goes on: n06 is gated against n04 (n05 failed) and the same median, and stays failed
+    rc, out, info = _night(prefix, "n06", -0.040, 6)
+    assert rc == 1 and info["gate"]["baseline"].endswith("n04") and "n05 (gate failed)" in out
+    assert info["gate"]["drift_base"]["nights"][0].endswith("n04")
+    rc, out, info = _night(prefix, "n07", 0.0, 7)  # fixed: its figures are back
+    assert rc == 0 and info["gate"]["baseline"].endswith("n04")
+    # gate.history_runs bounds the median: the last 2 passing nights (n07, n04) only
+    rc, out, info = _night(prefix, "n08", 0.0, 8, "--set", "gate.history_runs=2")
+    assert rc == 0 and [n[-3:] for n in info["gate"]["drift_base"]["nights"]] == ["n07", "n04"]
