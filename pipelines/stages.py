@@ -630,7 +630,7 @@ class ScoreStage(FrameStage):
             if small or self.large_strips.admit(face.size_px, row["image_id"], rec["face_index"]):
                 rec["zoom_strip"] = zoom_strip(face.box, source, plain, resized_like(out, source))
         for rec, fj in zip(records, face_records(row)):  # all or nothing: a row that raised above is unchanged
-            rec["in_mosaic"] = bool(fj.get("in_mosaic", False))
+            rec["in_mosaic"] = None if fj.get("in_mosaic") is None else bool(fj["in_mosaic"])  # null: no stylize stage
             fj["scores"] = rec
         row.update(values)
 

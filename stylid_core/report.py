@@ -1,15 +1,18 @@
 """``report.html``: identity similarity versus face size, status counts and a before/after thumbnail grid.
 
-Self-contained HTML (plots and thumbnails inlined as base64), written through fsspec next to the run's outputs.
+Self-contained HTML (plots and thumbnails inlined as base64), written through fsspec next to the run's outputs. The
+page is a Jinja2 template (``stylid_core/templates/``, package data) with autoescaping on: ids, URIs and errors are
+escaped wherever they appear; only what this package rendered itself (``markupsafe.Markup``) goes in as HTML.
 """
 
 from __future__ import annotations
 
 import base64
 import bisect
-import html
+import functools
 import io
 import json
+import math
 from collections import Counter
 from typing import Any
 
@@ -23,11 +26,51 @@ from stylid_core.imageio import decode_image, encode_jpeg
 from stylid_core.ledger import FACES, METRICS, iter_shards, live_shards
 from stylid_core.storage import join, read_bytes, write_bytes
 
+#: the page's body width (px): every image the report embeds is at most this wide
+BODY_PX = 1200
+FIGURE_DPI = 110
+
 
 def _png_of_figure(fig) -> str:
+    """The figure as a base64 PNG, cropped to what it draws (``bbox_inches="tight"``)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def cell(v: Any, digits: int = 3) -> str:
+    """A value as a report shows it: floats to ``digits`` places, a missing value (None, NaN) as "–"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "\u2013"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.{digits}f}" if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+    return str(v)
+
+
+@functools.cache
+def _templates():
+    """The Jinja2 environment of the report templates (package data), autoescaping every value."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("stylid_core", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = cell
+    return env
+
+
+def render_template(name: str, **context: Any):
+    """``stylid_core/templates/<name>`` rendered with ``context``, as ``markupsafe.Markup`` (safe to nest in another
+    template: what it holds was escaped when it was rendered)."""
+    from markupsafe import Markup
+
+    return Markup(_templates().get_template(name).render(**context))
 
 
 #: the per-face columns averaged per size bucket (booleans as rates)
@@ -97,7 +140,8 @@ class SummaryAccumulator:
         ok = table.filter(pc.equal(table.column("status"), "ok"))
         if ok.num_rows and {"engine", "model"} <= set(ok.column_names):
             pairs = ok.group_by(["engine", "model"]).aggregate([])
-            self.engines |= {f"{e} ({m})" for e, m in zip(pairs["engine"].to_pylist(), pairs["model"].to_pylist())}
+            self.engines |= {str(e) if m is None else f"{e} ({m})"
+                             for e, m in zip(pairs["engine"].to_pylist(), pairs["model"].to_pylist())}  # fmt: skip
         for c, acc in self.ok_sums.items():
             total, n = _sum_count(ok, c)
             acc[0] += total
@@ -128,8 +172,9 @@ class SummaryAccumulator:
         records = []
         for bucket in sorted(self.buckets, key=lambda b: order.index(b) if b in order else len(order)):
             acc = self.buckets[bucket]
+            # in_mosaic: null where no face row says (a scored output: only the run that made it knows)
             rec: dict[str, Any] = {"size_bucket": bucket, "faces": int(acc["faces"][0]),
-                                   "in_mosaic": int(acc["in_mosaic"][0])}  # fmt: skip
+                                   "in_mosaic": int(acc["in_mosaic"][0]) if acc["in_mosaic"][1] else None}  # fmt: skip
             for c in BUCKET_MEANS:
                 rec[c] = acc[c][0] / acc[c][1] if acc[c][1] else None
             rec["id_recovered"] = identity_recovered(rec["id_sim"], rec["id_sim_no_mosaic"])
@@ -236,7 +281,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for b in summary["buckets"]:
             detail = f"{_fmt(b.get('photo_detail_fine'))}/{_fmt(b.get('photo_detail_mid'))}"
             lines.append(
-                f"{b['size_bucket']:>8} {b['faces']:>6} {b['in_mosaic']:>7} {_fmt(b['id_sim'], 3):>7} "
+                f"{b['size_bucket']:>8} {b['faces']:>6} {_count(b['in_mosaic']):>7} {_fmt(b['id_sim'], 3):>7} "
                 f"{_fmt(b['id_sim_no_mosaic'], 3):>9} {_fmt(b.get('id_recovered')):>6} {_fmt(b['id_match']):>6}"
                 f" {_fmt(b['redetected']):>6} {detail:>29}"
             )
@@ -245,6 +290,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def _fmt(v: Any, digits: int = 2) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _count(v: int | None) -> str:
+    return "n/a" if v is None else str(v)
 
 
 def _thumb(uri: str, storage_options: dict | None, side: int = 220) -> str | None:
@@ -342,20 +391,11 @@ def small_faces_html(faces: pd.DataFrame, max_faces: int = ZOOM_MAX_FACES, large
         return ""
     rows = rows.assign(_order=-rows["size_px"] if largest else rows["size_px"])
     rows = rows.sort_values(["_order", "image_id", "face_index"]).head(max_faces)
+    strips = [{"strip": r["zoom_strip"], "image_id": str(r["image_id"]), "face_index": int(r["face_index"]),
+               "size_px": float(r["size_px"]), "id_dist": r.get("id_dist"),
+               "id_dist_no_mosaic": r.get("id_dist_no_mosaic")} for _, r in rows.iterrows()]  # fmt: skip
     title = "Largest faces, zoomed" if largest else "Smallest faces, zoomed"
-    parts = [
-        f"<h2>{title}</h2><p>Each strip: the source around the face, the output without the mosaic (plain), "
-        "the output (identity distance plain / output).</p><div class='grid'>"
-    ]
-    for _, r in rows.iterrows():
-        parts.append(
-            f"<div class='pair'><img src='data:image/jpeg;base64,{r['zoom_strip']}'><br>"
-            f"{html.escape(str(r['image_id']))} "
-            f"face {int(r['face_index'])}, {r['size_px']:.0f} px: id_dist {_fmt(r.get('id_dist_no_mosaic'))} / "
-            f"{_fmt(r.get('id_dist'))}</div>"
-        )
-    parts.append("</div>")
-    return "".join(parts)
+    return render_template("face_strips.html.j2", title=title, strips=strips)
 
 
 def face_strips(output_uri: str, storage_options: dict | None, k: int = ZOOM_MAX_FACES) -> pd.DataFrame:
@@ -399,11 +439,13 @@ def render_report(
     summary: dict[str, Any] | None = None,
     extra_html: str = "",
     strips: pd.DataFrame | None = None,
+    scored_run: dict[str, Any] | None = None,
 ) -> str:
     """The report page. ``metrics`` and ``faces`` may be bounded samples (the grid's rows, the scatter's points)
     when ``summary`` (``summarize_output``) gives the counts and means of the whole output; ``extra_html`` (sections
-    of other jobs, e.g. ``stylid score``'s gate and trend) goes last. ``strips`` are the face rows whose zoomed
-    strips are shown (``smallest_face_strips``; default: those of ``faces``)."""
+    of other jobs, e.g. ``stylid score``'s gate and trend, HTML this package rendered) goes last. ``strips`` are
+    the face rows whose zoomed strips are shown (``smallest_face_strips``; default: those of ``faces``);
+    ``scored_run`` the mosaic counts of the run a scored output came from (``scored_run_mosaic``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,32 +453,13 @@ def render_report(
     import matplotlib.ticker
 
     summary = summary or summarize(metrics, faces)
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>stylid report</title><style>",
-             "body{font-family:sans-serif;margin:24px;max-width:1200px} table{border-collapse:collapse}",
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}",
-             ".grid{display:flex;flex-wrap:wrap;gap:12px}",
-             ".pair{border:1px solid #ddd;padding:6px;font-size:12px} .pair img{max-height:220px}",
-             ".engine{background:#fff4d6;padding:8px;border:1px solid #e0c070}</style></head><body>",
-             "<h1>stylid report</h1>"]  # fmt: skip
-    engines = ", ".join(summary["engines"]) or "(no image was stylized)"
-    parts.append(f"<p class='engine'><b>Engine that ran:</b> {html.escape(engines)}</p>")
-    if run_info:
-        cfg = run_info.get("config", {})
-        parts.append(
-            f"<p>Run <code>{html.escape(str(run_info.get('config_hash', '')))}</code>, face backend "
-            f"<b>{html.escape(str(cfg.get('faces', {}).get('backend', '?')))}</b>, manifest "
-            f"<code>{html.escape(str(run_info.get('manifest', '')))}</code>.</p>"
-        )
-    parts.append("<h2>Rows</h2><table><tr><th>status</th><th>rows</th></tr>")
-    for k, v in sorted(summary["status_counts"].items()):
-        parts.append(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>")
-    parts.append("</table>")
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4), layout="constrained")
     ax = axes[0]
     if len(faces):
-        ax.scatter(faces["size_px"], faces["id_sim"], s=14, label="with mosaic", alpha=0.8)
-        compared = faces[faces["in_mosaic"]]
+        in_mosaic = faces["in_mosaic"] if "in_mosaic" in faces else pd.Series(None, index=faces.index, dtype=object)
+        compared = faces[in_mosaic.fillna(False).astype(bool)]
+        label = "output (with mosaic)" if len(compared) else "output"  # a scored output: whether is not known
+        ax.scatter(faces["size_px"], faces["id_sim"], s=14, label=label, alpha=0.8)
         if len(compared):
             ax.scatter(compared["size_px"], compared["id_sim_no_mosaic"], s=14, marker="x", label="without mosaic")
         ax.set_xscale("log")
@@ -449,40 +472,72 @@ def render_report(
     counts = summary["status_counts"]
     ax.bar(list(counts), list(counts.values()), color=["#4a4" if k == "ok" else "#c44" for k in counts])
     ax.set_title("Rows by status")
-    parts.append(f"<h2>Identity and status</h2><img src='data:image/png;base64,{_png_of_figure(fig)}'>")
+    identity_png = _png_of_figure(fig)
     plt.close(fig)
 
-    buckets = pd.DataFrame(summary["buckets"])
-    if len(buckets):
-        parts.append("<h2>By face size</h2>" + buckets.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
-    means = {
-        k: summary.get(k)
-        for k in (
-            "id_sim_mean",
-            "id_sim_mean_no_mosaic",
-            "style_distance_mean",
-            "colour_distance_mean",
-            "content_ssim_mean",
-        )  # fmt: skip
-    }
-    parts.append("<p>" + ", ".join(f"{k}: {_fmt(v)}" for k, v in means.items()) + "</p>")
-
-    parts.append(small_faces_html(faces if strips is None else strips))
-    parts.append(small_faces_html(faces if strips is None else strips, largest=True))
-    parts.append("<h2>Before / after</h2><div class='grid'>")
+    run_info = run_info or {}
+    scored = run_info.get("job") == "score"
+    buckets = summary["buckets"]
+    columns = list(dict.fromkeys(k for b in buckets for k in b))
+    shown = [c for c in columns if c in ("size_bucket", "faces") or any(b.get(c) is not None for b in buckets)]
+    thumbs = []
     ok = metrics[metrics["status"] == "ok"].sort_values("image_id").head(max_thumbs) if len(metrics) else metrics
     for _, row in ok.iterrows():
         before = _thumb(row["image_uri"], storage_options)
         after = _thumb(row["output_uri"], storage_options) if isinstance(row.get("output_uri"), str) else None
-        if before is None or after is None:
-            continue
-        parts.append(
-            f"<div class='pair'><img src='data:image/jpeg;base64,{before}'> <img src='data:image/jpeg;base64,{after}'>"
-            f"<br>{html.escape(str(row['image_id']))}: {int(row['n_faces'] or 0)} faces, id_sim "
-            f"{_fmt(row['id_sim_mean'])} (min {_fmt(row['id_sim_min'])})</div>"
-        )
-    parts.append("</div>" + extra_html + "</body></html>")
-    return "\n".join(parts)
+        if before is not None and after is not None:
+            thumbs.append({"before": before, "after": after, "image_id": str(row["image_id"]),
+                           "n_faces": int(row.get("n_faces") or 0), "id_sim": row.get("id_sim_mean"),
+                           "id_sim_min": row.get("id_sim_min")})  # fmt: skip
+    means = [(k, summary.get(k)) for k in ("id_sim_mean", "id_sim_mean_no_mosaic", "style_distance_mean",
+                                            "colour_distance_mean", "content_ssim_mean")]  # fmt: skip
+    strip_rows = faces if strips is None else strips
+    from markupsafe import Markup
+
+    return str(render_template(
+        "report.html.j2",
+        body_px=BODY_PX,
+        engines=engines_described(summary["engines"]),
+        run_info=run_info,
+        backend=str(((run_info.get("config") or {}).get("faces") or {}).get("backend", "?")),
+        status_rows=[(k, v) for k, v in sorted(summary["status_counts"].items())],
+        identity_png=identity_png,
+        bucket_columns=shown,
+        bucket_rows=[[cell(b.get(c)) for c in shown] for b in buckets],
+        left_out=[c for c in columns if c not in shown],
+        scored=scored,
+        scored_run=scored_run,
+        means=means,
+        small_strips=small_faces_html(strip_rows),
+        large_strips=small_faces_html(strip_rows, largest=True),
+        thumbs=thumbs,
+        extra_html=Markup(extra_html),
+    ))  # fmt: skip
+
+
+def engines_described(engines: list[str]) -> str:
+    """The engines line: each engine that ran (with its model); outputs scored from a manifest of pairs are
+    ``external``, made outside stylid."""
+    if not engines:
+        return "(no image was stylized)"
+    return ", ".join("external (made outside stylid: scored, not stylized here)" if e == "external" else e
+                     for e in engines)  # fmt: skip
+
+
+def scored_run_mosaic(run_info: dict | None, storage_options: dict | None) -> dict[str, Any] | None:
+    """For a ``stylid score`` of a stylid output folder: that run's URI and its faces and ``in_mosaic`` per size
+    bucket (from its ``run.json`` summary), the only place that knows which faces went through the mosaic; ``None``
+    for other outputs or where it cannot be read."""
+    if not run_info or run_info.get("job") != "score" or not isinstance(run_info.get("manifest"), str):
+        return None
+    uri = run_info["manifest"]
+    try:
+        scored = json.loads(read_bytes(join(uri, "run.json"), storage_options))
+    except Exception:
+        return None
+    buckets = (scored.get("summary") or {}).get("buckets") or []
+    rows = [(b.get("size_bucket"), b.get("faces"), cell(b.get("in_mosaic"))) for b in buckets]
+    return {"uri": uri, "rows": rows} if rows and scored.get("job", "run") == "run" else None
 
 
 def write_report(
@@ -505,7 +560,8 @@ def write_report(
         run_info = json.loads(read_bytes(join(output_uri, "run.json"), storage_options))
     except Exception:
         run_info = None
-    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary, extra_html, strips)
+    page = render_report(metrics, faces, run_info, storage_options, max_thumbs, summary, extra_html, strips,
+                         scored_run_mosaic(run_info, storage_options))  # fmt: skip
     uri = join(output_uri, "report.html")
     write_bytes(uri, page.encode(), storage_options)
     return uri

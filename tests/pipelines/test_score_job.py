@@ -59,6 +59,7 @@ def test_score_of_a_run_output_reproduces_its_identity_figures_exactly(score_run
     assert list(metrics["output_uri"]) == list(run_metrics["output_uri"])
     assert not os.path.exists(os.path.join(output, "images"))
     assert faces["id_sim_no_mosaic"].isna().all() and metrics["id_sim_mean_no_mosaic"].isna().all()
+    assert faces["in_mosaic"].isna().all()  # whether a face went through the mosaic: only the run knows
     failed = metrics.set_index("image_id")
     assert failed.at["noface", "error"].startswith("not scored: no face")
     with open(os.path.join(output, "run.json")) as f:
