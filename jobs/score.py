@@ -23,7 +23,15 @@ from jobs.ray_cluster import init_ray
 from jobs.run import check_output_config, versions, write_run_json
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
-from stylid_core.gate import GateConfig, GateInputError, check_comparable, compare_runs, format_gate, median_night
+from stylid_core.gate import (
+    GateConfig,
+    GateInputError,
+    canary_warning,
+    check_comparable,
+    compare_runs,
+    format_gate,
+    median_night,
+)
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.report import format_summary, summarize_output, write_report
 from stylid_core.storage import delete, exists, filesystem, join, read_bytes, write_bytes
@@ -408,10 +416,14 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline or args.reference:  # bad baselines are refused before Ray starts
         record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
         choice = resolve_baseline(args.baseline, args.output, opts) if args.baseline else None
-        gate_targets(record, choice, args.reference, opts)
+        targets = gate_targets(record, choice, args.reference, opts)
         if choice is not None:
             print(f"baseline: {choice.describe()}")
         print(f"drift base: {choose_drift_base(record, choice, args.reference, gate_config.history_runs).describe()}")
+        for uri, target_info in list(targets.values())[:1]:  # the canary's faces per bucket, as the baseline has them
+            warning = canary_warning((target_info.get("summary") or {}).get("buckets") or [], gate_config, uri)
+            if warning:
+                print(warning)
     from pipelines.score import iter_score_manifest
 
     # the manifest's schema read before Ray starts: a missing manifest, column or a nested column fails in one line

@@ -9,7 +9,8 @@ Figures, per size bucket and over all faces (``all``):
   per face. Faces pair by geometry within each image both runs scored (status ``ok`` in both): the assignment of
   boxes with the largest total IoU, pairs needing IoU >= ``pair_iou`` (``face_index`` orders faces by size, so it
   cannot pair them); a face's bucket is its bucket in the baseline. Faces left without a partner are lost (baseline)
-  or new (candidate), counted per bucket; their share of all faces fails the gate beyond ``max_unpaired_share``.
+  or new (candidate), counted per bucket; their share of all faces, or of a bucket's faces, fails the gate beyond
+  ``max_unpaired_share`` (and their count beyond ``max_unpaired_faces``, where set).
 - ``style_distance`` (learned, lower is better), ``colour_distance`` (Lab, lower is better) and ``content_ssim``
   are per image; an image counts in every bucket it has a paired face in.
 
@@ -94,11 +95,13 @@ class GateConfig:
     min_faces: int = 20  # paired faces a size bucket needs to be gated alone (fewer: folded into the next larger)
     min_faces_all: int = 10  # paired faces the `all` bucket needs to be gated (under it nothing is gated: exit 3)
     pair_iou: float = 0.5  # a face pairs with a face of the other run only if the boxes overlap this much
-    max_unpaired_share: float | None = 0.02  # (lost + new faces) / all faces of the images scored in both
+    max_unpaired_share: float | None = 0.02  # (lost + new faces) / all faces of the images scored in both, and the
+    # same share in each size bucket (so in a bucket of fewer than 1 / share faces, 50 by default, any lost face fails)
+    max_unpaired_faces: int | None = None  # lost + new faces over all buckets, whatever the share
     max_status_worse: int | None = 0  # rows ok in the baseline and not ok now
     max_only_in_baseline: int | None = 0  # ids the candidate lost
     max_only_in_candidate: int | None = None  # ids new in the candidate (reported; null: never fails)
-    history_runs: int = 14  # nights shown in the report's trend plots (--history)
+    history_runs: int = 14  # nights in the report's trend plots (--history); the drift base's median (no --reference)
     id_sim: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.02, rel_drop=0.03))
     id_match: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.05))
     redetected: FigureGate = field(default_factory=lambda: FigureGate(abs_drop=0.05))
@@ -131,7 +134,7 @@ class GateConfig:
             raise ConfigError(f"gate.max_unpaired_share must be in [0, 1] or null, got {v!r}")
         if not (isinstance(self.history_runs, int) and self.history_runs >= 1):
             raise ConfigError(f"gate.history_runs must be an integer >= 1, got {self.history_runs!r}")
-        for name in ("max_status_worse", "max_only_in_baseline", "max_only_in_candidate"):
+        for name in ("max_status_worse", "max_only_in_baseline", "max_only_in_candidate", "max_unpaired_faces"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
                 raise ConfigError(f"gate.{name} must be an integer >= 0 or null, got {v!r}")
@@ -404,12 +407,24 @@ def _pairing_by_bucket(pairs: pd.DataFrame, lost: pd.DataFrame, new: pd.DataFram
     return rows
 
 
-def _unpaired_check(paired: int, lost: int, new: int, limit: float | None) -> dict[str, Any]:
-    """The share of faces left without a partner: (lost + new) / (paired + lost + new), against its maximum."""
-    faces = paired + lost + new
-    share = (lost + new) / faces if faces else 0.0
-    return {"check": "unpaired_faces", "count": lost + new, "lost": lost, "new": new, "faces": faces, "share": share,
-            "max": limit, "passed": limit is None or share <= limit + 1e-12}  # fmt: skip
+def _unpaired_check(pairing: list[dict[str, Any]], max_share: float | None, max_count: int | None) -> dict[str, Any]:
+    """The faces left without a partner, from ``_pairing_by_bucket``'s rows: their share of all faces, (lost + new)
+    / (paired + lost + new), against ``max_share`` over all faces *and in each size bucket*, and their count
+    against ``max_count``. Per bucket, because one share over all faces lets a small bucket lose faces unseen: one
+    lost face of a 54-face canary is 1.9% of all faces, but 1 of the 7 faces of its bucket."""
+
+    def share_of(row: dict[str, Any]) -> dict[str, Any]:
+        faces = row["paired"] + row["lost"] + row["new"]
+        share = (row["lost"] + row["new"]) / faces if faces else 0.0
+        return {"count": row["lost"] + row["new"], "lost": row["lost"], "new": row["new"], "faces": faces,
+                "share": share, "passed": max_share is None or share <= max_share + 1e-12}  # fmt: skip
+
+    total = share_of(next(r for r in pairing if r["bucket"] == "all"))
+    buckets = [{"bucket": r["bucket"], **share_of(r)} for r in pairing if r["bucket"] != "all"]
+    count_ok = max_count is None or total["count"] <= max_count
+    return {"check": "unpaired_faces", **total, "max": max_share, "max_count": max_count,
+            "share_passed": total["passed"], "count_passed": count_ok, "buckets": buckets,
+            "passed": total["passed"] and count_ok and all(b["passed"] for b in buckets)}  # fmt: skip
 
 
 def fold_small_buckets(
@@ -435,6 +450,31 @@ def fold_small_buckets(
             pending, n_pending = [], 0
     gated_in.update({b: "all" for b in pending})
     return folds, gated_in
+
+
+def canary_warning(buckets: list[dict[str, Any]], config: GateConfig, source: str) -> str | None:
+    """The warning ``stylid score`` prints before scoring when the canary cannot gate a size bucket alone: from
+    ``buckets`` (a ``run.json`` summary's ``buckets``: ``size_bucket``, ``faces``) of ``source`` (the baseline),
+    the buckets with fewer than ``min_faces`` faces and where each is gated instead (``fold_small_buckets``), and
+    whether even ``all`` is short of ``min_faces_all``; ``None`` when every bucket can be gated. Paired faces can
+    only be fewer than a baseline's faces, so a bucket named here will not be gated alone tonight either."""
+    order = [name for name, _ in SIZE_BUCKETS]
+    sizes = sorted(((str(b.get("size_bucket")), int(b.get("faces") or 0)) for b in buckets if b.get("faces")),
+                   key=lambda s: order.index(s[0]) if s[0] in order else len(order))  # fmt: skip
+    small = [(b, n) for b, n in sizes if n < config.min_faces]
+    total = sum(n for _, n in sizes)
+    if not small and total >= config.min_faces_all:
+        return None
+    _, gated_in = fold_small_buckets(sizes, config.min_faces)
+    parts = [f"{b} ({n} faces: gated in {gated_in.get(b, 'all')})" for b, n in small]
+    message = (
+        f"warning: {source} has fewer than gate.min_faces ({config.min_faces}) faces in {', '.join(parts)}: a drop"
+        " there cannot fail on its own (a canary needs gate.min_faces faces in every bucket)"
+    )
+    if total < config.min_faces_all:
+        message += (f"; and {total} faces in all, under gate.min_faces_all ({config.min_faces_all}): nothing can be"
+                    " gated (exit 3)")  # fmt: skip
+    return message
 
 
 def _count_check(name: str, ids: list, limit: int | None) -> dict[str, Any]:
@@ -500,14 +540,20 @@ def compare_runs(
         _count_check("only_in_baseline", only_base, config.max_only_in_baseline),
         _count_check("only_in_candidate", only_cand, config.max_only_in_candidate),
     ]
-    unpaired = _unpaired_check(len(pairs), len(lost), len(new), config.max_unpaired_share)
+    face_pairing = _pairing_by_bucket(pairs, lost, new)
+    unpaired = _unpaired_check(face_pairing, config.max_unpaired_share, config.max_unpaired_faces)
     failures = [_describe(c, config) for c in checks if not c["passed"]]
     failures += [f"{c['check']}: {c['count']} (at most {c['max']})" for c in counts if not c["passed"]]
-    if not unpaired["passed"]:
+    if not unpaired["share_passed"]:
         failures.append(
             f"unpaired faces: {unpaired['count']} of {unpaired['faces']} ({unpaired['lost']} lost,"
             f" {unpaired['new']} new; {unpaired['share']:.1%}, at most {unpaired['max']:.1%})"
         )
+    failures += [f"unpaired faces in bucket {b['bucket']}: {b['count']} of {b['faces']} ({b['lost']} lost, {b['new']}"
+                 f" new; {b['share']:.1%}, at most {unpaired['max']:.1%} in each bucket)"
+                 for b in unpaired["buckets"] if not b["passed"]]  # fmt: skip
+    if not unpaired["count_passed"]:
+        failures.append(f"unpaired faces: {unpaired['count']} (at most {unpaired['max_count']})")
     return {
         "passed": not failures,
         "gated": any_gated,  # false: no figure had faces enough to be gated (stylid score exits 3 unless it failed)
@@ -521,7 +567,7 @@ def compare_runs(
         "faces_unpaired_baseline": [[str(i), int(k)] for i, k in unpaired_base],
         "faces_unpaired_candidate": [[str(i), int(k)] for i, k in unpaired_cand],
         "unpaired_faces": unpaired,
-        "face_pairing": _pairing_by_bucket(pairs, lost, new),
+        "face_pairing": face_pairing,
         "only_in_baseline": only_base,
         "only_in_candidate": only_cand,
         "status_worse": worse,
@@ -574,19 +620,16 @@ def format_gate(result: dict[str, Any]) -> str:
         lines.append(f"{c['check']}: {c['count']} (max {c['max'] if c['max'] is not None else '-'})"
                      f" {'ok' if c['passed'] else 'FAIL'}" + (f": {shown}" if ids else ""))  # fmt: skip
     u = result["unpaired_faces"]
+    count_max = "" if u.get("max_count") is None else f", at most {u['max_count']} faces"
     lines.append(
         f"unpaired faces: {u['count']} of {u['faces']} ({u['lost']} lost, {u['new']} new; {u['share']:.1%},"
-        f" max {'-' if u['max'] is None else format(u['max'], '.1%')}) {'ok' if u['passed'] else 'FAIL'}"
+        f" max {'-' if u['max'] is None else format(u['max'], '.1%')} over all and in each bucket{count_max})"
+        f" {'ok' if u['passed'] else 'FAIL'}"
     )
     if u["count"]:
-        lines.append(
-            "  per bucket: "
-            + ", ".join(
-                f"{r['bucket']} {r['paired']} paired, {r['lost']} lost, {r['new']} new"
-                for r in result["face_pairing"]
-                if r["lost"] or r["new"]
-            )
-        )
+        lines.append("  per bucket: " + ", ".join(
+            f"{b['bucket']} {b['count']} of {b['faces']} ({b['lost']} lost, {b['new']} new; {b['share']:.1%})"
+            + ("" if b["passed"] else " FAIL") for b in u.get("buckets", []) if b["count"]))  # fmt: skip
     if result["not_gated_alone"]:
         lines.append("not gated alone (fewer than min_faces paired faces): " + ", ".join(
             f"{b} (in {into})" for b, into in result["not_gated_alone"].items()))  # fmt: skip

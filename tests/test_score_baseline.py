@@ -191,3 +191,8 @@ def test_a_slow_slide_fails_against_the_median_of_the_passing_nights_and_stays_f
     # gate.history_runs bounds the median: the last 2 passing nights (n07, n04) only
     rc, out, info = _night(prefix, "n08", 0.0, 8, "--set", "gate.history_runs=2")
     assert rc == 0 and [n[-3:] for n in info["gate"]["drift_base"]["nights"]] == ["n07", "n04"]
+    assert "warning:" not in out  # 30 faces in the one bucket: enough for min_faces 20
+    # a canary too small for the thresholds is named before scoring starts, from the baseline's faces
+    rc, out, info = _night(prefix, "n09", 0.0, 9, "--set", "gate.min_faces=40")
+    assert out.count("warning:") == 1 and out.index("warning:") < out.index("stylid score:")
+    assert f"warning: {os.path.join(prefix + '/', 'n08')} has fewer than gate.min_faces (40) faces in 32-48 (30" in out
