@@ -466,7 +466,9 @@ def canary_warning(buckets: list[dict[str, Any]], config: GateConfig, source: st
     if not small and total >= config.min_faces_all:
         return None
     _, gated_in = fold_small_buckets(sizes, config.min_faces)
-    parts = [f"{b} ({n} faces: gated in {gated_in.get(b, 'all')})" for b, n in small]
+    targets = list(dict.fromkeys(gated_in.get(b, "all") for b, _ in small))
+    parts = ["; ".join(", ".join(f"{b} ({n} face{'' if n == 1 else 's'})" for b, n in small
+                                 if gated_in.get(b, "all") == t) + f" gated in {t}" for t in targets)]  # fmt: skip
     message = (
         f"warning: {source} has fewer than gate.min_faces ({config.min_faces}) faces in {', '.join(parts)}: a drop"
         " there cannot fail on its own (a canary needs gate.min_faces faces in every bucket)"

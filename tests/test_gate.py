@@ -453,10 +453,12 @@ def test_the_canary_warning_names_each_bucket_too_small_to_gate_alone_and_where_
     buckets = [{"size_bucket": "64-128", "faces": 30}, {"size_bucket": "<32", "faces": 4},
                {"size_bucket": "32-48", "faces": 18}, {"size_bucket": ">=128", "faces": 7}]  # fmt: skip
     warning = canary_warning(buckets, GateConfig(), "s3://b/scores/n01/")
-    assert warning.startswith("warning: s3://b/scores/n01/ has fewer than gate.min_faces (20) faces in <32 (4 faces:"
-                              " gated in <32+32-48), 32-48 (18 faces: gated in <32+32-48), >=128 (7 faces: gated in"
-                              " all): a drop there cannot fail on its own")  # fmt: skip
+    assert warning.startswith("warning: s3://b/scores/n01/ has fewer than gate.min_faces (20) faces in <32 (4 faces),"
+                              " 32-48 (18 faces) gated in <32+32-48; >=128 (7 faces) gated in all: a drop there cannot"
+                              " fail on its own")  # fmt: skip
     assert "nothing can be gated" not in warning
     assert canary_warning([{"size_bucket": "32-48", "faces": 20}], GateConfig(), "x") is None
+    tiny = canary_warning([{"size_bucket": "32-48", "faces": 1}], GateConfig(min_faces_all=2), "x")
+    assert "in 32-48 (1 face) gated in all:" in tiny
     tiny = canary_warning([{"size_bucket": "32-48", "faces": 6}], GateConfig(), "x")
     assert "and 6 faces in all, under gate.min_faces_all (10): nothing can be gated (exit 3)" in tiny

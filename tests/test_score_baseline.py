@@ -195,4 +195,5 @@ def test_a_slow_slide_fails_against_the_median_of_the_passing_nights_and_stays_f
     # a canary too small for the thresholds is named before scoring starts, from the baseline's faces
     rc, out, info = _night(prefix, "n09", 0.0, 9, "--set", "gate.min_faces=40")
     assert out.count("warning:") == 1 and out.index("warning:") < out.index("stylid score:")
-    assert f"warning: {os.path.join(prefix + '/', 'n08')} has fewer than gate.min_faces (40) faces in 32-48 (30" in out
+    baseline = os.path.join(prefix + "/", "n08")
+    assert f"warning: {baseline} has fewer than gate.min_faces (40) faces in 32-48 (30 faces) gated in all" in out
