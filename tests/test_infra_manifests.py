@@ -168,3 +168,44 @@ def test_the_image_installs_the_project_with_the_jobs_api_dependencies():
     installs = [line for line in docker.splitlines() if re.search(project_install, line)]
     assert installs and not any("--no-deps" in line for line in installs), installs
     assert re.search(r"dashboard|8265", docker), "the image does not say how the Jobs API is reached"
+
+
+def _model_paths(config) -> list[tuple[str, str]]:
+    """(setting, value) of every model location a job config names."""
+    found = [("faces.model_dir", config.faces.model_dir), ("faces.root", config.faces.root)]
+    options = config.stylize.options if hasattr(config, "stylize") else {}
+    found += [(f"stylize.options.{k}", v) for k, v in options.items() if k in ("model", "vae")]
+    return [(k, v) for k, v in found if v]
+
+
+def _mounts(group: dict) -> list[str]:
+    return [m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])]
+
+
+def test_every_worker_group_of_a_job_mounts_the_models_its_config_names():
+    """Issue "Nightly scoring" item 8: the one-off RayJob's config named ``model_dir: buffalo_l`` and a hub id
+    under ``HF_HUB_OFFLINE=1``, with ``/models`` mounted on the GPU group only, while insightface runs on the CPU
+    workers. Every model a job's config names is an absolute path under a folder mounted on every worker group
+    (a stage can land on any of them), and with the hub offline none is a hub id."""
+    from jobs.config import load_job_config
+    from jobs.score import load_score_config
+
+    loaders = {"run": lambda path: load_job_config(path, []), "score": lambda path: load_score_config(path)[0]}
+
+    jobs = [(doc, doc["spec"]) for doc in _by_kind()["RayJob"]]
+    jobs += [(doc, doc["spec"]["jobTemplate"]) for doc in _by_kind()["RayCronJob"]]
+    checked = 0
+    for doc, spec in jobs:
+        offline = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}").get("env_vars", {}).get("HF_HUB_OFFLINE")
+        groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+        for command, name in re.findall(r"stylid (run|score) --config\s+(\S+)", spec["entrypoint"]):
+            config = loaders[command](os.path.join(REPO, name))
+            for setting, value in _model_paths(config):
+                where = f"{doc['metadata']['name']}: {name} {setting}={value}"
+                assert os.path.isabs(value), f"{where}: not a path on the workers (a hub id or a bare name)"
+                assert offline == "1", f"{where}: models from disk, so the hub should be offline"
+                for group in groups:
+                    assert any(value.startswith(m.rstrip("/") + "/") for m in _mounts(group)), (
+                        f"{where}: worker group {group['groupName']} does not mount it")  # fmt: skip
+                checked += 1
+    assert checked >= 2  # not vacuous: stylize_sd15's insightface folder and Stable Diffusion folder

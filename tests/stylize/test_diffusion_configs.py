@@ -30,7 +30,7 @@ def test_config_validates_and_its_options_are_engine_options(name):
 def test_sd15_config_asks_for_one_gpu():
     cfg = JobConfig.from_dict(yaml.safe_load((CONFIGS / "stylize_sd15.yaml").read_text()))
     assert cfg.resources.stylize.num_gpus == 1
-    assert cfg.stylize.options["model"] == "runwayml/stable-diffusion-v1-5"
+    assert cfg.stylize.options["model"] == "/models/sd15"  # the cluster's models volume (infra/Dockerfile)
 
 
 def test_tiny_config_builds_an_engine_that_runs():
