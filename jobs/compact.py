@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from stylid_core.lease import OutputLease
 from stylid_core.ledger import DEFAULT_ROWS_PER_SHARD, compact
 
 
@@ -25,7 +26,9 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = compact(args.output, json.loads(args.storage_options), args.rows_per_shard)
+    options = json.loads(args.storage_options)
+    with OutputLease(args.output, options):  # a run writing into the output meanwhile: refused (LeaseHeld, exit 2)
+        result = compact(args.output, options, args.rows_per_shard)
     print(
         f"stylid compact: {result.rows} rows, {result.shards_before} metrics shards -> {result.shards_after}"
         f" ({result.groups} merged groups"

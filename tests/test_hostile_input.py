@@ -861,3 +861,28 @@ def test_manifest_kinds_many_teams_write_each_end_with_a_clear_status(tmp_path, 
             assert out.loc[image_id, "error"].startswith(uri)
     assert out.loc[derived, "status"] == "no_face"
     assert "unsupported" not in RETRIED_STATUSES and "read_error" in RETRIED_STATUSES
+
+
+def test_compact_refuses_an_output_a_run_is_writing(tmp_path, capsys):
+    """``stylid compact`` rewrites and deletes shards: under the writer lease, so it never compacts under a live
+    run; once the run is gone (its lease released) it compacts."""
+    import json
+    import time
+
+    from jobs.cli import main
+    from stylid_core.lease import LEASE
+
+    out = str(tmp_path / "out")
+    _two_shard_output(out)
+    before = sorted(os.listdir(os.path.join(out, "metrics")))
+    record = {"token": "t", "host": "other-node", "pid": 7, "heartbeat": time.time()}
+    with open(os.path.join(out, LEASE), "w") as f:
+        json.dump(record, f)
+    assert main(["compact", out, "--rows-per-shard", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is being written by another run" in err
+    assert sorted(os.listdir(os.path.join(out, "metrics"))) == before
+    os.remove(os.path.join(out, LEASE))
+    assert main(["compact", out, "--rows-per-shard", "10"]) == 0
+    assert sorted(os.listdir(os.path.join(out, "metrics"))) != before
+    assert not os.path.exists(os.path.join(out, LEASE))  # given back
