@@ -13,8 +13,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -30,9 +28,7 @@ from stylid_core.config import JobConfig
 from stylid_core.storage import read_parquet_dir
 from tests.faultproxy import FaultProxy
 from tests.pipelines.conftest import write_manifest
-from tests.processes import kill_and_wait
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "faults"
 #: a cheaper default: no re-detection, no no-mosaic comparison (the faults, not the models, are under test)
 CHEAP = {"score": {"redetect": False, "compare_without_mosaic": False}}
@@ -175,36 +171,5 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_ends_whole(ray_session,
     assert result["info"]["this_run"]["processed"] == len(expected)
 
 
-# -- the driver killed with SIGKILL mid-run, then the job rerun ------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_a_rerun_after_the_driver_was_killed_does_only_the_missing_rows(ray_session, inputs, tmp_path):
-    rows, expected = _rows(inputs, 24)
-    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
-    output = str(tmp_path / "out")
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "jobs.cli", "run", "--manifest", manifest, "--output", output, "--num-cpus", "2",
-           "--no-report", "--set", "score.redetect=false", "--set", "score.compare_without_mosaic=false"]  # fmt: skip
-    driver = psutil.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    family: list[psutil.Process] = [driver]
-    try:
-        _wait_for(lambda: _progress(output) or driver.poll() is not None, 300, "the first written rows")
-        assert driver.poll() is None, "the job ended before it could be killed"
-        family += driver.children(recursive=True)  # its Ray: cleaned up below, by PID
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
-        time.sleep(2)  # let the orphaned workers notice and stop (whatever is left is killed below)
-    finally:
-        kill_and_wait(family)
-    before = read_parquet_dir(f"{output}/metrics")
-    done = set(before["image_id"]) if len(before) else set()
-    # rows in the ledger when the driver died (none, if the ledger is flushed in large shards: then all are redone)
-    assert len(done) < len(expected), "the driver was killed only after the last row"
-    assert not os.path.exists(f"{output}/_SUCCESS")
-    info = run_job(JobConfig.from_dict(CHEAP), output, manifest, report=False)
-    assert info["this_run"]["already_done"] == len(done)
-    assert info["this_run"]["processed"] == len(expected) - len(done)
-    metrics, faces = _local_output(output)
-    check_whole(metrics, faces, expected)
-    assert os.path.isfile(f"{output}/_SUCCESS")
+# The driver killed with SIGKILL mid-run, then the job rerun: tests/pipelines/test_scale_job.py (with shards of 25
+# rows, so the ledger holds rows when the driver dies and the rerun's 'only the missing rows' is checked).

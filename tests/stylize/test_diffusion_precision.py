@@ -115,17 +115,29 @@ def test_injection_processor_runs_sdpa_with_the_temperature_as_its_scale(monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_compiled_unet_matches_eager_and_its_processors_still_record_and_inject(backend):
+@pytest.mark.parametrize(
+    "backend, device",
+    [
+        ("eager", "cpu"),
+        ("aot_eager", "cpu"),
+        pytest.param(
+            "inductor", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")],
+        ),
+    ],
+)  # fmt: skip
+def test_compiled_unet_matches_eager_and_its_processors_still_record_and_inject(backend, device):
     """torch.compile must not bypass the injection processors, break the graph, or recompile per timestep/style.
 
     Those are properties of dynamo's graph capture (tracing the processors' Python, guarding on their state),
-    which every backend shares; the ``eager`` backend runs the captured graphs as they are, ``inductor`` (the
-    default backend) also generates and compiles C++ for them (~50 s cold on 2 cores).
+    which every backend shares; the ``eager`` backend runs the captured graphs as they are, ``aot_eager`` also
+    traces them through AOTAutograd (functionalization and decompositions: the graphs inductor is given).
+    ``inductor`` (the default backend) generates code for them: on CPU that C++ build alone took ~60 s of the
+    suite's 2 cores, so it runs in the GPU suite (``pytest -m gpu``), where it compiles Triton kernels.
     """
     import torch._dynamo
 
-    options = dict(tiny=True, resolution=32, steps=2, device="cpu", **NO_GUIDANCE)
+    options = dict(tiny=True, resolution=32, steps=2, device=device, **NO_GUIDANCE)
     content, style, other_style = _image(1), _image(2), _image(3)
     eager = STYLIZERS.create("diffusion", **options)
     plain = STYLIZERS.create("diffusion", **options, **PLAIN)
