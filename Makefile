@@ -18,7 +18,7 @@ run: setup
 	$(VENV)/bin/stylid run --output $(OUTPUT)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q --durations=25 $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_identity.py
