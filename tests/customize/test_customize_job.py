@@ -70,9 +70,9 @@ def finished(tmp_path_factory, manifest, ray_session) -> str:
 
 @pytest.fixture
 def config():
-    from jobs.customize import load_config
+    from jobs.config import load_config
 
-    return load_config(CONFIG)
+    return load_config("customize", CONFIG)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def _manifest(tmp_path, astronaut) -> str:
 @pytest.mark.slow  # a real local Ray: 20-150 s on 2 shared cores
 def test_train_then_resume_on_ray(tmp_path, astronaut, ray_local):
     from jobs.cli import main
-    from jobs.train_customizer import load_config
+    from jobs.config import load_config
     from pipelines.train_customizer import latest_checkpoint
     from stylid_core.customize.facesnap.modules import load_facesnap
 
@@ -39,7 +39,7 @@ def test_train_then_resume_on_ray(tmp_path, astronaut, ray_local):
     storage = f"file://{tmp_path}/storage"
     args = ["train-customizer", "--config", cfg_path, "--manifest", manifest, "--storage-path", storage]
     assert main([*args, "--max-steps", "2"]) == 0
-    config = load_config(cfg_path, {"manifest": manifest, "storage_path": storage, "max_steps": 2})
+    config = load_config("train", cfg_path, values={"manifest": manifest, "storage_path": storage, "max_steps": 2})
     first = latest_checkpoint(config)
     assert first is not None
     fs, root = fsspec.core.url_to_fs(first)
@@ -64,7 +64,7 @@ def test_checkpoints_on_s3_resume_at_the_right_step_with_the_same_weights(tmp_pa
     import torch
 
     from jobs.cli import main
-    from jobs.train_customizer import load_config
+    from jobs.config import load_config
     from pipelines.train_customizer import FacePairStage, latest_checkpoint, pair_rows
     from stylid_core.customize.facesnap.modules import read_facesnap
     from stylid_core.customize.facesnap.training import FaceSnapTrainer
@@ -78,7 +78,7 @@ def test_checkpoints_on_s3_resume_at_the_right_step_with_the_same_weights(tmp_pa
     storage = "s3://stylid-train/checkpoints"
     args = ["train-customizer", "--config", cfg_path, "--manifest", manifest, "--storage-path", storage]
     assert main([*args, "--max-steps", "2"]) == 0
-    config = load_config(cfg_path, {"manifest": manifest, "storage_path": storage, "max_steps": 4})
+    config = load_config("train", cfg_path, values={"manifest": manifest, "storage_path": storage, "max_steps": 4})
     first = latest_checkpoint(config)
     assert first is not None and first.startswith("s3://stylid-train/checkpoints/")
     assert json.loads(fs.cat(f"{first}/train_progress.json"))["step"] == 2
