@@ -9,7 +9,7 @@ from collections import Counter
 import pyarrow.compute as pc
 
 from jobs.config import add_config_arguments, add_output_arguments, add_ray_arguments, load_config
-from jobs.output import close_output, open_output
+from jobs.output import check_output_config, close_output, open_output
 from jobs.ray_cluster import init_ray
 from pipelines.preflight import preflight_customize
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -59,6 +59,7 @@ def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri:
 def run(args: argparse.Namespace) -> int:
     config = load_config("customize", args.config, args.set)
     preflight_customize(config, args.manifest, args.output)  # before Ray starts (see pipelines.preflight)
+    check_output_config(args.output, config, args.overwrite, "customize")  # the job checks again: then a no-op
     init_ray(args.address, args.num_cpus)
     info = run_customize_job(config, args.manifest, args.output, overwrite=args.overwrite)
     print(json.dumps({k: info[k] for k in ("this_run", "rows", "counts", "id_match_rate")}, indent=2))

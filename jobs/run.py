@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.config import add_config_arguments, add_output_arguments, add_ray_arguments, load_config
-from jobs.output import close_output, open_output
+from jobs.output import check_output_config, close_output, open_output
 from jobs.ray_cluster import init_ray
 from pipelines.preflight import preflight_run
 from stylid_core.config import JobConfig
@@ -93,6 +93,7 @@ def run_job(
 def main(args: argparse.Namespace) -> int:
     config = load_config("run", args.config, args.set)
     preflight_run(config, args.manifest, args.output)  # before Ray starts: a bad input fails in seconds, in one line
+    check_output_config(args.output, config, args.overwrite, "run")  # the job checks again: then a no-op
     init_ray(args.address, args.num_cpus)
     info = run_job(
         config, args.output, args.manifest, overwrite=args.overwrite, report=not args.no_report, preflight=False

@@ -18,7 +18,15 @@ from typing import Any
 import pandas as pd
 
 from jobs.config import add_config_arguments, add_output_arguments, add_ray_arguments, load_config
-from jobs.output import OpenOutput, check_writable, close_output, config_record, open_output, versions
+from jobs.output import (
+    OpenOutput,
+    check_output_config,
+    check_writable,
+    close_output,
+    config_record,
+    open_output,
+    versions,
+)
 from jobs.ray_cluster import init_ray
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
@@ -416,6 +424,7 @@ def main(args: argparse.Namespace) -> int:
             if warning:
                 print(warning)
     preflight_score(config, args.manifest, args.output)  # before Ray starts: a bad input fails in one line
+    check_output_config(args.output, config, args.overwrite, "score")  # the job checks again: then a no-op
     init_ray(args.address, args.num_cpus)
     info = run_score_job(config, gate_config, args.manifest, args.output, args.baseline, args.history,
                          overwrite=args.overwrite, report=not args.no_report,
