@@ -3,89 +3,64 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 from collections import Counter
 
-import fsspec
 import pyarrow.compute as pc
-import yaml
 
+from jobs.config import add_config_arguments, add_output_arguments, add_ray_arguments, load_config
+from jobs.output import check_output_config, close_output, open_output
 from jobs.ray_cluster import init_ray
-from jobs.run import check_output_config, versions, write_run_json
 from pipelines.preflight import preflight_customize
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.ledger import FACES, METRICS, iter_shards, live_shards
-from stylid_core.storage import delete, join, write_bytes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``customize`` on the ``stylid`` CLI."""
     p = subparsers.add_parser("customize", help="generate identity-preserving portraits from reference photos")
-    p.add_argument("--config", required=True, help="YAML with a CustomizeJobConfig (optionally under 'customize:')")
+    add_config_arguments(p, what=" with a CustomizeJobConfig (optionally under 'customize:')")
     p.add_argument("--manifest", required=True, help="Parquet: reference_uri, prompt[, pose_uri, num_images]")
-    p.add_argument("--output", required=True, help="output folder (any fsspec URI)")
-    p.add_argument(
-        "--address", dest="ray_address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="start over in an output written with another config")
+    add_output_arguments(p)
+    add_ray_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
-def load_config(path: str) -> CustomizeJobConfig:
-    with fsspec.open(path, "r") as f:
-        data = yaml.safe_load(f) or {}
-    return CustomizeJobConfig.from_dict(data.get("customize", data))
-
-
-def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri: str, overwrite: bool = False) -> dict:
-    """The whole job on an initialised Ray, with ``stylid run``'s guarantees: refuse an output written with another
-    config (unless ``overwrite``), do only the rows not yet in ``metrics/``, then write ``run.json`` (config,
-    versions, counts over the whole output) and ``_SUCCESS`` last. Returns the content of ``run.json``."""
-    from pipelines.customize import run_customize
-
-    opts = config.io.storage_options
-    started = dt.datetime.now(dt.timezone.utc).isoformat()
-    check_output_config(output_uri, config, overwrite)
-    delete(join(output_uri, "_SUCCESS"), opts)
-    result = run_customize(config, manifest_uri, output_uri)
-    names = live_shards(output_uri, opts)  # the ledger, read projected, shard by shard
+def output_counts(output_uri: str, storage_options: dict) -> dict:
+    """The whole output's status counts, generated images, faces detected and identity-match rate (the ledger,
+    read projected, shard by shard)."""
+    names = live_shards(output_uri, storage_options)
     counts: Counter[str] = Counter()
     generated = detected = matched = 0
-    for table in iter_shards(output_uri, METRICS, opts, ["status"], names):
+    for table in iter_shards(output_uri, METRICS, storage_options, ["status"], names):
         counts.update(str(s) for s in table.column("status").to_pylist())
-    for table in iter_shards(output_uri, FACES, opts, ["detected", "id_match"], names):
+    for table in iter_shards(output_uri, FACES, storage_options, ["detected", "id_match"], names):
         generated += table.num_rows
         detected += int(pc.sum(pc.fill_null(table.column("detected"), False)).as_py() or 0)
         matched += int(pc.sum(pc.fill_null(table.column("id_match"), False)).as_py() or 0)
-    config_dict = config.to_dict()
-    config_dict["io"].pop("storage_options", None)  # may hold credentials (write_run_json redacts them anyway)
-    info = {
-        "job": "customize",
-        "manifest": manifest_uri,
-        "output": output_uri,
-        "config": config_dict,
-        "config_hash": config.config_hash(),
-        "versions": versions(),
-        "started": started,
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "this_run": result.to_dict(),
-        "rows": sum(counts.values()),
-        "counts": dict(counts),
-        "generated_images": generated,
-        "faces_detected": detected,
-        "id_match_rate": matched / generated if generated else None,
-    }
-    write_run_json(output_uri, info, opts)
-    write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
-    return info
+    return {"rows": sum(counts.values()), "counts": dict(counts), "generated_images": generated,
+            "faces_detected": detected, "id_match_rate": matched / generated if generated else None}  # fmt: skip
+
+
+def run_customize_job(config: CustomizeJobConfig, manifest_uri: str, output_uri: str, overwrite: bool = False) -> dict:
+    """The whole job on an initialised Ray, with ``stylid run``'s lifecycle (``jobs.output``): refuse an output
+    written with another config (unless ``overwrite``), do only the rows not yet in ``metrics/``, then write
+    ``run.json`` (config, versions, counts over the whole output) and ``_SUCCESS`` last. Returns ``run.json``."""
+    from pipelines.customize import run_customize
+
+    out = open_output("customize", config, output_uri, overwrite)
+    result = run_customize(config, manifest_uri, output_uri)
+    info = {"manifest": manifest_uri, "this_run": result.to_dict(),
+            **output_counts(output_uri, config.io.storage_options)}  # fmt: skip
+    return close_output(out, info)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config("customize", args.config, args.set)
     preflight_customize(config, args.manifest, args.output)  # before Ray starts (see pipelines.preflight)
-    init_ray(args.ray_address)
+    check_output_config(args.output, config, args.overwrite, "customize")  # the job checks again: then a no-op
+    init_ray(args.address, args.num_cpus)
     info = run_customize_job(config, args.manifest, args.output, overwrite=args.overwrite)
     print(json.dumps({k: info[k] for k in ("this_run", "rows", "counts", "id_match_rate")}, indent=2))
     return 0

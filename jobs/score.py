@@ -9,7 +9,6 @@ before any scoring, so a baseline that cannot be compared costs no model work.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import posixpath
@@ -18,9 +17,17 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.config import load_config_dict
+from jobs.config import add_config_arguments, add_output_arguments, add_ray_arguments, load_config
+from jobs.output import (
+    OpenOutput,
+    check_output_config,
+    check_writable,
+    close_output,
+    config_record,
+    open_output,
+    versions,
+)
 from jobs.ray_cluster import init_ray
-from jobs.run import check_output_config, versions, write_run_json
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
 from stylid_core.gate import (
@@ -34,7 +41,7 @@ from stylid_core.gate import (
 )
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.report import format_summary, summarize_output, write_report
-from stylid_core.storage import delete, exists, filesystem, join, read_bytes, write_bytes
+from stylid_core.storage import exists, filesystem, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "nightly_score"
@@ -45,11 +52,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("score", help="score existing outputs against their sources; gate on a baseline run")
     p.add_argument("--manifest", required=True, help="Parquet file or prefix of pairs (source_uri, output_uri[,"
                    " image_id, style_uri, reference_uri]), or a stylid output folder")  # fmt: skip
-    p.add_argument("--output", required=True, help="output folder or URI for the scores")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"config name in configs/ or a YAML path (default:"
-                   f" {DEFAULT_CONFIG})")  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value,"
-                   " e.g. gate.min_faces=5 or gate.id_sim.abs_drop=0.01")  # fmt: skip
+    add_output_arguments(p)
+    add_config_arguments(p, default=DEFAULT_CONFIG, what=" (its gate: section: e.g. --set gate.min_faces=5)")
     p.add_argument("--baseline", help="a previous stylid score or stylid run output to compare with (the gate),"
                    " or a folder of nightly score outputs (PREFIX/): the newest finished night before this one"
                    " (by night name) whose gate passed")  # fmt: skip
@@ -57,20 +61,26 @@ def add_parser(subparsers) -> None:
                    " against it, so a slow drift fails once it crosses the thresholds in total")  # fmt: skip
     p.add_argument("--history", metavar="PREFIX", help="folder of previous nightly score outputs: report.html"
                    " gains trend plots over the last gate.history_runs of them")  # fmt: skip
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--overwrite", action="store_true", help="start over in an output written with another config")
+    add_ray_arguments(p)
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.set_defaults(func=main)
 
 
-def load_score_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[ScoreJobConfig, GateConfig]:
-    """The scoring config and the gate's thresholds (its ``gate:`` section) from one YAML plus ``--set``."""
-    from jobs.config import resolve_config_path
+def preflight_score(config: ScoreJobConfig, manifest_uri: str, output_uri: str) -> None:
+    """Everything ``stylid score`` can check before Ray: the manifest (its schema, through the reader the job
+    uses: a missing manifest, a missing or nested column; then one pass over its ids, unique) and the output
+    (writable). Each failure is one ``PreflightError`` line naming the URI, exit 2."""
+    from pipelines.preflight import PreflightError
+    from pipelines.score import iter_score_manifest
 
-    data = load_config_dict(resolve_config_path(name_or_path), overrides)
-    gate = data.pop("gate", None)
-    return ScoreJobConfig.from_dict(data), GateConfig.from_dict(gate)
+    try:
+        iter_score_manifest(manifest_uri, config.style_uri, config.io.storage_options).scan_ids()
+    except PreflightError:
+        raise
+    except (ValueError, OSError) as exc:
+        text = str(exc)
+        raise PreflightError(text if manifest_uri in text else f"manifest {manifest_uri}: {text}") from None
+    check_writable(output_uri, config.io)
 
 
 def read_baseline(uri: str, storage_options: dict) -> dict[str, Any]:
@@ -239,10 +249,9 @@ def choose_drift_base(
     return DriftBase("median", nights, skipped) if len(nights) >= 2 else DriftBase("none", [], skipped)
 
 
-def _config_record(config: ScoreJobConfig) -> dict[str, Any]:
-    record = config.to_dict()
-    record["io"].pop("storage_options", None)  # may hold credentials
-    return record
+def _record(config: ScoreJobConfig) -> dict[str, Any]:
+    """What a gate compares of this run with its baseline's ``run.json`` (``OpenOutput.record``)."""
+    return {"job": "score", "metrics_version": METRICS_VERSION, "config": config_record(config)}
 
 
 def run_score_job(
@@ -265,34 +274,23 @@ def run_score_job(
     from pipelines.score import run_score
 
     opts = config.io.storage_options
-    started = dt.datetime.now(dt.timezone.utc).isoformat()
-    record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
+    record = _record(config)
     choice = resolve_baseline(baseline_uri, output_uri, opts) if baseline_uri else None
     targets = gate_targets(record, choice, reference_uri, opts)
     drift = choose_drift_base(record, choice, reference_uri, gate_config.history_runs)
-    check_output_config(output_uri, config, overwrite)
-    for name in ("_SUCCESS", "gate.json"):
-        delete(join(output_uri, name), opts)
+    out: OpenOutput = open_output("score", config, output_uri, overwrite, clear=("gate.json",))
     result = run_score(config, manifest_uri, output_uri)
     metrics = ledger.read_frame(output_uri, ledger.METRICS, opts)
     faces = ledger.read_frame(output_uri, ledger.FACES, opts)
-    info: dict[str, Any] = {
-        **record,
-        "manifest": manifest_uri,
-        "output": output_uri,
-        "config_hash": config.config_hash(),
-        "versions": versions(),
-        "started": started,
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "this_run": result.to_dict(),
-        "summary": summarize_output(output_uri, opts),
-    }
+    info: dict[str, Any] = {"manifest": manifest_uri, "this_run": result.to_dict(),
+                            "summary": summarize_output(output_uri, opts)}  # fmt: skip
+    this_versions = versions()
     gate = None
     if targets:
         results = {}
         for role, (uri, target_info) in targets.items():
             result_of = gate_against(metrics, faces, uri, target_info, gate_config, opts)
-            changed = versions_changed(target_info.get("versions") or {}, info["versions"])
+            changed = versions_changed(target_info.get("versions") or {}, this_versions)
             results[role] = {**result_of, "versions_changed": changed}
         if drift.kind == "median":
             results["reference"] = median_drift_gate(metrics, faces, drift.nights, gate_config, opts)
@@ -311,11 +309,12 @@ def run_score_job(
             "gated": gate["gated"] if gate else False,
             "failures": gate["failures"] if gate else [],
         }
-    write_run_json(output_uri, info, opts)
-    if report and len(metrics):
-        info["report"] = write_report(output_uri, opts, extra_html=_nightly_html(info, gate, history_prefix,
-                                                                                gate_config, opts))  # fmt: skip
-    write_bytes(join(output_uri, "_SUCCESS"), b"", opts)
+
+    def write_the_report(run_json: dict[str, Any]) -> str:
+        return write_report(output_uri, opts, extra_html=_nightly_html(run_json, gate, history_prefix, gate_config,
+                                                                       opts))  # fmt: skip
+
+    info = close_output(out, info, write_the_report if report and len(metrics) else None)
     if "gate" in info:
         info["gate_result"] = gate
     return info
@@ -411,10 +410,10 @@ def _nightly_html(
 
 
 def main(args: argparse.Namespace) -> int:
-    config, gate_config = load_score_config(args.config, args.set)
+    config, gate_config = load_config("score", args.config, args.set)
     opts = config.io.storage_options
     if args.baseline or args.reference:  # bad baselines are refused before Ray starts
-        record = {"job": "score", "metrics_version": METRICS_VERSION, "config": _config_record(config)}
+        record = _record(config)
         choice = resolve_baseline(args.baseline, args.output, opts) if args.baseline else None
         targets = gate_targets(record, choice, args.reference, opts)
         if choice is not None:
@@ -424,10 +423,8 @@ def main(args: argparse.Namespace) -> int:
             warning = canary_warning((target_info.get("summary") or {}).get("buckets") or [], gate_config, uri)
             if warning:
                 print(warning)
-    from pipelines.score import iter_score_manifest
-
-    # the manifest's schema read before Ray starts: a missing manifest, column or a nested column fails in one line
-    iter_score_manifest(args.manifest, config.style_uri, config.io.storage_options)
+    preflight_score(config, args.manifest, args.output)  # before Ray starts: a bad input fails in one line
+    check_output_config(args.output, config, args.overwrite, "score")  # the job checks again: then a no-op
     init_ray(args.address, args.num_cpus)
     info = run_score_job(config, gate_config, args.manifest, args.output, args.baseline, args.history,
                          overwrite=args.overwrite, report=not args.no_report,

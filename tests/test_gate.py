@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.score import load_score_config
+from jobs.config import load_score_config
 from stylid_core.config import ConfigError, JobConfig, ScoreJobConfig
 from stylid_core.gate import (
     GateConfig,

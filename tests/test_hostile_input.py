@@ -555,7 +555,7 @@ def test_rows_an_outage_failed_are_redone_by_the_rerun_once_storage_is_back(tmp_
 def test_a_rerun_with_another_config_after_a_crash_is_refused(tmp_path):
     """run.json is written at the end: a run killed before it left rows of its config and no record of it, and a
     rerun with another --set mixed two configs' rows. The config is now recorded before the first row."""
-    from jobs.run import CONFIG_RECORD, check_output_config
+    from jobs.output import CONFIG_RECORD, check_output_config
     from stylid_core.config import ConfigError, JobConfig
 
     out = str(tmp_path / "out")

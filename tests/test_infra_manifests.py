@@ -187,8 +187,7 @@ def test_every_worker_group_of_a_job_mounts_the_models_its_config_names():
     under ``HF_HUB_OFFLINE=1``, with ``/models`` mounted on the GPU group only, while insightface runs on the CPU
     workers. Every model a job's config names is an absolute path under a folder mounted on every worker group
     (a stage can land on any of them), and with the hub offline none is a hub id."""
-    from jobs.config import load_job_config
-    from jobs.score import load_score_config
+    from jobs.config import load_job_config, load_score_config
 
     loaders = {"run": lambda path: load_job_config(path, []), "score": lambda path: load_score_config(path)[0]}
 

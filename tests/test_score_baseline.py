@@ -106,7 +106,7 @@ def fake_scoring(monkeypatch):
     import pipelines.score
 
     monkeypatch.setattr(pipelines.score, "run_score", run_score)
-    monkeypatch.setattr(pipelines.score, "iter_score_manifest", lambda *a, **k: iter(()))
+    monkeypatch.setattr(jobs.score, "preflight_score", lambda *a, **k: None)  # the manifest is no file here
     monkeypatch.setattr(jobs.score, "init_ray", lambda *a, **k: None)
 
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from jobs.cli import main
-from jobs.run import write_run_json
+from jobs.output import write_run_json
 from pipelines.schema import COLUMNS
 from pipelines.stages import WriteStage
 from stylid_core.config import IOConfig, JobConfig

@@ -20,6 +20,7 @@ import pipelines.customize
 from stylid_core.config import ConfigError
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.imageio import decode_image, encode_png
+from stylid_core.metrics import METRICS_VERSION
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "customize_tiny.yaml")
 EXPECTED = {"a": "ok", "b": "ok", "c": "no_face", "d": "missing", "e": "decode_error"}
@@ -70,9 +71,9 @@ def finished(tmp_path_factory, manifest, ray_session) -> str:
 
 @pytest.fixture
 def config():
-    from jobs.customize import load_config
+    from jobs.config import load_config
 
-    return load_config(CONFIG)
+    return load_config("customize", CONFIG)
 
 
 @pytest.mark.slow
@@ -97,6 +98,8 @@ def test_customize_job_writes_images_metrics_and_faces(finished):
     assert run["counts"]["ok"] == 2 and run["rows"] == 5 and run["generated_images"] == 3
     assert run["this_run"]["processed"] == 5 and run["this_run"]["already_done"] == 0
     assert run["config_hash"] and "ray" in run["versions"] and "storage_options" not in run["config"]["io"]
+    assert run["job"] == "customize" and run["metrics_version"] == METRICS_VERSION  # jobs.output's run.json
+    assert run["started"] <= run["finished"]
     assert os.path.isfile(f"{out}/_SUCCESS")
     assert os.path.getmtime(f"{out}/_SUCCESS") >= os.path.getmtime(f"{out}/run.json")
 

@@ -37,7 +37,7 @@ def test_checkpoints_on_s3_resume_at_the_right_step_with_the_same_weights(tmp_pa
     import torch
 
     from jobs.cli import main
-    from jobs.train_customizer import load_config
+    from jobs.config import load_config
     from pipelines.train_customizer import FacePairStage, latest_checkpoint, pair_rows
     from stylid_core.customize.facesnap.modules import read_facesnap
     from stylid_core.customize.facesnap.training import FaceSnapTrainer
@@ -51,7 +51,7 @@ def test_checkpoints_on_s3_resume_at_the_right_step_with_the_same_weights(tmp_pa
     storage = "s3://stylid-train/checkpoints"
     args = ["train-customizer", "--config", cfg_path, "--manifest", manifest, "--storage-path", storage]
     assert main([*args, "--max-steps", "2"]) == 0
-    config = load_config(cfg_path, {"manifest": manifest, "storage_path": storage, "max_steps": 4})
+    config = load_config("train", cfg_path, values={"manifest": manifest, "storage_path": storage, "max_steps": 4})
     first = latest_checkpoint(config)
     assert first is not None and first.startswith("s3://stylid-train/checkpoints/")
     assert json.loads(fs.cat(f"{first}/train_progress.json"))["step"] == 2

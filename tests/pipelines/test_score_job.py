@@ -15,7 +15,8 @@ from PIL import Image
 
 import pipelines.score
 from jobs.cli import main as cli
-from jobs.score import load_score_config, run_score_job
+from jobs.config import load_score_config
+from jobs.score import run_score_job
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
 from pipelines.score import read_score_manifest
 from stylid_core.sample_data import background, build_scene, load_photo
