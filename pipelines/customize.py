@@ -25,18 +25,11 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
+from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader, check_unique_ids
+from pipelines.plan import PendingRows, input_block_rows
+from pipelines.resources import check_pools_fit, stage_remote_args
+from pipelines.runner import process_pending
 from pipelines.schema import object_key
-from pipelines.stylize import (
-    MANIFEST_BATCH_ROWS,
-    ManifestReader,
-    PendingBlocks,
-    check_pools_fit,
-    check_unique_ids,
-    input_block_rows,
-    input_dataset,
-    process_pending,
-    stage_remote_args,
-)
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -385,19 +378,19 @@ def _pool(res: StageResources) -> dict[str, Any]:
 
 def build_customize_dataset(
     config: CustomizeJobConfig,
-    rows: pa.Table | pd.DataFrame | PendingBlocks,
+    rows: PendingRows,
     output_uri: str,
     shard_writers: ShardWriters | None = None,
 ) -> ray.data.Dataset:
-    """The lazy dataset of the prepared ``rows`` (``read_customize_manifest``'s, or already in the object store:
-    ``PendingBlocks``); its last stage writes the images and hands the metrics and face rows to ``shard_writers``
-    (the dataset then holds their statuses; without writers, the rows themselves). Rows enter in small blocks, so
-    every actor pool has work as soon as the first references are read."""
+    """The lazy dataset of the plan's pending ``rows`` (``PendingRows``, read as it runs); its last stage writes the
+    images and hands the metrics and face rows to ``shard_writers`` (the dataset then holds their statuses; without
+    writers, the rows themselves). Rows enter in small blocks, so every actor pool has work as soon as the first
+    references are read."""
     r = config.resources
     resources = ray.cluster_resources()
     check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
-    ds = input_dataset(rows, r.reference.batch_size, resources.get("CPU", 1.0))
+    ds = rows.dataset()
     env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
     creds = StageCredentials.from_environ()
     args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
@@ -427,8 +420,8 @@ class CustomizeResult:
 def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> CustomizeResult:
     """Customize every manifest row not yet in ``output_uri``'s ``metrics/`` shards; Ray must be initialised.
 
-    The plan puts the pending rows into Ray's object store block by block as it keeps them (``PendingBlocks``,
-    blocks of ``input_block_rows`` after the reference stage's batches). With nothing pending no dataset is built,
+    The plan keeps the pending rows' row groups and done flags (``PendingRows``, blocks of ``input_block_rows``
+    after the reference stage's batches), read as the dataset runs. With nothing pending no dataset is built,
     so no stage starts and no model loads."""
     t0 = time.perf_counter()
     opts = config.io.storage_options

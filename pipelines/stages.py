@@ -3,7 +3,8 @@
 Each stage does its heavy set-up once per worker in ``__init__`` (model loads), processes one pandas batch per
 ``__call__``, and catches bad data per row: a row that fails gets ``status``/``error`` and flows on, untouched by
 the stages after it. Rows whose ``status`` is not ``ok`` pass through every stage unchanged. Resources (CPUs,
-GPUs, batch size, pool size) come from ``JobConfig.resources`` and are applied in ``pipelines.stylize``.
+GPUs, batch size, pool size) come from ``JobConfig.resources`` and are applied by the chain builder
+(``pipelines.chain``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
-from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
+from stylid_core.ledger import FACE_ROWS
 from stylid_core.metrics import (
     PhotoDetailCorrelation,
     colour_distance,
@@ -656,7 +657,7 @@ class FusedCPUStage:
         batch_rows: int = 16,
     ) -> None:
         # ``read_piece``: the actor's input batches are pieces of the job's rows, not the rows
-        # (``pipelines.stylize.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
+        # (``pipelines.plan.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
         # batches of ``batch_rows``, so that the rows never cross Ray's object store
         self.read_piece, self.batch_rows = read_piece, batch_rows
         stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
@@ -787,10 +788,3 @@ def box_at_source_size(row: Any, record: dict) -> dict:
         return record
     return {**record, "x0": record["x0"] * sx, "x1": record["x1"] * sx, "y0": record["y0"] * sy,
             "y1": record["y1"] * sy}  # fmt: skip
-
-
-def write_shards(output_uri: str, image_ids, faces: pa.Table, metrics: pa.Table, storage_options: dict) -> None:
-    """A faces shard, then its metrics shard (the ledger entry, written last), one put each, named after
-    ``metrics``' ids (``image_ids``, kept for callers, must be the same ids). Jobs write through ``ShardWriter``;
-    this writes one pair as it is."""
-    write_shard_pair(output_uri, faces, metrics, storage_options)

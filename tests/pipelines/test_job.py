@@ -13,6 +13,7 @@ import pytest
 
 import pipelines.stylize
 from jobs.run import run_job
+from pipelines.chain import build_dataset
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
 from stylid_core.config import ConfigError, JobConfig
 from tests.pipelines.conftest import write_manifest
@@ -197,10 +198,13 @@ def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkey
 
 
 def test_the_default_cpu_job_is_one_operator_and_io_apart_adds_load_and_write(ray_session, manifest, tmp_path):
-    rows = pipelines.stylize.read_manifest(manifest, None)
-    one = pipelines.stylize.build_dataset(JobConfig(), rows, str(tmp_path / "a"))
+    from pipelines.manifest import ManifestReader
+    from pipelines.plan import plan_pending
+
+    _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 2)
+    one = build_dataset(JobConfig(), rows, str(tmp_path / "a"))
     apart = JobConfig.from_dict({"resources": {"fuse_io": False}})
-    three = pipelines.stylize.build_dataset(apart, rows, str(tmp_path / "b"))
+    three = build_dataset(apart, rows, str(tmp_path / "b"))
     ops = lambda ds: [line.split("(")[1].rstrip(")") for line in str(ds).splitlines() if "MapBatches(" in line]  # noqa: E731
     assert ops(one) == ["FusedCPUStage"]
     assert ops(three) == ["_write", "FusedCPUStage", "_load"]
@@ -210,15 +214,15 @@ def test_the_fused_job_reads_its_own_rows_from_the_manifest(ray_session, manifes
     """Given a plan's pending rows not read yet (``PendingRows``), the default CPU job's dataset is made of their
     pieces, a few hundred bytes each, and the fused actors read the rows themselves: no read task, no block of
     rows in the object store. Kept apart (``fuse_io`` false), the rows are read by read tasks as before."""
-    from pipelines.stylize import PIECE_SCHEMA, ManifestReader, plan_pending
+    from pipelines.manifest import ManifestReader
+    from pipelines.plan import PIECE_SCHEMA, plan_pending
 
     _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 2)
-    one = pipelines.stylize.build_dataset(JobConfig(), rows, str(tmp_path / "a"))
+    one = build_dataset(JobConfig(), rows, str(tmp_path / "a"))
     assert str(one).startswith("MapBatches(FusedCPUStage)") and _source(one) == "FromArrow"
     pieces = rows.pieces_dataset()
     assert pieces.schema().base_schema.equals(PIECE_SCHEMA) and pieces.count() == -(-len(rows) // 2)
-    apart = pipelines.stylize.build_dataset(JobConfig.from_dict({"resources": {"fuse_io": False}}), rows,
-                                            str(tmp_path / "b"))  # fmt: skip
+    apart = build_dataset(JobConfig.from_dict({"resources": {"fuse_io": False}}), rows, str(tmp_path / "b"))
     assert _source(apart) == "Read"
 
 

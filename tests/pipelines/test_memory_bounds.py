@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import pipelines.stages
+from pipelines.resources import _check_fits, fused_pool_size
 from pipelines.stages import FusedCPUStage, prepare_rows
-from pipelines.stylize import _check_fits, fused_pool_size
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.imageio import decode_image_bounded, work_size
 from stylid_core.ledger import FACE_ROWS

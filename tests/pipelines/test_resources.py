@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pandas as pd
-import pyarrow as pa
 import pytest
 
-from pipelines.stylize import MAX_INPUT_BLOCKS, _check_fits, fused_io, fused_pool_size, input_blocks
+from pipelines.plan import MAX_INPUT_BLOCKS, input_block_rows
+from pipelines.resources import _check_fits, fused_io, fused_pool_size
 from stylid_core.config import ConfigError, JobConfig
 
 
@@ -45,16 +44,12 @@ def test_fused_pool_size_and_what_it_must_fit_beside():
 
 
 def test_input_blocks_follow_the_batches_for_small_jobs_and_are_capped_for_large_ones():
-    """Every job (run, score, customize, training pairs) cuts its rows with ``input_blocks``: small jobs into the
-    first stage's batches (each CPU some), large ones into at most ``MAX_INPUT_BLOCKS`` blocks (4 a CPU beyond)."""
-    small = input_blocks(pa.table({"k": range(100)}), first_batch=64, cpus=2)
-    assert [len(b) for b in small] == [50, 50]
-    big = pa.table({"k": range(1_000_000)})
-    blocks = input_blocks(big, first_batch=64, cpus=2)
-    assert len(blocks) == MAX_INPUT_BLOCKS and {len(b) for b in blocks} == {2_000}
-    assert pa.concat_tables(blocks).column("k").to_pylist() == list(range(1_000_000))  # each row once, in order
-    assert len(input_blocks(big, first_batch=4, cpus=256)) == 4 * 256
-    frame = pd.DataFrame({"k": range(10)}, index=range(100, 110))  # a pandas manifest (stylid customize's)
-    assert [b.column("k").to_pylist() for b in input_blocks(frame, first_batch=4, cpus=1)] == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]
-    ]  # fmt: skip
+    """Every job (run, score, customize, training pairs) cuts its pending rows into blocks of ``input_block_rows``:
+    small jobs into the first stage's batches (each CPU some), large ones into at most ``MAX_INPUT_BLOCKS`` blocks
+    (4 a CPU beyond)."""
+    assert input_block_rows(100, first_batch=64, cpus=2) == 50  # two blocks of 50: each CPU some
+    assert input_block_rows(100, first_batch=16, cpus=2) == 16  # the first stage's batches
+    per_block = input_block_rows(1_000_000, first_batch=64, cpus=2)
+    assert per_block == 2_000 and -(-1_000_000 // per_block) == MAX_INPUT_BLOCKS
+    assert -(-1_000_000 // input_block_rows(1_000_000, first_batch=4, cpus=256)) == 4 * 256
+    assert input_block_rows(0, first_batch=4, cpus=1) == 1

@@ -13,11 +13,13 @@ import pyarrow as pa
 import pytest
 
 import pipelines.score
+from pipelines.plan import PendingRows, input_block_rows, plan_pending
+from pipelines.resources import first_batch_rows
 from pipelines.schema import derive_image_id
 from pipelines.score import EXTERNAL_ENGINE, iter_score_manifest, read_score_manifest, run_score
-from pipelines.stylize import PendingRows, first_batch_rows, input_block_rows, plan_pending
 from stylid_core.config import ScoreJobConfig
 from stylid_core.ledger import ShardWriter, shard_name
+from tests.pending import plan_rows
 
 STYLE = "/s/default.png"
 
@@ -78,7 +80,7 @@ def test_duplicate_ids_across_batches_are_refused_naming_them(tmp_path):
     twice = derive_image_id("/e|/oe")
     reader = iter_score_manifest(manifest, None, batch_rows=1)
     with pytest.raises(ValueError, match=rf"2 duplicate image_id\(s\).*'x'.*'{twice}'.*hash of source_uri"):
-        plan_pending(reader, str(tmp_path / "out"), {})
+        plan_pending(reader, str(tmp_path / "out"), {}, block_rows=lambda n: 10)
     with pytest.raises(ValueError, match="duplicate image_id"):
         read_score_manifest(manifest, None)
 
@@ -120,7 +122,7 @@ def test_a_run_output_streams_over_its_live_metrics_shards_only(tmp_path):
     assert rows.at["d", "status"] == "no_face" and rows.at["d", "error"] == "not scored: no face found"
     assert (rows.drop(index="d")["status"] == "ok").all() and rows.drop(index="d")["error"].isna().all()
     assert (rows["engine"] == "neural").all() and (rows["model"] == "m").all()
-    done, pending = plan_pending(iter_score_manifest(folder, STYLE, batch_rows=2), str(tmp_path / "out"), {})
+    done, pending = plan_rows(iter_score_manifest(folder, STYLE, batch_rows=2), str(tmp_path / "out"))
     assert len(done) == 0 and sorted(pending.column("image_id").to_pylist()) == ids
 
 
@@ -149,7 +151,9 @@ def test_a_customize_output_over_several_shards_gives_a_pair_per_generated_image
     # a generated image's id taken by another row of the output: refused, named
     _ledger(folder, ["p1-1"], reference_uri=["/r/9.jpg"], output_uris=[None], status=["no_face"], error=[None])
     with pytest.raises(ValueError, match=r"1 duplicate image_id\(s\), e.g. \['p1-1'\]"):
-        plan_pending(iter_score_manifest(folder, None, batch_rows=1), str(tmp_path / "out"), {})
+        plan_pending(
+            iter_score_manifest(folder, None, batch_rows=1), str(tmp_path / "out"), {}, block_rows=lambda n: 1
+        )
 
 
 def test_a_folder_with_no_shards_or_no_outputs_is_refused(tmp_path):
