@@ -530,6 +530,7 @@ def cmd_stages(args: argparse.Namespace) -> None:
 def _cmd_stages(args: argparse.Namespace) -> None:
     import pipelines.stages as stages
     from jobs.config import load_job_config
+    from pipelines.stylize import stylize_chain
     from stylid_core.sample_data import write_face_crops
 
     work = tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir)
@@ -540,9 +541,8 @@ def _cmd_stages(args: argparse.Namespace) -> None:
         manifest = pa.table({"image_id": [f"row{k:08d}" for k in range(n + batch)],
                              "image_uri": [crops[k % len(crops)] for k in range(n + batch)]})  # fmt: skip
         rows = stages.prepare_manifest(manifest, None)
-        write = {"output_uri": os.path.join(work, "out"), "config_hash": config.config_hash(), "key_suffix": "",
-                 "write_images": True}  # fmt: skip
-        fused = stages.FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+        specs = stylize_chain(config, os.path.join(work, "out"), key_suffix="")
+        fused = stages.FusedCPUStage([(s.cls, s.kwargs) for s in specs])
         fused(rows.slice(0, batch).to_pandas())  # warm-up: first calls, style cache
         clock = ModelClock()
         for stage in fused.stages:

@@ -1,6 +1,18 @@
-"""The chain builder: a job's stages, lazily chained on its pending rows into one Ray dataset."""
+"""The one chain builder: a job declares its stages (``StageSpec``), and ``build_chain`` maps them on its rows into
+one lazy Ray dataset, fusing the CPU stages into one actor pool where the job asks (``Fusion``), with every pool
+sized against the cluster and checked to fit it (``pipelines.resources``).
+
+Kinds: an ``io`` stage (load, write) runs as stateless tasks, built per batch; a ``cpu`` or ``gpu`` stage (a model)
+as an actor pool, so its model loads once an actor. ``cpu`` stages fuse: with a ``Fusion`` and no ``gpu`` stage in
+the chain, the model stages (and, with ``Fusion.io``, the io stages too) run inside one actor (``FusedCPUStage``),
+no pixels between processes; a fused pool that loads its own rows reads the plan's pieces itself
+(``PendingRows.pieces_dataset``), so not even the rows cross the object store.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 import ray.data
@@ -8,142 +20,143 @@ from ray.data import ActorPoolStrategy
 
 from pipelines.credentials import StageCredentials, with_credentials
 from pipelines.plan import PendingRows
-from pipelines.resources import (
-    _check_fits,
-    _pool,
-    fused,
-    fused_io,
-    fused_pool_size,
-    stage_remote_args,
-)
-from pipelines.shard_writers import ShardWriters
-from pipelines.stages import (
-    SOURCE_IMAGE,
-    FaceStage,
-    FusedCPUStage,
-    ImageColumn,
-    LoadStage,
-    ScoreStage,
-    StylizeStage,
-    WriteStage,
-)
-from stylid_core.config import JobConfig
+from pipelines.resources import _pool, check_pools_fit, fused_pool_size, stage_remote_args
+from pipelines.stages import FusedCPUStage
+from stylid_core.config import StageResources
+
+IO, CPU, GPU = "io", "cpu", "gpu"
 
 
-def _load(df, io, images=SOURCE_IMAGE, credentials: StageCredentials | None = None):
-    if credentials:
-        credentials.export()
-    return LoadStage(io, images)(df)
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a job's chain: ``cls(**kwargs)`` is called on each pandas batch; ``resources`` its batch size,
+    CPUs, GPUs, pool size and memory; ``kind`` ``io``, ``cpu`` or ``gpu`` (``model`` picks cpu or gpu from the
+    resources); ``name`` the resources' name in the job's config, named by the fit check's errors."""
+
+    cls: Callable
+    kwargs: dict
+    resources: StageResources
+    kind: str
+    name: str
+
+    @classmethod
+    def model(cls, stage: Callable, kwargs: dict, resources: StageResources, name: str) -> StageSpec:
+        """A stage with a model: an actor pool, on GPUs where its resources ask for any."""
+        return cls(stage, kwargs, resources, GPU if resources.num_gpus > 0 else CPU, name)
+
+    def make(self):
+        return self.cls(**self.kwargs)
 
 
-def _write(df, credentials: StageCredentials | None = None, **kwargs):
-    if credentials:
-        credentials.export()
-    return WriteStage(**kwargs)(df)
+@dataclass(frozen=True)
+class Fusion:
+    """A job's CPU stages in one actor pool of ``resources``; ``io``: its io stages inside it too."""
+
+    resources: StageResources
+    io: bool = True
 
 
-def build_dataset(
-    config: JobConfig,
-    rows: PendingRows,
-    output_uri: str,
-    *,
-    stylize: bool = True,
-    images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
-    write_images: bool = True,
-    shard_writers: ShardWriters | None = None,
+def fusion_of(resources) -> Fusion | None:
+    """A job config's ``resources`` (``fuse_cpu_stages``, ``fuse_io``, ``fused``) as a ``Fusion``, or None."""
+    return Fusion(resources.fused, resources.fuse_io) if resources.fuse_cpu_stages else None
+
+
+def fused_specs(specs: list[StageSpec], fusion: Fusion | None) -> list[StageSpec]:
+    """The specs that run inside the fused actor: none without a ``Fusion`` or with a ``gpu`` stage; else the model
+    stages, and with ``fusion.io`` the io stages too."""
+    if fusion is None or any(s.kind == GPU for s in specs) or not any(s.kind == CPU for s in specs):
+        return []
+    return [s for s in specs if s.kind == CPU or fusion.io]
+
+
+def check_chain_fits(
+    specs: list[StageSpec], fusion: Fusion | None, cpus: float, gpus: float, memory: float | None = None
+) -> None:
+    """``ConfigError`` unless every pool of the chain (the fused one, else each model stage's) fits the cluster at
+    once beside one task of each io stage left outside it (``check_pools_fit``)."""
+    inside = fused_specs(specs, fusion)
+    pools = {"fused": fusion.resources} if inside else {}
+    pools |= {s.name: s.resources for s in specs if s.kind != IO and s not in inside}
+    tasks = {s.name: s.resources.num_cpus for s in specs if s.kind == IO and s not in inside}
+    check_pools_fit(pools, tasks, cpus, gpus, memory)
+
+
+def chain_pool_size(specs: list[StageSpec], fusion: Fusion, cpus: float, memory: float | None = None) -> int:
+    """Actors of the chain's fused pool: the CPUs left beside its io tasks (``fused_pool_size``)."""
+    inside = fused_specs(specs, fusion)
+    beside = sum(s.resources.num_cpus for s in specs if s.kind == IO and s not in inside)
+    return fused_pool_size(fusion.resources, cpus, beside, memory)
+
+
+def _task(spec: StageSpec, credentials: StageCredentials | None) -> Callable:
+    """An io stage as a Ray task function named after its class: credentials exported, the stage built, called."""
+
+    def task(batch):
+        if credentials:
+            credentials.export()
+        return spec.make()(batch)
+
+    task.__name__ = task.__qualname__ = getattr(spec.cls, "__name__", "stage")
+    return task
+
+
+def _map(ds: ray.data.Dataset, spec: StageSpec, cpus: float, gpus: float, credentials, remote: dict):
+    res = spec.resources
+    if spec.kind == IO:
+        return ds.map_batches(_task(spec, credentials), batch_format="pandas", batch_size=res.batch_size,
+                              num_cpus=res.num_cpus, concurrency=res.pool_size or None, **res.ray_memory(),
+                              **remote)  # fmt: skip
+    return ds.map_batches(with_credentials(spec.cls, credentials), fn_constructor_kwargs=spec.kwargs,
+                          batch_format="pandas", batch_size=res.batch_size, num_cpus=res.num_cpus,
+                          num_gpus=res.num_gpus or None, compute=_pool(res, cpus, gpus), **res.ray_memory(),
+                          **remote)  # fmt: skip
+
+
+def build_chain(
+    rows: PendingRows | ray.data.Dataset,
+    specs: list[StageSpec],
+    fusion: Fusion | None = None,
+    cluster: dict | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Ray dataset of the whole stylization job (nothing runs until it is consumed).
-
-    ``rows`` are a plan's pending rows, read as the dataset runs (``PendingRows``). Stages with models (faces,
-    stylize, score) run as actor pools, so models load once per actor; stateless steps (load, write) as tasks. A
-    CPU-only config runs the three model stages in one pool (``fuse_cpu_stages``), and by default load and write
-    inside it too (``fuse_io``), which makes the whole job one operator. Rows enter in small blocks (an actor takes
-    a whole block), so every actor has work as soon as the first rows are in and until the last.
-
-    The write stage hands the metrics and face rows to ``shard_writers`` (``pipelines.shard_writers``), and the
-    dataset holds their statuses; without writers it holds the rows themselves.
-
-    ``stylid score`` builds the same chain without the stylize stage (``stylize=False``), loading the output and
-    reference images too (``images``) and writing only the shards (``write_images=False``). ``config`` is then a
-    ``ScoreJobConfig``: anything with ``faces``, ``score``, ``io``, ``resources`` and ``config_hash()``.
-    """
-    io, res = config.io, config.resources
-    resources = ray.cluster_resources()
-    cpus, gpus, memory = resources.get("CPU", 1.0), resources.get("GPU", 0.0), resources.get("memory")
-    _check_fits(config, cpus, gpus, stylize, memory)
-    remote = stage_remote_args()
+    """The lazy dataset of ``specs`` chained on ``rows`` (a plan's ``PendingRows``, read as it runs, or a dataset);
+    nothing runs until it is consumed. ``cluster``: Ray's resources (``ray.cluster_resources()`` when None), which
+    every pool must fit (``check_chain_fits``, a ``ConfigError`` before any stage starts) and the fused pool is
+    sized against. Rows enter in small blocks (an actor takes a whole block), so every actor has work as soon as
+    the first rows are in and until the last."""
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    cpus, gpus, memory = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0), cluster.get("memory")
+    check_chain_fits(specs, fusion, cpus, gpus, memory)
+    remote = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
     credentials = StageCredentials.from_environ()
-    key_suffix = "" if not write_images or config.is_default() else f"-{config.config_hash()}"
-    # fuse_io: the fused actors load and write too, so the job is one operator: no pixels through the object store,
-    # no per-task dispatch of load and write (measured on 2 cores: about 2% more images/s than separate tasks);
-    # and rows not read yet are read by the actors themselves: not even the rows cross the object store
-    io_inside = fused_io(config)
-    reads_own_rows = io_inside and fused(config)
-    ds = rows.pieces_dataset() if reads_own_rows else rows.dataset()
-    write_args = {"output_uri": output_uri, "config_hash": config.config_hash(), "key_suffix": key_suffix,
-                  "write_images": write_images, "shard_writers": shard_writers}  # fmt: skip
-    if not io_inside:
-        ds = ds.map_batches(
-            _load,
-            fn_kwargs={"io": io, "images": images, "credentials": credentials},
-            batch_format="pandas",
-            batch_size=res.load.batch_size,
-            num_cpus=res.load.num_cpus,
-            concurrency=res.load.pool_size or None,
-            **res.load.ray_memory(),
-            **remote,
-        )
-    if fused(config):
-        ds = ds.map_batches(
-            with_credentials(FusedCPUStage, credentials),
-            fn_constructor_kwargs={"faces": config.faces, "stylize": config.stylize if stylize else None,
-                                   "score": config.score, "io": io, "write": write_args if io_inside else None,
-                                   "images": images, "read_piece": rows.reader.read_piece if reads_own_rows else None,
-                                   "batch_rows": res.fused.batch_size},
-            # reading its own rows, an actor is given a piece at a time (a block of about input_block_rows rows)
-            batch_format="pandas", batch_size=1 if reads_own_rows else res.fused.batch_size,
-            num_cpus=res.fused.num_cpus,
-            # one pool holds the whole CPU budget: start every actor at once (Ray's autoscaler adds actors only
-            # once work queues up, which a steady stream of small blocks rarely shows)
-            compute=ActorPoolStrategy(size=fused_pool_size(config, cpus, memory)),
-            **res.fused.ray_memory(), **remote,
-        )  # fmt: skip
-        if io_inside:
-            return ds
+    inside = fused_specs(specs, fusion)
+    if inside:
+        first, last = specs.index(inside[0]), specs.index(inside[-1])
+        if specs[first : last + 1] != inside:
+            raise ValueError(f"the fused stages must be consecutive: {[s.name for s in specs]}")
+    # a fused pool that loads its own rows reads the plan's pieces itself: no rows through the object store
+    reads_own_rows = bool(inside) and inside[0].kind == IO and isinstance(rows, PendingRows)
+    if isinstance(rows, PendingRows):
+        ds = rows.pieces_dataset() if reads_own_rows else rows.dataset()
     else:
-        ds = ds.map_batches(
-            with_credentials(FaceStage, credentials), fn_constructor_kwargs={"faces": config.faces},
-            batch_format="pandas",
-            batch_size=res.faces.batch_size, num_cpus=res.faces.num_cpus, compute=_pool(res.faces, cpus, gpus),
-            **res.faces.ray_memory(), **remote,
-        )  # fmt: skip
-        if stylize:
-            ds = ds.map_batches(
-                with_credentials(StylizeStage, credentials),
-                fn_constructor_kwargs={"stylize": config.stylize, "score": config.score, "io": io},
-                batch_format="pandas",
-                batch_size=res.stylize.batch_size,
-                num_cpus=res.stylize.num_cpus,
-                num_gpus=res.stylize.num_gpus or None,
-                compute=_pool(res.stylize, cpus, gpus),
-                **res.stylize.ray_memory(),
-                **remote,
-            )
-        ds = ds.map_batches(
-            with_credentials(ScoreStage, credentials),
-            fn_constructor_kwargs={"faces": config.faces, "score": config.score, "io": io},
-            batch_format="pandas",
-            batch_size=res.score.batch_size,
-            num_cpus=res.score.num_cpus,
-            num_gpus=res.score.num_gpus or None,
-            compute=_pool(res.score, cpus, gpus),
-            **res.score.ray_memory(),
-            **remote,
-        )
+        ds = rows
+    if not inside:
+        for spec in specs:
+            ds = _map(ds, spec, cpus, gpus, credentials, remote)
+        return ds
+    for spec in specs[:first]:
+        ds = _map(ds, spec, cpus, gpus, credentials, remote)
+    res = fusion.resources
     ds = ds.map_batches(
-        _write,
-        fn_kwargs={**write_args, "io": io, "credentials": credentials},
-        batch_format="pandas", batch_size=res.write.batch_size, num_cpus=res.write.num_cpus,
-        concurrency=res.write.pool_size or None, **res.write.ray_memory(), **remote,
+        with_credentials(FusedCPUStage, credentials),
+        fn_constructor_kwargs={"stages": [(s.cls, s.kwargs) for s in inside],
+                               "read_piece": rows.reader.read_piece if reads_own_rows else None,
+                               "batch_rows": res.batch_size},
+        # reading its own rows, an actor is given a piece at a time (a block of about input_block_rows rows)
+        batch_format="pandas", batch_size=1 if reads_own_rows else res.batch_size, num_cpus=res.num_cpus,
+        # one pool holds the whole CPU budget: start every actor at once (Ray's autoscaler adds actors only once
+        # work queues up, which a steady stream of small blocks rarely shows)
+        compute=ActorPoolStrategy(size=chain_pool_size(specs, fusion, cpus, memory)), **res.ray_memory(), **remote,
     )  # fmt: skip
+    for spec in specs[last + 1 :]:
+        ds = _map(ds, spec, cpus, gpus, credentials, remote)
     return ds

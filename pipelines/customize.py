@@ -10,25 +10,21 @@ a rerun processes only the ids not yet in ``metrics/`` and, with none left, star
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
 
-from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
+from pipelines.chain import StageSpec, build_chain, check_chain_fits
 from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader, check_unique_ids
 from pipelines.plan import PendingRows, input_block_rows
-from pipelines.resources import check_pools_fit, stage_remote_args
-from pipelines.runner import process_pending
+from pipelines.runner import RunResult, process_pending
 from pipelines.schema import object_key
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
@@ -358,66 +354,40 @@ def _arrow(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-#: CPUs of one write task (the stateless last step)
-WRITE_CPUS = 0.1
+#: the write step's tasks: a few rows each, a tenth of a CPU (the stateless last step)
+WRITE = StageResources(batch_size=8, num_cpus=0.1)
 
 
-def check_customize_fits(config: CustomizeJobConfig, cpus: float, gpus: float) -> None:
-    """``ConfigError`` when the reference, generate and score pools and a write task cannot all run at once on
-    ``cpus``/``gpus`` (the stream would wait forever for the pool that cannot start)."""
+def customize_chain(
+    config: CustomizeJobConfig, output_uri: str = "", shard_writers: ShardWriters | None = None
+) -> list[StageSpec]:
+    """``stylid customize``'s chain: reference (load, face, embed), generate (the job's own stage), score, write."""
     r = config.resources
-    pools = {"reference": r.reference, "generate": r.generate, "score": r.score}
-    check_pools_fit(pools, {"write": WRITE_CPUS}, cpus, gpus)
+    return [
+        StageSpec.model(ReferenceStage, {"config": config}, r.reference, "reference"),
+        StageSpec.model(CustomizeStage, {"config": config}, r.generate, "generate"),
+        StageSpec.model(CustomizeScoreStage, {"config": config}, r.score, "score"),
+        StageSpec(CustomizeWriteStage, {"output_uri": output_uri, "config": config, "shard_writers": shard_writers},
+                  WRITE, "io", "write"),
+    ]  # fmt: skip
 
 
-def _pool(res: StageResources) -> dict[str, Any]:
-    size = res.pool_size or 1
-    return {"compute": ActorPoolStrategy(size=size), "num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None,
-            "batch_size": res.batch_size}  # fmt: skip
+def check_customize_fits(config: CustomizeJobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
+    """``ConfigError`` when the reference, generate and score pools and a write task cannot all run at once on
+    ``cpus``/``gpus``/``memory`` (the stream would wait forever for the pool that cannot start)."""
+    check_chain_fits(customize_chain(config), None, cpus, gpus, memory)
 
 
 def build_customize_dataset(
-    config: CustomizeJobConfig,
-    rows: PendingRows,
-    output_uri: str,
-    shard_writers: ShardWriters | None = None,
+    config: CustomizeJobConfig, rows: PendingRows, output_uri: str, shard_writers: ShardWriters | None = None
 ) -> ray.data.Dataset:
-    """The lazy dataset of the plan's pending ``rows`` (``PendingRows``, read as it runs); its last stage writes the
-    images and hands the metrics and face rows to ``shard_writers`` (the dataset then holds their statuses; without
-    writers, the rows themselves). Rows enter in small blocks, so every actor pool has work as soon as the first
-    references are read."""
-    r = config.resources
-    resources = ray.cluster_resources()
-    check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-    gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
-    ds = rows.dataset()
-    env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
-    creds = StageCredentials.from_environ()
-    args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
-    return (
-        ds.map_batches(with_credentials(ReferenceStage, creds), **args, **_pool(r.reference))
-        .map_batches(with_credentials(CustomizeStage, creds), **args, **gen)
-        .map_batches(with_credentials(CustomizeScoreStage, creds), **args, **_pool(r.score))
-        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config, shard_writers), creds),
-                     batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS, **env)
-    )  # fmt: skip
+    """The lazy dataset of the plan's pending ``rows`` through ``customize_chain`` (``build_chain``: pools sized
+    against the cluster and checked to fit it); its last stage writes the images and hands the metrics and face
+    rows to ``shard_writers`` (the dataset then holds their statuses; without writers, the rows themselves)."""
+    return build_chain(rows, customize_chain(config, output_uri, shard_writers))
 
 
-@dataclass
-class CustomizeResult:
-    """What one ``run_customize`` call did."""
-
-    total_rows: int
-    already_done: int
-    processed: int
-    seconds: float
-    status_counts: dict[str, int] = field(default_factory=dict)  # of the rows processed by this call
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
-
-
-def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> CustomizeResult:
+def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> RunResult:
     """Customize every manifest row not yet in ``output_uri``'s ``metrics/`` shards; Ray must be initialised.
 
     The plan keeps the pending rows' row groups and done flags (``PendingRows``, blocks of ``input_block_rows``
@@ -432,5 +402,4 @@ def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str
         config.io.rows_per_shard,
         block_rows=lambda n: input_block_rows(n, config.resources.reference.batch_size, cpus),
     )  # fmt: skip
-    processed = sum(counts.values())
-    return CustomizeResult(len(done) + processed, len(done), processed, time.perf_counter() - t0, dict(counts))
+    return RunResult.of(done, counts, time.perf_counter() - t0)

@@ -1,6 +1,6 @@
-"""Resources and pools: how many actors each stage's pool gets, whether the CPU stages fuse into one pool, and the
-check that every pool's first actors fit the Ray cluster's CPUs, GPUs and memory at once (else Ray Data waits
-forever for the pool that cannot start)."""
+"""Resources and pools: how many actors each stage's pool gets (``_pool``, ``fused_pool_size``), and the check that
+every pool's first actors fit the Ray cluster's CPUs, GPUs and memory at once (``check_pools_fit``; else Ray Data
+waits forever for the pool that cannot start). The chain builder (``pipelines.chain``) applies them to any chain."""
 
 from __future__ import annotations
 
@@ -52,17 +52,6 @@ def check_pools_fit(
         )
 
 
-def _check_fits(
-    config: JobConfig, cpus: float, gpus: float, stylize: bool = True, memory: float | None = None
-) -> None:
-    res = config.resources
-    pools = {"fused": res.fused} if fused(config) else {"faces": res.faces, "stylize": res.stylize, "score": res.score}
-    if not stylize:
-        pools.pop("stylize", None)
-    tasks = {} if fused_io(config) else {"load": res.load.num_cpus, "write": res.write.num_cpus}
-    check_pools_fit(pools, tasks, cpus, gpus, memory)
-
-
 def stage_remote_args() -> dict:
     """``ray_remote_args`` for every stage: the driver's non-secret environment (``pipelines.credentials``);
     credentials go through ``with_credentials`` / the task functions' ``credentials`` argument instead."""
@@ -75,25 +64,19 @@ def fused(config: JobConfig) -> bool:
     return res.fuse_cpu_stages and not any(r.num_gpus > 0 for r in (res.faces, res.stylize, res.score))
 
 
-def fused_io(config: JobConfig) -> bool:
-    """Whether the fused pool also loads and writes (``resources.fuse_io``): the whole job is then one operator."""
-    return fused(config) and config.resources.fuse_io
-
-
-def fused_pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
-    """Actors of the fused pool: ``pool_size``, else as many as the CPUs left beside load and write tasks allow,
-    at most one per CPU (each actor is single-threaded CPU work; more would only hold more models in memory), and
-    no more than the cluster's ``memory`` (bytes) holds at the declared ``memory_mb`` each."""
-    res = config.resources
-    if res.fused.pool_size:
-        return res.fused.pool_size
-    spare = cpus if fused_io(config) else cpus - res.load.num_cpus - res.write.num_cpus
-    size = min(int(spare / res.fused.num_cpus + 1e-9), int(cpus + 1e-9))
-    if memory is not None and res.fused.memory_mb > 0:
-        size = min(size, int(memory / (res.fused.memory_mb * 2**20)))
-    return max(1, size)
-
-
 def first_batch_rows(config: JobConfig) -> int:
     """The batch size of a job's first stage with a model (the fused pool's, else the faces stage's)."""
     return config.resources.fused.batch_size if fused(config) else config.resources.faces.batch_size
+
+
+def fused_pool_size(fused: StageResources, cpus: float, beside: float = 0.0, memory: float | None = None) -> int:
+    """Actors of a fused pool: ``pool_size``, else as many as the CPUs left beside the chain's tasks (``beside``:
+    their CPUs) allow, at most one per CPU (each actor is single-threaded CPU work; more would only hold more
+    models in memory), and no more than the cluster's ``memory`` (bytes) holds at the declared ``memory_mb``
+    each."""
+    if fused.pool_size:
+        return fused.pool_size
+    size = min(int((cpus - beside) / fused.num_cpus + 1e-9), int(cpus + 1e-9))
+    if memory is not None and fused.memory_mb > 0:
+        size = min(size, int(memory / (fused.memory_mb * 2**20)))
+    return max(1, size)

@@ -38,6 +38,12 @@ class RunResult:
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    @classmethod
+    def of(cls, done: pa.ChunkedArray, counts: Counter[str], seconds: float) -> RunResult:
+        """``process_pending``'s (done ids, status counts) after ``seconds``."""
+        processed = sum(counts.values())
+        return cls(len(done) + processed, len(done), processed, seconds, dict(counts))
+
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "images_per_second": self.images_per_second}
 

@@ -637,22 +637,19 @@ class ScoreStage(FrameStage):
 
 
 class FusedCPUStage:
-    """Faces, stylize and score (and, with ``write``, load and write too) in one actor, for CPU-only configurations.
+    """A chain's stages in one actor, for CPU-only configurations (``pipelines.chain.build_chain`` with a
+    ``Fusion``): the model stages, and with ``fuse_io`` load and write too.
 
     Three CPU pools of one actor each cannot use more cores than the busiest stage allows; one pool of identical
     actors scales with the cores and moves no pixels between processes. The stages and their per-row error
-    handling are the very same classes. ``stylize`` None leaves the stylize stage out (``stylid score``, whose
-    outputs exist already); ``images`` are the load stage's images.
+    handling are the very same classes, given as the chain declares them (``stages``: (class, keyword arguments)
+    pairs, in order); each but the last hands the next its rows (``rows``), the last a ``WriteStage``'s table or
+    the rows as a table.
     """
 
     def __init__(
         self,
-        faces: FacesConfig,
-        stylize: StylizeConfig | None,
-        score: ScoreConfig,
-        io: IOConfig,
-        write: dict | None = None,
-        images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
+        stages: list[tuple[type, dict]],
         read_piece: Callable[[dict], pa.Table] | None = None,
         batch_rows: int = 16,
     ) -> None:
@@ -660,12 +657,7 @@ class FusedCPUStage:
         # (``pipelines.plan.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
         # batches of ``batch_rows``, so that the rows never cross Ray's object store
         self.read_piece, self.batch_rows = read_piece, batch_rows
-        stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
-        self.stages: list = [FaceStage(faces), *stylizing, ScoreStage(faces, score, io)]
-        if write is not None:
-            # ``resources.fuse_io``: load before and write after, in this actor (``write``: ``WriteStage``'s
-            # keyword arguments); the batch then never crosses the object store with its pixels
-            self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
+        self.stages: list = [cls(**kwargs) for cls, kwargs in stages]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table | Iterator[pa.Table]:
         if self.read_piece is None:

@@ -836,6 +836,7 @@ def test_manifest_kinds_many_teams_write_each_end_with_a_clear_status(tmp_path, 
     from PIL import Image
 
     from pipelines.stages import FusedCPUStage, prepare_manifest
+    from pipelines.stylize import stylize_chain
     from stylid_core.config import JobConfig
     from stylid_core.ledger import RETRIED_STATUSES
     from stylid_core.sample_data import background
@@ -862,8 +863,7 @@ def test_manifest_kinds_many_teams_write_each_end_with_a_clear_status(tmp_path, 
     assert derived.strip() and derived != "   "  # a blank id gets one derived from its URI
     config = JobConfig.from_dict({"score": {"redetect": False, "compare_without_mosaic": False},
                                   "io": {"retries": 1}})  # fmt: skip
-    write = {"output_uri": str(tmp_path / "out"), "config_hash": config.config_hash(), "key_suffix": ""}
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, str(tmp_path / "out"), key_suffix="")])
     out = stage(rows.to_pandas()).to_pandas().set_index("image_id")
     assert len(out) == len(ids)
     for image_id, (uri, status) in cases.items():

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines.chain import chain_pool_size, check_chain_fits, fused_specs, fusion_of
 from pipelines.plan import MAX_INPUT_BLOCKS, input_block_rows
-from pipelines.resources import _check_fits, fused_io, fused_pool_size
+from pipelines.stylize import stylize_chain
 from stylid_core.config import ConfigError, JobConfig
+
+
+def _check_fits(config: JobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
+    """``stylid run``'s chain checked against a cluster of ``cpus``, ``gpus``, ``memory``, as ``build_chain`` does."""
+    check_chain_fits(stylize_chain(config), fusion_of(config.resources), cpus, gpus, memory)
+
+
+def _pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
+    """``stylid run``'s fused pool on such a cluster."""
+    return chain_pool_size(stylize_chain(config), fusion_of(config.resources), cpus, memory)
+
+
+def _fused(config: JobConfig) -> list[str]:
+    """The stages of ``stylid run``'s chain that run inside its fused actor."""
+    return [s.name for s in fused_specs(stylize_chain(config), fusion_of(config.resources))]
 
 
 def test_default_pools_fit_two_cpus_and_oversized_ones_are_refused():
@@ -25,15 +41,16 @@ def test_default_pools_fit_two_cpus_and_oversized_ones_are_refused():
 
 def test_fused_pool_size_and_what_it_must_fit_beside():
     io_inside = JobConfig()
-    assert fused_io(io_inside)
+    assert _fused(io_inside) == ["load", "faces", "stylize", "score", "write"]
     # one single-threaded actor per CPU: 16 CPUs / 0.75 would be 21 actors on 16 cores
-    assert fused_pool_size(io_inside, 2) == 2 and fused_pool_size(io_inside, 16) == 16
+    assert _pool_size(io_inside, 2) == 2 and _pool_size(io_inside, 16) == 16
     apart = {"fuse_io": False}
-    assert not fused_io(JobConfig.from_dict({"resources": apart}))
-    assert fused_pool_size(JobConfig.from_dict({"resources": apart}), 2) == 2  # 1.5 CPUs beside load and write
-    assert fused_pool_size(JobConfig.from_dict({"resources": {**apart, "fused": {"num_cpus": 1}}}), 2) == 1
-    assert fused_pool_size(JobConfig.from_dict({"resources": {"fused": {"pool_size": 5}}}), 2) == 5
-    assert not fused_io(JobConfig.from_dict({"resources": {"fuse_cpu_stages": False}}))
+    assert _fused(JobConfig.from_dict({"resources": apart})) == ["faces", "stylize", "score"]
+    assert _pool_size(JobConfig.from_dict({"resources": apart}), 2) == 2  # 1.5 CPUs beside load and write
+    assert _pool_size(JobConfig.from_dict({"resources": {**apart, "fused": {"num_cpus": 1}}}), 2) == 1
+    assert _pool_size(JobConfig.from_dict({"resources": {"fused": {"pool_size": 5}}}), 2) == 5
+    assert _fused(JobConfig.from_dict({"resources": {"fuse_cpu_stages": False}})) == []
+    assert _fused(JobConfig.from_dict({"resources": {"stylize": {"num_gpus": 1}}})) == []  # a GPU stage never fuses
     # with the I/O inside, nothing runs beside the pool: three 0.75-CPU actors fit 2.25 CPUs; apart they don't
     three = {"fused": {"pool_size": 3}}
     _check_fits(JobConfig.from_dict({"resources": three}), cpus=2.25, gpus=0)

@@ -169,7 +169,7 @@ def test_a_folder_with_no_shards_or_no_outputs_is_refused(tmp_path):
 
 
 def test_run_score_hands_its_dataset_the_pending_rows_to_read_as_it_runs(tmp_path, ray_session, monkeypatch):
-    """The plan does not read the pending rows: ``build_dataset`` gets ``PendingRows``, read by the dataset's own
+    """The plan does not read the pending rows: ``build_chain`` gets ``PendingRows``, read by the dataset's own
     tasks in blocks of about ``input_block_rows``, not a table held by the driver; rows already scored are not
     in them."""
     import ray
@@ -179,16 +179,16 @@ def test_run_score_hands_its_dataset_the_pending_rows_to_read_as_it_runs(tmp_pat
     _ledger(output, ["b"], status=["ok"])
     built = []
 
-    def build(config, rows, output_uri, **kwargs):
-        built.append((rows, kwargs))
+    def build(rows, specs, fusion):
+        built.append((rows, specs))
         return rows.dataset().select_columns(["image_id", "status"])
 
-    monkeypatch.setattr(pipelines.score, "build_dataset", build)
+    monkeypatch.setattr(pipelines.score, "build_chain", build)
     config = ScoreJobConfig()
     result = run_score(config, manifest, output)
-    ((rows, kwargs),) = built
+    ((rows, specs),) = built
     assert isinstance(rows, PendingRows) and len(rows) == 5
-    assert kwargs["stylize"] is False and kwargs["write_images"] is False
+    assert [s.name for s in specs] == ["load", "faces", "score", "write"] and specs[-1].kwargs["write_images"] is False
     per_block = input_block_rows(5, first_batch_rows(config), ray.cluster_resources()["CPU"])
     assert rows.block_rows == per_block
     tables = list(rows.dataset().iter_batches(batch_format="pyarrow", batch_size=None))
