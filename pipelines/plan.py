@@ -24,7 +24,7 @@ MAX_INPUT_BLOCKS = 500
 
 
 def input_block_rows(num_rows: int, first_batch: int, cpus: float) -> int:
-    """Rows of each of a job's input blocks (``input_blocks``, and ``plan_pending``'s blocks put as it plans).
+    """Rows of each of a job's input blocks (``PendingRows``' blocks and pieces, the training pairs' blocks).
 
     An actor takes a whole block: blocks as small as the first stage's batches (``first_batch``) keep every actor
     busy to the end, and a job of fewer rows than the actors' batches hold is split so that each CPU still gets some;

@@ -1,4 +1,9 @@
-"""Ray Data stages: callable classes for ``Dataset.map_batches``.
+"""The Ray Data stages every job's chain is made of (``pipelines.chain``), and the rules they share: reading an image,
+writing one, scrubbing errors.
+
+Over 400 lines by reason: the stages are one set, their per-row contract (``Row``, ``FrameStage``, ``_fail``) and
+the read/write/key rules are what every stage uses, and ``FusedCPUStage`` chains them by their ``rows`` methods;
+split across files, each stage would import the others' internals.
 
 Each stage does its heavy set-up once per worker in ``__init__`` (model loads), processes one pandas batch per
 ``__call__``, and catches bad data per row: a row that fails gets ``status``/``error`` and flows on, untouched by
@@ -23,7 +28,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, object_key, to_table, to_table_of_rows
+from pipelines.schema import (
+    FACE_COLUMNS,
+    METRICS_COLUMNS,
+    derive_image_id,
+    face_rows_type,
+    object_key,
+    to_table,
+    to_table_of_rows,
+)
 from stylid_core.boxes import box_iou
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
@@ -120,13 +133,46 @@ def face_records(row: Row) -> list[dict]:
     return value or []
 
 
-def rows_table(rows: list[Row], names: list[str]) -> pa.Table:
-    """``rows`` as an Arrow table of the columns ``names`` (typed from ``COLUMNS``; absent values null), parsed faces
-    written back as JSON."""
+def rows_table(rows: list[Row], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """``rows`` as an Arrow table of the columns ``names`` (typed from ``columns``, default ``COLUMNS``; absent
+    values null), parsed faces written back as JSON."""
     for row in rows:
         if isinstance(row.get("faces_json"), list):
             row["faces_json"] = json.dumps(row["faces_json"])
-    return to_table_of_rows(rows, names)
+    return to_table_of_rows(rows, names, columns)
+
+
+def decode_work_image(data: bytes, io: IOConfig, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The one decode of every job's input images: safe (``io.max_pixels``, ``io.max_bytes``), RGB, downscaled to
+    ``io.max_work_pixels``; (image, the source's own (width, height)). Errors name ``uri``."""
+    return decode_image_bounded(data, io.max_pixels, io.max_bytes, io.max_work_pixels, uri)
+
+
+def read_image(uri: str, io: IOConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """``uri``'s bytes (transient failures retried: ``io.retry``) decoded by ``decode_work_image``; a
+    ``StorageError`` or ``ImageDecodeError`` (each with the row ``status``) for an image that cannot be used."""
+    return decode_work_image(read_bytes(uri, io.storage_options, io.max_bytes, io.retry), io, uri)
+
+
+def put_image(
+    output_uri: str, image_id: str, suffix: str, image: np.ndarray, io: IOConfig, ext: str | None = None
+) -> str:
+    """The one image write of every job: ``<output>/images/<object_key(image_id)><suffix>.<ext>`` (``ext``: default
+    ``io.image_format``) in one put, transient failures retried (``io.retry``); returns its URI. The key rule keeps
+    any id (``../x``, ``a/b``) under ``images/``."""
+    ext = ext or io.image_format
+    data = encode_png(image) if ext == "png" else encode_jpeg(image, 92)
+    uri = join(output_uri, "images", f"{object_key(str(image_id))}{suffix}.{ext}")
+    write_bytes(uri, data, io.storage_options, io.retry)
+    return uri
+
+
+def scrub_errors(rows: list[Row], io: IOConfig) -> None:
+    """Every row's ``error`` without the credentials of ``io.storage_options`` (a message may quote them)."""
+    secrets = secret_values(io.storage_options)
+    for row in rows:
+        if isinstance(row.get("error"), str):
+            row["error"] = scrub(row["error"], secrets)
 
 
 class FrameStage:
@@ -136,6 +182,8 @@ class FrameStage:
     write costs tens of microseconds (Arrow-backed strings more), a dict item well under one."""
 
     adds: tuple[str, ...] = ()
+    #: the types of the columns (``pipelines.schema``; None: ``COLUMNS``)
+    columns: dict[str, pa.DataType] | None = None
 
     def rows(self, rows: list[Row]) -> list[Row]:
         raise NotImplementedError
@@ -148,9 +196,9 @@ class FrameStage:
         return rows
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        table = to_table(df)
+        table = to_table(df, self.columns)
         names = list(dict.fromkeys([*table.column_names, *self.adds]))
-        return rows_table(self.rows(table.to_pylist()), names)
+        return rows_table(self.rows(table.to_pylist()), names, self.columns)
 
 
 class StyleCache:
@@ -271,9 +319,7 @@ class LoadStage(FrameStage):
             try:
                 if isinstance(data, Exception):
                     raise data
-                image, source_size = decode_image_bounded(
-                    data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri
-                )
+                image, source_size = decode_work_image(data, self.io, uri)
             except (StorageError, ImageDecodeError) as exc:
                 _fail(row, exc.status, prefix + (str(exc) if uri in str(exc) else f"{uri}: {exc}"))
                 continue
@@ -721,7 +767,6 @@ class WriteStage:
         """The metrics rows of ``rows`` (written images: ``output_uri``), each with its face rows (``FACE_ROWS``)."""
         keep_uri = not self.write_images
         face_rows: list[list[dict]] = []
-        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
         for row in rows:
             row["config_hash"] = self.config_hash
             row["t_write"] = None
@@ -731,12 +776,7 @@ class WriteStage:
                 t0 = time.perf_counter()
                 try:
                     out = at_source_size(row, image_of(row, "out_pixels"))
-                    ext = self.io.image_format
-                    data = encode_png(out) if ext == "png" else encode_jpeg(out, 92)
-                    name = f"{object_key(row['image_id'])}{self.key_suffix}.{ext}"
-                    uri = join(self.output_uri, "images", name)
-                    write_bytes(uri, data, self.io.storage_options, self.io.retry)
-                    row["output_uri"] = uri
+                    row["output_uri"] = put_image(self.output_uri, row["image_id"], self.key_suffix, out, self.io)
                 except Exception as exc:
                     _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
                 row["t_write"] = time.perf_counter() - t0
@@ -745,15 +785,14 @@ class WriteStage:
                 faces = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
                          for fj in face_records(row) if "scores" in fj]  # fmt: skip
             face_rows.append(faces)
-            if isinstance(row.get("error"), str):
-                row["error"] = scrub(row["error"], secrets)
+        scrub_errors(rows, self.io)  # error messages never carry a credential
         metrics = to_table_of_rows(rows, METRICS_COLUMNS)  # a chain without a stylize stage lacks its columns
         table = metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
         return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
 #: the type of ``WriteStage``'s ``FACE_ROWS`` column
-FACE_ROWS_TYPE = pa.list_(pa.struct([pa.field(k, v) for k, v in FACE_COLUMNS.items()]))
+FACE_ROWS_TYPE = face_rows_type(FACE_COLUMNS)
 
 
 def _source_scale(row: Any) -> tuple[float, float]:

@@ -267,9 +267,11 @@ def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face)
     from pipelines.customize import CustomizeScoreStage
 
     d = astronaut_face.to_dict()
+    images = [astronaut, np.full((64, 64, 3), 200, np.uint8)]
     row = {"image_id": "a", "status": "ok", "prompt": "p", "face_json": json.dumps(d),
-           "out_pngs": [encode_png(astronaut), encode_png(np.full((64, 64, 3), 200, np.uint8))]}  # fmt: skip
-    df = CustomizeScoreStage(config)(pd.DataFrame([row]))
+           "gen_pixels": [im.tobytes() for im in images], "gen_height": [im.shape[0] for im in images],
+           "gen_width": [im.shape[1] for im in images]}  # fmt: skip
+    df = CustomizeScoreStage(config)(pd.DataFrame([row])).to_pandas()
     gens = json.loads(df.at[0, "gen_json"])
     assert [g["gen_index"] for g in gens] == [0, 1] and {g["backend"] for g in gens} == {"dlib"}
     assert gens[0]["detected"] and gens[0]["id_sim"] > 0.95 and gens[0]["id_match"] and 0 <= gens[0]["id_dist"] < 0.6

@@ -1,7 +1,7 @@
 """``stylid score``'s input streamed the way ``stylid run``'s manifest is: a pairs manifest or a stylid output
 folder read by ``ManifestReader`` in bounded batches (an output folder's live metrics shards only), each batch
 prepared by ``score_rows``; duplicates refused across batches; the plan's pending rows handed to the dataset as
-``PendingBlocks``."""
+``PendingRows``, read as it runs."""
 
 from __future__ import annotations
 
