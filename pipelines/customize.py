@@ -4,9 +4,9 @@ chain ``customize_chain`` declares on the shared builder (``pipelines.chain``).
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
 comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;
 generated images go to ``<output>/images/<object_key(image_id)>-<hash>-<k>.png`` (``put_image``: one put each)
-and one row per generated image to ``faces/part-<h>.parquet``. The shards and the resume ledger are ``stylid run``'s (``stylid_core.ledger``):
-a rerun processes only the ids not yet in ``metrics/`` and, with none left, starts no stage.
-``run.json`` and ``_SUCCESS`` are written by ``jobs.customize``.
+and one row per generated image to ``faces/part-<h>.parquet``. The shards and the resume ledger are
+``stylid run``'s (``stylid_core.ledger``): a rerun processes only the ids not yet in ``metrics/`` and, with none
+left, starts no stage. ``run.json`` and ``_SUCCESS`` are written by ``jobs.customize``.
 """
 
 from __future__ import annotations
