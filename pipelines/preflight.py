@@ -6,7 +6,7 @@ name the URI at fault. Here each problem is one ``PreflightError`` (a ``ConfigEr
 line and exits with status 2) naming the URI and the cause:
 
 - the manifest: readable, the required column there, ids unique (``pipelines.manifest.ManifestReader`` and
-  ``pipelines.customize.read_customize_manifest``, the very readers the jobs use);
+  ``pipelines.customize.iter_customize_manifest``, the very readers the jobs use);
 - the output: a probe object written and deleted under it (a missing bucket, a policy denying ``PutObject`` or
   ``DeleteObject``, a read-only folder all show here);
 - the style images (``stylid run``): every distinct style the rows use, up to ``MAX_STYLES_CHECKED``, read and
