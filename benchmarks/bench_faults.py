@@ -63,12 +63,12 @@ def photo(width: int, height: int, face_px: int) -> bytes:
 def one_image(path: str, max_work_pixels: int) -> None:
     """(In a fresh process.) Run one image through the fused stages; print JSON with the peak RSS."""
     from pipelines.stages import FusedCPUStage, prepare_rows
+    from pipelines.stylize import stylize_chain
     from stylid_core.config import JobConfig
 
     config = JobConfig.from_dict({"io": {"max_work_pixels": max_work_pixels}})
     out = tempfile.mkdtemp()
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io,
-                          write={"output_uri": out, "config_hash": "bench", "key_suffix": ""})  # fmt: skip
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, out, key_suffix="")])
     after_load = psutil.Process().memory_info().rss
     rows = prepare_rows(pd.DataFrame([{"image_id": "big", "image_uri": path}]), None)
     t0 = time.perf_counter()

@@ -50,8 +50,8 @@ def repeated_sample(directory: str, repeats: int) -> str:
 
 def loop_run(config: JobConfig, manifest: str, output: str) -> tuple[int, float]:
     """The same stages, called batch by batch in this process."""
+    from pipelines.manifest import read_manifest
     from pipelines.stages import FaceStage, LoadStage, ScoreStage, StylizeStage, WriteStage
-    from pipelines.stylize import read_manifest
     from stylid_core.ledger import ShardWriter
 
     t0 = time.perf_counter()

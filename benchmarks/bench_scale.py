@@ -201,7 +201,8 @@ def child_plan(args: argparse.Namespace) -> None:
     """The job's plan as ``run_stylize`` makes it (Ray started; the pending rows left to the read tasks it plans)."""
     from jobs.arrow_memory import use_jemalloc
     from jobs.ray_cluster import init_ray
-    from pipelines.stylize import input_block_rows, iter_manifest, plan_pending
+    from pipelines.manifest import iter_manifest
+    from pipelines.plan import input_block_rows, plan_pending
 
     use_jemalloc()
     init_ray(num_cpus=args.cpus, quiet=True)
@@ -388,9 +389,11 @@ def cores_line(figures: dict) -> str:
     capacity = figures["machine_cores"] * figures["elapsed_s"]
     given = figures["cores_given"]
     job, share = 1000 * spent / rows, 100 * spent / (given * figures["elapsed_s"])
-    return (f"cores (CPU ms/row): {shown}; this job {job:.2f} in all, {share:.0f}%"
-            f" of the {given} cores it could run on (so at most {1000 * given / job:.0f} rows/s on them); the machine"
-            f" {100 * figures['machine_busy_s'] / capacity:.0f}% busy over {figures['machine_cores']} cores")
+    return (
+        f"cores (CPU ms/row): {shown}; this job {job:.2f} in all, {share:.0f}%"
+        f" of the {given} cores it could run on (so at most {1000 * given / job:.0f} rows/s on them); the machine"
+        f" {100 * figures['machine_busy_s'] / capacity:.0f}% busy over {figures['machine_cores']} cores"
+    )
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -402,8 +405,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"{'rows':>8} {'cpus':>4} {'rows/s':>7} {'ms/row/core':>11} {'objects':>7} {'metrics':>9}"
               f" {'faces':>9} {'driver MB':>9} {'worker MB':>9} {'rerun s':>7} {'(wall)':>6} {'resume s':>8}"
               f" {'redone':>7}")  # fmt: skip
-        print(f"  (ms/row/core: the whole job's cost, model work and Ray included; its split into model work and the"
-              f" pipeline's own is the stages mode's; loadavg at start {loadavg()})", flush=True)
+        print(
+            f"  (ms/row/core: the whole job's cost, model work and Ray included; its split into model work and the"
+            f" pipeline's own is the stages mode's; loadavg at start {loadavg()})",
+            flush=True,
+        )
         for n in args.rows:
             manifest = write_manifest(os.path.join(work, f"manifest{n}"), n, crops)
             output = os.path.join(work, f"out{n}-{args.cpus}")
@@ -421,13 +427,19 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                   f" {mbytes / 1e6:>7.1f}MB {fbytes / 1e6:>7.1f}MB {mb(first['driver_peak']):>9}"
                   f" {mb(first['worker_peak']):>9} {rerun['job_s']:>7.1f} {rerun['wall_s']:>6.1f}"
                   f" {resume['job_s']:>8.1f} {resume['processed']:>7}  loadavg {loadavg()}", flush=True)  # fmt: skip
-            print(f"         driver at the end: {mb(first['rss_anon'])} MB anonymous, {mb(first['rss_shmem'])} MB"
-                  f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files; the worker"
-                  f" at its peak: {mb(first['worker_peak_shmem'])} MB of it object store pages", flush=True)
+            print(
+                f"         driver at the end: {mb(first['rss_anon'])} MB anonymous, {mb(first['rss_shmem'])} MB"
+                f" shared memory (Ray's object store pages it read), {mb(first['rss_file'])} MB files; the worker"
+                f" at its peak: {mb(first['worker_peak_shmem'])} MB of it object store pages",
+                flush=True,
+            )
             print(f"         {cores_line(first)}", flush=True)
             if args.crash:
-                print(f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
-                      f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)", flush=True)
+                print(
+                    f"         crash: killed with {resume['at_kill']} rows in the ledger; the resume redid"
+                    f" {resume['processed']} rows (driver {mb(resume['driver_peak'])} MB)",
+                    flush=True,
+                )
             shutil.rmtree(output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -443,14 +455,20 @@ def cmd_ledger(args: argparse.Namespace) -> None:
         manifest = write_manifest(os.path.join(work, "manifest"), n, [f"/data/image_uri/row{k}.png" for k in
                                                                        range(CROPS)])  # fmt: skip
         objects, mbytes, fbytes = output_objects(output)
-        print(f"synthesized a finished output of {n} rows in {time.perf_counter() - t0:.0f} s: {objects} objects"
-              f" ({mbytes / 1e6:.0f} MB metrics, {fbytes / 1e6:.0f} MB faces)", flush=True)
+        print(
+            f"synthesized a finished output of {n} rows in {time.perf_counter() - t0:.0f} s: {objects} objects"
+            f" ({mbytes / 1e6:.0f} MB metrics, {fbytes / 1e6:.0f} MB faces)",
+            flush=True,
+        )
         for rps in sorted({args.rows_per_shard}):
             local = run_child("_job", *job_args(manifest, output, 2, rps))
             assert local["processed"] == 0 and local["already_done"] == n
-            print(f"local disk: rerun finds nothing to do in {local['stylize_s']:.1f} s (ledger + plan); the whole"
-                  f" job (+ summary scan, report) {local['job_s']:.1f} s, {local['wall_s']:.1f} s with Ray's start;"
-                  f" driver peak {mb(local['driver_peak'])} MB", flush=True)
+            print(
+                f"local disk: rerun finds nothing to do in {local['stylize_s']:.1f} s (ledger + plan); the whole"
+                f" job (+ summary scan, report) {local['job_s']:.1f} s, {local['wall_s']:.1f} s with Ray's start;"
+                f" driver peak {mb(local['driver_peak'])} MB",
+                flush=True,
+            )
         if args.s3:
             s3_rerun(work, output, manifest, n)
     finally:
@@ -477,9 +495,12 @@ def s3_rerun(work: str, output: str, manifest: str, n: int) -> None:
         print(f"uploaded to moto S3 in {time.perf_counter() - t0:.0f} s", flush=True)
         r = run_child("_job", *job_args("s3://bench/manifest", "s3://bench/out", 2, DEFAULT_ROWS_PER_SHARD), env=env)
         assert r["processed"] == 0 and r["already_done"] == n
-        print(f"moto S3 on 127.0.0.1: rerun finds nothing to do in {r['stylize_s']:.1f} s (ledger + plan); the whole"
-              f" job (+ summary scan, report) {r['job_s']:.1f} s, {r['wall_s']:.1f} s with Ray's start;"
-              f" driver peak {mb(r['driver_peak'])} MB", flush=True)
+        print(
+            f"moto S3 on 127.0.0.1: rerun finds nothing to do in {r['stylize_s']:.1f} s (ledger + plan); the whole"
+            f" job (+ summary scan, report) {r['job_s']:.1f} s, {r['wall_s']:.1f} s with Ray's start;"
+            f" driver peak {mb(r['driver_peak'])} MB",
+            flush=True,
+        )
     finally:
         server.stop()
 
@@ -509,6 +530,7 @@ def cmd_stages(args: argparse.Namespace) -> None:
 def _cmd_stages(args: argparse.Namespace) -> None:
     import pipelines.stages as stages
     from jobs.config import load_job_config
+    from pipelines.stylize import stylize_chain
     from stylid_core.sample_data import write_face_crops
 
     work = tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir)
@@ -519,9 +541,8 @@ def _cmd_stages(args: argparse.Namespace) -> None:
         manifest = pa.table({"image_id": [f"row{k:08d}" for k in range(n + batch)],
                              "image_uri": [crops[k % len(crops)] for k in range(n + batch)]})  # fmt: skip
         rows = stages.prepare_manifest(manifest, None)
-        write = {"output_uri": os.path.join(work, "out"), "config_hash": config.config_hash(), "key_suffix": "",
-                 "write_images": True}  # fmt: skip
-        fused = stages.FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+        specs = stylize_chain(config, os.path.join(work, "out"), key_suffix="")
+        fused = stages.FusedCPUStage([(s.cls, s.kwargs) for s in specs])
         fused(rows.slice(0, batch).to_pandas())  # warm-up: first calls, style cache
         clock = ModelClock()
         for stage in fused.stages:
@@ -544,10 +565,15 @@ def _cmd_stages(args: argparse.Namespace) -> None:
         model = sum(clock.seconds.values())
         print(f"fused actor, {n} rows of 32 px in batches of {batch}, one core, loadavg {loadavg()}")
         print(f"  whole cost:      {1000 * total / n:.3f} ms per row per core ({n / total:.0f} rows/s)")
-        print(f"  model work:      {1000 * model / n:.3f} ms per row ("
-              + ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in sorted(clock.seconds.items())) + ")")
-        print(f"  pipeline's own:  {1000 * (total - model) / n:.3f} ms per row per core   <- the target (<= 1 ms)",
-              flush=True)
+        print(
+            f"  model work:      {1000 * model / n:.3f} ms per row ("
+            + ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in sorted(clock.seconds.items()))
+            + ")"
+        )
+        print(
+            f"  pipeline's own:  {1000 * (total - model) / n:.3f} ms per row per core   <- the target (<= 1 ms)",
+            flush=True,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -564,14 +590,20 @@ def cmd_plan(args: argparse.Namespace) -> None:
         manifest = write_manifest(os.path.join(work, "manifest"), args.manifest_rows, files=10)
         output = os.path.join(work, "out")
         synthesize_output(output, args.done_rows, DEFAULT_ROWS_PER_SHARD, faces=False)
-        print(f"synthesized a {args.manifest_rows}-row manifest (10 files) and a {args.done_rows}-row ledger in"
-              f" {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"synthesized a {args.manifest_rows}-row manifest (10 files) and a {args.done_rows}-row ledger in"
+            f" {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         r = run_child("_plan", "--manifest", manifest, "--output", output, "--cpus", str(args.cpus))
         assert r["done"] == args.done_rows and r["pending"] == args.manifest_rows - args.done_rows
-        print(f"plan of {args.manifest_rows} rows against a {args.done_rows}-row ledger: {r['plan_s']:.1f} s,"
-              f" driver peak RSS {mb(r['driver_peak'])} MB ({mb(r['driver_before'])} MB with Ray started, before"
-              f" the plan); {r['pending']} rows pending, left to"
-              f" {r['tasks']} read tasks (load {loadavg()})", flush=True)
+        print(
+            f"plan of {args.manifest_rows} rows against a {args.done_rows}-row ledger: {r['plan_s']:.1f} s,"
+            f" driver peak RSS {mb(r['driver_peak'])} MB ({mb(r['driver_before'])} MB with Ray started, before"
+            f" the plan); {r['pending']} rows pending, left to"
+            f" {r['tasks']} read tasks (load {loadavg()})",
+            flush=True,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

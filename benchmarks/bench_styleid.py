@@ -337,9 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(measure(name, device, n_c, passes, ours(stride), ours_dtype))
         rows.append(measure("(a) img2img strength 1.0, no CFG", device, n_c, passes, img2img(1.0, 1.0), ours_dtype))
         defaults = img2img(IMG2IMG_DEFAULT_STRENGTH, IMG2IMG_DEFAULT_GUIDANCE)
-        rows.append(
-            measure("(a') img2img defaults: strength 0.8, CFG 7.5", device, n_c, passes, defaults, ours_dtype)
-        )
+        rows.append(measure("(a') img2img defaults: strength 0.8, CFG 7.5", device, n_c, passes, defaults, ours_dtype))
         rows.append(measure("(b) StyleID official flow (batch 1, disk features)", device, n_c, passes, official,
                             official_dtype))  # fmt: skip
 
@@ -396,9 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             "strides": strides,
             "injected_layers": len(engine.layers),
             "methods": rows,
-            "ratios": {
-                label: {f"stride_{s}": r for s, r in zip(strides, ratios)} for label, ratios, _ in lines
-            },
+            "ratios": {label: {f"stride_{s}": r for s, r in zip(strides, ratios)} for label, ratios, _ in lines},
             "targets": {"ours / (a) img2img strict": "<= 1.5", "(b) official / ours": ">= 10"},
             "style_features_cached_mib": cached_mib,
             "official_style_file_mib": style_file / 2**20,

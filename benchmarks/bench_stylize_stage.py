@@ -2,7 +2,7 @@
 
 Only the stylize stage runs: ``--rows`` prepared rows (random content pixels at ``--size`` px, one face box each, the
 bundled style) enter as Arrow blocks and go through ``map_batches(StylizeStage, num_gpus=..., compute=
-ActorPoolStrategy(...))`` exactly as ``pipelines.stylize.build_dataset`` chains it, with the stage options and
+ActorPoolStrategy(...))`` exactly as ``pipelines.chain.build_chain`` maps an actor stage, with the stage options and
 ``resources.stylize`` of ``--config`` (default ``configs/stylize_tiny.yaml``) plus ``--set`` overrides. The rows are
 made on the driver beforehand, so no load, face or score work competes with the stage.
 
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from jobs.config import load_job_config
     from jobs.ray_cluster import init_ray
+    from pipelines.resources import stage_remote_args
     from pipelines.schema import to_table
-    from pipelines.stylize import stage_remote_args
     from stylid_core.sample_data import default_style_path
 
     config = load_job_config(args.config, args.overrides)

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "tiny (random)" if args.tiny else "sd15-shaped (random)",
         "dtype": str(components.unet.dtype).removeprefix("torch."),
         "autocast": {"no": None, "fp16": "float16", "bf16": "bfloat16"}[args.mixed_precision]
-        if device.type == "cuda" else None,
+        if device.type == "cuda"
+        else None,
         "synthetic_face": args.synthetic_face,
         "torch_threads": torch.get_num_threads(),
         "size_px": args.size,

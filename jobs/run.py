@@ -57,7 +57,7 @@ def write_sample_manifest(output_uri: str, storage_options: dict) -> str:
 
 def _write_if_changed(uri: str, data: bytes, storage_options: dict) -> None:
     """``data`` to ``uri`` unless it holds them already: a run's manifest is never rewritten under it (a rewrite,
-    even of the same rows, fails the reads of a run that planned from it: ``pipelines.stylize.file_version``)."""
+    even of the same rows, fails the reads of a run that planned from it: ``pipelines.manifest.file_version``)."""
     try:
         if read_bytes(uri, storage_options) == data:
             return

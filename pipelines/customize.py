@@ -1,113 +1,57 @@
-"""``stylid customize`` on Ray Data: reference rows -> faces -> portraits (GPU actor pool) -> scores -> outputs.
+"""``stylid customize`` on Ray Data: reference rows -> faces -> portraits (GPU actor pool) -> scores -> outputs, the
+chain ``customize_chain`` declares on the shared builder (``pipelines.chain``).
 
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
 comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;
-generated images go to ``<output>/images/<image_id>-<hash>-<k>.png`` (one put each) and one row per generated
-image to ``faces/part-<h>.parquet``. The shards and the resume ledger are ``stylid run``'s (``stylid_core.ledger``):
-a rerun processes only the ids not yet in ``metrics/`` and, with none left, starts no stage.
-``run.json`` and ``_SUCCESS`` are written by ``jobs.customize``.
+generated images go to ``<output>/images/<object_key(image_id)>-<hash>-<k>.png`` (``put_image``: one put each)
+and one row per generated image to ``faces/part-<h>.parquet``. The shards and the resume ledger are
+``stylid run``'s (``stylid_core.ledger``): a rerun processes only the ids not yet in ``metrics/`` and, with none
+left, starts no stage. ``run.json`` and ``_SUCCESS`` are written by ``jobs.customize``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
 
-from pipelines.credentials import StageCredentials, task_with_credentials, with_credentials
-from pipelines.schema import object_key
-from pipelines.stylize import (
-    MANIFEST_BATCH_ROWS,
-    ManifestReader,
-    PendingBlocks,
-    check_pools_fit,
-    check_unique_ids,
-    input_block_rows,
-    input_dataset,
-    process_pending,
-    stage_remote_args,
+from pipelines.chain import StageSpec, build_chain, check_chain_fits
+from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader, check_unique_ids
+from pipelines.plan import PendingRows, input_block_rows
+from pipelines.runner import RunResult, process_pending
+from pipelines.schema import (
+    CUSTOMIZE_COLUMNS,
+    CUSTOMIZE_FACE_COLUMNS,
+    CUSTOMIZE_METRICS_COLUMNS,
+    face_rows_type,
+    to_table,
+    to_table_of_rows,
 )
+from pipelines.stages import FrameStage, Row, _fail, put_image, read_image, scrub_errors
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.faces.base import Face
 from stylid_core.faces.factory import create_face_analyzer
-from stylid_core.imageio import ImageDecodeError, decode_image, encode_png
+from stylid_core.imageio import ImageDecodeError
 from stylid_core.ledger import FACE_ROWS
 from stylid_core.metrics import identity_similarity
-from stylid_core.storage import StorageError, join, read_bytes, write_bytes
+from stylid_core.storage import StorageError
 
 if TYPE_CHECKING:
     from pipelines.shard_writers import ShardWriters
 
 log = logging.getLogger(__name__)
 
-#: per-row metrics columns and their pandas dtypes (fixed so all-null batches still concatenate)
-METRIC_COLUMNS: dict[str, str] = {
-    "image_id": "string",
-    "reference_uri": "string",
-    "pose_uri": "string",
-    "prompt": "string",
-    "num_images": "Int32",
-    "status": "string",
-    "error": "string",
-    "backend": "string",
-    "model": "string",
-    "n_generated": "Int32",
-    "n_faces_found": "Int32",
-    "id_sim_mean": "Float64",
-    "id_sim_max": "Float64",
-    "id_match_rate": "Float64",
-    "clip_score_mean": "Float64",
-    "output_uris": "string",  # JSON list
-    "t_reference": "Float64",
-    "t_generate": "Float64",
-    "t_score": "Float64",
-    "config_hash": "string",
-}
-
-#: one row per generated image: identity of its (largest) face against the reference face
-FACE_COLUMNS: dict[str, str] = {
-    "image_id": "string",
-    "gen_index": "Int32",  # k of images/<image_id>-<hash>-<k>.png
-    "detected": "boolean",  # a face was found (and embedded) in the generated image
-    "id_sim": "Float64",  # cosine similarity to the reference embedding; null when not detected
-    "id_dist": "Float64",  # the face backend's native distance
-    "id_match": "boolean",  # id_dist under the backend's threshold (false when not detected)
-    "backend": "string",  # the face backend that scored it
-}
-
 #: manifest columns read on the driver (the rest of a manifest stays on storage)
 MANIFEST_COLUMNS = ("image_id", "reference_uri", "prompt", "pose_uri", "num_images")
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    return decode_image(bytes(data))
-
-
-def _read_image(uri: str, config: CustomizeJobConfig) -> np.ndarray:
-    """The RGB image at ``uri`` (transient storage failures retried); ``ImageDecodeError`` with the row status and
-    the URI for anything that cannot be used."""
-    try:
-        data = read_bytes(uri, config.io.storage_options, config.io.max_bytes, config.io.retry)
-    except StorageError as exc:
-        raise ImageDecodeError(exc.status, str(exc)) from None
-    return decode_image(data, max_pixels=config.io.max_pixels, max_bytes=config.io.max_bytes, source=uri)
-
-
-def _fail(df: pd.DataFrame, i: int, status: str, error: str) -> None:
-    df.at[i, "status"] = status
-    df.at[i, "error"] = error[:2000]
 
 
 class PrepareCustomizeRows:
@@ -176,84 +120,110 @@ def read_customize_manifest(manifest_uri: str, config: CustomizeJobConfig) -> pd
     return df
 
 
-class ReferenceStage:
-    """CPU stage: load the reference (and pose) image, find the largest face, embed it."""
+def _image(data: bytes, height: int, width: int) -> np.ndarray:
+    """Raw RGB bytes of ``height`` x ``width`` as an image (how images cross the stages)."""
+    return np.frombuffer(data, np.uint8).reshape(int(height), int(width), 3)
+
+
+def _seed(image_id: str) -> int:
+    return int(hashlib.sha256(str(image_id).encode()).hexdigest()[:8], 16)
+
+
+class ReferenceStage(FrameStage):
+    """CPU stage: read the reference (and pose) image as every job reads its images (``read_image``: retried, safe,
+    at ``io.max_work_pixels``), find the reference's largest face and embed it. The images go on as raw pixels."""
+
+    adds = ("ref_pixels", "ref_width", "ref_height", "pose_pixels", "pose_width", "pose_height", "face_json",
+            "t_reference")  # fmt: skip
+    columns = CUSTOMIZE_COLUMNS
 
     def __init__(self, config: CustomizeJobConfig) -> None:
         self.config = config
         self.analyzer = create_face_analyzer(config.faces)
 
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = df.reset_index(drop=True).copy()
-        for col in ("model", "output_uris", "ref_png", "pose_png", "face_json", "out_pngs"):
-            df[col] = None
-        t = []
-        for i in range(len(df)):
-            t0 = time.perf_counter()
-            if df.at[i, "status"] != "ok":
-                t.append(None)
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
+        io = self.config.io
+        for row in rows:
+            if row["status"] != "ok":
                 continue
+            t0 = time.perf_counter()
+            uri = row["reference_uri"]
             try:
-                image = _read_image(str(df.at[i, "reference_uri"]), self.config)
+                image, _ = read_image(uri, io)
                 faces = self.analyzer.analyze(image, max_faces=1)
                 if not faces:
-                    _fail(df, i, "no_face", "no face in the reference image")
-                else:
-                    face = faces[0]
-                    d = face.to_dict()
-                    if face.landmarks is not None:
-                        d["landmarks"] = np.asarray(face.landmarks, float).tolist()
-                    df.at[i, "face_json"] = json.dumps(d)
-                    df.at[i, "ref_png"] = encode_png(image)
-                pose = df.at[i, "pose_uri"]
-                if isinstance(pose, str) and pose and df.at[i, "status"] == "ok":
-                    df.at[i, "pose_png"] = encode_png(_read_image(pose, self.config))
-            except ImageDecodeError as exc:
-                _fail(df, i, exc.status, str(exc))
+                    _fail(row, "no_face", "no face in the reference image")
+                    continue
+                d = faces[0].to_dict()
+                if faces[0].landmarks is not None:
+                    d["landmarks"] = np.asarray(faces[0].landmarks, float).tolist()
+                row["face_json"] = json.dumps(d)
+                row["ref_pixels"], (row["ref_height"], row["ref_width"]) = image.tobytes(), image.shape[:2]
+                uri = row.get("pose_uri")
+                if isinstance(uri, str) and uri:
+                    pose, _ = read_image(uri, io)
+                    row["pose_pixels"], (row["pose_height"], row["pose_width"]) = pose.tobytes(), pose.shape[:2]
+            except (StorageError, ImageDecodeError) as exc:
+                _fail(row, exc.status, str(exc) if uri in str(exc) else f"{uri}: {exc}")
             except Exception as exc:  # a bad row is an error row, never a crashed job
-                _fail(df, i, "reference_error", f"{type(exc).__name__}: {exc}")
-            t.append(time.perf_counter() - t0)
-        df["t_reference"] = t
-        return df
+                _fail(row, "reference_error", f"{uri}: {type(exc).__name__}: {exc}")
+            finally:
+                row["t_reference"] = time.perf_counter() - t0
+        return rows
 
 
-class CustomizeStage:
-    """GPU actor stage: the configured ``Customizer`` generates ``num_images`` portraits per ok row."""
+class CustomizeStage(FrameStage):
+    """GPU actor stage, the job's own: the configured ``Customizer`` generates ``num_images`` portraits per ok row
+    (raw pixels on, as the reference came)."""
+
+    adds = ("model", "gen_pixels", "gen_width", "gen_height", "t_generate")
+    columns = CUSTOMIZE_COLUMNS
 
     def __init__(self, config: CustomizeJobConfig) -> None:
         self.config = config
         self.customizer = CUSTOMIZERS.create(config.backend, config=dict(config.options))
 
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = df.copy()
-        times = []
-        for i in range(len(df)):
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
+        for row in rows:
+            row["model"] = self.customizer.model
+            if row["status"] != "ok":
+                continue
             t0 = time.perf_counter()
-            df.at[i, "model"] = self.customizer.model
-            if df.at[i, "status"] == "ok":
-                try:
-                    face_d = json.loads(df.at[i, "face_json"])
-                    face = Face.from_dict(face_d)
-                    if face_d.get("landmarks") is not None:
-                        face.landmarks = np.asarray(face_d["landmarks"], np.float32)
-                    pose = df.at[i, "pose_png"]
-                    pose = pose if isinstance(pose, (bytes, bytearray, memoryview)) else None  # null: no pose
-                    images = self.customizer.generate(
-                        _decode_png(df.at[i, "ref_png"]), face, str(df.at[i, "prompt"]),
-                        num_images=int(df.at[i, "num_images"]),
-                        pose=None if pose is None else _decode_png(pose),
-                        seed=int(hashlib.sha256(str(df.at[i, "image_id"]).encode()).hexdigest()[:8], 16),
-                    )  # fmt: skip
-                    df.at[i, "out_pngs"] = [encode_png(img) for img in images]
-                except Exception as exc:
-                    _fail(df, i, "generate_error", f"{type(exc).__name__}: {exc}")
-            times.append(time.perf_counter() - t0)
-        df["t_generate"] = times
-        return df
+            try:
+                face_d = json.loads(row["face_json"])
+                face = Face.from_dict(face_d)
+                if face_d.get("landmarks") is not None:
+                    face.landmarks = np.asarray(face_d["landmarks"], np.float32)
+                pose = row.get("pose_pixels")
+                images = self.customizer.generate(
+                    _image(row["ref_pixels"], row["ref_height"], row["ref_width"]), face, str(row["prompt"]),
+                    num_images=int(row["num_images"]),
+                    pose=None if pose is None else _image(pose, row["pose_height"], row["pose_width"]),
+                    seed=_seed(row["image_id"]),
+                )  # fmt: skip
+                images = [np.ascontiguousarray(img, np.uint8) for img in images]
+                row["gen_pixels"] = [img.tobytes() for img in images]
+                row["gen_height"] = [img.shape[0] for img in images]
+                row["gen_width"] = [img.shape[1] for img in images]
+            except Exception as exc:
+                _fail(row, "generate_error", f"{type(exc).__name__}: {exc}")
+            row["t_generate"] = time.perf_counter() - t0
+        return rows
 
 
-class CustomizeScoreStage:
+def generated_images(row: Row) -> list[np.ndarray]:
+    """A row's generated images (``CustomizeStage``'s raw pixels)."""
+    return [_image(d, h, w) for d, h, w in zip(row["gen_pixels"], row["gen_height"], row["gen_width"])]
+
+
+class CustomizeScoreStage(FrameStage):
     """Identity similarity of each generated face to the reference (and CLIP prompt agreement when configured)."""
+
+    adds = ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean",
+            "gen_json", "t_score")  # fmt: skip
+    columns = CUSTOMIZE_COLUMNS
 
     def __init__(self, config: CustomizeJobConfig) -> None:
         self.config = config
@@ -276,51 +246,49 @@ class CustomizeScoreStage:
             txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
         return float((100 * (img @ txt.T)).clamp_min(0).mean())
 
-    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = df.copy()
-        cols = {c: [None] * len(df) for c in ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max",
-                                              "id_match_rate", "clip_score_mean", "gen_json", "t_score")}  # fmt: skip
-        for i in range(len(df)):
+    def rows(self, rows: list[Row]) -> list[Row]:
+        self.start(rows)
+        for row in rows:
             t0 = time.perf_counter()
-            pngs = df.at[i, "out_pngs"]
-            if df.at[i, "status"] == "ok" and pngs is not None:
+            if row["status"] == "ok" and row.get("gen_pixels") is not None:
                 try:
-                    ref = np.asarray(json.loads(df.at[i, "face_json"])["embedding"], np.float32)
-                    images = [_decode_png(p) for p in pngs]
-                    sims, matches, gens = [], [], []
-                    for k, img in enumerate(images):
-                        gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
-                        faces = self.analyzer.analyze(img, max_faces=1)
-                        if faces and faces[0].embedding is not None:
-                            emb = faces[0].embedding
-                            dist = float(self.analyzer.distance(emb, ref))
-                            gen.update(detected=True, id_sim=identity_similarity(emb, ref), id_dist=dist,
-                                       id_match=bool(dist < self.analyzer.match_threshold))  # fmt: skip
-                            sims.append(gen["id_sim"])
-                            matches.append(gen["id_match"])
-                        gens.append({**gen, "backend": self.analyzer.name})
-                    cols["gen_json"][i] = json.dumps(gens)  # one faces/ row each
-                    cols["n_generated"][i] = len(images)
-                    cols["n_faces_found"][i] = len(sims)
-                    if sims:
-                        cols["id_sim_mean"][i] = float(np.mean(sims))
-                        cols["id_sim_max"][i] = float(np.max(sims))
-                    # a generated image without a recognisable face counts as a miss
-                    cols["id_match_rate"][i] = float(np.sum(matches)) / len(images)
-                    if self.clip is not None:
-                        cols["clip_score_mean"][i] = self._clip_score(images, str(df.at[i, "prompt"]))
+                    self._score(row)
                 except Exception as exc:
-                    _fail(df, i, "score_error", f"{type(exc).__name__}: {exc}")
-            cols["t_score"][i] = time.perf_counter() - t0
-        for c, v in cols.items():
-            df[c] = v
-        return df
+                    _fail(row, "score_error", f"{type(exc).__name__}: {exc}")
+            row["t_score"] = time.perf_counter() - t0
+        return rows
+
+    def _score(self, row: Row) -> None:
+        ref = np.asarray(json.loads(row["face_json"])["embedding"], np.float32)
+        images = generated_images(row)
+        sims, matches, gens = [], [], []
+        for k, img in enumerate(images):
+            gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
+            faces = self.analyzer.analyze(img, max_faces=1)
+            if faces and faces[0].embedding is not None:
+                emb = faces[0].embedding
+                dist = float(self.analyzer.distance(emb, ref))
+                gen.update(detected=True, id_sim=identity_similarity(emb, ref), id_dist=dist,
+                           id_match=bool(dist < self.analyzer.match_threshold))  # fmt: skip
+                sims.append(gen["id_sim"])
+                matches.append(gen["id_match"])
+            gens.append({**gen, "backend": self.analyzer.name})
+        row["gen_json"] = json.dumps(gens)  # one faces/ row each
+        row["n_generated"], row["n_faces_found"] = len(images), len(sims)
+        if sims:
+            row["id_sim_mean"], row["id_sim_max"] = float(np.mean(sims)), float(np.max(sims))
+        # a generated image without a recognisable face counts as a miss
+        row["id_match_rate"] = float(np.sum(matches)) / len(images)
+        if self.clip is not None:
+            row["clip_score_mean"] = self._clip_score(images, str(row["prompt"]))
 
 
 class CustomizeWriteStage:
-    """Writes each generated image in one put; the metrics rows, each with its per-generated-image rows in
-    ``FACE_ROWS``, go to the job's ``shard_writers``, which write them into faces and metrics shards, as in
-    ``stylid run`` (``WriteStage``), and the stage returns their ``status``; without writers it returns the rows."""
+    """Writes each generated image through every job's one write (``put_image``: the object-key rule, one put,
+    ``io.retry``) as ``images/<object_key(id)>-<config hash>-<k>.png``; the metrics rows (errors scrubbed of
+    credentials: ``scrub_errors``), each with its per-generated-image rows in ``FACE_ROWS``, go to the job's
+    ``shard_writers``, as in ``stylid run`` (``WriteStage``), and the stage returns their ``status``; without
+    writers it returns the rows."""
 
     def __init__(self, output_uri: str, config: CustomizeJobConfig, shard_writers: ShardWriters | None = None) -> None:
         self.output_uri = output_uri.rstrip("/")
@@ -329,106 +297,72 @@ class CustomizeWriteStage:
         self.shard_writers = shard_writers
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        df = df.reset_index(drop=True).copy()
-        opts = self.config.io.storage_options
-        face_rows: list[list[dict]] = [[] for _ in range(len(df))]
-        for i in range(len(df)):
-            pngs = df.at[i, "out_pngs"]
-            if pngs is None or df.at[i, "status"] != "ok":
+        return self.table(to_table(df, CUSTOMIZE_COLUMNS).to_pylist())
+
+    def table(self, rows: list[Row]) -> pa.Table:
+        face_rows: list[list[dict]] = [[] for _ in rows]
+        for i, row in enumerate(rows):
+            row["config_hash"] = self.suffix
+            row["output_uris"] = None
+            if row.get("gen_pixels") is None or row["status"] != "ok":
                 continue
-            uris = []
             try:
-                for k, png in enumerate(pngs):
-                    key = object_key(str(df.at[i, "image_id"]))  # ids like ../x or a/b stay under images/
-                    uri = join(self.output_uri, "images", f"{key}-{self.suffix}-{k}.png")
-                    write_bytes(uri, bytes(png), opts)
-                    uris.append(uri)
-                df.at[i, "output_uris"] = json.dumps(uris)
+                uris = [put_image(self.output_uri, row["image_id"], f"-{self.suffix}-{k}", image, self.config.io,
+                                  "png") for k, image in enumerate(generated_images(row))]  # fmt: skip
             except Exception as exc:
-                _fail(df, i, "write_error", f"{type(exc).__name__}: {exc}")
+                _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
                 continue
-            gens = df.at[i, "gen_json"] if "gen_json" in df else None
-            if isinstance(gens, str):
-                face_rows[i] = [{"image_id": df.at[i, "image_id"], **g} for g in json.loads(gens)]
-        df["config_hash"] = self.suffix
-        out = pd.DataFrame({c: df[c] if c in df else None for c in METRIC_COLUMNS}).astype(METRIC_COLUMNS)
-        table = _arrow(out).append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+            row["output_uris"] = json.dumps(uris)
+            if isinstance(row.get("gen_json"), str):
+                face_rows[i] = [{"image_id": row["image_id"], **g} for g in json.loads(row["gen_json"])]
+        scrub_errors(rows, self.config.io)  # error messages never carry a credential
+        table = to_table_of_rows(rows, CUSTOMIZE_METRICS_COLUMNS, CUSTOMIZE_COLUMNS)
+        table = table.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
         return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
-_ARROW_OF = {"string": pa.string(), "Int32": pa.int32(), "boolean": pa.bool_(), "Float64": pa.float64()}
-#: the type of ``CustomizeWriteStage``'s ``FACE_ROWS`` column (``FACE_COLUMNS`` as Arrow)
-FACE_ROWS_TYPE = pa.list_(pa.struct([pa.field(k, _ARROW_OF[v]) for k, v in FACE_COLUMNS.items()]))
+#: the type of ``CustomizeWriteStage``'s ``FACE_ROWS`` column
+FACE_ROWS_TYPE = face_rows_type(CUSTOMIZE_FACE_COLUMNS)
 
 
-def _arrow(df: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(df, preserve_index=False)
+#: the write step's tasks: a few rows each, a tenth of a CPU (the stateless last step)
+WRITE = StageResources(batch_size=8, num_cpus=0.1)
 
 
-#: CPUs of one write task (the stateless last step)
-WRITE_CPUS = 0.1
-
-
-def check_customize_fits(config: CustomizeJobConfig, cpus: float, gpus: float) -> None:
-    """``ConfigError`` when the reference, generate and score pools and a write task cannot all run at once on
-    ``cpus``/``gpus`` (the stream would wait forever for the pool that cannot start)."""
+def customize_chain(
+    config: CustomizeJobConfig, output_uri: str = "", shard_writers: ShardWriters | None = None
+) -> list[StageSpec]:
+    """``stylid customize``'s chain: reference (load, face, embed), generate (the job's own stage), score, write."""
     r = config.resources
-    pools = {"reference": r.reference, "generate": r.generate, "score": r.score}
-    check_pools_fit(pools, {"write": WRITE_CPUS}, cpus, gpus)
+    return [
+        StageSpec.model(ReferenceStage, {"config": config}, r.reference, "reference"),
+        StageSpec.model(CustomizeStage, {"config": config}, r.generate, "generate"),
+        StageSpec.model(CustomizeScoreStage, {"config": config}, r.score, "score"),
+        StageSpec(CustomizeWriteStage, {"output_uri": output_uri, "config": config, "shard_writers": shard_writers},
+                  WRITE, "io", "write"),
+    ]  # fmt: skip
 
 
-def _pool(res: StageResources) -> dict[str, Any]:
-    size = res.pool_size or 1
-    return {"compute": ActorPoolStrategy(size=size), "num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None,
-            "batch_size": res.batch_size}  # fmt: skip
+def check_customize_fits(config: CustomizeJobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
+    """``ConfigError`` when the reference, generate and score pools and a write task cannot all run at once on
+    ``cpus``/``gpus``/``memory`` (the stream would wait forever for the pool that cannot start)."""
+    check_chain_fits(customize_chain(config), None, cpus, gpus, memory)
 
 
 def build_customize_dataset(
-    config: CustomizeJobConfig,
-    rows: pa.Table | pd.DataFrame | PendingBlocks,
-    output_uri: str,
-    shard_writers: ShardWriters | None = None,
+    config: CustomizeJobConfig, rows: PendingRows, output_uri: str, shard_writers: ShardWriters | None = None
 ) -> ray.data.Dataset:
-    """The lazy dataset of the prepared ``rows`` (``read_customize_manifest``'s, or already in the object store:
-    ``PendingBlocks``); its last stage writes the images and hands the metrics and face rows to ``shard_writers``
-    (the dataset then holds their statuses; without writers, the rows themselves). Rows enter in small blocks, so
-    every actor pool has work as soon as the first references are read."""
-    r = config.resources
-    resources = ray.cluster_resources()
-    check_customize_fits(config, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-    gen = {k: v for k, v in _pool(r.generate).items() if v is not None}
-    ds = input_dataset(rows, r.reference.batch_size, resources.get("CPU", 1.0))
-    env = stage_remote_args()  # endpoint, region and offline flags reach every worker; credentials in memory:
-    creds = StageCredentials.from_environ()
-    args = {"fn_constructor_args": (config,), "batch_format": "pandas", **env}
-    return (
-        ds.map_batches(with_credentials(ReferenceStage, creds), **args, **_pool(r.reference))
-        .map_batches(with_credentials(CustomizeStage, creds), **args, **gen)
-        .map_batches(with_credentials(CustomizeScoreStage, creds), **args, **_pool(r.score))
-        .map_batches(task_with_credentials(CustomizeWriteStage(output_uri, config, shard_writers), creds),
-                     batch_format="pandas", batch_size=8, num_cpus=WRITE_CPUS, **env)
-    )  # fmt: skip
+    """The lazy dataset of the plan's pending ``rows`` through ``customize_chain`` (``build_chain``: pools sized
+    against the cluster and checked to fit it); its last stage writes the images and hands the metrics and face
+    rows to ``shard_writers`` (the dataset then holds their statuses; without writers, the rows themselves)."""
+    return build_chain(rows, customize_chain(config, output_uri, shard_writers))
 
 
-@dataclass
-class CustomizeResult:
-    """What one ``run_customize`` call did."""
-
-    total_rows: int
-    already_done: int
-    processed: int
-    seconds: float
-    status_counts: dict[str, int] = field(default_factory=dict)  # of the rows processed by this call
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
-
-
-def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> CustomizeResult:
+def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str) -> RunResult:
     """Customize every manifest row not yet in ``output_uri``'s ``metrics/`` shards; Ray must be initialised.
 
-    The plan puts the pending rows into Ray's object store block by block as it keeps them (``PendingBlocks``,
-    blocks of ``input_block_rows`` after the reference stage's batches). With nothing pending no dataset is built,
+    The plan keeps the pending rows' row groups and done flags (``PendingRows``, blocks of ``input_block_rows``
+    after the reference stage's batches), read as the dataset runs. With nothing pending no dataset is built,
     so no stage starts and no model loads."""
     t0 = time.perf_counter()
     opts = config.io.storage_options
@@ -439,5 +373,4 @@ def run_customize(config: CustomizeJobConfig, manifest_uri: str, output_uri: str
         config.io.rows_per_shard,
         block_rows=lambda n: input_block_rows(n, config.resources.reference.batch_size, cpus),
     )  # fmt: skip
-    processed = sum(counts.values())
-    return CustomizeResult(len(done) + processed, len(done), processed, time.perf_counter() - t0, dict(counts))
+    return RunResult.of(done, counts, time.perf_counter() - t0)

@@ -5,8 +5,8 @@ otherwise fail only after Ray's start-up and the first batch's model work, with 
 name the URI at fault. Here each problem is one ``PreflightError`` (a ``ConfigError``, so the CLI prints it on one
 line and exits with status 2) naming the URI and the cause:
 
-- the manifest: readable, the required column there, ids unique (``pipelines.stylize.read_manifest`` and
-  ``pipelines.customize.read_customize_manifest``, the very readers the jobs use);
+- the manifest: readable, the required column there, ids unique (``pipelines.manifest.ManifestReader`` and
+  ``pipelines.customize.iter_customize_manifest``, the very readers the jobs use);
 - the output: a probe object written and deleted under it (a missing bucket, a policy denying ``PutObject`` or
   ``DeleteObject``, a read-only folder all show here);
 - the style images (``stylid run``): every distinct style the rows use, up to ``MAX_STYLES_CHECKED``, read and
@@ -95,7 +95,7 @@ def preflight_run(config: JobConfig, manifest_uri: str | None, output_uri: str) 
     """Everything ``stylid run`` can check before Ray: the manifest (when given; the bundled sample needs none:
     readable, ``image_uri`` there, ids unique, through the reader the job uses), the output, and the style images
     the rows use."""
-    from pipelines.stylize import ManifestReader
+    from pipelines.manifest import ManifestReader
 
     io = config.io
     if manifest_uri:

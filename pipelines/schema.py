@@ -101,6 +101,55 @@ FACE_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
+#: ``stylid customize``'s rows between its stages (``pipelines.customize``): the shared columns and its own. Images
+#: cross the stages as raw RGB bytes with their sizes, as every job's do (never re-encoded between stages)
+CUSTOMIZE_COLUMNS: dict[str, pa.DataType] = {
+    **COLUMNS,
+    "prompt": pa.string(),
+    "pose_uri": pa.string(),
+    "num_images": pa.int32(),
+    "backend": pa.string(),
+    "pose_pixels": pa.binary(),
+    "pose_width": pa.int32(),
+    "pose_height": pa.int32(),
+    "face_json": pa.string(),  # the reference's face (``Face.to_dict``, with its landmarks)
+    "gen_pixels": pa.list_(pa.binary()),  # the generated images, raw RGB
+    "gen_width": pa.list_(pa.int32()),
+    "gen_height": pa.list_(pa.int32()),
+    "gen_json": pa.string(),  # one record per generated image: its faces/ row
+    "n_generated": pa.int32(),
+    "n_faces_found": pa.int32(),
+    "id_sim_max": pa.float64(),
+    "clip_score_mean": pa.float64(),
+    "output_uris": pa.string(),  # JSON list
+    "t_reference": pa.float64(),
+    "t_generate": pa.float64(),
+}
+
+#: ``stylid customize``'s metrics table (its ledger, as ``METRICS_COLUMNS`` is ``stylid run``'s)
+CUSTOMIZE_METRICS_COLUMNS = [
+    "image_id", "reference_uri", "pose_uri", "prompt", "num_images", "status", "error", "backend", "model",
+    "n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean", "output_uris",
+    "t_reference", "t_generate", "t_score", "config_hash",
+]  # fmt: skip
+
+#: ``stylid customize``'s faces table: one row per generated image, its (largest) face against the reference's
+CUSTOMIZE_FACE_COLUMNS: dict[str, pa.DataType] = {
+    "image_id": pa.string(),
+    "gen_index": pa.int32(),  # k of images/<key>-<hash>-<k>.png
+    "detected": pa.bool_(),  # a face was found (and embedded) in the generated image
+    "id_sim": pa.float64(),  # cosine similarity to the reference embedding; null when not detected
+    "id_dist": pa.float64(),  # the face backend's native distance
+    "id_match": pa.bool_(),  # id_dist under the backend's threshold (false when not detected)
+    "backend": pa.string(),  # the face backend that scored it
+}
+
+
+def face_rows_type(columns: dict[str, pa.DataType]) -> pa.DataType:
+    """The type of a write stage's ``FACE_ROWS`` column: a list of a job's face rows (``columns`` as a struct)."""
+    return pa.list_(pa.struct([pa.field(k, v) for k, v in columns.items()]))
+
+
 def to_table(df: pd.DataFrame, columns: dict[str, pa.DataType] | None = None) -> pa.Table:
     """``df`` as an Arrow table with every known column typed from ``columns`` (default: ``COLUMNS``)."""
     columns = columns or COLUMNS

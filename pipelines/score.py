@@ -1,6 +1,6 @@
 """``stylid score`` on Ray Data: images that already exist -> load -> faces -> score -> shards, no generation.
 
-The same chain as ``stylid run`` (``pipelines.stylize.build_dataset`` without its stylize stage): the load stage
+The same chain as ``stylid run`` (``pipelines.stylize.stylize_chain`` without its stylize stage): the load stage
 reads the source, the output to score and, where given, the identity reference; faces are found in the reference
 or else the source; the score stage scores each face in the output as ``stylid run`` scores it, with the same
 columns; the write stage writes only the ``faces/`` and ``metrics/`` shards, the metrics last (the resume ledger).
@@ -26,18 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipelines.chain import build_chain, fusion_of
+from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader, check_unique_ids
+from pipelines.plan import input_block_rows
+from pipelines.resources import first_batch_rows
+from pipelines.runner import RunResult, process_pending
 from pipelines.schema import derive_image_id
 from pipelines.stages import ImageColumn, prepare_manifest, string_column
-from pipelines.stylize import (
-    MANIFEST_BATCH_ROWS,
-    ManifestReader,
-    RunResult,
-    build_dataset,
-    check_unique_ids,
-    first_batch_rows,
-    input_block_rows,
-    process_pending,
-)
+from pipelines.stylize import stylize_chain
 from stylid_core import ledger
 from stylid_core.config import ScoreJobConfig
 from stylid_core.storage import exists, join, read_bytes
@@ -234,25 +230,20 @@ def read_score_manifest(
 
 def run_score(config: ScoreJobConfig, manifest_uri: str, output_uri: str) -> RunResult:
     """Score every row not yet in ``output_uri``'s ledger; Ray must be initialised. A finished output does no
-    model work. The input streams (``iter_score_manifest``): the plan puts the pending rows into Ray's object store
-    block by block (``PendingBlocks``), so the driver holds the ids, never the whole manifest."""
+    model work. The input streams (``iter_score_manifest``): the plan keeps the pending rows' row groups and done
+    flags (``PendingRows``), read as the dataset runs, so the driver holds the ids' hashes, never the manifest."""
     t0 = time.perf_counter()
     opts = config.io.storage_options
     manifest = iter_score_manifest(manifest_uri, config.style_uri, opts)
     cpus = ray.cluster_resources().get("CPU", 1.0)
 
     def build(rows, writers):
-        return build_dataset(config, rows, output_uri, stylize=False, images=SCORE_IMAGES, write_images=False,
-                             shard_writers=writers)  # fmt: skip
+        specs = stylize_chain(config, output_uri, stylize=False, images=SCORE_IMAGES, write_images=False,
+                              shard_writers=writers)  # fmt: skip
+        return build_chain(rows, specs, fusion_of(config.resources))
 
     done, counts = process_pending(
         manifest, output_uri, opts, build, config.io.rows_per_shard,
         block_rows=lambda n: input_block_rows(n, first_batch_rows(config), cpus),
     )  # fmt: skip
-    return RunResult(
-        total_rows=len(done) + sum(counts.values()),
-        already_done=len(done),
-        processed=sum(counts.values()),
-        seconds=time.perf_counter() - t0,
-        status_counts=dict(counts),
-    )
+    return RunResult.of(done, counts, time.perf_counter() - t0)

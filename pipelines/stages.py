@@ -1,9 +1,15 @@
-"""Ray Data stages: callable classes for ``Dataset.map_batches``.
+"""The Ray Data stages every job's chain is made of (``pipelines.chain``), and the rules they share: reading an image,
+writing one, scrubbing errors.
+
+Over 400 lines by reason: the stages are one set, their per-row contract (``Row``, ``FrameStage``, ``_fail``) and
+the read/write/key rules are what every stage uses, and ``FusedCPUStage`` chains them by their ``rows`` methods;
+split across files, each stage would import the others' internals.
 
 Each stage does its heavy set-up once per worker in ``__init__`` (model loads), processes one pandas batch per
 ``__call__``, and catches bad data per row: a row that fails gets ``status``/``error`` and flows on, untouched by
 the stages after it. Rows whose ``status`` is not ``ok`` pass through every stage unchanged. Resources (CPUs,
-GPUs, batch size, pool size) come from ``JobConfig.resources`` and are applied in ``pipelines.stylize``.
+GPUs, batch size, pool size) come from ``JobConfig.resources`` and are applied by the chain builder
+(``pipelines.chain``).
 """
 
 from __future__ import annotations
@@ -22,13 +28,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS, derive_image_id, object_key, to_table, to_table_of_rows
+from pipelines.schema import (
+    FACE_COLUMNS,
+    METRICS_COLUMNS,
+    derive_image_id,
+    face_rows_type,
+    object_key,
+    to_table,
+    to_table_of_rows,
+)
 from stylid_core.boxes import box_iou
 from stylid_core.config import FacesConfig, IOConfig, ScoreConfig, StylizeConfig
 from stylid_core.faces import Face, FaceAnalyzer, create_face_analyzer, size_bucket
 from stylid_core.faces.base import cosine_similarity
 from stylid_core.imageio import ImageDecodeError, decode_image_bounded, encode_jpeg, encode_png, resize
-from stylid_core.ledger import FACE_ROWS, parquet_bytes, shard_name, write_shard_pair  # noqa: F401 (re-exported)
+from stylid_core.ledger import FACE_ROWS
 from stylid_core.metrics import (
     PhotoDetailCorrelation,
     colour_distance,
@@ -119,13 +133,46 @@ def face_records(row: Row) -> list[dict]:
     return value or []
 
 
-def rows_table(rows: list[Row], names: list[str]) -> pa.Table:
-    """``rows`` as an Arrow table of the columns ``names`` (typed from ``COLUMNS``; absent values null), parsed faces
-    written back as JSON."""
+def rows_table(rows: list[Row], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """``rows`` as an Arrow table of the columns ``names`` (typed from ``columns``, default ``COLUMNS``; absent
+    values null), parsed faces written back as JSON."""
     for row in rows:
         if isinstance(row.get("faces_json"), list):
             row["faces_json"] = json.dumps(row["faces_json"])
-    return to_table_of_rows(rows, names)
+    return to_table_of_rows(rows, names, columns)
+
+
+def decode_work_image(data: bytes, io: IOConfig, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The one decode of every job's input images: safe (``io.max_pixels``, ``io.max_bytes``), RGB, downscaled to
+    ``io.max_work_pixels``; (image, the source's own (width, height)). Errors name ``uri``."""
+    return decode_image_bounded(data, io.max_pixels, io.max_bytes, io.max_work_pixels, uri)
+
+
+def read_image(uri: str, io: IOConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """``uri``'s bytes (transient failures retried: ``io.retry``) decoded by ``decode_work_image``; a
+    ``StorageError`` or ``ImageDecodeError`` (each with the row ``status``) for an image that cannot be used."""
+    return decode_work_image(read_bytes(uri, io.storage_options, io.max_bytes, io.retry), io, uri)
+
+
+def put_image(
+    output_uri: str, image_id: str, suffix: str, image: np.ndarray, io: IOConfig, ext: str | None = None
+) -> str:
+    """The one image write of every job: ``<output>/images/<object_key(image_id)><suffix>.<ext>`` (``ext``: default
+    ``io.image_format``) in one put, transient failures retried (``io.retry``); returns its URI. The key rule keeps
+    any id (``../x``, ``a/b``) under ``images/``."""
+    ext = ext or io.image_format
+    data = encode_png(image) if ext == "png" else encode_jpeg(image, 92)
+    uri = join(output_uri, "images", f"{object_key(str(image_id))}{suffix}.{ext}")
+    write_bytes(uri, data, io.storage_options, io.retry)
+    return uri
+
+
+def scrub_errors(rows: list[Row], io: IOConfig) -> None:
+    """Every row's ``error`` without the credentials of ``io.storage_options`` (a message may quote them)."""
+    secrets = secret_values(io.storage_options)
+    for row in rows:
+        if isinstance(row.get("error"), str):
+            row["error"] = scrub(row["error"], secrets)
 
 
 class FrameStage:
@@ -135,6 +182,8 @@ class FrameStage:
     write costs tens of microseconds (Arrow-backed strings more), a dict item well under one."""
 
     adds: tuple[str, ...] = ()
+    #: the types of the columns (``pipelines.schema``; None: ``COLUMNS``)
+    columns: dict[str, pa.DataType] | None = None
 
     def rows(self, rows: list[Row]) -> list[Row]:
         raise NotImplementedError
@@ -147,9 +196,9 @@ class FrameStage:
         return rows
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
-        table = to_table(df)
+        table = to_table(df, self.columns)
         names = list(dict.fromkeys([*table.column_names, *self.adds]))
-        return rows_table(self.rows(table.to_pylist()), names)
+        return rows_table(self.rows(table.to_pylist()), names, self.columns)
 
 
 class StyleCache:
@@ -270,9 +319,7 @@ class LoadStage(FrameStage):
             try:
                 if isinstance(data, Exception):
                     raise data
-                image, source_size = decode_image_bounded(
-                    data, self.io.max_pixels, self.io.max_bytes, self.io.max_work_pixels, uri
-                )
+                image, source_size = decode_work_image(data, self.io, uri)
             except (StorageError, ImageDecodeError) as exc:
                 _fail(row, exc.status, prefix + (str(exc) if uri in str(exc) else f"{uri}: {exc}"))
                 continue
@@ -636,35 +683,27 @@ class ScoreStage(FrameStage):
 
 
 class FusedCPUStage:
-    """Faces, stylize and score (and, with ``write``, load and write too) in one actor, for CPU-only configurations.
+    """A chain's stages in one actor, for CPU-only configurations (``pipelines.chain.build_chain`` with a
+    ``Fusion``): the model stages, and with ``fuse_io`` load and write too.
 
     Three CPU pools of one actor each cannot use more cores than the busiest stage allows; one pool of identical
     actors scales with the cores and moves no pixels between processes. The stages and their per-row error
-    handling are the very same classes. ``stylize`` None leaves the stylize stage out (``stylid score``, whose
-    outputs exist already); ``images`` are the load stage's images.
+    handling are the very same classes, given as the chain declares them (``stages``: (class, keyword arguments)
+    pairs, in order); each but the last hands the next its rows (``rows``), the last a ``WriteStage``'s table or
+    the rows as a table.
     """
 
     def __init__(
         self,
-        faces: FacesConfig,
-        stylize: StylizeConfig | None,
-        score: ScoreConfig,
-        io: IOConfig,
-        write: dict | None = None,
-        images: tuple[ImageColumn, ...] = SOURCE_IMAGE,
+        stages: list[tuple[type, dict]],
         read_piece: Callable[[dict], pa.Table] | None = None,
         batch_rows: int = 16,
     ) -> None:
         # ``read_piece``: the actor's input batches are pieces of the job's rows, not the rows
-        # (``pipelines.stylize.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
+        # (``pipelines.plan.PendingRows.pieces_dataset``); it reads each piece's rows with it and runs them in
         # batches of ``batch_rows``, so that the rows never cross Ray's object store
         self.read_piece, self.batch_rows = read_piece, batch_rows
-        stylizing = [] if stylize is None else [StylizeStage(stylize, score, io)]
-        self.stages: list = [FaceStage(faces), *stylizing, ScoreStage(faces, score, io)]
-        if write is not None:
-            # ``resources.fuse_io``: load before and write after, in this actor (``write``: ``WriteStage``'s
-            # keyword arguments); the batch then never crosses the object store with its pixels
-            self.stages = [LoadStage(io, images), *self.stages, WriteStage(io=io, **write)]
+        self.stages: list = [cls(**kwargs) for cls, kwargs in stages]
 
     def __call__(self, df: pd.DataFrame) -> pa.Table | Iterator[pa.Table]:
         if self.read_piece is None:
@@ -728,7 +767,6 @@ class WriteStage:
         """The metrics rows of ``rows`` (written images: ``output_uri``), each with its face rows (``FACE_ROWS``)."""
         keep_uri = not self.write_images
         face_rows: list[list[dict]] = []
-        secrets = secret_values(self.io.storage_options)  # error messages never carry a credential
         for row in rows:
             row["config_hash"] = self.config_hash
             row["t_write"] = None
@@ -738,12 +776,7 @@ class WriteStage:
                 t0 = time.perf_counter()
                 try:
                     out = at_source_size(row, image_of(row, "out_pixels"))
-                    ext = self.io.image_format
-                    data = encode_png(out) if ext == "png" else encode_jpeg(out, 92)
-                    name = f"{object_key(row['image_id'])}{self.key_suffix}.{ext}"
-                    uri = join(self.output_uri, "images", name)
-                    write_bytes(uri, data, self.io.storage_options, self.io.retry)
-                    row["output_uri"] = uri
+                    row["output_uri"] = put_image(self.output_uri, row["image_id"], self.key_suffix, out, self.io)
                 except Exception as exc:
                     _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
                 row["t_write"] = time.perf_counter() - t0
@@ -752,15 +785,14 @@ class WriteStage:
                 faces = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
                          for fj in face_records(row) if "scores" in fj]  # fmt: skip
             face_rows.append(faces)
-            if isinstance(row.get("error"), str):
-                row["error"] = scrub(row["error"], secrets)
+        scrub_errors(rows, self.io)  # error messages never carry a credential
         metrics = to_table_of_rows(rows, METRICS_COLUMNS)  # a chain without a stylize stage lacks its columns
         table = metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
         return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
 #: the type of ``WriteStage``'s ``FACE_ROWS`` column
-FACE_ROWS_TYPE = pa.list_(pa.struct([pa.field(k, v) for k, v in FACE_COLUMNS.items()]))
+FACE_ROWS_TYPE = face_rows_type(FACE_COLUMNS)
 
 
 def _source_scale(row: Any) -> tuple[float, float]:
@@ -787,10 +819,3 @@ def box_at_source_size(row: Any, record: dict) -> dict:
         return record
     return {**record, "x0": record["x0"] * sx, "x1": record["x1"] * sx, "y0": record["y0"] * sy,
             "y1": record["y1"] * sy}  # fmt: skip
-
-
-def write_shards(output_uri: str, image_ids, faces: pa.Table, metrics: pa.Table, storage_options: dict) -> None:
-    """A faces shard, then its metrics shard (the ledger entry, written last), one put each, named after
-    ``metrics``' ids (``image_ids``, kept for callers, must be the same ids). Jobs write through ``ShardWriter``;
-    this writes one pair as it is."""
-    write_shard_pair(output_uri, faces, metrics, storage_options)

@@ -28,15 +28,10 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.credentials import StageCredentials, with_credentials
+from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader
+from pipelines.plan import input_block_rows
+from pipelines.resources import stage_remote_args
 from pipelines.stages import string_column
-from pipelines.stylize import (
-    MANIFEST_BATCH_ROWS,
-    ManifestReader,
-    PendingBlocks,
-    input_block_rows,
-    input_dataset,
-    stage_remote_args,
-)
 from stylid_core.customize.facesnap.training import (
     FacePairExtractor,
     FaceSnapTrainConfig,
@@ -158,21 +153,19 @@ def pair_rows(config: FaceSnapTrainConfig) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
-def pair_blocks(config: FaceSnapTrainConfig, cpus: float, batch_rows: int = MANIFEST_BATCH_ROWS) -> PendingBlocks:
-    """``TrainingPairRows`` put into Ray's object store batch by batch, as blocks of ``input_block_rows``; the
-    driver never holds the rows with their captions all at once. Ray must be initialised."""
+def pair_blocks(config: FaceSnapTrainConfig, cpus: float, batch_rows: int = MANIFEST_BATCH_ROWS) -> list:
+    """``TrainingPairRows`` put into Ray's object store batch by batch, as blocks of ``input_block_rows`` (one ref
+    a block, for ``ray.data.from_arrow_refs``); the driver never holds the rows with their captions all at once.
+    Ray must be initialised."""
     rows = TrainingPairRows(config, batch_rows)
     per_block = input_block_rows(rows.num_rows, PAIR_BATCH_ROWS, cpus)
-    blocks = PendingBlocks()
-    for table in rows:
-        blocks.put(table, per_block)
-    return blocks
+    return [ray.put(table.slice(k, per_block)) for table in rows for k in range(0, table.num_rows, per_block)]
 
 
 def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: int, num_landmarks: int):
     """The Ray Dataset of training pairs from ``config.manifest`` (``pair_blocks``, then ``FacePairStage``)."""
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    return input_dataset(pair_blocks(config, cpus), PAIR_BATCH_ROWS, cpus).map_batches(
+    return ray.data.from_arrow_refs(pair_blocks(config, cpus)).map_batches(
         with_credentials(FacePairStage, StageCredentials.from_environ()),
         fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
         batch_size=PAIR_BATCH_ROWS,

@@ -1,7 +1,7 @@
 """One writer per output: a lease object ``<output>/_writer.json`` held while a job writes rows there.
 
 Two runs into one output each planned the same pending rows and wrote them all: every row twice in the ledger.
-A job now takes the lease before it plans (``pipelines.stylize.process_pending``) and gives it back when its
+A job now takes the lease before it plans (``pipelines.runner.process_pending``) and gives it back when its
 rows are written; a second job finds it held and stops in one line (``LeaseHeld``, exit 2).
 
 Object stores have no portable create-if-absent, so taking the lease is: read it (held and alive: refuse), write

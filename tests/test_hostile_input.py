@@ -444,16 +444,20 @@ def test_a_rerun_takes_transient_row_errors_out_of_the_ledger_and_keeps_the_rest
 def test_the_plan_of_a_rerun_finds_the_retried_rows_pending(tmp_path):
     import pyarrow as pa
 
-    from pipelines.stylize import plan_pending
+    from pipelines.manifest import ManifestReader
     from stylid_core.ledger import release_retried_rows
+    from tests.pending import manifest_file, plan_rows
 
     out = str(tmp_path / "out")
     statuses = _output_with_row_errors(out)
-    manifest = pa.table({"image_id": list(statuses), "image_uri": [f"/in/{i}.png" for i in statuses]})
-    done, pending = plan_pending(manifest, out, {})
+    manifest = manifest_file(
+        tmp_path / "m" / "manifest.parquet",
+        pa.table({"image_id": list(statuses), "image_uri": [f"/in/{i}.png" for i in statuses]}),
+    )
+    done, pending = plan_rows(ManifestReader(manifest, None), out)
     assert len(pending) == 0  # before: an outage's rows counted as done for good
     release_retried_rows(out, {})
-    done, pending = plan_pending(manifest, out, {})
+    done, pending = plan_rows(ManifestReader(manifest, None), out)
     assert sorted(pending.column("image_id").to_pylist()) == ["b", "c", "f"]
     assert sorted(done.to_pylist()) == ["a", "d", "e"]
 
@@ -603,7 +607,8 @@ def test_a_manifest_rewritten_while_a_resumed_run_plans_fails_instead_of_doublin
     by position: before, the run did 8 done rows again and never did 8 pending ones, and ended with _SUCCESS."""
     import pyarrow as pa
 
-    from pipelines.stylize import ManifestReader, PendingRows, plan_pending
+    from pipelines.manifest import ManifestReader
+    from pipelines.plan import PendingRows, plan_pending
     from stylid_core.ledger import write_shard_pair
 
     manifest, ids = _manifest_of(tmp_path, 24)
@@ -614,7 +619,7 @@ def test_a_manifest_rewritten_while_a_resumed_run_plans_fails_instead_of_doublin
     reader = ManifestReader(manifest, None)  # the plan begins
     _reverse_rewrite(manifest, ids)
     with pytest.raises(RuntimeError, match=f"manifest {manifest} changed while it was read: rewritten after"):
-        plan_pending(reader, out, {})
+        plan_pending(reader, out, {}, block_rows=lambda n: 4)
 
     reader = ManifestReader(manifest, None)  # the streamed plan: the rewrite lands between the plan and the reads
     done_ids, pending = plan_pending(reader, out, {}, block_rows=lambda n: 4)
@@ -624,7 +629,9 @@ def test_a_manifest_rewritten_while_a_resumed_run_plans_fails_instead_of_doublin
     with pytest.raises(RuntimeError, match="rewritten after the plan"):
         pending.reader.read(part.path, part.row_groups, part.start, part.is_done)
 
-    _, fresh = plan_pending(ManifestReader(manifest, None), out, {})  # a new plan reads the file as it is now
+    from tests.pending import plan_rows
+
+    _, fresh = plan_rows(ManifestReader(manifest, None), out)  # a new plan reads the file as it is now
     assert sorted(fresh.column("image_id").to_pylist()) == ids[16:]
 
 
@@ -707,16 +714,20 @@ def test_a_job_into_an_output_another_run_writes_stops_before_its_plan(tmp_path)
 
     import pyarrow as pa
 
-    from pipelines.stylize import process_pending
+    from pipelines.manifest import ManifestReader
+    from pipelines.runner import process_pending
     from stylid_core.lease import LEASE, LeaseHeld
+    from tests.pending import manifest_file
 
     out = tmp_path / "out"
     out.mkdir()
     (out / LEASE).write_text(json.dumps({"token": "t", "host": "other-node", "pid": 7, "heartbeat": time.time()}))
     built = []
-    manifest = pa.table({"image_id": ["a"], "image_uri": ["/in/a.png"]})
+    manifest = ManifestReader(
+        manifest_file(tmp_path / "m.parquet", pa.table({"image_id": ["a"], "image_uri": ["/in/a.png"]})), None
+    )
     with pytest.raises(LeaseHeld, match="being written by another run"):
-        process_pending(manifest, str(out), {}, lambda rows, writers: built.append(rows))
+        process_pending(manifest, str(out), {}, lambda rows, writers: built.append(rows), block_rows=lambda n: 1)
     assert built == [] and sorted(os.listdir(out)) == [LEASE]
 
 
@@ -825,6 +836,7 @@ def test_manifest_kinds_many_teams_write_each_end_with_a_clear_status(tmp_path, 
     from PIL import Image
 
     from pipelines.stages import FusedCPUStage, prepare_manifest
+    from pipelines.stylize import stylize_chain
     from stylid_core.config import JobConfig
     from stylid_core.ledger import RETRIED_STATUSES
     from stylid_core.sample_data import background
@@ -851,8 +863,7 @@ def test_manifest_kinds_many_teams_write_each_end_with_a_clear_status(tmp_path, 
     assert derived.strip() and derived != "   "  # a blank id gets one derived from its URI
     config = JobConfig.from_dict({"score": {"redetect": False, "compare_without_mosaic": False},
                                   "io": {"retries": 1}})  # fmt: skip
-    write = {"output_uri": str(tmp_path / "out"), "config_hash": config.config_hash(), "key_suffix": ""}
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, str(tmp_path / "out"), key_suffix="")])
     out = stage(rows.to_pandas()).to_pandas().set_index("image_id")
     assert len(out) == len(ids)
     for image_id, (uri, status) in cases.items():

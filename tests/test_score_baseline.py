@@ -17,7 +17,7 @@ import pytest
 import jobs.score
 from jobs.cli import main as cli
 from jobs.score import choose_baseline, resolve_baseline
-from pipelines.stylize import RunResult
+from pipelines.runner import RunResult
 from stylid_core import ledger
 from stylid_core.gate import GateInputError
 from stylid_core.metrics import METRICS_VERSION

@@ -199,7 +199,8 @@ def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, 
     """``stylid customize`` reads its manifest as ``stylid run`` does (pyarrow batches, each prepared; the plan
     keeps the pending rows only): the same rows as a whole read, duplicates found across batches."""
     from pipelines.customize import iter_customize_manifest, read_customize_manifest
-    from pipelines.stylize import plan_pending
+    from pipelines.plan import plan_pending
+    from tests.pending import plan_rows
 
     prefix = tmp_path / "manifest"
     prefix.mkdir()
@@ -210,7 +211,7 @@ def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, 
     whole = read_customize_manifest(str(prefix), config)
     reader = iter_customize_manifest(str(prefix), config, batch_rows=2)
     assert [t.num_rows for t in reader] == [2, 1, 2]  # batches, not the whole manifest
-    done, pending = plan_pending(reader, str(tmp_path / "out"), {})
+    done, pending = plan_rows(reader, str(tmp_path / "out"))
     assert len(done) == 0
     got = pending.to_pandas()
     assert got["image_id"].tolist() == whole["image_id"].tolist() and got["image_id"].is_unique
@@ -218,7 +219,12 @@ def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, 
     assert got["pose_uri"].tolist()[3] == "p4" and got["num_images"].tolist()[3:] == [2, config.max_num_images]
     pd.DataFrame({"image_id": ["x"], "reference_uri": ["r9"]}).to_parquet(prefix / "part-2.parquet")
     with pytest.raises(ValueError, match="duplicate image_id"):
-        plan_pending(iter_customize_manifest(str(prefix), config, batch_rows=2), str(tmp_path / "out"), {})
+        plan_pending(
+            iter_customize_manifest(str(prefix), config, batch_rows=2),
+            str(tmp_path / "out"),
+            {},
+            block_rows=lambda n: 2,
+        )
 
 
 def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
@@ -231,7 +237,7 @@ def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
     import ray
 
     from pipelines.customize import read_customize_manifest, run_customize
-    from pipelines.stylize import PendingRows, input_block_rows
+    from pipelines.plan import PendingRows, input_block_rows
     from stylid_core.ledger import ShardWriter
 
     out = str(tmp_path / "out")
@@ -264,9 +270,11 @@ def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face)
     from pipelines.customize import CustomizeScoreStage
 
     d = astronaut_face.to_dict()
+    images = [astronaut, np.full((64, 64, 3), 200, np.uint8)]
     row = {"image_id": "a", "status": "ok", "prompt": "p", "face_json": json.dumps(d),
-           "out_pngs": [encode_png(astronaut), encode_png(np.full((64, 64, 3), 200, np.uint8))]}  # fmt: skip
-    df = CustomizeScoreStage(config)(pd.DataFrame([row]))
+           "gen_pixels": [im.tobytes() for im in images], "gen_height": [im.shape[0] for im in images],
+           "gen_width": [im.shape[1] for im in images]}  # fmt: skip
+    df = CustomizeScoreStage(config)(pd.DataFrame([row])).to_pandas()
     gens = json.loads(df.at[0, "gen_json"])
     assert [g["gen_index"] for g in gens] == [0, 1] and {g["backend"] for g in gens} == {"dlib"}
     assert gens[0]["detected"] and gens[0]["id_sim"] > 0.95 and gens[0]["id_match"] and 0 <= gens[0]["id_dist"] < 0.6
@@ -277,7 +285,7 @@ def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face)
 def test_pools_that_cannot_fit_the_cluster_are_refused_up_front(config, manifest, ray_session, tmp_path):
     """A generate pool asking for a GPU on a CPU-only Ray, or pools wider than the CPUs, would make the stream wait
     forever: building the dataset raises a ConfigError naming the pool instead (before any stage starts)."""
-    from pipelines.customize import build_customize_dataset, check_customize_fits, read_customize_manifest
+    from pipelines.customize import build_customize_dataset, check_customize_fits, iter_customize_manifest
     from stylid_core.customize.job_config import CustomizeJobConfig
 
     check_customize_fits(config, cpus=2, gpus=0)  # the tiny config fits a 2-core machine
@@ -295,7 +303,11 @@ def test_pools_that_cannot_fit_the_cluster_are_refused_up_front(config, manifest
     with pytest.raises(ConfigError, match=r"need 2.6 CPU\(s\).*reference: 0.25 CPU x 8"):
         check_customize_fits(wide, cpus=2, gpus=0)
     # the dataset checks against the running Ray's resources (2 CPUs, no GPU here)
-    rows = read_customize_manifest(manifest, on_gpu)
+    from pipelines.plan import plan_pending
+
+    _, rows = plan_pending(
+        iter_customize_manifest(manifest, on_gpu), str(tmp_path / "plan"), {}, block_rows=lambda n: 2
+    )
     with pytest.raises(ConfigError, match="generate"):
         build_customize_dataset(on_gpu, rows, str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="reference"):

@@ -153,20 +153,20 @@ def test_pair_rows_stream_in_batches_and_equal_the_whole_manifest_pairs(tmp_path
 
 
 def test_pair_blocks_go_into_ray_block_by_block(tmp_path, ray_session):
-    """The training rows enter Ray as blocks put batch by batch (``PendingBlocks``, ``input_block_rows`` of the
-    pair stage's batches), not as one frame held by the driver."""
+    """The training rows enter Ray as blocks put batch by batch (one ref a block, ``input_block_rows`` of the pair
+    stage's batches), not as one frame held by the driver."""
     import pyarrow as pa
     import ray
 
-    from pipelines.stylize import PendingBlocks, input_block_rows
+    from pipelines.plan import input_block_rows
     from pipelines.train_customizer import PAIR_BATCH_ROWS, pair_blocks
 
     manifest, whole = _training_manifest(tmp_path)
     config = FaceSnapTrainConfig(manifest=manifest, storage_path=str(tmp_path / "ck"), tiny={}, seed=4)
     blocks = pair_blocks(config, cpus=2, batch_rows=5)
-    assert isinstance(blocks, PendingBlocks) and len(blocks) == 24
     per_block = input_block_rows(24, PAIR_BATCH_ROWS, 2)
-    tables = ray.get(blocks.refs)
+    tables = ray.get(blocks)
+    assert sum(t.num_rows for t in tables) == 24
     # blocks never span two manifest batches (5 rows, cut at the files: 5 2 | 5 3 | 5 4)
     assert [t.num_rows for t in tables] == [4, 1, 2, 4, 1, 3, 4, 1, 4]
     assert all(t.num_rows <= per_block for t in tables)

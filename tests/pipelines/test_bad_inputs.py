@@ -12,6 +12,7 @@ import pytest
 
 from jobs.run import run_job
 from pipelines.stages import FusedCPUStage, prepare_rows
+from pipelines.stylize import stylize_chain
 from stylid_core.config import JobConfig
 from tests.bad_inputs import MANY_FACES_KEPT, build_bad_corpus
 
@@ -41,8 +42,7 @@ def test_every_case_gets_its_status_through_the_stages(corpus, tmp_path):
     """The very stage classes a run uses (load, faces, stylize, score, write), in this process."""
     config = JobConfig.from_dict(CONFIG)
     rows = prepare_rows(pd.DataFrame([{"image_id": n, "image_uri": c.path} for n, c in corpus.items()]), None)
-    write = {"output_uri": str(tmp_path), "config_hash": config.config_hash(), "key_suffix": ""}
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, str(tmp_path), key_suffix="")])
     out = pd.concat([stage(rows.iloc[k : k + 4].reset_index(drop=True)).to_pandas() for k in range(0, len(rows), 4)])
     _check(out, {n: c.status for n, c in corpus.items()})
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipelines.credentials import StageCredentials, stage_runtime_env, task_with_credentials, with_credentials
-from pipelines.stylize import stage_remote_args
+from pipelines.resources import stage_remote_args
 
 TOKEN = "planted-session-token-0123456789"
 

@@ -13,7 +13,9 @@ import pytest
 
 import pipelines.stylize
 from jobs.run import run_job
+from pipelines.chain import build_chain, fusion_of
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
+from pipelines.stylize import stylize_chain
 from stylid_core.config import ConfigError, JobConfig
 from tests.pipelines.conftest import write_manifest
 from tests.pipelines.netcheck import ListenerWatch
@@ -100,7 +102,7 @@ def test_rerun_of_a_finished_run_does_no_work(finished, manifest, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("a finished run must not build a dataset (and load no model)")
 
-    monkeypatch.setattr(pipelines.stylize, "build_dataset", no_work)
+    monkeypatch.setattr(pipelines.stylize, "build_chain", no_work)
     monkeypatch.setattr("pipelines.stages.create_face_analyzer", no_work)
     info = run_job(JobConfig(), output, manifest)
     assert info["this_run"]["processed"] == 0
@@ -172,7 +174,7 @@ def _no_dataset(*args, **kwargs):
 
 
 def test_duplicate_image_ids_raise_before_any_work(ray_session, inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipelines.stylize, "build_dataset", _no_dataset)
+    monkeypatch.setattr(pipelines.stylize, "build_chain", _no_dataset)
     manifest = write_manifest(
         str(tmp_path / "dupes.parquet"),
         [{"image_id": "a", "image_uri": inputs["obama"]}, {"image_id": "a", "image_uri": inputs["biden"]}],
@@ -187,7 +189,7 @@ def test_duplicate_image_ids_raise_before_any_work(ray_session, inputs, tmp_path
 
 
 def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipelines.stylize, "build_dataset", _no_dataset)
+    monkeypatch.setattr(pipelines.stylize, "build_chain", _no_dataset)
     manifest = write_manifest(str(tmp_path / "bad.parquet"), [{"image_id": "a", "path": inputs["obama"]}])
     with pytest.raises(ValueError, match="image_uri"):
         run_job(JobConfig(), str(tmp_path / "out"), manifest)
@@ -197,29 +199,45 @@ def test_manifest_without_image_uri_raises(ray_session, inputs, tmp_path, monkey
 
 
 def test_the_default_cpu_job_is_one_operator_and_io_apart_adds_load_and_write(ray_session, manifest, tmp_path):
-    rows = pipelines.stylize.read_manifest(manifest, None)
-    one = pipelines.stylize.build_dataset(JobConfig(), rows, str(tmp_path / "a"))
+    from pipelines.manifest import ManifestReader
+    from pipelines.plan import plan_pending
+
+    _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 2)
+    one = _dataset(JobConfig(), rows, str(tmp_path / "a"))
     apart = JobConfig.from_dict({"resources": {"fuse_io": False}})
-    three = pipelines.stylize.build_dataset(apart, rows, str(tmp_path / "b"))
+    three = _dataset(apart, rows, str(tmp_path / "b"))
     ops = lambda ds: [line.split("(")[1].rstrip(")") for line in str(ds).splitlines() if "MapBatches(" in line]  # noqa: E731
     assert ops(one) == ["FusedCPUStage"]
-    assert ops(three) == ["_write", "FusedCPUStage", "_load"]
+    assert ops(three) == ["WriteStage", "FusedCPUStage", "LoadStage"]
+    split = JobConfig.from_dict({"resources": {"fuse_cpu_stages": False}})
+    assert ops(_dataset(split, rows, str(tmp_path / "c"))) == [
+        "WriteStage",
+        "ScoreStage",
+        "StylizeStage",
+        "FaceStage",
+        "LoadStage",
+    ]
 
 
 def test_the_fused_job_reads_its_own_rows_from_the_manifest(ray_session, manifest, tmp_path):
     """Given a plan's pending rows not read yet (``PendingRows``), the default CPU job's dataset is made of their
     pieces, a few hundred bytes each, and the fused actors read the rows themselves: no read task, no block of
     rows in the object store. Kept apart (``fuse_io`` false), the rows are read by read tasks as before."""
-    from pipelines.stylize import PIECE_SCHEMA, ManifestReader, plan_pending
+    from pipelines.manifest import ManifestReader
+    from pipelines.plan import PIECE_SCHEMA, plan_pending
 
     _, rows = plan_pending(ManifestReader(manifest, None), str(tmp_path / "out"), {}, block_rows=lambda n: 2)
-    one = pipelines.stylize.build_dataset(JobConfig(), rows, str(tmp_path / "a"))
+    one = _dataset(JobConfig(), rows, str(tmp_path / "a"))
     assert str(one).startswith("MapBatches(FusedCPUStage)") and _source(one) == "FromArrow"
     pieces = rows.pieces_dataset()
     assert pieces.schema().base_schema.equals(PIECE_SCHEMA) and pieces.count() == -(-len(rows) // 2)
-    apart = pipelines.stylize.build_dataset(JobConfig.from_dict({"resources": {"fuse_io": False}}), rows,
-                                            str(tmp_path / "b"))  # fmt: skip
+    apart = _dataset(JobConfig.from_dict({"resources": {"fuse_io": False}}), rows, str(tmp_path / "b"))
     assert _source(apart) == "Read"
+
+
+def _dataset(config: JobConfig, rows, output_uri: str):
+    """``stylid run``'s dataset of ``rows``, as ``run_stylize`` builds it."""
+    return build_chain(rows, stylize_chain(config, output_uri), fusion_of(config.resources))
 
 
 def _source(ds) -> str:

@@ -10,12 +10,23 @@ import pytest
 from PIL import Image
 
 import pipelines.stages
+from pipelines.chain import chain_pool_size, check_chain_fits, fusion_of
 from pipelines.stages import FusedCPUStage, prepare_rows
-from pipelines.stylize import _check_fits, fused_pool_size
+from pipelines.stylize import stylize_chain
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.imageio import decode_image_bounded, work_size
 from stylid_core.ledger import FACE_ROWS
 from stylid_core.sample_data import background, place_face
+
+
+def _check_fits(config: JobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
+    """``stylid run``'s chain checked against a cluster of ``cpus``, ``gpus``, ``memory``, as ``build_chain`` does."""
+    check_chain_fits(stylize_chain(config), fusion_of(config.resources), cpus, gpus, memory)
+
+
+def _pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
+    """``stylid run``'s fused pool on such a cluster."""
+    return chain_pool_size(stylize_chain(config), fusion_of(config.resources), cpus, memory)
 
 
 def _photo(path, width: int, height: int, face_px: int, fmt: str) -> str:
@@ -53,8 +64,7 @@ def test_a_large_image_is_worked_on_small_and_written_at_its_own_size(tmp_path, 
     monkeypatch.setattr(pipelines.stages.StylizeStage, "_run", spy)
     config = JobConfig.from_dict({"io": {"max_work_pixels": limit}, "score": {"redetect": False}})
     out = tmp_path / "out"
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io,
-                          write={"output_uri": str(out), "config_hash": "t", "key_suffix": ""})  # fmt: skip
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, str(out), key_suffix="")])
     row = stage(prepare_rows(pd.DataFrame([{"image_id": "big", "image_uri": path}]), None)).to_pandas().iloc[0]
     assert row["status"] == "ok" and row["n_faces"] == 1
     assert (row["width"], row["height"]) == (800, 600) and (row["source_width"], row["source_height"]) == (1600, 1200)
@@ -76,8 +86,8 @@ def test_memory_is_declared_to_ray_and_checked_against_the_cluster():
     with pytest.raises(ConfigError, match="memory_mb"):
         _check_fits(config, cpus=2, gpus=0, memory=1 * gib)
     # the fused pool gets no more actors than the memory holds
-    assert fused_pool_size(config, 8, memory=64 * gib) == 8
-    assert fused_pool_size(config, 8, memory=4 * gib) == 2
+    assert _pool_size(config, 8, memory=64 * gib) == 8
+    assert _pool_size(config, 8, memory=4 * gib) == 2
     with pytest.raises(ConfigError, match="memory_mb must be"):
         JobConfig.from_dict({"resources": {"fused": {"memory_mb": -1}}})
 

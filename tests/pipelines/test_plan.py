@@ -10,9 +10,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from pipelines.manifest import ManifestReader, read_manifest
+from pipelines.plan import plan_pending
 from pipelines.schema import derive_image_id
-from pipelines.stylize import ManifestReader, plan_pending, read_manifest
 from stylid_core.ledger import ShardWriter
+from tests.pending import plan_rows
 
 
 def _prefix(path, frames: list[pd.DataFrame]) -> str:
@@ -32,8 +34,9 @@ def test_plan_keeps_exactly_the_pending_rows_of_a_manifest_prefix(tmp_path):
     frames = [
         pd.DataFrame({"image_id": [f"a{k}" for k in range(9)], "image_uri": [f"/in/a{k}.png" for k in range(9)]}),
         pd.DataFrame({"image_uri": [f"/in/b{k}.png" for k in range(5)] + [""]}),  # ids derived; an empty URI
-        pd.DataFrame({"image_id": ["c0", "c1"], "image_uri": ["/in/c0.png", "/in/c1.png"],
-                      "style_uri": ["/s/one.png", None]}),  # fmt: skip
+        pd.DataFrame(
+            {"image_id": ["c0", "c1"], "image_uri": ["/in/c0.png", "/in/c1.png"], "style_uri": ["/s/one.png", None]}
+        ),  # fmt: skip
     ]
     manifest = _prefix(tmp_path / "manifest", frames)
     derived = [derive_image_id(f"/in/b{k}.png") for k in range(5)]
@@ -41,7 +44,7 @@ def test_plan_keeps_exactly_the_pending_rows_of_a_manifest_prefix(tmp_path):
     done_ids = ["a1", "a2", "a8", derived[3], "c1", "not-in-the-manifest"]
     _ledger(output, done_ids)
     reader = ManifestReader(manifest, "/s/default.png", batch_rows=4)  # batches cut across files and the ledger
-    done, pending = plan_pending(reader, output, {})
+    done, pending = plan_rows(reader, output)
     all_ids = read_manifest(manifest, "/s/default.png").column("image_id").to_pylist()
     assert len(all_ids) == 17 and len(set(all_ids)) == 17
     assert sorted(done.to_pylist()) == sorted(set(done_ids) & set(all_ids))
@@ -49,10 +52,6 @@ def test_plan_keeps_exactly_the_pending_rows_of_a_manifest_prefix(tmp_path):
     rows = pending.to_pandas().set_index("image_id")
     assert rows.at["c0", "style_uri"] == "/s/one.png" and rows.at[derived[0], "style_uri"] == "/s/default.png"
     assert (rows["status"] == "missing").sum() == 1 and rows["error"].dropna().tolist() == ["empty image_uri"]
-    # a plain table plans the same
-    done2, pending2 = plan_pending(read_manifest(manifest, "/s/default.png"), output, {})
-    assert sorted(done2.to_pylist()) == sorted(done.to_pylist())
-    assert pending2.column("image_id").to_pylist() == pending.column("image_id").to_pylist()
 
 
 def test_duplicates_across_files_are_found_before_the_plan(tmp_path):
@@ -60,7 +59,7 @@ def test_duplicates_across_files_are_found_before_the_plan(tmp_path):
               pd.DataFrame({"image_id": ["z", "x"], "image_uri": ["/c", "/d"]})]  # fmt: skip
     reader = ManifestReader(_prefix(tmp_path / "m", frames), None, batch_rows=1)
     with pytest.raises(ValueError, match=r"1 duplicate image_id\(s\), e.g. \['x'\]"):
-        plan_pending(reader, str(tmp_path / "out"), {})
+        plan_pending(reader, str(tmp_path / "out"), {}, block_rows=lambda n: 10)
     with pytest.raises(ValueError, match="no 'image_uri' column"):
         ManifestReader(_prefix(tmp_path / "bad", [pd.DataFrame({"path": ["/a"]})]), None)
 
@@ -75,7 +74,7 @@ def test_a_plan_with_block_rows_is_read_by_ray_as_the_dataset_runs(tmp_path, ray
     """``plan_pending`` with ``block_rows``: the pending rows are not read by the plan (``PendingRows``: read
     tasks of a manifest batch each, with their done flags); the dataset's read tasks yield them in blocks of
     about the asked size; the same rows as the plan in memory, each once."""
-    from pipelines.stylize import PendingRows
+    from pipelines.plan import PendingRows
 
     frames = [pd.DataFrame({"image_id": [f"r{k:03d}" for k in r], "image_uri": [f"/in/{k}" for k in r]})
               for r in (range(0, 40), range(40, 100))]  # fmt: skip
@@ -83,13 +82,17 @@ def test_a_plan_with_block_rows_is_read_by_ray_as_the_dataset_runs(tmp_path, ray
     output = str(tmp_path / "out")
     _ledger(output, [f"r{k:03d}" for k in range(0, 100, 4)])
     reader = ManifestReader(manifest, "/s/default.png", batch_rows=32)
-    _, in_memory = plan_pending(reader, output, {})
+    _, in_memory = plan_rows(reader, output)
     asked = []
     done, rows = plan_pending(reader, output, {}, block_rows=lambda n: asked.append(n) or 10)
     assert isinstance(rows, PendingRows) and asked == [75] and len(rows) == 75 and len(done) == 25
     # one row group a file (40, 60 rows), cut at 32 rows: tasks of 32, 8 | 32, 28 rows keep 24, 6 | 24, 21
     assert [(os.path.basename(s.path), s.start, s.pending) for s in rows.slices] == [
-        ("part-0.parquet", 0, 24), ("part-0.parquet", 32, 6), ("part-1.parquet", 0, 24), ("part-1.parquet", 32, 21)]
+        ("part-0.parquet", 0, 24),
+        ("part-0.parquet", 32, 6),
+        ("part-1.parquet", 0, 24),
+        ("part-1.parquet", 32, 21),
+    ]
     tables = _read_blocks(rows)
     # 8 blocks asked of 4 tasks: each task's rows in 2 blocks
     assert sorted(t.num_rows for t in tables) == [3, 3, 10, 11, 12, 12, 12, 12]
@@ -143,14 +146,14 @@ def _one_group_manifest(tmp_path, n: int) -> str:
 def test_pending_rows_are_cut_into_pieces_of_block_rows_pending_rows(tmp_path):
     """A slice's pieces: consecutive row ranges covering the slice, each with ``block_rows`` pending rows (the last
     fewer), their done flags a bit a row; read back (``read_piece``), they are exactly the plan's pending rows."""
-    from pipelines.stylize import PIECE_SCHEMA
+    from pipelines.plan import PIECE_SCHEMA
 
     manifest = _one_group_manifest(tmp_path, 100)
     output = str(tmp_path / "out")
     done_ids = [f"r{k:03d}" for k in range(0, 100, 3)] + [f"r{k:03d}" for k in range(60, 75)]
     _ledger(output, done_ids)
     reader = ManifestReader(manifest, "/s/default.png", batch_rows=64)
-    _, in_memory = plan_pending(reader, output, {})
+    _, in_memory = plan_rows(reader, output)
     _, rows = plan_pending(reader, output, {}, block_rows=lambda n: 10)
     pieces = [p for part in rows.slices for p in part.pieces(rows.block_rows)]
     assert all(p.schema.equals(PIECE_SCHEMA) and p.num_rows == 1 for p in pieces)
@@ -171,7 +174,7 @@ def test_a_reader_given_pieces_in_order_decodes_a_row_group_once(tmp_path, monke
     read opens it again and still reads the right rows; a pickled reader carries no open read."""
     from ray import cloudpickle as pickle  # what Ray ships a stage's arguments with
 
-    import pipelines.stylize as stylize
+    import pipelines.plan as plan
 
     manifest = _one_group_manifest(tmp_path, 60)
     _, rows = plan_pending(ManifestReader(manifest, None, batch_rows=64), str(tmp_path / "out"), {},
@@ -179,8 +182,8 @@ def test_a_reader_given_pieces_in_order_decodes_a_row_group_once(tmp_path, monke
     pieces = [p.to_pylist()[0] for part in rows.slices for p in part.pieces(rows.block_rows)]
     assert len(pieces) == 10
     opened = []
-    real = stylize.read_manifest_file
-    monkeypatch.setattr(stylize, "read_manifest_file", lambda *a, **k: opened.append(k["start"]) or real(*a, **k))
+    real = plan.read_manifest_file
+    monkeypatch.setattr(plan, "read_manifest_file", lambda *a, **k: opened.append(k["start"]) or real(*a, **k))
     ids = lambda t: t.column("image_id").to_pylist()  # noqa: E731
     first, second = pickle.loads(pickle.dumps(rows.reader)), pickle.loads(pickle.dumps(rows.reader))
     assert ids(first.read_piece(pieces[0])) == [f"r{k:03d}" for k in range(6)]
@@ -220,7 +223,7 @@ def test_ids_that_share_a_hash_are_still_told_apart(tmp_path, monkeypatch):
               pd.DataFrame({"image_id": ["d", "e"], "image_uri": ["/d", "/e"]})]  # fmt: skip
     output = str(tmp_path / "out")
     _ledger(output, ["b", "e", "zz"])
-    done, pending = plan_pending(ManifestReader(_prefix(tmp_path / "m", frames), None, batch_rows=2), output, {})
+    done, pending = plan_rows(ManifestReader(_prefix(tmp_path / "m", frames), None, batch_rows=2), output)
     assert sorted(done.to_pylist()) == ["b", "e"] and pending.column("image_id").to_pylist() == ["a", "c", "d"]
     frames.append(pd.DataFrame({"image_id": ["c", "f", "a"], "image_uri": ["/c2", "/f", "/a2"]}))
     with pytest.raises(ValueError, match=r"2 duplicate image_id\(s\)"):

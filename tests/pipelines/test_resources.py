@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-import pandas as pd
-import pyarrow as pa
 import pytest
 
-from pipelines.stylize import MAX_INPUT_BLOCKS, _check_fits, fused_io, fused_pool_size, input_blocks
+from pipelines.chain import chain_pool_size, check_chain_fits, fused_specs, fusion_of
+from pipelines.plan import MAX_INPUT_BLOCKS, input_block_rows
+from pipelines.stylize import stylize_chain
 from stylid_core.config import ConfigError, JobConfig
+
+
+def _check_fits(config: JobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
+    """``stylid run``'s chain checked against a cluster of ``cpus``, ``gpus``, ``memory``, as ``build_chain`` does."""
+    check_chain_fits(stylize_chain(config), fusion_of(config.resources), cpus, gpus, memory)
+
+
+def _pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
+    """``stylid run``'s fused pool on such a cluster."""
+    return chain_pool_size(stylize_chain(config), fusion_of(config.resources), cpus, memory)
+
+
+def _fused(config: JobConfig) -> list[str]:
+    """The stages of ``stylid run``'s chain that run inside its fused actor."""
+    return [s.name for s in fused_specs(stylize_chain(config), fusion_of(config.resources))]
 
 
 def test_default_pools_fit_two_cpus_and_oversized_ones_are_refused():
@@ -26,15 +41,16 @@ def test_default_pools_fit_two_cpus_and_oversized_ones_are_refused():
 
 def test_fused_pool_size_and_what_it_must_fit_beside():
     io_inside = JobConfig()
-    assert fused_io(io_inside)
+    assert _fused(io_inside) == ["load", "faces", "stylize", "score", "write"]
     # one single-threaded actor per CPU: 16 CPUs / 0.75 would be 21 actors on 16 cores
-    assert fused_pool_size(io_inside, 2) == 2 and fused_pool_size(io_inside, 16) == 16
+    assert _pool_size(io_inside, 2) == 2 and _pool_size(io_inside, 16) == 16
     apart = {"fuse_io": False}
-    assert not fused_io(JobConfig.from_dict({"resources": apart}))
-    assert fused_pool_size(JobConfig.from_dict({"resources": apart}), 2) == 2  # 1.5 CPUs beside load and write
-    assert fused_pool_size(JobConfig.from_dict({"resources": {**apart, "fused": {"num_cpus": 1}}}), 2) == 1
-    assert fused_pool_size(JobConfig.from_dict({"resources": {"fused": {"pool_size": 5}}}), 2) == 5
-    assert not fused_io(JobConfig.from_dict({"resources": {"fuse_cpu_stages": False}}))
+    assert _fused(JobConfig.from_dict({"resources": apart})) == ["faces", "stylize", "score"]
+    assert _pool_size(JobConfig.from_dict({"resources": apart}), 2) == 2  # 1.5 CPUs beside load and write
+    assert _pool_size(JobConfig.from_dict({"resources": {**apart, "fused": {"num_cpus": 1}}}), 2) == 1
+    assert _pool_size(JobConfig.from_dict({"resources": {"fused": {"pool_size": 5}}}), 2) == 5
+    assert _fused(JobConfig.from_dict({"resources": {"fuse_cpu_stages": False}})) == []
+    assert _fused(JobConfig.from_dict({"resources": {"stylize": {"num_gpus": 1}}})) == []  # a GPU stage never fuses
     # with the I/O inside, nothing runs beside the pool: three 0.75-CPU actors fit 2.25 CPUs; apart they don't
     three = {"fused": {"pool_size": 3}}
     _check_fits(JobConfig.from_dict({"resources": three}), cpus=2.25, gpus=0)
@@ -45,16 +61,12 @@ def test_fused_pool_size_and_what_it_must_fit_beside():
 
 
 def test_input_blocks_follow_the_batches_for_small_jobs_and_are_capped_for_large_ones():
-    """Every job (run, score, customize, training pairs) cuts its rows with ``input_blocks``: small jobs into the
-    first stage's batches (each CPU some), large ones into at most ``MAX_INPUT_BLOCKS`` blocks (4 a CPU beyond)."""
-    small = input_blocks(pa.table({"k": range(100)}), first_batch=64, cpus=2)
-    assert [len(b) for b in small] == [50, 50]
-    big = pa.table({"k": range(1_000_000)})
-    blocks = input_blocks(big, first_batch=64, cpus=2)
-    assert len(blocks) == MAX_INPUT_BLOCKS and {len(b) for b in blocks} == {2_000}
-    assert pa.concat_tables(blocks).column("k").to_pylist() == list(range(1_000_000))  # each row once, in order
-    assert len(input_blocks(big, first_batch=4, cpus=256)) == 4 * 256
-    frame = pd.DataFrame({"k": range(10)}, index=range(100, 110))  # a pandas manifest (stylid customize's)
-    assert [b.column("k").to_pylist() for b in input_blocks(frame, first_batch=4, cpus=1)] == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]
-    ]  # fmt: skip
+    """Every job (run, score, customize, training pairs) cuts its pending rows into blocks of ``input_block_rows``:
+    small jobs into the first stage's batches (each CPU some), large ones into at most ``MAX_INPUT_BLOCKS`` blocks
+    (4 a CPU beyond)."""
+    assert input_block_rows(100, first_batch=64, cpus=2) == 50  # two blocks of 50: each CPU some
+    assert input_block_rows(100, first_batch=16, cpus=2) == 16  # the first stage's batches
+    per_block = input_block_rows(1_000_000, first_batch=64, cpus=2)
+    assert per_block == 2_000 and -(-1_000_000 // per_block) == MAX_INPUT_BLOCKS
+    assert -(-1_000_000 // input_block_rows(1_000_000, first_batch=4, cpus=256)) == 4 * 256
+    assert input_block_rows(0, first_batch=4, cpus=1) == 1

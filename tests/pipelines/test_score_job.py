@@ -89,7 +89,7 @@ def test_a_finished_score_does_no_model_work_on_rerun(score_run, rescored, monke
     def no_work(*args, **kwargs):
         raise AssertionError("a finished score must not build a dataset (and load no model)")
 
-    monkeypatch.setattr(pipelines.score, "build_dataset", no_work)
+    monkeypatch.setattr(pipelines.score, "build_chain", no_work)
     monkeypatch.setattr("pipelines.stages.create_face_analyzer", no_work)
     config, gate = load_score_config("nightly_score")
     info = run_score_job(config, gate, score_run["output"], output, report=False)

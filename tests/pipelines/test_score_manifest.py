@@ -1,7 +1,7 @@
 """``stylid score``'s input streamed the way ``stylid run``'s manifest is: a pairs manifest or a stylid output
 folder read by ``ManifestReader`` in bounded batches (an output folder's live metrics shards only), each batch
 prepared by ``score_rows``; duplicates refused across batches; the plan's pending rows handed to the dataset as
-``PendingBlocks``."""
+``PendingRows``, read as it runs."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import pyarrow as pa
 import pytest
 
 import pipelines.score
+from pipelines.plan import PendingRows, input_block_rows, plan_pending
+from pipelines.resources import first_batch_rows
 from pipelines.schema import derive_image_id
 from pipelines.score import EXTERNAL_ENGINE, iter_score_manifest, read_score_manifest, run_score
-from pipelines.stylize import PendingRows, first_batch_rows, input_block_rows, plan_pending
 from stylid_core.config import ScoreJobConfig
 from stylid_core.ledger import ShardWriter, shard_name
+from tests.pending import plan_rows
 
 STYLE = "/s/default.png"
 
@@ -78,7 +80,7 @@ def test_duplicate_ids_across_batches_are_refused_naming_them(tmp_path):
     twice = derive_image_id("/e|/oe")
     reader = iter_score_manifest(manifest, None, batch_rows=1)
     with pytest.raises(ValueError, match=rf"2 duplicate image_id\(s\).*'x'.*'{twice}'.*hash of source_uri"):
-        plan_pending(reader, str(tmp_path / "out"), {})
+        plan_pending(reader, str(tmp_path / "out"), {}, block_rows=lambda n: 10)
     with pytest.raises(ValueError, match="duplicate image_id"):
         read_score_manifest(manifest, None)
 
@@ -120,7 +122,7 @@ def test_a_run_output_streams_over_its_live_metrics_shards_only(tmp_path):
     assert rows.at["d", "status"] == "no_face" and rows.at["d", "error"] == "not scored: no face found"
     assert (rows.drop(index="d")["status"] == "ok").all() and rows.drop(index="d")["error"].isna().all()
     assert (rows["engine"] == "neural").all() and (rows["model"] == "m").all()
-    done, pending = plan_pending(iter_score_manifest(folder, STYLE, batch_rows=2), str(tmp_path / "out"), {})
+    done, pending = plan_rows(iter_score_manifest(folder, STYLE, batch_rows=2), str(tmp_path / "out"))
     assert len(done) == 0 and sorted(pending.column("image_id").to_pylist()) == ids
 
 
@@ -149,7 +151,9 @@ def test_a_customize_output_over_several_shards_gives_a_pair_per_generated_image
     # a generated image's id taken by another row of the output: refused, named
     _ledger(folder, ["p1-1"], reference_uri=["/r/9.jpg"], output_uris=[None], status=["no_face"], error=[None])
     with pytest.raises(ValueError, match=r"1 duplicate image_id\(s\), e.g. \['p1-1'\]"):
-        plan_pending(iter_score_manifest(folder, None, batch_rows=1), str(tmp_path / "out"), {})
+        plan_pending(
+            iter_score_manifest(folder, None, batch_rows=1), str(tmp_path / "out"), {}, block_rows=lambda n: 1
+        )
 
 
 def test_a_folder_with_no_shards_or_no_outputs_is_refused(tmp_path):
@@ -165,7 +169,7 @@ def test_a_folder_with_no_shards_or_no_outputs_is_refused(tmp_path):
 
 
 def test_run_score_hands_its_dataset_the_pending_rows_to_read_as_it_runs(tmp_path, ray_session, monkeypatch):
-    """The plan does not read the pending rows: ``build_dataset`` gets ``PendingRows``, read by the dataset's own
+    """The plan does not read the pending rows: ``build_chain`` gets ``PendingRows``, read by the dataset's own
     tasks in blocks of about ``input_block_rows``, not a table held by the driver; rows already scored are not
     in them."""
     import ray
@@ -175,16 +179,16 @@ def test_run_score_hands_its_dataset_the_pending_rows_to_read_as_it_runs(tmp_pat
     _ledger(output, ["b"], status=["ok"])
     built = []
 
-    def build(config, rows, output_uri, **kwargs):
-        built.append((rows, kwargs))
+    def build(rows, specs, fusion):
+        built.append((rows, specs))
         return rows.dataset().select_columns(["image_id", "status"])
 
-    monkeypatch.setattr(pipelines.score, "build_dataset", build)
+    monkeypatch.setattr(pipelines.score, "build_chain", build)
     config = ScoreJobConfig()
     result = run_score(config, manifest, output)
-    ((rows, kwargs),) = built
+    ((rows, specs),) = built
     assert isinstance(rows, PendingRows) and len(rows) == 5
-    assert kwargs["stylize"] is False and kwargs["write_images"] is False
+    assert [s.name for s in specs] == ["load", "faces", "score", "write"] and specs[-1].kwargs["write_images"] is False
     per_block = input_block_rows(5, first_batch_rows(config), ray.cluster_resources()["CPU"])
     assert rows.block_rows == per_block
     tables = list(rows.dataset().iter_batches(batch_format="pyarrow", batch_size=None))

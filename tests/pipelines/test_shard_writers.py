@@ -11,8 +11,11 @@ import pytest
 
 import stylid_core.ledger as ledger
 from jobs.config import load_job_config
+from pipelines.chain import build_chain, fusion_of
+from pipelines.manifest import iter_manifest
+from pipelines.plan import plan_pending
 from pipelines.shard_writers import ShardWriterActor, ShardWriters, batch_key, to_ipc, writers_for
-from pipelines.stylize import build_dataset, iter_manifest, plan_pending
+from pipelines.stylize import stylize_chain
 from stylid_core.ledger import ShardWriter, done_ids, iter_shards
 from stylid_core.sample_data import write_face_crops
 from tests.pipelines.conftest import write_manifest
@@ -108,10 +111,11 @@ def test_a_job_dataset_carries_statuses_and_the_writers_the_rows(ray_session, tm
                               [{"image_id": f"r{k}", "image_uri": crops[k % 6]} for k in range(20)])  # fmt: skip
     config = load_job_config("stylize_null", ["io.rows_per_shard=8", "resources.fused.batch_size=4"])
     out = str(tmp_path / "out")
-    _, pending = plan_pending(iter_manifest(manifest, config.stylize.style_uri, {}), out, {})
+    _, pending = plan_pending(iter_manifest(manifest, config.stylize.style_uri, {}), out, {}, block_rows=lambda n: 4)
     writers = ShardWriters(out, {}, rows_per_shard=8)
     try:
-        batches = list(build_dataset(config, pending, out, shard_writers=writers).iter_batches(batch_format="pyarrow"))
+        dataset = build_chain(pending, stylize_chain(config, out, shard_writers=writers), fusion_of(config.resources))
+        batches = list(dataset.iter_batches(batch_format="pyarrow"))
         assert {tuple(b.column_names) for b in batches} == {("status",)}
         assert sum(b.num_rows for b in batches) == 20
         assert len(done_ids(out, {})) == 16  # two full shards; 4 rows still buffered in the writer

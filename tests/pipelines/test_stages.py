@@ -22,6 +22,7 @@ from pipelines.stages import (
     image_of,
     prepare_rows,
 )
+from pipelines.stylize import stylize_chain
 from stylid_core.config import JobConfig
 from stylid_core.ledger import FACE_ROWS, ShardWriter
 
@@ -162,7 +163,8 @@ def test_a_stylize_failure_fails_only_its_row(staged, config, monkeypatch):
 
 
 def test_fused_cpu_stage_equals_the_three_stages_in_turn(staged, config):
-    fused = FusedCPUStage(config.faces, config.stylize, config.score, config.io)(staged["load"]).to_pandas()
+    models = [(s.cls, s.kwargs) for s in stylize_chain(config) if s.kind != "io"]
+    fused = FusedCPUStage(models)(staged["load"]).to_pandas()
     separate = staged["score"]
     assert list(fused.columns) == list(separate.columns)
     assert fused["status"].tolist() == separate["status"].tolist()
@@ -178,8 +180,7 @@ def test_fused_stage_with_io_equals_load_fused_write(batch, staged, config, tmp_
     files as the load stage, the fused stage and the write stage called in turn."""
     write = {"config_hash": config.config_hash(), "key_suffix": ""}
     apart = WriteStage(str(tmp_path / "apart"), io=config.io, **write)(staged["score"]).to_pandas()
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io,
-                          write={"output_uri": str(tmp_path / "fused"), **write})  # fmt: skip
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, str(tmp_path / "fused"), key_suffix="")])
     assert [type(s).__name__ for s in stage.stages] == [
         "LoadStage", "FaceStage", "StylizeStage", "ScoreStage", "WriteStage"
     ]  # fmt: skip
@@ -201,8 +202,10 @@ def test_concurrent_reads_keep_each_row_its_own_bytes_and_failure(inputs, config
     row still gets its own image and a failed read fails only its row, whatever order the reads finish in."""
     gone = str(tmp_path / "gone.jpg")
     ids = ["obama", "gone", "biden", "notimage", "scene", "obama2"]
-    uris = [scheme + os.path.abspath(u) for u in
-            (inputs["obama"], gone, inputs["biden"], inputs["notimage"], inputs["scene"], inputs["obama"])]
+    uris = [
+        scheme + os.path.abspath(u)
+        for u in (inputs["obama"], gone, inputs["biden"], inputs["notimage"], inputs["scene"], inputs["obama"])
+    ]
     out = LoadStage(config.io)(prepare_rows(pd.DataFrame({"image_id": ids, "image_uri": uris}), None)).to_pandas()
     assert out["image_id"].tolist() == ids
     assert out["status"].tolist() == ["ok", "missing", "ok", "decode_error", "ok", "ok"]
@@ -236,8 +239,7 @@ def test_the_fused_actor_encodes_and_parses_no_json_between_its_stages(batch, co
             calls["loads"] += 1
             return json.loads(*a, **k)
 
-    write = {"output_uri": str(tmp_path), "config_hash": config.config_hash(), "key_suffix": ""}
-    stage = FusedCPUStage(config.faces, config.stylize, config.score, config.io, write=write)
+    stage = FusedCPUStage([(s.cls, s.kwargs) for s in stylize_chain(config, str(tmp_path), key_suffix="")])
     monkeypatch.setattr(stages, "json", CountingJSON())
     out = stage(batch).to_pandas()
     assert calls == {"dumps": 0, "loads": 0}

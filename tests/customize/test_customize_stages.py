@@ -1,0 +1,138 @@
+"""``stylid customize``'s stages on the shared rules, one test per defect its copy of the stages had: the image key
+(an id with ``/`` or ``..``), the write's retries (``io.retry``), credentials in error text, references decoded
+without ``io.max_work_pixels``, and images PNG-encoded between stages. No Ray: the stage classes in this process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.customize import CustomizeWriteStage, ReferenceStage
+from stylid_core.imageio import encode_png
+from stylid_core.secrets import REDACTED
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "customize_tiny.yaml")
+
+
+def _config(**io):
+    from jobs.customize import load_config
+
+    config = load_config(CONFIG)
+    return type(config).from_dict({**config.to_dict(), "io": {**config.to_dict()["io"], **io}})
+
+
+def _generated(image_id: str, images: list[np.ndarray]) -> dict:
+    """A row as the score stage hands it to the write stage: raw generated pixels and their faces/ records."""
+    gens = [{"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False,
+             "backend": "dlib"} for k in range(len(images))]  # fmt: skip
+    return {"image_id": image_id, "reference_uri": "/r.png", "prompt": "p", "num_images": len(images),
+            "status": "ok", "error": None, "backend": "facesnap", "model": "tiny",
+            "gen_pixels": [im.tobytes() for im in images], "gen_height": [im.shape[0] for im in images],
+            "gen_width": [im.shape[1] for im in images], "gen_json": json.dumps(gens)}  # fmt: skip
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_an_id_with_a_slash_or_dots_is_written_under_images(tmp_path):
+    """The one key rule (``object_key``): ``../x`` and ``a/b`` land as files directly in ``images/``, nowhere else,
+    and distinct ids get distinct files."""
+    out = tmp_path / "run" / "out"
+    config = _config()
+    image = np.full((8, 8, 3), 100, np.uint8)
+    rows = [_generated(i, [image, image]) for i in ("../x", "a/b", "../../etc/y", "ok")]
+    table = CustomizeWriteStage(str(out), config)(pd.DataFrame(rows))
+    assert table.column("status").to_pylist() == ["ok"] * 4
+    written = _files(tmp_path)
+    assert len(written) == 8 and all(os.path.dirname(p) == os.path.join("run", "out", "images") for p in written)
+    uris = [u for js in table.column("output_uris").to_pylist() for u in json.loads(js)]
+    assert len(set(uris)) == 8 and all(os.path.dirname(u) == str(out / "images") for u in uris)
+    assert os.path.basename(uris[-1]) == f"ok-{config.config_hash()}-1.png"
+
+
+def _flaky_replace(monkeypatch, failures: int) -> list[int]:
+    """The local write's rename fails ``failures`` times with a transient error (EAGAIN), then works."""
+    import stylid_core.storage as storage
+
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise OSError(errno.EAGAIN, "resource temporarily unavailable")
+        return real(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", replace)
+    return calls
+
+
+def test_the_write_retries_as_the_config_says(tmp_path, monkeypatch):
+    """``io.retries`` governs the image write: six transient failures pass with 8 tries (the built-in default
+    is 5), and with one try a single failure is the row's ``write_error``."""
+    image = np.full((8, 8, 3), 100, np.uint8)
+    calls = _flaky_replace(monkeypatch, failures=6)
+    table = CustomizeWriteStage(str(tmp_path / "a"), _config(retries=8, retry_backoff_s=0))(
+        pd.DataFrame([_generated("r", [image])])
+    )
+    assert table.column("status").to_pylist() == ["ok"] and len(calls) == 7
+    calls = _flaky_replace(monkeypatch, failures=1)
+    table = CustomizeWriteStage(str(tmp_path / "b"), _config(retries=1, retry_backoff_s=0))(
+        pd.DataFrame([_generated("r", [image])])
+    )
+    assert table.column("status").to_pylist() == ["write_error"] and len(calls) == 1
+
+
+def test_credentials_are_scrubbed_from_error_text(tmp_path, monkeypatch):
+    """A write error quoting the storage credentials reaches the metrics with them redacted."""
+    import pipelines.stages
+
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+    def denied(uri, data, storage_options=None, retry=None):
+        raise OSError(f"access denied for secret={secret} writing {uri}")
+
+    monkeypatch.setattr(pipelines.stages, "write_bytes", denied)
+    config = _config(storage_options={"key": "AKIAEXAMPLEKEYID", "secret": secret})
+    table = CustomizeWriteStage(str(tmp_path), config)(
+        pd.DataFrame([_generated("r", [np.zeros((4, 4, 3), np.uint8)])])
+    )
+    (error,) = table.column("error").to_pylist()
+    assert table.column("status").to_pylist() == ["write_error"]
+    assert secret not in error and REDACTED in error and "access denied" in error
+
+
+def test_references_are_decoded_at_the_working_size_and_passed_as_pixels(tmp_path, astronaut):
+    """The reference and the pose are read as every job reads its images (downscaled to ``io.max_work_pixels``)
+    and go on as raw RGB pixels of that size, not PNG bytes to decode again."""
+    ref, pose = tmp_path / "ref.png", tmp_path / "pose.png"
+    ref.write_bytes(encode_png(astronaut))  # 512 x 512
+    pose.write_bytes(encode_png(np.ascontiguousarray(astronaut[:, ::-1])))
+    row = {"image_id": "a", "reference_uri": str(ref), "pose_uri": str(pose), "prompt": "p", "num_images": 1,
+           "status": "ok", "error": None, "backend": "facesnap"}  # fmt: skip
+    full = ReferenceStage(_config())(pd.DataFrame([row])).to_pylist()[0]
+    assert full["status"] == "ok", full["error"]
+    assert (full["ref_width"], full["ref_height"]) == (512, 512) and full["ref_pixels"] == astronaut.tobytes()
+    assert not full["ref_pixels"].startswith(b"\x89PNG") and len(full["pose_pixels"]) == 512 * 512 * 3
+    small = ReferenceStage(_config(max_work_pixels=256 * 256))(pd.DataFrame([row])).to_pylist()[0]
+    assert small["status"] == "ok", small["error"]
+    assert (small["ref_width"], small["ref_height"]) == (256, 256) and len(small["ref_pixels"]) == 256 * 256 * 3
+    assert (small["pose_width"], small["pose_height"]) == (256, 256)
+    face = json.loads(small["face_json"])
+    assert face["box"][2] <= 256 and face["box"][3] <= 256  # found in the working-size image
+
+
+@pytest.mark.parametrize("name", ["missing.png", "bad.png"])
+def test_an_unreadable_reference_is_its_row_status_naming_the_uri(tmp_path, name):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    uri = str(tmp_path / name)
+    row = {"image_id": "a", "reference_uri": uri, "pose_uri": None, "prompt": "p", "num_images": 1,
+           "status": "ok", "error": None, "backend": "facesnap"}  # fmt: skip
+    out = ReferenceStage(_config())(pd.DataFrame([row])).to_pylist()[0]
+    assert out["status"] == {"missing.png": "missing", "bad.png": "decode_error"}[name] and uri in out["error"]
+    assert out["ref_pixels"] is None and out["t_reference"] is not None
