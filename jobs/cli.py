@@ -13,7 +13,8 @@ from stylid_core.config import ConfigError
 from stylid_core.secrets import scrub, secret_values, secrets_in_overrides
 
 #: modules exposing ``add_parser(subparsers)``; each sets ``func`` on its parser
-SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer", "jobs.compact", "jobs.score")
+SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer", "jobs.compact", "jobs.score",
+               "jobs.canary")
 
 
 def build_parser() -> argparse.ArgumentParser:
