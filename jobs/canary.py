@@ -2,7 +2,8 @@
 that every size bucket of the gate has at least ``gate.min_faces`` faces (``stylid_core.canary``).
 
 Exit codes: 0 every bucket reached min_faces; 3 the manifest is written but some bucket could not reach it (named);
-2 bad input (no such output, no faces, an output of another job; ``jobs.cli`` maps ``ValueError`` to 2).
+2 bad input (no such output, an unfinished one, no faces, an output of another job; ``jobs.cli`` maps
+``ValueError`` to 2).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from stylid_core import ledger
 from stylid_core.canary import format_pick, pick_canary
-from stylid_core.storage import join, read_bytes, write_bytes
+from stylid_core.storage import exists, join, read_bytes, write_bytes
 
 EXIT_SHORT = 3
 #: the manifest columns ``stylid run`` reads, and those ``stylid score`` reads for a score output's pairs
@@ -40,6 +41,8 @@ def read_dataset(uri: str, storage_options: dict) -> tuple[str, pa.Table, object
         info = json.loads(read_bytes(join(uri, "run.json"), storage_options))
     except Exception as exc:
         raise ValueError(f"dataset {uri}: no readable run.json ({exc}); is it a stylid run or score output?") from None
+    if not exists(join(uri, "_SUCCESS"), storage_options):
+        raise ValueError(f"dataset {uri} has no _SUCCESS: that run did not finish")
     job = info.get("job", "run")
     if job not in ("run", "score"):
         raise ValueError(f"dataset {uri} is a stylid {job} output; give a stylid run or stylid score output")

@@ -110,3 +110,6 @@ def test_stylid_canary_writes_the_manifest_its_job_reads(tmp_path, capsys, job):
     assert rc == 0 and "could not reach" not in capsys.readouterr().out
     # bad input: exit 2 in one line
     assert cli(["canary", "--dataset", str(tmp_path / "nowhere"), "--output", manifest]) == 2
+    (tmp_path / job / "_SUCCESS").unlink()
+    assert cli(["canary", "--dataset", dataset, "--output", manifest]) == 2
+    assert "did not finish" in capsys.readouterr().err
