@@ -14,6 +14,7 @@ from stylid_core.secrets import scrub, secret_values, secrets_in_overrides
 
 #: modules exposing ``add_parser(subparsers)``; each sets ``func`` on its parser
 SUBCOMMANDS = ("jobs.run", "jobs.report", "jobs.customize", "jobs.train_customizer", "jobs.compact", "jobs.score")
+SUBCOMMANDS += ("jobs.canary",)  # stylid canary: pick a canary manifest
 
 
 def build_parser() -> argparse.ArgumentParser:

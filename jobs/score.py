@@ -187,12 +187,21 @@ def _list_nights(prefix: str, storage_options: dict) -> list[dict[str, Any]] | N
     return nights
 
 
+def _lies_under(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` is inside the folder ``prefix`` (``s3://b/scores/n01/`` under ``s3://b/scores/``)."""
+    return uri.rstrip("/").startswith(prefix.rstrip("/") + "/")
+
+
 def resolve_baseline(uri: str, output_uri: str, storage_options: dict) -> BaselineChoice:
     """``--baseline``: an output (it has a ``run.json``) is the baseline itself; a folder of nights (no
-    ``run.json`` of its own) gives the night ``choose_baseline`` picks before ``output_uri``'s night."""
+    ``run.json`` of its own) gives the night ``choose_baseline`` picks before ``output_uri``'s night. A prefix that
+    does not exist (on an object store: holds no object yet) is a folder of no nights when ``output_uri`` lies under
+    it (the first night: no baseline, exit 3), else ``GateInputError``."""
     if exists(join(uri, "run.json"), storage_options):
         return BaselineChoice(requested=uri, uri=uri)
     nights = _list_nights(uri, storage_options)
+    if nights is None and _lies_under(output_uri, uri):
+        nights = []  # an object store has no empty folders: a prefix with no object yet, above --output, is no nights
     if nights is None:
         raise GateInputError(
             f"baseline {uri}: no readable run.json and no folder of nightly outputs; is it a stylid output?"

@@ -9,18 +9,13 @@ import io
 import json
 import os
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pytest
 
-import jobs.score
 from jobs.cli import main as cli
 from jobs.score import choose_baseline, resolve_baseline
-from pipelines.runner import RunResult
-from stylid_core import ledger
 from stylid_core.gate import GateInputError
 from stylid_core.metrics import METRICS_VERSION
+from tests.stub_nights import FIXED, install_fake_scoring
 
 
 def _n(name: str, passed: bool | None = True, success: bool = True, version: int = METRICS_VERSION) -> dict:
@@ -73,41 +68,11 @@ def test_resolve_baseline_takes_an_output_itself_or_picks_a_night_under_a_prefix
 # ---------------------------------------------------------------------------------------------------------------
 # a week of nights through the CLI
 
-N_IMAGES, FACES_PER_IMAGE = 15, 2  # 30 faces of 40 px: the 32-48 bucket is gated with the default min_faces 20
-FIXED = np.random.default_rng(0).normal(0, 0.02, N_IMAGES * FACES_PER_IMAGE)  # each face's own level, every night
-
-
-def _shards(id_sim_offset: float, night_seed: int) -> tuple[pa.Table, pa.Table]:
-    rng = np.random.default_rng(night_seed)
-    metrics, faces = [], []
-    for i in range(N_IMAGES):
-        image_id = f"img{i:03d}"
-        metrics.append({"image_id": image_id, "status": "ok", "error": None, "style_distance": 1.5,
-                        "colour_distance": 3.0, "content_ssim": 0.7 + rng.normal(0, 0.002)})  # fmt: skip
-        for k in range(FACES_PER_IMAGE):
-            x0 = 10.0 + 100 * k
-            faces.append({"image_id": image_id, "face_index": k, "x0": x0, "y0": 10.0, "x1": x0 + 40, "y1": 50.0,
-                          "size_px": 40.0, "size_bucket": "32-48", "id_match": True, "redetected": True,
-                          "id_sim": 0.9 + FIXED[i * FACES_PER_IMAGE + k] + id_sim_offset + rng.normal(0, 0.002),
-                          "backend": "dlib"})  # fmt: skip
-    return pa.Table.from_pandas(pd.DataFrame(faces)), pa.Table.from_pandas(pd.DataFrame(metrics))
-
 
 @pytest.fixture
 def fake_scoring(monkeypatch):
     """``run_score`` replaced: the manifest argument ``offset:<x>:<seed>`` gives the night's id_sim offset."""
-
-    def run_score(config, manifest_uri, output_uri):
-        _, offset, seed = manifest_uri.split(":")
-        faces, metrics = _shards(float(offset), int(seed))
-        ledger.write_shard_pair(output_uri, faces, metrics, config.io.storage_options)
-        return RunResult(total_rows=N_IMAGES, already_done=0, processed=N_IMAGES, seconds=1.0)
-
-    import pipelines.score
-
-    monkeypatch.setattr(pipelines.score, "run_score", run_score)
-    monkeypatch.setattr(jobs.score, "preflight_score", lambda *a, **k: None)  # the manifest is no file here
-    monkeypatch.setattr(jobs.score, "init_ray", lambda *a, **k: None)
+    install_fake_scoring(monkeypatch)
 
 
 def _night(prefix: str, name: str, offset: float, seed: int, *extra: str) -> tuple[int, str, dict]:

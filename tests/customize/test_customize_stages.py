@@ -20,9 +20,9 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "customi
 
 
 def _config(**io):
-    from jobs.customize import load_config
+    from jobs.config import load_config
 
-    config = load_config(CONFIG)
+    config = load_config("customize", CONFIG)
     return type(config).from_dict({**config.to_dict(), "io": {**config.to_dict()["io"], **io}})
 
 
