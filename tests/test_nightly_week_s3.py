@@ -13,7 +13,7 @@ import json
 import pytest
 
 from jobs.cli import main as cli
-from jobs.score import resolve_baseline
+from jobs.nights import resolve_baseline
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.storage import read_bytes, write_bytes
 from tests.stub_nights import install_fake_scoring

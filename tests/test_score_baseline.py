@@ -12,7 +12,7 @@ import os
 import pytest
 
 from jobs.cli import main as cli
-from jobs.score import choose_baseline, resolve_baseline
+from jobs.nights import choose_baseline, resolve_baseline
 from stylid_core.gate import GateInputError
 from stylid_core.metrics import METRICS_VERSION
 from tests.stub_nights import FIXED, install_fake_scoring
