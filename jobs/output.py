@@ -55,11 +55,10 @@ def versions() -> dict[str, str]:
 
 
 def config_record(config: Any) -> dict[str, Any]:
-    """``config.to_dict()`` for ``run.json``: without ``io.storage_options`` (credentials), secrets redacted."""
-    record = config.to_dict()
-    if isinstance(record.get("io"), dict):
-        record["io"].pop("storage_options", None)
-    return redact(record)
+    """``config.to_dict()`` for ``run.json``, secret-named values redacted: ``io.storage_options`` stays, as given
+    (an endpoint, a region, a profile say where the run read and wrote), its credentials ``<redacted>``; and
+    ``write_run_json`` scrubs any known secret value wherever else it appears."""
+    return redact(config.to_dict())
 
 
 def _read_record(output_uri: str, name: str, storage_options: dict) -> dict | None:

@@ -211,7 +211,7 @@ def test_run_and_score_write_run_json_with_their_job(ray_session, tmp_path):
     for out, job, returned in ((run_out, "run", info), (score_out, "score", scored)):
         written = json.load(open(os.path.join(out, "run.json")))
         assert written["job"] == job and written["metrics_version"] == METRICS_VERSION
-        assert written["config_hash"] == returned["config_hash"] and "storage_options" not in written["config"]["io"]
+        assert written["config_hash"] == returned["config_hash"] and written["config"]["io"]["storage_options"] == {}
         assert written["summary"]["rows"] == 2 and written["this_run"]["processed"] == 2
         assert os.path.getmtime(os.path.join(out, "_SUCCESS")) >= os.path.getmtime(os.path.join(out, "run.json"))
         assert json.load(open(os.path.join(out, CONFIG_RECORD)))["job"] == job
