@@ -31,13 +31,17 @@ IO, CPU, GPU = "io", "cpu", "gpu"
 class StageSpec:
     """One stage of a job's chain: ``cls(**kwargs)`` is called on each pandas batch; ``resources`` its batch size,
     CPUs, GPUs, pool size and memory; ``kind`` ``io``, ``cpu`` or ``gpu`` (``model`` picks cpu or gpu from the
-    resources); ``name`` the resources' name in the job's config, named by the fit check's errors."""
+    resources); ``name`` the resources' name in the job's config, named by the fit check's errors; ``batch_format``
+    what ``cls`` is given (``pandas``, or ``numpy``: a dict of arrays); ``max_actors``: a model stage's pool grows
+    from one actor to this many (0: sized by ``_pool`` from ``resources``)."""
 
     cls: Callable
     kwargs: dict
     resources: StageResources
     kind: str
     name: str
+    batch_format: str = "pandas"
+    max_actors: int = 0
 
     @classmethod
     def model(cls, stage: Callable, kwargs: dict, resources: StageResources, name: str) -> StageSpec:
@@ -106,10 +110,10 @@ def _map(ds: ray.data.Dataset, spec: StageSpec, cpus: float, gpus: float, creden
         return ds.map_batches(_task(spec, credentials), batch_format="pandas", batch_size=res.batch_size,
                               num_cpus=res.num_cpus, concurrency=res.pool_size or None, **res.ray_memory(),
                               **remote)  # fmt: skip
+    pool = ActorPoolStrategy(min_size=1, max_size=spec.max_actors) if spec.max_actors else _pool(res, cpus, gpus)
     return ds.map_batches(with_credentials(spec.cls, credentials), fn_constructor_kwargs=spec.kwargs,
-                          batch_format="pandas", batch_size=res.batch_size, num_cpus=res.num_cpus,
-                          num_gpus=res.num_gpus or None, compute=_pool(res, cpus, gpus), **res.ray_memory(),
-                          **remote)  # fmt: skip
+                          batch_format=spec.batch_format, batch_size=res.batch_size, num_cpus=res.num_cpus,
+                          num_gpus=res.num_gpus or None, compute=pool, **res.ray_memory(), **remote)  # fmt: skip
 
 
 def build_chain(

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.chain import StageSpec, build_chain, check_chain_fits
-from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader, check_unique_ids
+from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader
 from pipelines.plan import PendingRows, input_block_rows
 from pipelines.runner import RunResult, process_pending
 from pipelines.schema import (
@@ -104,20 +104,6 @@ def iter_customize_manifest(
         columns=MANIFEST_COLUMNS, id_columns=("image_id", "reference_uri", "prompt"), prepare=prepared,
         id_hint=CUSTOMIZE_ID_HINT,
     )  # fmt: skip
-
-
-def read_customize_manifest(manifest_uri: str, config: CustomizeJobConfig) -> pd.DataFrame:
-    """The whole prepared manifest (``iter_customize_manifest``'s batches) as one frame; ``stylid customize``
-    streams them into ``process_pending`` instead. Raises ``ValueError`` for a missing manifest, no
-    ``reference_uri`` column or duplicate ids."""
-    reader = iter_customize_manifest(manifest_uri, config)
-    parts = list(reader)
-    if not parts:
-        empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in MANIFEST_COLUMNS})
-        return PrepareCustomizeRows(config)(empty)
-    df = pa.concat_tables(parts, promote_options="permissive").to_pandas()
-    check_unique_ids(df, manifest_uri, CUSTOMIZE_ID_HINT)
-    return df
 
 
 def _image(data: bytes, height: int, width: int) -> np.ndarray:

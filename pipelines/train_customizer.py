@@ -23,15 +23,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import ray.train
-from ray.data import ActorPoolStrategy
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines.credentials import StageCredentials, with_credentials
+from pipelines.chain import CPU, StageSpec, build_chain
 from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader
 from pipelines.plan import input_block_rows
-from pipelines.resources import stage_remote_args
 from pipelines.stages import string_column
+from stylid_core.config import StageResources
 from stylid_core.customize.facesnap.training import (
     FacePairExtractor,
     FaceSnapTrainConfig,
@@ -162,17 +161,24 @@ def pair_blocks(config: FaceSnapTrainConfig, cpus: float, batch_rows: int = MANI
     return [ray.put(table.slice(k, per_block)) for table in rows for k in range(0, table.num_rows, per_block)]
 
 
+def pair_chain(
+    config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: int, num_landmarks: int
+) -> list[StageSpec]:
+    """The training-pair pass as a chain: ``FacePairStage`` on numpy batches of ``PAIR_BATCH_ROWS``, ``pair_cpus``
+    each, a pool growing from one actor to ``pair_actors``."""
+    kwargs = {"config": config.to_dict(), "clip_size": clip_size, "face_embed_dim": face_embed_dim,
+              "num_landmarks": num_landmarks}  # fmt: skip
+    resources = StageResources(batch_size=PAIR_BATCH_ROWS, num_cpus=config.pair_cpus)
+    return [StageSpec(FacePairStage, kwargs, resources, CPU, "pairs", batch_format="numpy",
+                      max_actors=config.pair_actors)]  # fmt: skip
+
+
 def pair_dataset(config: FaceSnapTrainConfig, clip_size: int, face_embed_dim: int, num_landmarks: int):
-    """The Ray Dataset of training pairs from ``config.manifest`` (``pair_blocks``, then ``FacePairStage``)."""
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return ray.data.from_arrow_refs(pair_blocks(config, cpus)).map_batches(
-        with_credentials(FacePairStage, StageCredentials.from_environ()),
-        fn_constructor_args=(config.to_dict(), clip_size, face_embed_dim, num_landmarks),
-        batch_size=PAIR_BATCH_ROWS,
-        num_cpus=config.pair_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=config.pair_actors),
-        **stage_remote_args(),
-    )
+    """The Ray Dataset of training pairs from ``config.manifest`` (``pair_blocks`` through ``pair_chain`` on
+    ``build_chain``)."""
+    cluster = ray.cluster_resources()
+    rows = ray.data.from_arrow_refs(pair_blocks(config, cluster.get("CPU", 1.0)))
+    return build_chain(rows, pair_chain(config, clip_size, face_embed_dim, num_landmarks), cluster=cluster)
 
 
 def latest_checkpoint(config: FaceSnapTrainConfig) -> str | None:

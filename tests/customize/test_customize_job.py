@@ -178,9 +178,19 @@ def test_another_config_into_the_same_output_needs_overwrite(finished, config, t
     assert json.loads(open(f"{out}/run.json").read())["config_hash"] == other.config_hash()
 
 
-def test_manifest_errors_raise_before_any_work(config, tmp_path):
-    from pipelines.customize import read_customize_manifest
+def read_customize_manifest(manifest_uri, config) -> pd.DataFrame:
+    """The whole prepared manifest as the job reads it: ids checked (``scan_ids``, as preflight and the plan do),
+    then ``iter_customize_manifest``'s batches as one frame."""
+    import pyarrow as pa
 
+    from pipelines.customize import iter_customize_manifest
+
+    reader = iter_customize_manifest(manifest_uri, config)
+    reader.scan_ids()
+    return pa.concat_tables(list(reader), promote_options="permissive").to_pandas()
+
+
+def test_manifest_errors_raise_before_any_work(config, tmp_path):
     dup = str(tmp_path / "dup.parquet")
     pd.DataFrame({"image_id": ["x", "x"], "reference_uri": ["r1", "r2"]}).to_parquet(dup)
     with pytest.raises(ValueError, match="duplicate image_id"):
@@ -198,7 +208,7 @@ def test_manifest_errors_raise_before_any_work(config, tmp_path):
 def test_the_manifest_streams_in_batches_into_the_plan_like_stylid_runs(config, tmp_path):
     """``stylid customize`` reads its manifest as ``stylid run`` does (pyarrow batches, each prepared; the plan
     keeps the pending rows only): the same rows as a whole read, duplicates found across batches."""
-    from pipelines.customize import iter_customize_manifest, read_customize_manifest
+    from pipelines.customize import iter_customize_manifest
     from pipelines.plan import plan_pending
     from tests.pending import plan_rows
 
@@ -236,7 +246,7 @@ def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
     import pyarrow as pa
     import ray
 
-    from pipelines.customize import read_customize_manifest, run_customize
+    from pipelines.customize import run_customize
     from pipelines.plan import PendingRows, input_block_rows
     from stylid_core.ledger import ShardWriter
 

@@ -171,3 +171,18 @@ def test_pair_blocks_go_into_ray_block_by_block(tmp_path, ray_session):
     assert [t.num_rows for t in tables] == [4, 1, 2, 4, 1, 3, 4, 1, 4]
     assert all(t.num_rows <= per_block for t in tables)
     assert pa.concat_tables(tables).to_pandas().equals(pair_rows(config))
+
+
+def test_the_pair_pass_is_a_chain_checked_against_the_cluster():
+    from pipelines.chain import build_chain
+    from pipelines.train_customizer import PAIR_BATCH_ROWS, pair_chain
+    from stylid_core.config import ConfigError
+
+    config = FaceSnapTrainConfig(manifest="m", storage_path="x", tiny={}, pair_cpus=2.0, pair_actors=3)
+    (spec,) = pair_chain(config, 32, 128, 68)
+    assert spec.cls is FacePairStage and spec.batch_format == "numpy" and spec.max_actors == 3
+    assert spec.resources.batch_size == PAIR_BATCH_ROWS and spec.resources.num_cpus == 2.0
+    assert spec.kwargs["config"] == config.to_dict()
+    # a pair actor wider than the cluster is a ConfigError before any stage starts, not a pool that never starts
+    with pytest.raises(ConfigError, match="pairs: 2 CPU"):
+        build_chain(None, [spec], cluster={"CPU": 1.0})
