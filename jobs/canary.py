@@ -9,15 +9,15 @@ Exit codes: 0 every bucket reached min_faces; 3 the manifest is written but some
 from __future__ import annotations
 
 import argparse
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.config import add_config_arguments
+from jobs.output import read_finished_run
 from stylid_core import ledger
 from stylid_core.canary import format_pick, pick_canary
-from stylid_core.storage import exists, join, read_bytes, write_bytes
+from stylid_core.storage import write_bytes
 
 EXIT_SHORT = 3
 #: the manifest columns ``stylid run`` reads, and those ``stylid score`` reads for a score output's pairs
@@ -38,12 +38,7 @@ def add_parser(subparsers) -> None:
 
 def read_dataset(uri: str, storage_options: dict) -> tuple[str, pa.Table, object]:
     """The output's job (``run`` or ``score``), its ok rows' manifest columns and its faces frame."""
-    try:
-        info = json.loads(read_bytes(join(uri, "run.json"), storage_options))
-    except Exception as exc:
-        raise ValueError(f"dataset {uri}: no readable run.json ({exc}); is it a stylid run or score output?") from None
-    if not exists(join(uri, "_SUCCESS"), storage_options):
-        raise ValueError(f"dataset {uri} has no _SUCCESS: that run did not finish")
+    info = read_finished_run(uri, storage_options, "dataset", kind="stylid run or score output")
     job = info.get("job", "run")
     if job not in ("run", "score"):
         raise ValueError(f"dataset {uri} is a stylid {job} output; give a stylid run or stylid score output")

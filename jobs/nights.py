@@ -9,6 +9,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.output import read_finished_run
 from stylid_core.gate import GateInputError, check_comparable
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.storage import exists, filesystem, join, read_bytes
@@ -16,13 +17,7 @@ from stylid_core.storage import exists, filesystem, join, read_bytes
 
 def read_baseline(uri: str, storage_options: dict) -> dict[str, Any]:
     """The baseline's ``run.json``; ``GateInputError`` when it is not a finished stylid output."""
-    try:
-        info = json.loads(read_bytes(join(uri, "run.json"), storage_options))
-    except Exception as exc:
-        raise GateInputError(f"baseline {uri}: no readable run.json ({exc}); is it a stylid output?") from None
-    if not exists(join(uri, "_SUCCESS"), storage_options):
-        raise GateInputError(f"baseline {uri} has no _SUCCESS: that run did not finish")
-    return info
+    return read_finished_run(uri, storage_options, "baseline", GateInputError)
 
 
 def night_name(uri: str) -> str:

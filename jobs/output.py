@@ -24,7 +24,7 @@ from stylid_core.lease import OutputLease
 from stylid_core.ledger import METRICS, iter_shards
 from stylid_core.metrics import METRICS_VERSION
 from stylid_core.secrets import redact, scrub, secret_values
-from stylid_core.storage import delete, filesystem, join, read_bytes, write_bytes
+from stylid_core.storage import delete, exists, filesystem, join, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,20 @@ def previous_images(output_uri: str, storage_options: dict) -> list[str]:
             uris |= {u for v in table.column("output_uris").to_pylist() if isinstance(v, str) and v
                      for u in json.loads(v)}  # fmt: skip
     return sorted({join(output_uri, "images", posixpath.basename(u)) for u in uris})
+
+
+def read_finished_run(
+    uri: str, storage_options: dict, role: str, error: type[Exception] = ValueError, kind: str = "stylid output"
+) -> dict:
+    """The ``run.json`` of a finished output (its ``_SUCCESS`` there), for a command that reads another job's output
+    (``role``: "baseline", "dataset"); ``error`` naming the URI when it has no readable run.json or did not finish."""
+    try:
+        info = json.loads(read_bytes(join(uri, RUN_JSON), storage_options))
+    except Exception as exc:
+        raise error(f"{role} {uri}: no readable run.json ({exc}); is it a {kind}?") from None
+    if not exists(join(uri, SUCCESS), storage_options):
+        raise error(f"{role} {uri} has no _SUCCESS: that run did not finish")
+    return info
 
 
 def write_run_json(output_uri: str, info: dict, storage_options: dict) -> None:
