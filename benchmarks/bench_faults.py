@@ -223,19 +223,7 @@ def run_cli(manifest: str, output: str, endpoint: str, sampler: Sampler, on_prog
 
 
 def check_output(client, output_key: str, rows: int) -> dict:
-    def frames(prefix: str) -> pd.DataFrame:
-        keys, token = [], None
-        while True:
-            kw = {"ContinuationToken": token} if token else {}
-            r = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **kw)
-            keys += [o["Key"] for o in r.get("Contents", []) if o["Key"].endswith(".parquet")]
-            if not r.get("IsTruncated"):
-                break
-            token = r["NextContinuationToken"]
-        parts = [pd.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in keys]
-        return pd.concat(parts) if parts else pd.DataFrame()
-
-    metrics, faces = frames(f"{output_key}/metrics/"), frames(f"{output_key}/faces/")
+    metrics, faces = _shards_frame(client, f"{output_key}/metrics/"), _shards_frame(client, f"{output_key}/faces/")
     ok = metrics[metrics["status"] == "ok"]
     counts = faces.groupby("image_id").size() if len(faces) else pd.Series(dtype=int)
     return {
@@ -259,17 +247,22 @@ def lost_and_doubled(client, output_key: str, rows: int) -> dict:
     return {"lost": (rows - len(ids)) + len(failed), "doubled": len(metrics) - len(ids), "statuses": r["statuses"]}
 
 
-def _metrics_frame(client, output_key: str) -> pd.DataFrame:
+def _shards_frame(client, prefix: str) -> pd.DataFrame:
+    """Every Parquet shard under ``prefix`` of the bench's bucket, as one frame (empty when there is none)."""
     keys, token = [], None
     while True:
         kw = {"ContinuationToken": token} if token else {}
-        r = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{output_key}/metrics/", **kw)
+        r = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **kw)
         keys += [o["Key"] for o in r.get("Contents", []) if o["Key"].endswith(".parquet")]
         if not r.get("IsTruncated"):
             break
         token = r["NextContinuationToken"]
     parts = [pd.read_parquet(io.BytesIO(client.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in keys]
     return pd.concat(parts) if parts else pd.DataFrame()
+
+
+def _metrics_frame(client, output_key: str) -> pd.DataFrame:
+    return _shards_frame(client, f"{output_key}/metrics/")
 
 
 def outage_and_concurrency(client, manifest: str, endpoint: str, rows: int, sampler: Sampler) -> dict:
