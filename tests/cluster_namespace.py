@@ -36,7 +36,9 @@ unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER RAY_ADDRESS STYLID_LOCAL_RAY
 echo "== interfaces"; ip -o link show | awk '{print $2}'
 ray start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=0 --include-dashboard=true \
     --dashboard-host=127.0.0.1 --dashboard-port=8265 --disable-usage-stats >/dev/null
-ray start --address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" >/dev/null
+ray start --address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
+    --temp-dir=/tmp/ray/worker-node >/dev/null  # its own session folder: two nodes of one host shared one, and both
+#   runtime-env agents unpacked the working dir into it at once (a driver once found pipelines/chain.py missing)
 echo "== listeners"; ss -ltnH | awk '{print $4}' | sort -u | tr '\n' ' '; echo
 echo "== job"
 set +e
