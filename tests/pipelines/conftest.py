@@ -43,3 +43,19 @@ def write_manifest(path: str, rows: list[dict]) -> str:
 
 
 from tests.pipelines.score_inputs import score_run  # noqa: E402, F401  (the stylid score tests' shared run)
+
+
+def check_run_fits(config, cpus: float, gpus: float, memory: float | None = None) -> None:
+    """``stylid run``'s chain checked against a cluster of ``cpus``, ``gpus``, ``memory``, as ``build_chain`` does."""
+    from pipelines.chain import check_chain_fits, fusion_of
+    from pipelines.stylize import stylize_chain
+
+    check_chain_fits(stylize_chain(config), fusion_of(config.resources), cpus, gpus, memory)
+
+
+def run_pool_size(config, cpus: float, memory: float | None = None) -> int:
+    """``stylid run``'s fused pool on such a cluster."""
+    from pipelines.chain import chain_pool_size, fusion_of
+    from pipelines.stylize import stylize_chain
+
+    return chain_pool_size(stylize_chain(config), fusion_of(config.resources), cpus, memory)

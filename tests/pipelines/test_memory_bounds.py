@@ -10,23 +10,14 @@ import pytest
 from PIL import Image
 
 import pipelines.stages
-from pipelines.chain import chain_pool_size, check_chain_fits, fusion_of
 from pipelines.stages import FusedCPUStage, prepare_rows
 from pipelines.stylize import stylize_chain
 from stylid_core.config import ConfigError, JobConfig
 from stylid_core.imageio import decode_image_bounded, work_size
 from stylid_core.ledger import FACE_ROWS
 from stylid_core.sample_data import background, place_face
-
-
-def _check_fits(config: JobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
-    """``stylid run``'s chain checked against a cluster of ``cpus``, ``gpus``, ``memory``, as ``build_chain`` does."""
-    check_chain_fits(stylize_chain(config), fusion_of(config.resources), cpus, gpus, memory)
-
-
-def _pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
-    """``stylid run``'s fused pool on such a cluster."""
-    return chain_pool_size(stylize_chain(config), fusion_of(config.resources), cpus, memory)
+from tests.pipelines.conftest import check_run_fits as _check_fits
+from tests.pipelines.conftest import run_pool_size as _pool_size
 
 
 def _photo(path, width: int, height: int, face_px: int, fmt: str) -> str:

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.chain import chain_pool_size, check_chain_fits, fused_specs, fusion_of
+from pipelines.chain import fused_specs, fusion_of
 from pipelines.plan import MAX_INPUT_BLOCKS, input_block_rows
 from pipelines.stylize import stylize_chain
 from stylid_core.config import ConfigError, JobConfig
-
-
-def _check_fits(config: JobConfig, cpus: float, gpus: float, memory: float | None = None) -> None:
-    """``stylid run``'s chain checked against a cluster of ``cpus``, ``gpus``, ``memory``, as ``build_chain`` does."""
-    check_chain_fits(stylize_chain(config), fusion_of(config.resources), cpus, gpus, memory)
-
-
-def _pool_size(config: JobConfig, cpus: float, memory: float | None = None) -> int:
-    """``stylid run``'s fused pool on such a cluster."""
-    return chain_pool_size(stylize_chain(config), fusion_of(config.resources), cpus, memory)
+from tests.pipelines.conftest import check_run_fits as _check_fits
+from tests.pipelines.conftest import run_pool_size as _pool_size
 
 
 def _fused(config: JobConfig) -> list[str]:
