@@ -227,6 +227,18 @@ class ManifestReader:
             done=pa.chunked_array(done_ids, pa.string()),
         )
 
+    def present_ids(self, ids: pa.Array) -> pa.ChunkedArray:
+        """Those of ``ids`` the manifest holds, from one pass over its ids (``ledger.IdSet`` of ``ids``, probed batch
+        by batch): a rerun releases a transient error row for redoing only while its id is still here
+        (``ledger.release_retried_rows``)."""
+        wanted = ledger.IdSet(ids)
+        found = []
+        for batch in self._ids():
+            mask = wanted.contains(batch)
+            if mask.any():
+                found.append(batch.filter(pa.array(mask)))
+        return pa.chunked_array(found, pa.string())
+
     def _ids(self) -> Iterator[pa.Array]:
         """Each batch's prepared ``image_id``s, as one string array."""
         for table in self._batches(self.id_columns):

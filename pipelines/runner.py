@@ -61,7 +61,8 @@ def process_pending(
     ``build(rows, writers)``'s dataset, its rows written into shards of ``rows_per_shard`` rows by the job's shard
     writers; returns the manifest's ids already done and the status counts of the rows processed now. Rows that
     failed in an earlier run with a transient status (``ledger.RETRIED_STATUSES``: read_error, write_error) are
-    taken out of the ledger first (``ledger.release_retried_rows``), so they are pending again. All of it under
+    taken out of the ledger first (``ledger.release_retried_rows``), so they are pending again; those whose id has
+    left the manifest since keep their error row. All of it under
     the output's writer lease (``stylid_core.lease``): a second job into the same output is refused.
 
     ``build`` gets the pending rows as ``PendingRows``, in blocks of ``block_rows(pending rows)``, to be read as
@@ -81,7 +82,8 @@ def _process_pending(
     rows_per_shard: int,
     block_rows: Callable[[int], int],
 ) -> tuple[pa.ChunkedArray, Counter[str]]:
-    retried = ledger.release_retried_rows(output_uri, storage_options)  # a storage outage's rows are redone
+    # a storage outage's rows are redone, those of ids the manifest still holds
+    retried = ledger.release_retried_rows(output_uri, storage_options, still_wanted=manifest.present_ids)
     if retried:
         log.warning("retrying %d rows that failed with %s in an earlier run", retried,
                     "/".join(ledger.RETRIED_STATUSES))  # fmt: skip

@@ -445,10 +445,19 @@ RETRIED_STATUSES = ("read_error", "write_error", "timeout")
 
 
 def release_retried_rows(
-    output_uri: str, storage_options: dict | None, statuses: Iterable[str] = RETRIED_STATUSES
+    output_uri: str,
+    storage_options: dict | None,
+    statuses: Iterable[str] = RETRIED_STATUSES,
+    *,
+    still_wanted: Callable[[pa.Array], pa.Array | pa.ChunkedArray] | None = None,
 ) -> int:
     """Take the rows of ``statuses`` out of the ledger, so that the plan finds them pending and the rerun redoes
     them (once: their old rows are gone before the new ones are written); returns how many.
+
+    ``still_wanted`` (ids -> those of them the job's manifest still holds; ``ManifestReader.present_ids``) keeps
+    the rows of ids that have left the manifest since: released, they would be pending nowhere and their error
+    record lost, so they stay in the ledger as they are. It is called once, with every candidate id, and only when
+    there is any.
 
     Each live shard holding such rows is replaced by one of its other rows, with ``compact_group``'s commit
     protocol (new faces shard, journal, new metrics shard: the commit, old pair deleted, journal deleted), so an
@@ -459,26 +468,39 @@ def release_retried_rows(
     state = ledger_state(output_uri, storage_options)
     busy = {j["shard"] for j in state.journals.values()} | {n for j in state.journals.values() for n in j["replaces"]}
     names = [n for n in state.live if n not in busy]
-    read = lambda n: read_shard(join(output_uri, METRICS, n), storage_options, ["status"])  # noqa: E731
-    released = 0
+    read = lambda n: read_shard(join(output_uri, METRICS, n), storage_options, ["image_id", "status"])  # noqa: E731
+    candidates: dict[str, pa.Array] = {}  # shard -> ids of its rows of ``statuses``
     for name, table in zip(names, _map_concurrent(read, names)):
         if table is None or "status" not in table.column_names:
             continue
         retried = pc.fill_null(pc.is_in(table.column("status").cast(pa.string()), value_set=wanted), False)
-        count = pc.sum(retried).as_py() or 0
-        if count:
-            released += count
-            _replace_without(output_uri, name, storage_options, wanted)
+        if pc.any(retried).as_py():
+            candidates[name] = table.column("image_id").cast(pa.string()).filter(retried).combine_chunks()
+    if not candidates:
+        return 0
+    if still_wanted is not None:
+        keep = IdSet(_one_array(still_wanted(pa.concat_arrays(list(candidates.values())))))
+        candidates = {name: ids.filter(pa.array(keep.contains(ids))) for name, ids in candidates.items()}
+    released = 0
+    for name, ids in candidates.items():
+        if len(ids):
+            released += len(ids)
+            _replace_without(output_uri, name, storage_options, wanted, ids)
     return released
 
 
-def _replace_without(output_uri: str, name: str, storage_options: dict | None, statuses: pa.Array) -> None:
-    """The shard pair ``name`` replaced by its rows whose status is not in ``statuses`` (or deleted when none)."""
+def _replace_without(output_uri: str, name: str, storage_options: dict | None, statuses: pa.Array,
+                     ids: pa.Array) -> None:  # fmt: skip
+    """The shard pair ``name`` replaced by its rows but those of ``ids`` whose status is in ``statuses`` (or
+    deleted when none is left)."""
     metrics = read_shard(join(output_uri, METRICS, name), storage_options)
     if metrics is None:  # gone meanwhile
         return
-    keep = pc.invert(pc.fill_null(pc.is_in(metrics.column("status").cast(pa.string()), value_set=statuses), False))
-    kept = metrics.filter(keep)
+    released = pc.and_(
+        pc.fill_null(pc.is_in(metrics.column("status").cast(pa.string()), value_set=statuses), False),
+        pc.fill_null(pc.is_in(metrics.column("image_id").cast(pa.string()), value_set=ids), False),
+    )
+    kept = metrics.filter(pc.invert(released))
     if not kept.num_rows:
         delete(join(output_uri, METRICS, name), storage_options)  # the ledger entry first: its rows are pending now
         delete(join(output_uri, FACES, name), storage_options)
@@ -487,8 +509,8 @@ def _replace_without(output_uri: str, name: str, storage_options: dict | None, s
     if faces is None:
         faces = pa.schema([("image_id", pa.string())]).empty_table()
     else:
-        ids = kept.column("image_id").cast(pa.string())
-        faces = faces.filter(pc.is_in(faces.column("image_id").cast(pa.string()), value_set=ids.combine_chunks()))
+        kept_ids = kept.column("image_id").cast(pa.string())
+        faces = faces.filter(pc.is_in(faces.column("image_id").cast(pa.string()), value_set=kept_ids.combine_chunks()))
     new = shard_name(kept.column("image_id").to_pylist())
     write_bytes(join(output_uri, FACES, new), parquet_bytes(faces), storage_options)
     journal = {"shard": new, "replaces": [name]}

@@ -462,6 +462,30 @@ def test_the_plan_of_a_rerun_finds_the_retried_rows_pending(tmp_path):
     assert sorted(done.to_pylist()) == ["a", "d", "e"]
 
 
+def test_a_retried_row_whose_id_left_the_manifest_keeps_its_error_row(tmp_path):
+    """Rows b and f failed with a transient error, then left the manifest: released, they would be pending nowhere
+    and their record gone. Only c, still in the manifest, is released and planned again."""
+    import pyarrow as pa
+
+    from pipelines.manifest import ManifestReader
+    from pipelines.runner import ledger
+    from tests.pending import manifest_file, plan_rows
+
+    out = str(tmp_path / "out")
+    _output_with_row_errors(out)
+    kept = ["a", "c", "d", "e", "g"]
+    manifest = ManifestReader(
+        manifest_file(tmp_path / "m" / "manifest.parquet",
+                      pa.table({"image_id": kept, "image_uri": [f"/in/{i}.png" for i in kept]})),  # fmt: skip
+        None,
+    )
+    assert ledger.release_retried_rows(out, {}, still_wanted=manifest.present_ids) == 1
+    assert _ledger_ids(out) == (["a", "b", "d", "e", "f"], ["a", "b", "d", "e", "f"])
+    done, pending = plan_rows(manifest, out)
+    assert sorted(pending.column("image_id").to_pylist()) == ["c", "g"]
+    assert ledger.release_retried_rows(out, {}, still_wanted=manifest.present_ids) == 0
+
+
 @pytest.mark.parametrize("step", range(9))
 def test_releasing_rows_interrupted_at_any_step_never_loses_or_doubles_a_row(tmp_path, monkeypatch, step):
     """Every put and delete of the release in turn raises: the ledger still holds each kept row once, and a later
