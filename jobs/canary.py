@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from jobs.config import add_config_arguments
 from jobs.output import read_finished_run
 from stylid_core import ledger
-from stylid_core.canary import format_pick, pick_canary
+from stylid_core.canary import BUCKETS, format_pick, pick_canary
 from stylid_core.storage import write_bytes
 
 EXIT_SHORT = 3
@@ -33,16 +33,20 @@ def add_parser(subparsers) -> None:
     add_config_arguments(p, default="nightly_score", what=" (the score config whose gate.min_faces is the default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaking order (default 0)")
     p.add_argument("--max-images", type=int, help="pick at most this many images")
+    p.add_argument("--buckets", help="comma-separated size buckets to fill (default: all of them: "
+                   + ", ".join(BUCKETS) + "); the others are taken as they come")  # fmt: skip
     p.set_defaults(func=main)
 
 
 def read_dataset(uri: str, storage_options: dict) -> tuple[str, pa.Table, object]:
-    """The output's job (``run`` or ``score``), its ok rows' manifest columns and its faces frame."""
+    """The output's job (``run`` or ``score``), its ok rows' manifest columns and its faces frame, each read
+    projected to the columns the pick and the manifest need."""
     info = read_finished_run(uri, storage_options, "dataset", kind="stylid run or score output")
     job = info.get("job", "run")
     if job not in ("run", "score"):
         raise ValueError(f"dataset {uri} is a stylid {job} output; give a stylid run or stylid score output")
-    metrics = ledger.read_frame(uri, ledger.METRICS, storage_options)
+    wanted = ["status", "image_uri", *SCORE_COLUMNS] if job == "score" else ["status", *RUN_COLUMNS]
+    metrics = ledger.read_frame(uri, ledger.METRICS, storage_options, list(dict.fromkeys(wanted)))
     faces = ledger.read_frame(uri, ledger.FACES, storage_options, ["image_id", "face_index", "size_bucket"])
     if metrics.empty or faces.empty:
         raise ValueError(f"dataset {uri} has no {'metrics' if metrics.empty else 'faces'} shards")
@@ -59,13 +63,14 @@ def read_dataset(uri: str, storage_options: dict) -> tuple[str, pa.Table, object
 
 
 def main(args: argparse.Namespace) -> int:
-    min_faces = args.min_faces
-    if min_faces is None:
-        from jobs.config import load_score_config
+    from jobs.config import load_score_config
 
-        min_faces = load_score_config(args.config, args.set)[1].min_faces
-    job, rows, faces = read_dataset(args.dataset, {})
-    pick = pick_canary(faces, rows.column("image_id").to_pylist(), min_faces, args.seed, args.max_images)
+    config, gate = load_score_config(args.config, args.set)
+    min_faces = gate.min_faces if args.min_faces is None else args.min_faces
+    buckets = None if args.buckets is None else [b.strip() for b in args.buckets.split(",") if b.strip()]
+    storage = config.io.storage_options  # the dataset's and the manifest's store, as stylid score reaches it
+    job, rows, faces = read_dataset(args.dataset, storage)
+    pick = pick_canary(faces, rows.column("image_id").to_pylist(), min_faces, args.seed, args.max_images, buckets)
     if not pick.image_ids:
         raise ValueError(f"dataset {args.dataset}: no ok image with faces to pick")
     order = {i: k for k, i in enumerate(pick.image_ids)}
@@ -73,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     chosen = rows.take(sorted((k for k, i in enumerate(ids) if i in order), key=lambda k: order[ids[k]]))
     sink = pa.BufferOutputStream()
     pq.write_table(chosen, sink)
-    write_bytes(args.output, sink.getvalue().to_pybytes(), {})
+    write_bytes(args.output, sink.getvalue().to_pybytes(), storage)
     print(format_pick(pick))
     print(f"manifest: {args.output} ({chosen.num_rows} rows, for stylid {'score' if job == 'score' else 'run'})")
     return EXIT_SHORT if pick.short else 0

@@ -27,11 +27,12 @@ class CanaryPick:
     faces: dict[str, int]  # bucket -> faces of the picked images
     available: dict[str, int]  # bucket -> faces of every pickable image
     min_faces: int
-    short: list[str] = field(default_factory=list)  # buckets under min_faces even with the pick
+    short: list[str] = field(default_factory=list)  # sought buckets under min_faces even with the pick
+    buckets: list[str] = field(default_factory=lambda: list(BUCKETS))  # the buckets sought
 
     def to_dict(self) -> dict:
         return {"images": len(self.image_ids), "faces": self.faces, "available": self.available,
-                "min_faces": self.min_faces, "short": self.short}  # fmt: skip
+                "min_faces": self.min_faces, "short": self.short, "buckets": self.buckets}  # fmt: skip
 
 
 def bucket_counts(faces: pd.DataFrame) -> pd.DataFrame:
@@ -45,13 +46,23 @@ def bucket_counts(faces: pd.DataFrame) -> pd.DataFrame:
 
 
 def pick_canary(
-    faces: pd.DataFrame, image_ids, min_faces: int, seed: int = 0, max_images: int | None = None
+    faces: pd.DataFrame,
+    image_ids,
+    min_faces: int,
+    seed: int = 0,
+    max_images: int | None = None,
+    buckets: list[str] | None = None,
 ) -> CanaryPick:
-    """Greedily few of ``image_ids`` whose faces reach ``min_faces`` in every size bucket the dataset can fill;
-    buckets the whole dataset cannot fill are taken as far as it goes and named in ``short``. Images without faces
-    are never picked. ``max_images`` bounds the pick (what is short then is named too)."""
+    """Greedily few of ``image_ids`` whose faces reach ``min_faces`` in every size bucket of ``buckets`` (default:
+    all of ``BUCKETS``) the dataset can fill; buckets the whole dataset cannot fill are taken as far as it goes and
+    named in ``short``. A bucket not in ``buckets`` is not sought (its faces are counted as they come). Images
+    without faces are never picked. ``max_images`` bounds the pick (what is short then is named too)."""
     if min_faces < 1:
         raise ValueError(f"min_faces must be at least 1, got {min_faces}")
+    wanted = list(BUCKETS) if buckets is None else list(dict.fromkeys(buckets))
+    unknown = [b for b in wanted if b not in BUCKETS]
+    if unknown or not wanted:
+        raise ValueError(f"buckets {unknown or wanted}: choose among {', '.join(BUCKETS)}")
     allowed = sorted({str(i) for i in image_ids})
     counts = bucket_counts(faces[faces["image_id"].astype(str).isin(allowed)] if not faces.empty else faces)
     order = np.random.default_rng(seed).permutation(len(counts))
@@ -59,7 +70,7 @@ def pick_canary(
     matrix = counts.to_numpy(dtype=np.int64)
     ids = list(counts.index)
     available = matrix.sum(axis=0) if len(ids) else np.zeros(len(BUCKETS), dtype=np.int64)
-    need = np.full(len(BUCKETS), min_faces, dtype=np.int64)
+    need = np.array([min_faces if b in wanted else 0 for b in BUCKETS], dtype=np.int64)
     have = np.zeros(len(BUCKETS), dtype=np.int64)
     taken = np.zeros(len(ids), dtype=bool)
     picked: list[str] = []
@@ -84,7 +95,8 @@ def pick_canary(
         faces={b: int(have[k]) for k, b in enumerate(names)},
         available={b: int(available[k]) for k, b in enumerate(names)},
         min_faces=min_faces,
-        short=[b for k, b in enumerate(names) if have[k] < min_faces],
+        short=[b for k, b in enumerate(names) if b in wanted and have[k] < min_faces],
+        buckets=[b for b in BUCKETS if b in wanted],
     )
 
 
@@ -92,7 +104,7 @@ def format_pick(pick: CanaryPick) -> str:
     """Per bucket the faces picked (of those available), and the buckets that could not reach ``min_faces``."""
     lines = [f"{'bucket':>7} {'faces':>6} {'available':>9}  min_faces {pick.min_faces}"]
     for b in BUCKETS:
-        mark = "" if pick.faces[b] >= pick.min_faces else "  SHORT"
+        mark = "  (not sought)" if b not in pick.buckets else "" if pick.faces[b] >= pick.min_faces else "  SHORT"
         lines.append(f"{b:>7} {pick.faces[b]:>6} {pick.available[b]:>9}{mark}")
     lines.append(f"{len(pick.image_ids)} images, {sum(pick.faces.values())} faces")
     if pick.short:

@@ -4,6 +4,7 @@ ledger writer (faces and metrics shards, run.json, _SUCCESS: what ``stylid run``
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 
 from jobs.cli import main as cli
 from stylid_core import ledger
-from stylid_core.canary import BUCKETS, bucket_counts, pick_canary
+from stylid_core.canary import BUCKETS, bucket_counts, format_pick, pick_canary
 
 
 def _faces(spec: dict[str, dict[str, int]]) -> pd.DataFrame:
@@ -113,3 +114,39 @@ def test_stylid_canary_writes_the_manifest_its_job_reads(tmp_path, capsys, job):
     (tmp_path / job / "_SUCCESS").unlink()
     assert cli(["canary", "--dataset", dataset, "--output", manifest]) == 2
     assert "did not finish" in capsys.readouterr().err
+
+
+def test_only_the_buckets_asked_for_are_sought():
+    faces = _faces(SPEC)
+    pick = pick_canary(faces, [*SPEC], min_faces=5, seed=1, buckets=["<32", "32-48"])
+    assert pick.short == [] and pick.buckets == ["<32", "32-48"]  # >=128 cannot be filled, but was not asked for
+    assert pick.faces["<32"] >= 5 and pick.faces["32-48"] >= 5
+    assert len(pick.image_ids) <= 2  # group1 (or crowd) fills both: no solo picked for 64-128
+    assert not any(i.startswith("solo") for i in pick.image_ids)
+    assert "(not sought)" in format_pick(pick)
+    with pytest.raises(ValueError, match="choose among"):
+        pick_canary(faces, [*SPEC], min_faces=5, buckets=["tiny"])
+
+
+def test_stylid_canary_reaches_s3_through_the_configs_storage_options(tmp_path, s3_endpoint, monkeypatch, capsys):
+    """The dataset and the manifest on S3 whose endpoint only ``io.storage_options`` names (no AWS_ENDPOINT_URL):
+    the command reads and writes with them."""
+    import boto3
+
+    from stylid_core.storage import read_bytes
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="canary-opts")
+    local = _output(tmp_path, "run", SPEC)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for root, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(root, name)
+            s3.upload_file(path, "canary-opts", "runs/" + os.path.relpath(path, local))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    options = f"io.storage_options={{endpoint_url: '{s3_endpoint}'}}"
+    manifest = "s3://canary-opts/canary.parquet"
+    rc = cli(["canary", "--dataset", "s3://canary-opts/runs", "--output", manifest, "--min-faces", "3",
+              "--buckets", "<32,32-48", "--set", options])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    table = pq.read_table(pa.BufferReader(read_bytes(manifest, {"endpoint_url": s3_endpoint})))
+    assert table.num_rows >= 1 and set(table.column_names) == {"image_id", "image_uri"}
