@@ -575,7 +575,7 @@ class ScoreStage(FrameStage):
         self.config = score
         self.analyzer = create_face_analyzer(faces)
         self.styles = StyleCache(io)
-        self.judge = StyleJudge()
+        self.judge = StyleJudge() if score.style_distance else None
         self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report: the smallest
         self.large_strips = LargestFaces()  # and the largest
 
@@ -667,9 +667,10 @@ class ScoreStage(FrameStage):
             "colour_distance": colour_distance(out, style, stats),
             "colour_distance_source": colour_distance(source, style, stats),
             "colour_distance_no_mosaic": colour_distance(plain, style, stats) if plain is not None else None,
-            "style_distance": self.judge.distance(out, style),
-            "style_distance_source": self.judge.distance(source, style),
-            "style_distance_no_mosaic": self.judge.distance(plain, style) if plain is not None else None,
+            "style_distance": self.judge.distance(out, style) if self.judge else None,
+            "style_distance_source": self.judge.distance(source, style) if self.judge else None,
+            "style_distance_no_mosaic": (self.judge.distance(plain, style)
+                                         if self.judge and plain is not None else None),  # fmt: skip
             "content_ssim": content_similarity(out, source),
         }
         for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest

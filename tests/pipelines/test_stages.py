@@ -244,3 +244,17 @@ def test_the_fused_actor_encodes_and_parses_no_json_between_its_stages(batch, co
     out = stage(batch).to_pandas()
     assert calls == {"dumps": 0, "loads": 0}
     assert [len(v) for v in out[FACE_ROWS]] == [1, 0, 0, 0, 0] and out[FACE_ROWS][0][0]["id_sim"] is not None
+
+
+def test_the_learned_style_judge_can_be_turned_off(staged, config):
+    """``score.style_distance: false`` (the null config's: it is model work) leaves the learned columns null and
+    every other figure as it was."""
+    off = JobConfig.from_dict({"faces": {"upsample": 1}, "score": {"redetect": True, "style_distance": False}})
+    assert off.config_hash() != config.config_hash()  # what is scored changed: an output knows which it has
+    scored = ScoreStage(off.faces, off.score, off.io)(staged["stylize"]).to_pandas().set_index("image_id")
+    on = staged["score"].set_index("image_id")
+    assert on.at["good", "style_distance"] > 0 and on.at["good", "style_distance_source"] > 0
+    for column in ("style_distance", "style_distance_source", "style_distance_no_mosaic"):
+        assert pd.isna(scored.at["good", column]), column
+    for column in ("colour_distance", "content_ssim", "id_sim_mean", "status"):
+        assert scored.at["good", column] == on.at["good", column], column
