@@ -1,6 +1,6 @@
 """Driver memory and time of reading a large manifest for ``stylid score`` and for the customizer's training pairs:
-the whole table in pandas (what ``run_score`` and ``pair_rows`` did before they streamed; ``read_score_manifest``
-and ``pair_rows`` still build it, for tests) against the streamed reader's passes (``iter_score_manifest``,
+the whole table in pandas (what ``run_score`` and the training pairs did before they streamed: this file's
+``_score_whole`` and ``_train_whole``, the baseline) against the streamed reader's passes (``iter_score_manifest``,
 ``TrainingPairRows``), and the training references by person, vectorised against row by row.
 
 Each variant runs in a fresh subprocess; its peak RSS (``VmHWM``) is printed beside the RSS after imports, so
@@ -44,12 +44,37 @@ def _write_manifests(folder: str, rows: int) -> None:
                    os.path.join(folder, "train.parquet"))  # fmt: skip
 
 
+def _score_whole(pairs: str):
+    """The baseline of ``score-*``: every prepared score row in one pandas frame, its ids checked unique in it."""
+    import pyarrow as pa
+
+    from pipelines.manifest import check_unique_ids
+    from pipelines.score import iter_score_manifest
+
+    reader = iter_score_manifest(pairs, None)
+    table = pa.concat_tables(list(reader), promote_options="permissive")
+    check_unique_ids(table.column("image_id"), pairs, reader.id_hint)
+    style = table.column("style_uri")
+    if pa.types.is_dictionary(style.type):  # the reader's one-style-a-batch encoding; a frame wants plain strings
+        table = table.set_column(table.column_names.index("style_uri"), "style_uri", style.cast(pa.string()))
+    return table.to_pandas()
+
+
+def _train_whole(train):
+    """The baseline of ``train-*``: every training row, with its reference, in one pandas frame."""
+    import pyarrow as pa
+
+    from pipelines.train_customizer import TrainingPairRows
+
+    return pa.concat_tables(list(TrainingPairRows(train)), promote_options="permissive").to_pandas()
+
+
 def _variant(name: str, folder: str) -> None:
     """One measurement, in this (fresh) process: prints ``name seconds rss_after_imports peak_rss``."""
     import pyarrow as pa  # noqa: F401
 
-    from pipelines.score import iter_score_manifest, read_score_manifest
-    from pipelines.train_customizer import TrainingPairRows, pair_rows
+    from pipelines.score import iter_score_manifest
+    from pipelines.train_customizer import TrainingPairRows
     from stylid_core.customize.facesnap.training import FaceSnapTrainConfig
 
     train = FaceSnapTrainConfig(manifest=os.path.join(folder, "train.parquet"), storage_path=folder, tiny={})
@@ -57,11 +82,11 @@ def _variant(name: str, folder: str) -> None:
     base = _rss_mb()
     t0 = time.perf_counter()
     if name == "score-whole":
-        n = len(read_score_manifest(pairs, None))
+        n = len(_score_whole(pairs))
     elif name == "score-streamed":
         n = sum(t.num_rows for t in iter_score_manifest(pairs, None))
     elif name == "train-whole":
-        n = len(pair_rows(train))
+        n = len(_train_whole(train))
     elif name == "train-streamed":
         n = sum(t.num_rows for t in TrainingPairRows(train))
     else:

@@ -48,14 +48,24 @@ def repeated_sample(directory: str, repeats: int) -> str:
     return write_manifest(rows, os.path.join(directory, f"sample_x{repeats}.parquet"))
 
 
+def manifest_frame(manifest: str, style_uri: str | None) -> pd.DataFrame:
+    """The whole prepared manifest as one frame (the manifest reader's batches, joined; styles as plain strings)."""
+    from pipelines.manifest import ManifestReader
+
+    table = pa.concat_tables(list(ManifestReader(manifest, style_uri)))
+    style = table.column("style_uri")
+    if pa.types.is_dictionary(style.type):  # the reader's one-style-a-batch encoding
+        table = table.set_column(table.column_names.index("style_uri"), "style_uri", style.cast(pa.string()))
+    return table.to_pandas()
+
+
 def loop_run(config: JobConfig, manifest: str, output: str) -> tuple[int, float]:
     """The same stages, called batch by batch in this process."""
-    from pipelines.manifest import read_manifest
     from pipelines.stages import FaceStage, LoadStage, ScoreStage, StylizeStage, WriteStage
     from stylid_core.ledger import ShardWriter
 
     t0 = time.perf_counter()
-    rows = read_manifest(manifest, config.stylize.style_uri).to_pandas()
+    rows = manifest_frame(manifest, config.stylize.style_uri)
     stages = [
         LoadStage(config.io),
         FaceStage(config.faces),

@@ -72,7 +72,7 @@ def _manifest(read, manifest_uri: str):
         return read()
     except PreflightError:
         raise
-    except ValueError as exc:  # read_manifest's own messages name the manifest
+    except ValueError as exc:  # the manifest reader's own messages name the manifest
         raise PreflightError(_naming(manifest_uri, exc)) from None
 
 

@@ -21,13 +21,12 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from pipelines.chain import build_chain, fusion_of
-from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader, check_unique_ids
+from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader
 from pipelines.plan import input_block_rows
 from pipelines.resources import first_batch_rows
 from pipelines.runner import RunResult, process_pending
@@ -208,24 +207,6 @@ def iter_score_manifest(
         raise ValueError(f"manifest {manifest_uri} has no 'output_uri' column (columns: {sorted(names)});"
                          " a score manifest pairs source_uri with output_uri")  # fmt: skip
     return reader
-
-
-def read_score_manifest(
-    manifest_uri: str, default_style_uri: str | None, storage_options: dict | None = None
-) -> pd.DataFrame:
-    """The whole of ``iter_score_manifest``'s prepared score rows as one frame (``stylid score`` streams them into
-    ``process_pending`` instead). ``ValueError`` for a missing manifest, missing columns or duplicate ids."""
-    reader = iter_score_manifest(manifest_uri, default_style_uri, storage_options)
-    parts = list(reader)
-    if not parts:
-        empty = pa.table({c: pa.array([], pa.string()) for c in ("source_uri", "output_uri")})
-        parts = [score_rows(empty, default_style_uri)]
-    table = pa.concat_tables(parts, promote_options="permissive")
-    check_unique_ids(table, manifest_uri, reader.id_hint)
-    style = table.column("style_uri")
-    if pa.types.is_dictionary(style.type):  # the reader's one-style-a-batch encoding; a frame wants plain strings
-        table = table.set_column(table.column_names.index("style_uri"), "style_uri", style.cast(pa.string()))
-    return table.to_pandas()
 
 
 def run_score(config: ScoreJobConfig, manifest_uri: str, output_uri: str) -> RunResult:

@@ -26,9 +26,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 log = logging.getLogger(__name__)
@@ -330,18 +327,6 @@ def delete(uri: str, storage_options: dict[str, Any] | None = None, retry: Retry
             fs.rm(path)
 
     with_retries(rm, f"delete {uri}", retry)
-
-
-def read_parquet_dir(uri: str, storage_options: dict[str, Any] | None = None, columns=None) -> pd.DataFrame:
-    """All rows of the Parquet files directly under ``uri``, as one frame (empty when there are none)."""
-    files = list_files(uri, ".parquet", storage_options)
-    if not files:
-        return pd.DataFrame(columns=columns or [])
-    frames = []
-    for file_uri in files:
-        data = read_bytes(file_uri, storage_options)
-        frames.append(pq.read_table(pa.BufferReader(data), columns=columns).to_pandas())
-    return pd.concat(frames, ignore_index=True)
 
 
 def arrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None):

@@ -537,7 +537,7 @@ def test_rows_an_outage_failed_are_redone_by_the_rerun_once_storage_is_back(tmp_
 
     from jobs.run import run_job
     from stylid_core.config import JobConfig
-    from stylid_core.storage import read_parquet_dir
+    from tests.stored_rows import stored_rows
 
     served = tmp_path / "served"
     served.mkdir()
@@ -560,7 +560,7 @@ def test_rows_an_outage_failed_are_redone_by_the_rerun_once_storage_is_back(tmp_
                                   "io": {"retries": 1}})  # fmt: skip
     out = str(tmp_path / "out")
     first = run_job(config, out, manifest, report=False)
-    statuses = read_parquet_dir(f"{out}/metrics").set_index("image_id")["status"].to_dict()
+    statuses = stored_rows(f"{out}/metrics").set_index("image_id")["status"].to_dict()
     assert statuses["x"] == statuses["y"] == "read_error" and statuses["z"] != "read_error"
     assert first["this_run"]["processed"] == 3
 
@@ -574,7 +574,7 @@ def test_rows_an_outage_failed_are_redone_by_the_rerun_once_storage_is_back(tmp_
         server.shutdown()
         server.server_close()
     assert again["this_run"]["already_done"] == 1 and again["this_run"]["processed"] == 2
-    metrics = read_parquet_dir(f"{out}/metrics")
+    metrics = stored_rows(f"{out}/metrics")
     assert sorted(metrics["image_id"]) == ["x", "y", "z"]  # once each
     assert "read_error" not in set(metrics["status"])
     assert again["summary"]["rows"] == 3
@@ -818,8 +818,8 @@ def test_two_stylid_run_processes_started_together_write_each_row_once(tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stylid_core.storage import read_parquet_dir
     from tests.processes import note_tree
+    from tests.stored_rows import stored_rows
     from tests.test_local_ray import small_photos, start_stylid, stylid_env
 
     rows = small_photos(str(tmp_path / "in"), 4)
@@ -847,7 +847,7 @@ def test_two_stylid_run_processes_started_together_write_each_row_once(tmp_path)
         refused = texts[codes.index(2)]
         assert "is being written by another run" in refused
         assert "Traceback" not in refused
-    metrics = read_parquet_dir(os.path.join(out, "metrics"))
+    metrics = stored_rows(os.path.join(out, "metrics"))
     assert sorted(metrics["image_id"]) == sorted(r["image_id"] for r in rows)  # once each, none lost
 
 

@@ -9,11 +9,13 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from stylid_core.config import JobConfig
 from stylid_core.sample_data import background, build_scene
+from tests.stored_rows import stored_rows
 
 #: three faces per scene, at 52-60 px (dlib finds them at 55-78 px: two size buckets, 3 and 6 faces)
 LAYOUTS = {
@@ -46,6 +48,21 @@ def score_run(ray_session, tmp_path_factory) -> dict:
     output = str(d / "run")
     info = run_job(JobConfig.from_dict(RUN_CONFIG), output, manifest, report=False)
     return {"output": output, "manifest": manifest, "info": info, "dir": str(d)}
+
+
+def score_input(manifest_uri: str, default_style_uri: str | None = None) -> pd.DataFrame:
+    """``stylid score``'s input as one frame: the plan's pass over the ids (``ManifestReader.scan_ids``, which
+    refuses duplicates), then every prepared batch of ``iter_score_manifest`` (a pairs manifest or a stylid output
+    folder), joined, styles as plain strings."""
+    from pipelines.score import iter_score_manifest
+
+    reader = iter_score_manifest(manifest_uri, default_style_uri)
+    reader.scan_ids()
+    table = pa.concat_tables(list(reader), promote_options="permissive")
+    style = table.column("style_uri")
+    if pa.types.is_dictionary(style.type):  # the reader's one-style-a-batch encoding
+        table = table.set_column(table.column_names.index("style_uri"), "style_uri", style.cast(pa.string()))
+    return table.to_pandas()
 
 
 def read_output_image(path: str) -> np.ndarray:
@@ -84,10 +101,8 @@ def degraded_manifest(
 ) -> str:
     """A score manifest pairing each source of ``run`` with its output degraded by ``degrade`` (written under
     ``folder``), plus the run's failed rows with their source and no output (every id of the run, once)."""
-    from stylid_core.storage import read_parquet_dir
-
-    metrics = read_parquet_dir(os.path.join(run["output"], "metrics")).set_index("image_id")
-    faces = read_parquet_dir(os.path.join(run["output"], "faces"))
+    metrics = stored_rows(os.path.join(run["output"], "metrics")).set_index("image_id")
+    faces = stored_rows(os.path.join(run["output"], "faces"))
     os.makedirs(folder, exist_ok=True)
     rows = []
     for image_id in ids:

@@ -25,9 +25,9 @@ from PIL import Image
 
 from jobs.run import run_job
 from stylid_core.config import JobConfig
-from stylid_core.storage import read_parquet_dir
 from tests.faultproxy import FaultProxy
 from tests.pipelines.conftest import write_manifest
+from tests.stored_rows import stored_rows
 
 BUCKET = "faults"
 #: a cheaper default: no re-detection, no no-mosaic comparison (the faults, not the models, are under test)
@@ -63,7 +63,7 @@ def _local_output(output: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     for path in glob.glob(f"{output}/images/*"):
         with Image.open(path) as img:
             img.load()  # raises on a truncated image
-    return read_parquet_dir(f"{output}/metrics"), read_parquet_dir(f"{output}/faces")
+    return stored_rows(f"{output}/metrics"), stored_rows(f"{output}/faces")
 
 
 # -- S3 answering 503 or timing out for a share of requests ------------------------------------------------------
@@ -103,8 +103,8 @@ def test_a_run_through_a_failing_s3_ends_whole(ray_session, s3, s3_endpoint):
                                                       "retries": 8, "retry_backoff_s": 0.05}})  # fmt: skip
         info = run_job(config, f"s3://{BUCKET}/out", f"s3://{BUCKET}/manifest.parquet", report=False)
         stats = proxy.stats()
-        metrics = read_parquet_dir(f"s3://{BUCKET}/out/metrics", options)
-        faces = read_parquet_dir(f"s3://{BUCKET}/out/faces", options)
+        metrics = stored_rows(f"s3://{BUCKET}/out/metrics", options)
+        faces = stored_rows(f"s3://{BUCKET}/out/faces", options)
     assert stats["failed"] >= 5 and stats["delayed"] >= 1, stats  # faults were injected, and survived
     check_whole(metrics, faces, expected)
     assert info["this_run"]["processed"] == len(expected)
@@ -160,7 +160,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_ends_whole(ray_session,
     thread.start()
     _wait_for(lambda: _progress(output), 240, "the first written rows")
     victim = _wait_for(_stage_actors, 30, "a stage actor")[0]
-    assert thread.is_alive() and len(read_parquet_dir(f"{output}/metrics")) < len(expected), "killed too late"
+    assert thread.is_alive() and len(stored_rows(f"{output}/metrics")) < len(expected), "killed too late"
     victim.send_signal(signal.SIGKILL)
     thread.join(300)
     assert not thread.is_alive(), "the run did not end after an actor was killed"

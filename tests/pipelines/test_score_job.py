@@ -18,10 +18,10 @@ from jobs.cli import main as cli
 from jobs.config import load_score_config
 from jobs.score import run_score_job
 from pipelines.schema import FACE_COLUMNS, METRICS_COLUMNS
-from pipelines.score import read_score_manifest
+from pipelines.score import iter_score_manifest
 from stylid_core.sample_data import background, build_scene, load_photo
-from stylid_core.storage import read_parquet_dir
-from tests.pipelines.score_inputs import LAYOUTS, RUN_STATUS, read_output_image
+from tests.pipelines.score_inputs import LAYOUTS, RUN_STATUS, read_output_image, score_input
+from tests.stored_rows import stored_rows
 
 #: the identity figures of a face row (the no-mosaic counterfactual needs a stylization, which scoring never does)
 IDENTITY = ["image_id", "face_index", "x0", "y0", "x1", "y1", "det_score", "size_px", "size_bucket", "id_sim",
@@ -32,8 +32,8 @@ PER_IMAGE = ["status", "id_sim_mean", "id_sim_min", "id_match_rate", "n_redetect
 
 
 def _tables(output: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    metrics = read_parquet_dir(os.path.join(output, "metrics")).sort_values("image_id").reset_index(drop=True)
-    faces = read_parquet_dir(os.path.join(output, "faces"))
+    metrics = stored_rows(os.path.join(output, "metrics")).sort_values("image_id").reset_index(drop=True)
+    faces = stored_rows(os.path.join(output, "faces"))
     return metrics, faces.sort_values(["image_id", "face_index"]).reset_index(drop=True)
 
 
@@ -119,7 +119,7 @@ def pairs(score_run, tmp_path_factory):
     """A manifest of pairs made outside stylid: two unchanged outputs, a resized one, a reframed one, broken and
     missing outputs, and identity references; scored through the CLI with the run as the baseline."""
     d = tmp_path_factory.mktemp("pairs")
-    run_metrics = read_parquet_dir(os.path.join(score_run["output"], "metrics")).set_index("image_id")
+    run_metrics = stored_rows(os.path.join(score_run["output"], "metrics")).set_index("image_id")
     src = {k: run_metrics.at[k, "image_uri"] for k in ("a", "b", "c")}
     out = {k: run_metrics.at[k, "output_uri"] for k in ("a", "b", "c")}
     a = read_output_image(out["a"])
@@ -262,20 +262,20 @@ def test_bad_manifests_are_refused(tmp_path):
     no_output = str(tmp_path / "no-output.parquet")
     pd.DataFrame({"source_uri": ["/a.png"]}).to_parquet(no_output)
     with pytest.raises(ValueError, match="no 'output_uri' column"):
-        read_score_manifest(no_output, None)
+        iter_score_manifest(no_output, None)
     dupes = str(tmp_path / "dupes.parquet")
     pd.DataFrame({"source_uri": ["/a.png", "/a.png"], "output_uri": ["/o.png", "/o.png"]}).to_parquet(dupes)
     with pytest.raises(ValueError, match="duplicate image_id"):
-        read_score_manifest(dupes, None)
+        iter_score_manifest(dupes, None).scan_ids()  # the plan's pass over the ids
     ok = str(tmp_path / "ok.parquet")
     pd.DataFrame({"source_uri": ["/a.png", "/a.png"], "output_uri": ["/o1.png", "/o2.png"]}).to_parquet(ok)
-    rows = read_score_manifest(ok, None)
+    rows = score_input(ok)
     assert rows["image_id"].nunique() == 2 and (rows["image_uri"] == "/a.png").all()
 
 
 def test_a_moved_run_output_is_scored_where_it_is_now(score_run, tmp_path):
     moved = _copy_run(score_run, tmp_path / "moved")
-    rows = read_score_manifest(moved, None).set_index("image_id")
+    rows = score_input(moved).set_index("image_id")
     assert rows.at["a", "output_uri"] == os.path.join(moved, "images", os.path.basename(rows.at["a", "output_uri"]))
     assert rows.at["a", "status"] == "ok" and rows.at["noface", "status"] == "no_face"
 
@@ -287,7 +287,7 @@ def test_score_from_s3_to_s3(ray_session, s3_endpoint, score_run):
     boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket="stylid-score")  # fmt: skip
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint, skip_instance_cache=True)
-    run_metrics = read_parquet_dir(os.path.join(score_run["output"], "metrics")).set_index("image_id")
+    run_metrics = stored_rows(os.path.join(score_run["output"], "metrics")).set_index("image_id")
     rows = []
     for image_id in ("a", "gone"):
         src, out = run_metrics.at[image_id, "image_uri"], run_metrics.at[image_id, "output_uri"]
@@ -331,7 +331,7 @@ def test_a_customize_output_folder_becomes_one_pair_per_generated_image(tmp_path
         {"image_id": "p2", "reference_uri": "/refs/p2.jpg", "status": "no_face", "error": "no face in the reference",
          "backend": "facesnap", "model": "m", "output_uris": None},
     ]).to_parquet(folder / "metrics" / "part-1.parquet")  # fmt: skip
-    rows = read_score_manifest(str(folder), None).set_index("image_id")
+    rows = score_input(str(folder)).set_index("image_id")
     assert list(rows.index) == ["p1-0", "p1-1", "p2"]
     assert rows.at["p1-1", "output_uri"] == os.path.join(str(folder), "images", "p1-h-1.png")  # moved folder
     assert rows.at["p1-0", "reference_uri"] == rows.at["p1-0", "image_uri"] == "/refs/p1.jpg"

@@ -16,10 +16,11 @@ import pipelines.score
 from pipelines.plan import PendingRows, input_block_rows, plan_pending
 from pipelines.resources import first_batch_rows
 from pipelines.schema import derive_image_id
-from pipelines.score import EXTERNAL_ENGINE, iter_score_manifest, read_score_manifest, run_score
+from pipelines.score import EXTERNAL_ENGINE, iter_score_manifest, run_score
 from stylid_core.config import ScoreJobConfig
 from stylid_core.ledger import ShardWriter, shard_name
 from tests.pending import plan_rows
+from tests.pipelines.score_inputs import score_input
 
 STYLE = "/s/default.png"
 
@@ -56,7 +57,7 @@ def test_a_pairs_manifest_read_in_small_batches_gives_the_rows_of_one_read(tmp_p
     assert [t.num_rows for t in tables] == [2, 1, 2, 1]  # batches cut at the files: never the whole manifest
     whole = pa.concat_tables(list(iter_score_manifest(manifest, STYLE)), promote_options="permissive")
     assert pa.concat_tables(tables, promote_options="permissive").to_pylist() == whole.to_pylist()
-    rows = read_score_manifest(manifest, STYLE)
+    rows = score_input(manifest, STYLE)
     d1, e, d2 = (derive_image_id(f"{s}|{o}") for s, o in (("/in/d.png", "/out/d1.png"), ("", "/out/e.png"),
                                                           ("/in/d.png", "/out/d2.png")))  # fmt: skip
     c = derive_image_id("/in/c.png|/out/c.png")
@@ -82,7 +83,7 @@ def test_duplicate_ids_across_batches_are_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=rf"2 duplicate image_id\(s\).*'x'.*'{twice}'.*hash of source_uri"):
         plan_pending(reader, str(tmp_path / "out"), {}, block_rows=lambda n: 10)
     with pytest.raises(ValueError, match="duplicate image_id"):
-        read_score_manifest(manifest, None)
+        score_input(manifest)
 
 
 def _run_output(folder: str, recorded: str, job: str = "run") -> None:
@@ -115,7 +116,7 @@ def test_a_run_output_streams_over_its_live_metrics_shards_only(tmp_path):
     reader = iter_score_manifest(folder, STYLE, batch_rows=1)
     tables = list(reader)
     assert [t.num_rows for t in tables] == [1] * 5
-    rows = read_score_manifest(folder, STYLE).set_index("image_id")
+    rows = score_input(folder, STYLE).set_index("image_id")
     assert sorted(rows.index) == ids
     assert rows.at["a", "output_uri"] == os.path.join(folder, "images", "a.png")
     assert rows.at["e", "output_uri"] == "/elsewhere/e.png" and rows.at["a", "image_uri"] == "/in/a.png"
@@ -140,7 +141,7 @@ def test_a_customize_output_over_several_shards_gives_a_pair_per_generated_image
     reader = iter_score_manifest(folder, None, batch_rows=1)
     # a batch of one metrics row: its generated images (shards in name order, the rows in theirs)
     assert sorted(t.num_rows for t in reader) == [1, 1, 2, 3]
-    rows = read_score_manifest(folder, None).set_index("image_id")
+    rows = score_input(folder).set_index("image_id")
     assert sorted(rows.index) == ["p1-0", "p1-1", "p2", "p3-0", "p3-1", "p3-2", "p4"]
     assert [i for i in rows.index if i.startswith("p3")] == ["p3-0", "p3-1", "p3-2"]
     assert rows.at["p3-2", "output_uri"] == f"{folder}/images/p3-h-2.png"
@@ -193,7 +194,7 @@ def test_run_score_hands_its_dataset_the_pending_rows_to_read_as_it_runs(tmp_pat
     assert rows.block_rows == per_block
     tables = list(rows.dataset().iter_batches(batch_format="pyarrow", batch_size=None))
     assert all(t.num_rows <= per_block for t in tables) and sum(t.num_rows for t in tables) == 5
-    expected = read_score_manifest(manifest, None)
+    expected = score_input(manifest)
     expected = expected[expected["image_id"] != "b"]
     assert pa.concat_tables(tables, promote_options="permissive").column("image_id").to_pylist() == list(
         expected["image_id"]
