@@ -34,7 +34,16 @@ from pipelines.schema import (
     to_table,
     to_table_of_rows,
 )
-from pipelines.stages import FrameStage, Row, _fail, put_image, read_image, scrub_errors
+from pipelines.stages import (
+    FrameStage,
+    Row,
+    _fail,
+    identity_scores,
+    put_image,
+    read_image,
+    redetect,
+    scrub_errors,
+)
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
@@ -42,7 +51,6 @@ from stylid_core.faces.base import Face
 from stylid_core.faces.factory import create_face_analyzer
 from stylid_core.imageio import ImageDecodeError
 from stylid_core.ledger import FACE_ROWS
-from stylid_core.metrics import identity_similarity
 from stylid_core.storage import StorageError
 
 if TYPE_CHECKING:
@@ -205,7 +213,9 @@ def generated_images(row: Row) -> list[np.ndarray]:
 
 
 class CustomizeScoreStage(FrameStage):
-    """Identity similarity of each generated face to the reference (and CLIP prompt agreement when configured)."""
+    """Identity similarity of each generated face to the reference (and CLIP prompt agreement when configured),
+    found by ``stylid score``'s re-detection rule (``redetect``: the largest face detected, embedded at its own
+    keypoints, against the reference's embedding: ``identity_scores``)."""
 
     adds = ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean",
             "gen_json", "t_score")  # fmt: skip
@@ -245,19 +255,18 @@ class CustomizeScoreStage(FrameStage):
         return rows
 
     def _score(self, row: Row) -> None:
-        ref = np.asarray(json.loads(row["face_json"])["embedding"], np.float32)
+        reference = Face.from_dict(json.loads(row["face_json"]))
         images = generated_images(row)
         sims, matches, gens = [], [], []
         for k, img in enumerate(images):
             gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
-            faces = self.analyzer.analyze(img, max_faces=1)
-            if faces and faces[0].embedding is not None:
-                emb = faces[0].embedding
-                dist = float(self.analyzer.distance(emb, ref))
-                gen.update(detected=True, id_sim=identity_similarity(emb, ref), id_dist=dist,
-                           id_match=bool(dist < self.analyzer.match_threshold))  # fmt: skip
-                sims.append(gen["id_sim"])
-                matches.append(gen["id_match"])
+            # a generated portrait has a new pose and framing: ``stylid score``'s rule for a row with a reference
+            placed = redetect(self.analyzer.detect(img), reference)
+            if placed is not None:
+                ((sim, dist, match),) = identity_scores(self.analyzer, [placed], img)
+                gen.update(detected=True, id_sim=sim, id_dist=dist, id_match=match)
+                sims.append(sim)
+                matches.append(match)
             gens.append({**gen, "backend": self.analyzer.name})
         row["gen_json"] = json.dumps(gens)  # one faces/ row each
         row["n_generated"], row["n_faces_found"] = len(images), len(sims)

@@ -540,6 +540,32 @@ def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[
     ]  # fmt: skip
 
 
+def redetect(found: list[Face], reference: Face) -> Face | None:
+    """The one re-detection rule, for an output whose pose and framing are new (``stylid score`` of a row with an
+    identity reference, each image ``stylid customize`` generates): no face can be placed in it by scale, so the
+    reference's face is the largest face detected in it (``found``: the detector's faces in the output), at that
+    face's box and keypoints and carrying the ``reference``'s embedding, to be scored by ``identity_scores``. None
+    when nothing was detected (then ``id_match`` false, ``redetected`` false, ``id_sim`` null)."""
+    if not found:
+        return None
+    largest = max(found, key=lambda g: g.size_px)
+    return Face(box=largest.box, keypoints=largest.keypoints, score=largest.score, embedding=reference.embedding)
+
+
+def identity_scores(analyzer: FaceAnalyzer, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
+    """(``id_sim``, ``id_dist``, ``id_match``) of each of ``faces`` in ``image``: the image embedded at the face's
+    keypoints, against the face's own embedding (cosine similarity, the backend's native distance, that distance
+    under the backend's threshold). Every job's identity figure (``ScoreStage``, ``stylid customize``)."""
+    if not faces:
+        return []
+    embs = analyzer.embed(image, [f.keypoints for f in faces])
+    out = []
+    for face, emb in zip(faces, embs):
+        dist = float(analyzer.distance(face.embedding, emb))
+        out.append((cosine_similarity(face.embedding, emb), dist, bool(dist < analyzer.match_threshold)))
+    return out
+
+
 def resized_like(image: np.ndarray, source: np.ndarray) -> np.ndarray:
     """``image`` resized to ``source``'s size where it differs (a resized output read back by ``stylid score``), so
     the report's strips cut it where they cut the source; scores use the placed boxes instead."""
@@ -565,9 +591,10 @@ class ScoreStage(FrameStage):
     scale (``place_faces``; a changed aspect ratio fails the row with ``size_mismatch``), and the face rows' boxes,
     ``size_px`` and ``size_bucket`` are then in the output's pixels, where the face was scored. A row with an
     identity reference (``ref_pixels``: a customization output, whose pose and framing are new) is scored by
-    re-detection: the reference's largest face against the largest face detected in the output (the rule of
-    ``stylid customize``); no face found gives ``id_match`` false, ``redetected`` false and a null ``id_sim``. A
-    chain without a stylize stage has no no-mosaic counterfactual: those columns stay null.
+    re-detection (``redetect``, the one rule, which ``stylid customize`` scores its generated images by): the
+    reference's largest face against the largest face detected in the output; no face found gives ``id_match``
+    false, ``redetected`` false and a null ``id_sim``. A chain without a stylize stage has no no-mosaic
+    counterfactual: those columns stay null.
     """
 
     def __init__(self, faces: FacesConfig, score: ScoreConfig, io: IOConfig) -> None:
@@ -580,14 +607,7 @@ class ScoreStage(FrameStage):
         self.large_strips = LargestFaces()  # and the largest
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
-        if not faces:
-            return []
-        embs = self.analyzer.embed(image, [f.keypoints for f in faces])
-        out = []
-        for face, emb in zip(faces, embs):
-            dist = self.analyzer.distance(face.embedding, emb)
-            out.append((cosine_similarity(face.embedding, emb), dist, dist < self.analyzer.match_threshold))
-        return out
+        return identity_scores(self.analyzer, faces, image)
 
     adds = SCORE_COLUMNS
 
@@ -619,10 +639,7 @@ class ScoreStage(FrameStage):
         placed: list[Face | None]
         if from_reference:
             faces = faces[:1]
-            largest = max(found, key=lambda g: g.size_px) if found else None
-            placed = [None if largest is None else
-                      Face(box=largest.box, keypoints=largest.keypoints, score=largest.score,
-                           embedding=faces[0].embedding)]  # fmt: skip
+            placed = [redetect(found, faces[0])]
         else:
             placed = list(place_faces(faces, source.shape, out.shape))
         scored = iter(self._score_faces([p for p in placed if p is not None], out))

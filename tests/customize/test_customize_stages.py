@@ -136,3 +136,64 @@ def test_an_unreadable_reference_is_its_row_status_naming_the_uri(tmp_path, name
     out = ReferenceStage(_config())(pd.DataFrame([row])).to_pylist()[0]
     assert out["status"] == {"missing.png": "missing", "bad.png": "decode_error"}[name] and uri in out["error"]
     assert out["ref_pixels"] is None and out["t_reference"] is not None
+
+
+def _moved_face(astronaut: np.ndarray, scale: float, x: int, y: int) -> np.ndarray:
+    """A 'generated' portrait: the astronaut shrunk by ``scale`` and put at (``x``, ``y``) on a 640 x 480 grey
+    canvas, so its face is neither where nor as large as in the reference (another aspect ratio too)."""
+    from stylid_core.imageio import resize
+
+    side = int(512 * scale)
+    canvas = np.full((480, 640, 3), 128, np.uint8)
+    canvas[y : y + side, x : x + side] = resize(astronaut, (side, side))
+    return canvas
+
+
+def test_a_generated_face_moved_and_resized_is_scored_by_stylid_scores_redetection(astronaut):
+    """``stylid customize`` scores a generated image by ``stylid score``'s re-detection rule, the one function
+    (``pipelines.stages.redetect``, then ``identity_scores``): a face moved and shrunk in the output is found where
+    it now is, and both jobs' score stages give it the same similarity, distance and match."""
+    import pipelines.customize
+    import pipelines.stages
+    from pipelines.customize import CustomizeScoreStage
+    from pipelines.stages import ScoreStage, identity_scores, redetect
+    from stylid_core.config import ScoreConfig
+    from stylid_core.faces import create_face_analyzer
+    from stylid_core.sample_data import default_style_path
+
+    assert pipelines.customize.redetect is pipelines.stages.redetect  # one rule, not a copy
+    assert pipelines.customize.identity_scores is pipelines.stages.identity_scores
+    config = _config()
+    analyzer = create_face_analyzer(config.faces)
+    (reference,) = analyzer.analyze(astronaut, max_faces=1)
+    generated = _moved_face(astronaut, 0.6, 300, 150)
+    found = redetect(analyzer.detect(generated), reference)
+    assert found is not None
+    # found inside the pasted astronaut, far from the reference's own box
+    assert 300 <= found.box[0] < found.box[2] <= 300 + 307 and 150 <= found.box[1] < found.box[3] <= 150 + 307
+    assert found.size_px < 0.8 * reference.size_px and found.box[0] > reference.box[2]
+    ((sim, dist, match),) = identity_scores(analyzer, [found], generated)
+    assert match and sim > 0.9  # the same person, shrunk
+
+    blank = np.full((64, 64, 3), 200, np.uint8)
+    images = [generated, blank]
+    row = {"image_id": "a", "status": "ok", "error": None, "prompt": "p", "face_json": json.dumps(reference.to_dict()),
+           "gen_pixels": [im.tobytes() for im in images], "gen_height": [im.shape[0] for im in images],
+           "gen_width": [im.shape[1] for im in images]}  # fmt: skip
+    out = CustomizeScoreStage(config)(pd.DataFrame([row])).to_pylist()[0]
+    gens = json.loads(out["gen_json"])
+    assert gens[0]["detected"] and (gens[0]["id_sim"], gens[0]["id_dist"], gens[0]["id_match"]) == (sim, dist, match)
+    assert not gens[1]["detected"] and gens[1]["id_sim"] is None and gens[1]["id_match"] is False
+    assert out["n_faces_found"] == 1 and out["id_match_rate"] == 0.5
+
+    # stylid score of the same pair (the generated image as the output, the reference as source and reference)
+    score_row = {"image_id": "a", "status": "ok", "error": None, "image_uri": "/ref.png",
+                 "style_uri": default_style_path(), "pixels": astronaut.tobytes(), "width": 512, "height": 512,
+                 "ref_pixels": astronaut.tobytes(), "ref_width": 512, "ref_height": 512,
+                 "out_pixels": generated.tobytes(), "out_width": 640, "out_height": 480,
+                 "faces_json": json.dumps([reference.to_dict()])}  # fmt: skip
+    scored = ScoreStage(config.faces, ScoreConfig(), config.io)(pd.DataFrame([score_row])).to_pylist()[0]
+    assert scored["status"] == "ok", scored["error"]
+    (rec,) = [fj["scores"] for fj in json.loads(scored["faces_json"])]
+    assert rec["redetected"] and [rec["x0"], rec["y0"], rec["x1"], rec["y1"]] == pytest.approx(list(found.box))
+    assert (rec["id_sim"], rec["id_dist"], rec["id_match"]) == (sim, dist, match)
