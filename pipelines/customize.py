@@ -35,12 +35,16 @@ from pipelines.schema import (
     to_table_of_rows,
 )
 from pipelines.stages import (
+    FaceStage,
     FrameStage,
+    ImageColumn,
+    LoadStage,
     Row,
     _fail,
+    face_records,
     identity_scores,
+    image_of,
     put_image,
-    read_image,
     redetect,
     scrub_errors,
 )
@@ -49,9 +53,7 @@ from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.faces.base import Face
 from stylid_core.faces.factory import create_face_analyzer
-from stylid_core.imageio import ImageDecodeError
 from stylid_core.ledger import FACE_ROWS
-from stylid_core.storage import StorageError
 
 if TYPE_CHECKING:
     from pipelines.shard_writers import ShardWriters
@@ -123,48 +125,22 @@ def _seed(image_id: str) -> int:
     return int(hashlib.sha256(str(image_id).encode()).hexdigest()[:8], 16)
 
 
-class ReferenceStage(FrameStage):
-    """CPU stage: read the reference (and pose) image as every job reads its images (``read_image``: retried, safe,
-    at ``io.max_work_pixels``), find the reference's largest face and embed it. The images go on as raw pixels."""
+#: the images of a customize row, read by every job's ``LoadStage``: the reference (required: an empty
+#: ``reference_uri`` is a ``missing`` row) and the target pose where given
+CUSTOMIZE_IMAGES: tuple[ImageColumn, ...] = (
+    ImageColumn("reference_uri", "ref_pixels"),
+    ImageColumn("pose_uri", "pose_pixels", required=False),
+)
 
-    adds = ("ref_pixels", "ref_width", "ref_height", "pose_pixels", "pose_width", "pose_height", "face_json",
-            "t_reference")  # fmt: skip
-    columns = CUSTOMIZE_COLUMNS
 
-    def __init__(self, config: CustomizeJobConfig) -> None:
-        self.config = config
-        self.analyzer = create_face_analyzer(config.faces)
-
-    def rows(self, rows: list[Row]) -> list[Row]:
-        self.start(rows)
-        io = self.config.io
-        for row in rows:
-            if row["status"] != "ok":
-                continue
-            t0 = time.perf_counter()
-            uri = row["reference_uri"]
-            try:
-                image, _ = read_image(uri, io)
-                faces = self.analyzer.analyze(image, max_faces=1)
-                if not faces:
-                    _fail(row, "no_face", "no face in the reference image")
-                    continue
-                d = faces[0].to_dict()
-                if faces[0].landmarks is not None:
-                    d["landmarks"] = np.asarray(faces[0].landmarks, float).tolist()
-                row["face_json"] = json.dumps(d)
-                row["ref_pixels"], (row["ref_height"], row["ref_width"]) = image.tobytes(), image.shape[:2]
-                uri = row.get("pose_uri")
-                if isinstance(uri, str) and uri:
-                    pose, _ = read_image(uri, io)
-                    row["pose_pixels"], (row["pose_height"], row["pose_width"]) = pose.tobytes(), pose.shape[:2]
-            except (StorageError, ImageDecodeError) as exc:
-                _fail(row, exc.status, str(exc) if uri in str(exc) else f"{uri}: {exc}")
-            except Exception as exc:  # a bad row is an error row, never a crashed job
-                _fail(row, "reference_error", f"{uri}: {type(exc).__name__}: {exc}")
-            finally:
-                row["t_reference"] = time.perf_counter() - t0
-        return rows
+def reference_face(row: Row) -> Face:
+    """The reference's face as ``FaceStage`` found it (its largest), with dense landmarks where the backend had
+    them."""
+    record = face_records(row)[0]
+    face = Face.from_dict(record)
+    if record.get("landmarks") is not None:
+        face.landmarks = np.asarray(record["landmarks"], np.float32)
+    return face
 
 
 class CustomizeStage(FrameStage):
@@ -186,16 +162,10 @@ class CustomizeStage(FrameStage):
                 continue
             t0 = time.perf_counter()
             try:
-                face_d = json.loads(row["face_json"])
-                face = Face.from_dict(face_d)
-                if face_d.get("landmarks") is not None:
-                    face.landmarks = np.asarray(face_d["landmarks"], np.float32)
-                pose = row.get("pose_pixels")
+                pose = image_of(row, "pose_pixels") if isinstance(row.get("pose_pixels"), bytes) else None
                 images = self.customizer.generate(
-                    _image(row["ref_pixels"], row["ref_height"], row["ref_width"]), face, str(row["prompt"]),
-                    num_images=int(row["num_images"]),
-                    pose=None if pose is None else _image(pose, row["pose_height"], row["pose_width"]),
-                    seed=_seed(row["image_id"]),
+                    image_of(row, "ref_pixels"), reference_face(row), str(row["prompt"]),
+                    num_images=int(row["num_images"]), pose=pose, seed=_seed(row["image_id"]),
                 )  # fmt: skip
                 images = [np.ascontiguousarray(img, np.uint8) for img in images]
                 row["gen_pixels"] = [img.tobytes() for img in images]
@@ -255,7 +225,7 @@ class CustomizeScoreStage(FrameStage):
         return rows
 
     def _score(self, row: Row) -> None:
-        reference = Face.from_dict(json.loads(row["face_json"]))
+        reference = reference_face(row)
         images = generated_images(row)
         sims, matches, gens = [], [], []
         for k, img in enumerate(images):
@@ -322,15 +292,23 @@ FACE_ROWS_TYPE = face_rows_type(CUSTOMIZE_FACE_COLUMNS)
 
 #: the write step's tasks: a few rows each, a tenth of a CPU (the stateless last step)
 WRITE = StageResources(batch_size=8, num_cpus=0.1)
+#: the load step's tasks: the reference stage's batches, a tenth of a CPU each (reads wait on I/O; a decode is
+#: milliseconds beside a generation)
+LOAD_CPUS = 0.1
 
 
 def customize_chain(
     config: CustomizeJobConfig, output_uri: str = "", shard_writers: ShardWriters | None = None
 ) -> list[StageSpec]:
-    """``stylid customize``'s chain: reference (load, face, embed), generate (the job's own stage), score, write."""
+    """``stylid customize``'s chain: every job's ``LoadStage`` (reference and pose) and ``FaceStage`` (the
+    reference's largest face, on the ``reference`` resources), generate (the job's own stage), score, write."""
     r = config.resources
+    load = {"io": config.io, "images": CUSTOMIZE_IMAGES}
+    faces = {"faces": config.faces, "max_faces": 1, "landmarks": True}
+    load_resources = StageResources(batch_size=r.reference.batch_size, num_cpus=LOAD_CPUS)
     return [
-        StageSpec.model(ReferenceStage, {"config": config}, r.reference, "reference"),
+        StageSpec(LoadStage, load, load_resources, "io", "load"),
+        StageSpec.model(FaceStage, faces, r.reference, "reference"),
         StageSpec.model(CustomizeStage, {"config": config}, r.generate, "generate"),
         StageSpec.model(CustomizeScoreStage, {"config": config}, r.score, "score"),
         StageSpec(CustomizeWriteStage, {"output_uri": output_uri, "config": config, "shard_writers": shard_writers},

@@ -82,6 +82,7 @@ PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
     "out_pixels": ("out_width", "out_height"),
     "plain_pixels": ("width", "height"),
     "ref_pixels": ("ref_width", "ref_height"),
+    "pose_pixels": ("pose_width", "pose_height"),  # stylid customize: the target pose
 }
 
 
@@ -134,7 +135,7 @@ def face_records(row: Row) -> list[dict]:
 
 
 def rows_table(rows: list[Row], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """``rows`` as an Arrow table of the columns ``names`` (typed from ``columns``, default ``COLUMNS``; absent
+    """``rows`` as an Arrow table of the columns ``names`` (typed from ``columns``, default ``RECORD_COLUMNS``; absent
     values null), parsed faces written back as JSON."""
     for row in rows:
         if isinstance(row.get("faces_json"), list):
@@ -182,7 +183,7 @@ class FrameStage:
     write costs tens of microseconds (Arrow-backed strings more), a dict item well under one."""
 
     adds: tuple[str, ...] = ()
-    #: the types of the columns (``pipelines.schema``; None: ``COLUMNS``)
+    #: the types of the columns (``pipelines.schema``; None: ``RECORD_COLUMNS``, every job's)
     columns: dict[str, pa.DataType] | None = None
 
     def rows(self, rows: list[Row]) -> list[Row]:
@@ -283,9 +284,13 @@ class LoadStage(FrameStage):
     (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: the size columns hold the working size,
     ``source_width``/``source_height`` the source image's own. Every error message names the image's URI.
 
-    ``images`` names the images of a row (default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
-    reads the output to score and the identity reference. All reads of a batch run concurrently. A row fails at its
-    first image that cannot be read or decoded; the error names the URI column for any image but the first.
+    ``images`` names the images of a row (``ImageColumn``: the URI column read, the pixel column decoded into,
+    whether an empty URI fails the row; default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
+    reads the output to score and the identity reference, ``stylid customize`` the reference and the target pose
+    (``reference_uri`` -> ``ref_pixels``, ``pose_uri`` -> ``pose_pixels``). The first image's own size is the
+    row's ``source_width``/``source_height``. All reads of a batch run concurrently. A row fails at its first image
+    that cannot be read or decoded (its ``status``: ``missing``, ``forbidden``, ``read_error``, ``decode_error``,
+    ``too_large``; ``load_error`` for anything else); the error names the URI column for any image but the first.
     """
 
     def __init__(self, io: IOConfig, images: tuple[ImageColumn, ...] = SOURCE_IMAGE) -> None:
@@ -356,12 +361,16 @@ class FaceStage(FrameStage):
     """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors).
 
     Faces are found in the row's identity reference when it carries one (``ref_pixels``: ``stylid score`` of a
-    customization output), else in the source (``pixels``).
+    customization output, ``stylid customize``'s reference), else in the source (``pixels``): the largest
+    ``max_faces`` (default ``faces.max_faces``; ``stylid customize`` keeps the reference's largest face), with their
+    dense landmarks in the records when ``landmarks`` is set and the backend has them.
     """
 
-    def __init__(self, faces: FacesConfig) -> None:
+    def __init__(self, faces: FacesConfig, max_faces: int | None = None, landmarks: bool = False) -> None:
         _one_thread_for_opencv()
         self.config = faces
+        self.max_faces = faces.max_faces if max_faces is None else max_faces
+        self.landmarks = landmarks
         self.analyzer: FaceAnalyzer = create_face_analyzer(faces)
 
     adds = ("n_faces", "n_faces_detected", "faces_json", "t_faces")
@@ -377,7 +386,7 @@ class FaceStage(FrameStage):
                 image = image_of(row, "ref_pixels" if from_reference else "pixels")
                 detected = self.analyzer.detect(image)
                 detected.sort(key=lambda f: -f.size_px)
-                faces = detected[: self.config.max_faces]
+                faces = detected[: self.max_faces]
                 if faces:
                     for face, emb in zip(faces, self.analyzer.embed(image, [f.keypoints for f in faces])):
                         face.embedding = emb
@@ -386,11 +395,17 @@ class FaceStage(FrameStage):
                 continue
             row["n_faces_detected"] = len(detected)
             row["n_faces"] = len(faces)
-            row["faces_json"] = [f.to_dict() for f in faces]  # parsed; JSON where the batch leaves (rows_table)
+            row["faces_json"] = [self._record(f) for f in faces]  # parsed; JSON where the batch leaves (rows_table)
             row["t_faces"] = time.perf_counter() - t0
             if not faces:
                 _fail(row, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
         return rows
+
+    def _record(self, face: Face) -> dict:
+        record = face.to_dict()
+        if self.landmarks and face.landmarks is not None:
+            record["landmarks"] = np.asarray(face.landmarks, float).tolist()
+        return record
 
 
 def faces_of(row: Row) -> list[Face]:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.customize import CustomizeWriteStage, ReferenceStage
+from pipelines.customize import CustomizeWriteStage, customize_chain
 from stylid_core.imageio import encode_png
 from stylid_core.secrets import REDACTED
 
@@ -107,35 +107,60 @@ def test_credentials_are_scrubbed_from_error_text(tmp_path, monkeypatch):
     assert secret not in error and REDACTED in error and "access denied" in error
 
 
+def _reference_rows(config, rows: list[dict]) -> list[dict]:
+    """``rows`` through the chain's first two stages as ``customize_chain`` declares them: every job's
+    ``LoadStage`` (reference and pose) and ``FaceStage`` (the reference's largest face)."""
+    load, faces = (spec.make() for spec in customize_chain(config)[:2])
+    return faces(load(pd.DataFrame(rows)).to_pandas()).to_pylist()
+
+
+def test_the_chain_starts_with_every_jobs_load_and_face_stages():
+    from pipelines.stages import FaceStage, LoadStage
+
+    specs = customize_chain(_config())
+    assert [s.cls for s in specs[:2]] == [LoadStage, FaceStage] and [s.kind for s in specs[:2]] == ["io", "cpu"]
+    assert [im.uri for im in specs[0].kwargs["images"]] == ["reference_uri", "pose_uri"]
+    assert specs[1].name == "reference" and specs[1].kwargs["max_faces"] == 1
+
+
 def test_references_are_decoded_at_the_working_size_and_passed_as_pixels(tmp_path, astronaut):
-    """The reference and the pose are read as every job reads its images (downscaled to ``io.max_work_pixels``)
-    and go on as raw RGB pixels of that size, not PNG bytes to decode again."""
+    """The reference and the pose are read as every job reads its images (``LoadStage``: downscaled to
+    ``io.max_work_pixels``) and go on as raw RGB pixels of that size, not PNG bytes to decode again; the face is
+    found in the working-size reference (``FaceStage``)."""
     ref, pose = tmp_path / "ref.png", tmp_path / "pose.png"
     ref.write_bytes(encode_png(astronaut))  # 512 x 512
     pose.write_bytes(encode_png(np.ascontiguousarray(astronaut[:, ::-1])))
     row = {"image_id": "a", "reference_uri": str(ref), "pose_uri": str(pose), "prompt": "p", "num_images": 1,
            "status": "ok", "error": None, "backend": "facesnap"}  # fmt: skip
-    full = ReferenceStage(_config())(pd.DataFrame([row])).to_pylist()[0]
+    (full,) = _reference_rows(_config(), [row])
     assert full["status"] == "ok", full["error"]
     assert (full["ref_width"], full["ref_height"]) == (512, 512) and full["ref_pixels"] == astronaut.tobytes()
     assert not full["ref_pixels"].startswith(b"\x89PNG") and len(full["pose_pixels"]) == 512 * 512 * 3
-    small = ReferenceStage(_config(max_work_pixels=256 * 256))(pd.DataFrame([row])).to_pylist()[0]
+    assert full["num_images"] == 1 and full["prompt"] == "p" and full["n_faces"] == 1
+    (small,) = _reference_rows(_config(max_work_pixels=256 * 256), [row])
     assert small["status"] == "ok", small["error"]
     assert (small["ref_width"], small["ref_height"]) == (256, 256) and len(small["ref_pixels"]) == 256 * 256 * 3
     assert (small["pose_width"], small["pose_height"]) == (256, 256)
-    face = json.loads(small["face_json"])
-    assert face["box"][2] <= 256 and face["box"][3] <= 256  # found in the working-size image
+    assert (small["source_width"], small["source_height"]) == (512, 512)  # the reference's own size
+    (face,) = json.loads(small["faces_json"])
+    assert face["box"][2] <= 256 and face["box"][3] <= 256 and len(face["embedding"]) == 128  # found there
 
 
-@pytest.mark.parametrize("name", ["missing.png", "bad.png"])
-def test_an_unreadable_reference_is_its_row_status_naming_the_uri(tmp_path, name):
+@pytest.mark.parametrize("name", ["missing.png", "bad.png", "pose"])
+def test_an_unreadable_reference_or_pose_is_its_row_status_naming_the_uri(tmp_path, astronaut, name):
+    """A reference (or pose) that cannot be read is the row's status, naming its URI (and, for the pose, the
+    column), and the face stage passes the row on untouched."""
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    uri = str(tmp_path / name)
-    row = {"image_id": "a", "reference_uri": uri, "pose_uri": None, "prompt": "p", "num_images": 1,
+    (tmp_path / "ref.png").write_bytes(encode_png(astronaut))
+    ref = str(tmp_path / ("ref.png" if name == "pose" else name))
+    pose = str(tmp_path / "gone.png") if name == "pose" else None
+    row = {"image_id": "a", "reference_uri": ref, "pose_uri": pose, "prompt": "p", "num_images": 1,
            "status": "ok", "error": None, "backend": "facesnap"}  # fmt: skip
-    out = ReferenceStage(_config())(pd.DataFrame([row])).to_pylist()[0]
-    assert out["status"] == {"missing.png": "missing", "bad.png": "decode_error"}[name] and uri in out["error"]
-    assert out["ref_pixels"] is None and out["t_reference"] is not None
+    (out,) = _reference_rows(_config(), [row])
+    assert out["status"] == {"missing.png": "missing", "bad.png": "decode_error", "pose": "missing"}[name]
+    assert (pose or ref) in out["error"] and out["error"].startswith("pose_uri " if pose else ref)
+    assert out["faces_json"] is None and out["t_faces"] is None  # the face stage passed it on untouched
+    assert (out["ref_pixels"] is None) == (pose is None)  # a reference that could be read was
 
 
 def _moved_face(astronaut: np.ndarray, scale: float, x: int, y: int) -> np.ndarray:
@@ -177,9 +202,9 @@ def test_a_generated_face_moved_and_resized_is_scored_by_stylid_scores_redetecti
 
     blank = np.full((64, 64, 3), 200, np.uint8)
     images = [generated, blank]
-    row = {"image_id": "a", "status": "ok", "error": None, "prompt": "p", "face_json": json.dumps(reference.to_dict()),
-           "gen_pixels": [im.tobytes() for im in images], "gen_height": [im.shape[0] for im in images],
-           "gen_width": [im.shape[1] for im in images]}  # fmt: skip
+    row = {"image_id": "a", "status": "ok", "error": None, "prompt": "p",
+           "faces_json": json.dumps([reference.to_dict()]), "gen_pixels": [im.tobytes() for im in images],
+           "gen_height": [im.shape[0] for im in images], "gen_width": [im.shape[1] for im in images]}  # fmt: skip
     out = CustomizeScoreStage(config)(pd.DataFrame([row])).to_pylist()[0]
     gens = json.loads(out["gen_json"])
     assert gens[0]["detected"] and (gens[0]["id_sim"], gens[0]["id_dist"], gens[0]["id_match"]) == (sim, dist, match)
