@@ -26,34 +26,27 @@ from pipelines.chain import StageSpec, build_chain, check_chain_fits
 from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader
 from pipelines.plan import PendingRows, input_block_rows
 from pipelines.runner import RunResult, process_pending
-from pipelines.schema import (
-    CUSTOMIZE_COLUMNS,
-    CUSTOMIZE_FACE_COLUMNS,
-    CUSTOMIZE_METRICS_COLUMNS,
-    face_rows_type,
-    to_table,
-    to_table_of_rows,
-)
+from pipelines.schema import CUSTOMIZE_COLUMNS, CUSTOMIZE_FACE_COLUMNS, CUSTOMIZE_METRICS_COLUMNS
 from pipelines.stages import (
     FaceStage,
     FrameStage,
     ImageColumn,
     LoadStage,
+    Outputs,
     Row,
+    WriteStage,
     _fail,
     face_records,
     identity_scores,
     image_of,
-    put_image,
+    images_of,
     redetect,
-    scrub_errors,
 )
 from stylid_core.config import StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.faces.base import Face
 from stylid_core.faces.factory import create_face_analyzer
-from stylid_core.ledger import FACE_ROWS
 
 if TYPE_CHECKING:
     from pipelines.shard_writers import ShardWriters
@@ -116,11 +109,6 @@ def iter_customize_manifest(
     )  # fmt: skip
 
 
-def _image(data: bytes, height: int, width: int) -> np.ndarray:
-    """Raw RGB bytes of ``height`` x ``width`` as an image (how images cross the stages)."""
-    return np.frombuffer(data, np.uint8).reshape(int(height), int(width), 3)
-
-
 def _seed(image_id: str) -> int:
     return int(hashlib.sha256(str(image_id).encode()).hexdigest()[:8], 16)
 
@@ -178,8 +166,8 @@ class CustomizeStage(FrameStage):
 
 
 def generated_images(row: Row) -> list[np.ndarray]:
-    """A row's generated images (``CustomizeStage``'s raw pixels)."""
-    return [_image(d, h, w) for d, h, w in zip(row["gen_pixels"], row["gen_height"], row["gen_width"])]
+    """A row's generated images (``CustomizeStage``'s raw pixels: ``images_of`` its ``gen_pixels``)."""
+    return images_of(row, "gen_pixels")
 
 
 class CustomizeScoreStage(FrameStage):
@@ -248,46 +236,14 @@ class CustomizeScoreStage(FrameStage):
             row["clip_score_mean"] = self._clip_score(images, str(row["prompt"]))
 
 
-class CustomizeWriteStage:
-    """Writes each generated image through every job's one write (``put_image``: the object-key rule, one put,
-    ``io.retry``) as ``images/<object_key(id)>-<config hash>-<k>.png``; the metrics rows (errors scrubbed of
-    credentials: ``scrub_errors``), each with its per-generated-image rows in ``FACE_ROWS``, go to the job's
-    ``shard_writers``, as in ``stylid run`` (``WriteStage``), and the stage returns their ``status``; without
-    writers it returns the rows."""
-
-    def __init__(self, output_uri: str, config: CustomizeJobConfig, shard_writers: ShardWriters | None = None) -> None:
-        self.output_uri = output_uri.rstrip("/")
-        self.config = config
-        self.suffix = config.config_hash()
-        self.shard_writers = shard_writers
-
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
-        return self.table(to_table(df, CUSTOMIZE_COLUMNS).to_pylist())
-
-    def table(self, rows: list[Row]) -> pa.Table:
-        face_rows: list[list[dict]] = [[] for _ in rows]
-        for i, row in enumerate(rows):
-            row["config_hash"] = self.suffix
-            row["output_uris"] = None
-            if row.get("gen_pixels") is None or row["status"] != "ok":
-                continue
-            try:
-                uris = [put_image(self.output_uri, row["image_id"], f"-{self.suffix}-{k}", image, self.config.io,
-                                  "png") for k, image in enumerate(generated_images(row))]  # fmt: skip
-            except Exception as exc:
-                _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
-                continue
-            row["output_uris"] = json.dumps(uris)
-            if isinstance(row.get("gen_json"), str):
-                face_rows[i] = [{"image_id": row["image_id"], **g} for g in json.loads(row["gen_json"])]
-        scrub_errors(rows, self.config.io)  # error messages never carry a credential
-        table = to_table_of_rows(rows, CUSTOMIZE_METRICS_COLUMNS, CUSTOMIZE_COLUMNS)
-        table = table.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
-        return self.shard_writers.hand_off(table) if self.shard_writers else table
-
-
-#: the type of ``CustomizeWriteStage``'s ``FACE_ROWS`` column
-FACE_ROWS_TYPE = face_rows_type(CUSTOMIZE_FACE_COLUMNS)
+#: what ``stylid customize``'s ``WriteStage`` writes of a row: its k generated images (``gen_pixels``) as PNG,
+#: keyed ``<object_key(id)>-<config hash>-<k>`` and listed in ``output_uris``; its metrics row
+#: (``CUSTOMIZE_METRICS_COLUMNS``, the ledger) and a faces/ row per generated image (``gen_json``:
+#: ``CUSTOMIZE_FACE_COLUMNS``)
+CUSTOMIZE_OUTPUTS = Outputs(
+    pixels="gen_pixels", many=True, metrics=tuple(CUSTOMIZE_METRICS_COLUMNS), faces=CUSTOMIZE_FACE_COLUMNS,
+    face_rows="gen_json", ext="png",
+)  # fmt: skip
 
 
 #: the write step's tasks: a few rows each, a tenth of a CPU (the stateless last step)
@@ -306,13 +262,15 @@ def customize_chain(
     load = {"io": config.io, "images": CUSTOMIZE_IMAGES}
     faces = {"faces": config.faces, "max_faces": 1, "landmarks": True}
     load_resources = StageResources(batch_size=r.reference.batch_size, num_cpus=LOAD_CPUS)
+    write = {"output_uri": output_uri.rstrip("/"), "config_hash": config.config_hash(),
+             "key_suffix": f"-{config.config_hash()}", "io": config.io, "shard_writers": shard_writers,
+             "outputs": CUSTOMIZE_OUTPUTS}  # fmt: skip
     return [
         StageSpec(LoadStage, load, load_resources, "io", "load"),
         StageSpec.model(FaceStage, faces, r.reference, "reference"),
         StageSpec.model(CustomizeStage, {"config": config}, r.generate, "generate"),
         StageSpec.model(CustomizeScoreStage, {"config": config}, r.score, "score"),
-        StageSpec(CustomizeWriteStage, {"output_uri": output_uri, "config": config, "shard_writers": shard_writers},
-                  WRITE, "io", "write"),
+        StageSpec(WriteStage, write, WRITE, "io", "write"),
     ]  # fmt: skip
 
 

@@ -132,7 +132,7 @@ RECORD_COLUMNS = CUSTOMIZE_COLUMNS
 CUSTOMIZE_METRICS_COLUMNS = [
     "image_id", "reference_uri", "pose_uri", "prompt", "num_images", "status", "error", "backend", "model",
     "n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean", "output_uris",
-    "t_load", "t_faces", "t_generate", "t_score", "config_hash",
+    "t_load", "t_faces", "t_generate", "t_score", "t_write", "config_hash",
 ]  # fmt: skip
 
 #: ``stylid customize``'s faces table: one row per generated image, its (largest) face against the reference's

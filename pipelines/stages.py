@@ -83,6 +83,7 @@ PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
     "plain_pixels": ("width", "height"),
     "ref_pixels": ("ref_width", "ref_height"),
     "pose_pixels": ("pose_width", "pose_height"),  # stylid customize: the target pose
+    "gen_pixels": ("gen_width", "gen_height"),  # stylid customize: k generated images a row (list columns)
 }
 
 
@@ -763,15 +764,45 @@ class FusedCPUStage:
         return rows_table(last.rows(rows), names)
 
 
-class WriteStage:
-    """Writes each stylized image in one put, then hands the batch's metrics rows, each with its face rows, to the
-    job's shard writers.
+class Outputs(NamedTuple):
+    """What a job's ``WriteStage`` stores of a row and which tables it hands on: ``pixels``, the image column to
+    write (``many``: a list column of k images a row, ``stylid customize``'s ``gen_pixels``, each written as
+    ``<key><suffix>-<k>`` and listed as JSON in ``output_uris``; else one image, ``output_uri``); ``metrics``, the
+    metrics table's columns; ``faces``, the face rows' columns, taken from the faces' ``scores`` records or, with
+    ``face_rows``, from that JSON column of the row (one record a generated image); ``ext``, the images' format
+    (None: ``io.image_format``)."""
 
-    Images go to ``images/<key>.<ext>``. The batch's rows are ``METRICS_COLUMNS`` plus ``FACE_ROWS`` (the row's
-    per-face rows, a list of ``FACE_COLUMNS`` structs). In a job they go to its ``shard_writers``
+    pixels: str = "out_pixels"
+    many: bool = False
+    metrics: tuple[str, ...] = tuple(METRICS_COLUMNS)
+    faces: dict[str, pa.DataType] = FACE_COLUMNS
+    face_rows: str | None = None
+    ext: str | None = None
+
+
+#: ``stylid run``'s (and ``stylid score``'s) outputs: one image a row, a face row per face
+RUN_OUTPUTS = Outputs()
+
+
+def images_of(row: Any, column: str) -> list[np.ndarray]:
+    """The RGB images a row carries in a list column (``gen_pixels``: raw bytes, with their widths and heights in
+    the list columns ``PIXEL_SIZE_COLUMNS`` names)."""
+    w_col, h_col = PIXEL_SIZE_COLUMNS[column]
+    return [np.frombuffer(data, np.uint8).reshape(int(h), int(w), 3)
+            for data, w, h in zip(row[column], row[w_col], row[h_col])]  # fmt: skip
+
+
+class WriteStage:
+    """Writes each row's images in one put each through the one key rule (``put_image``), then hands the batch's
+    metrics rows, each with its face rows, to the job's shard writers.
+
+    ``outputs`` says what a row writes (``Outputs``; default ``RUN_OUTPUTS``): ``stylid run``'s stylized image as
+    ``images/<key><key_suffix>.<ext>`` (at the source's size), or ``stylid customize``'s k generated images as
+    ``images/<key><key_suffix>-<k>.png``. The batch's rows are the metrics columns plus ``FACE_ROWS`` (the row's
+    face rows, a list of structs of the face columns). In a job they go to its ``shard_writers``
     (``pipelines.shard_writers``), which write them into faces and metrics shards of ``io.rows_per_shard`` rows,
     and the stage returns their ``status`` only; without writers it returns the rows. A row reaches a writer
-    only after its image is stored, so the ledger never lists a row whose image is missing.
+    only after its images are stored, so the ledger never lists a row whose image is missing.
     With ``write_images`` false (``stylid score``: the images exist already) no image is written and each row
     keeps the ``output_uri`` it came with.
     """
@@ -784,6 +815,7 @@ class WriteStage:
         io: IOConfig,
         write_images: bool = True,
         shard_writers: ShardWriters | None = None,
+        outputs: Outputs = RUN_OUTPUTS,
     ) -> None:
         self.output_uri = output_uri
         self.config_hash = config_hash
@@ -791,39 +823,64 @@ class WriteStage:
         self.io = io
         self.write_images = write_images
         self.shard_writers = shard_writers
+        self.outputs = Outputs(*outputs)
+        self.face_rows_type = face_rows_type(self.outputs.faces)
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         return self.table(to_table(df).to_pylist())
 
+    def _write(self, row: Row) -> None:
+        """The row's images stored; their URIs in ``output_uri`` (one) or ``output_uris`` (k, as JSON)."""
+        out = self.outputs
+
+        def put(suffix: str, image: np.ndarray) -> str:
+            return put_image(self.output_uri, row["image_id"], suffix, image, self.io, out.ext)
+
+        if not out.many:
+            row["output_uri"] = put(self.key_suffix, at_source_size(row, image_of(row, out.pixels)))
+        elif row.get(out.pixels) is not None:
+            uris = [put(f"{self.key_suffix}-{k}", image) for k, image in enumerate(images_of(row, out.pixels))]
+            row["output_uris"] = json.dumps(uris)
+
+    def _face_rows(self, row: Row) -> list[dict]:
+        if row["status"] != "ok":
+            return []
+        if self.outputs.face_rows is not None:
+            records = row.get(self.outputs.face_rows)  # JSON: one record a generated image
+            records = json.loads(records) if isinstance(records, str) else []
+            return [{"image_id": row["image_id"], **r} for r in records]
+        if not row.get("faces_json"):
+            return []
+        return [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
+                for fj in face_records(row) if "scores" in fj]  # fmt: skip
+
     def table(self, rows: list[Row]) -> pa.Table:
-        """The metrics rows of ``rows`` (written images: ``output_uri``), each with its face rows (``FACE_ROWS``)."""
+        """The metrics rows of ``rows`` (written images: ``output_uri``/``output_uris``), each with its face rows
+        (``FACE_ROWS``)."""
         keep_uri = not self.write_images
+        uri_column = "output_uris" if self.outputs.many else "output_uri"
         face_rows: list[list[dict]] = []
         for row in rows:
             row["config_hash"] = self.config_hash
             row["t_write"] = None
-            if not (keep_uri and "output_uri" in row):
-                row["output_uri"] = None
+            if not (keep_uri and uri_column in row):
+                row[uri_column] = None
             if self.write_images and row["status"] == "ok":
                 t0 = time.perf_counter()
                 try:
-                    out = at_source_size(row, image_of(row, "out_pixels"))
-                    row["output_uri"] = put_image(self.output_uri, row["image_id"], self.key_suffix, out, self.io)
+                    self._write(row)
                 except Exception as exc:
                     _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
                 row["t_write"] = time.perf_counter() - t0
-            faces = []
-            if row.get("faces_json") and row["status"] == "ok":
-                faces = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
-                         for fj in face_records(row) if "scores" in fj]  # fmt: skip
-            face_rows.append(faces)
+            face_rows.append(self._face_rows(row))
         scrub_errors(rows, self.io)  # error messages never carry a credential
-        metrics = to_table_of_rows(rows, METRICS_COLUMNS)  # a chain without a stylize stage lacks its columns
-        table = metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+        metrics = to_table_of_rows(rows, list(self.outputs.metrics))  # a chain without a stylize stage lacks some
+        kind = self.face_rows_type
+        table = metrics.append_column(pa.field(FACE_ROWS, kind), pa.array(face_rows, kind))
         return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
-#: the type of ``WriteStage``'s ``FACE_ROWS`` column
+#: the type of ``WriteStage``'s ``FACE_ROWS`` column for ``stylid run``'s outputs
 FACE_ROWS_TYPE = face_rows_type(FACE_COLUMNS)
 
 

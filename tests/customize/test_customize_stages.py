@@ -1,6 +1,8 @@
-"""``stylid customize``'s stages on the shared rules, one test per defect its copy of the stages had: the image key
-(an id with ``/`` or ``..``), the write's retries (``io.retry``), credentials in error text, references decoded
-without ``io.max_work_pixels``, and images PNG-encoded between stages. No Ray: the stage classes in this process."""
+"""``stylid customize``'s chain on every job's stages (``LoadStage``, ``FaceStage``, ``WriteStage``, and ``stylid
+score``'s re-detection rule), one test per defect its own copy of the stages had: the image key (an id with ``/``
+or ``..``), the write's retries (``io.retry``), credentials in error text, references decoded without
+``io.max_work_pixels``, images PNG-encoded between stages, and a re-detection of its own. No Ray: the stage classes
+in this process."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.customize import CustomizeWriteStage, customize_chain
+from pipelines.customize import customize_chain
 from stylid_core.imageio import encode_png
 from stylid_core.secrets import REDACTED
 
@@ -24,6 +26,11 @@ def _config(**io):
 
     config = load_config("customize", CONFIG)
     return type(config).from_dict({**config.to_dict(), "io": {**config.to_dict()["io"], **io}})
+
+
+def _writer(output: str, config):
+    """The chain's write stage as ``customize_chain`` declares it: every job's ``WriteStage``, k images a row."""
+    return customize_chain(config, output)[-1].make()
 
 
 def _generated(image_id: str, images: list[np.ndarray]) -> dict:
@@ -47,13 +54,37 @@ def test_an_id_with_a_slash_or_dots_is_written_under_images(tmp_path):
     config = _config()
     image = np.full((8, 8, 3), 100, np.uint8)
     rows = [_generated(i, [image, image]) for i in ("../x", "a/b", "../../etc/y", "ok")]
-    table = CustomizeWriteStage(str(out), config)(pd.DataFrame(rows))
+    table = _writer(str(out), config)(pd.DataFrame(rows))
     assert table.column("status").to_pylist() == ["ok"] * 4
     written = _files(tmp_path)
     assert len(written) == 8 and all(os.path.dirname(p) == os.path.join("run", "out", "images") for p in written)
     uris = [u for js in table.column("output_uris").to_pylist() for u in json.loads(js)]
     assert len(set(uris)) == 8 and all(os.path.dirname(u) == str(out / "images") for u in uris)
     assert os.path.basename(uris[-1]) == f"ok-{config.config_hash()}-1.png"
+
+
+def test_the_write_stage_is_every_jobs_with_k_images_a_row(tmp_path):
+    """``WriteStage`` (``stylid run``'s) writes each row's k generated images and hands on the customize ledger's
+    metrics row with one face row per generated image; a row that did not generate writes nothing."""
+    from pipelines.schema import CUSTOMIZE_FACE_COLUMNS, CUSTOMIZE_METRICS_COLUMNS
+    from pipelines.stages import WriteStage
+    from stylid_core.ledger import FACE_ROWS
+
+    config = _config()
+    assert customize_chain(config)[-1].cls is WriteStage
+    image = np.full((8, 8, 3), 100, np.uint8)
+    failed = {**_generated("bad", []), "status": "no_face", "error": "no face", "gen_pixels": None,
+              "gen_width": None, "gen_height": None, "gen_json": None}  # fmt: skip
+    table = _writer(str(tmp_path), config)(pd.DataFrame([_generated("a", [image, image, image]), failed]))
+    assert table.column_names == [*CUSTOMIZE_METRICS_COLUMNS, FACE_ROWS]
+    assert table.column("status").to_pylist() == ["ok", "no_face"]
+    uris = table.column("output_uris").to_pylist()
+    assert len(json.loads(uris[0])) == 3 and uris[1] is None
+    faces = table.column(FACE_ROWS).to_pylist()
+    assert [f["gen_index"] for f in faces[0]] == [0, 1, 2] and faces[1] == []
+    assert list(faces[0][0]) == list(CUSTOMIZE_FACE_COLUMNS) and {f["image_id"] for f in faces[0]} == {"a"}
+    assert table.column("t_write")[0].as_py() is not None and table.column("config_hash")[1].as_py()
+    assert _files(tmp_path) == [f"images/a-{config.config_hash()}-{k}.png" for k in range(3)]
 
 
 def _flaky_replace(monkeypatch, failures: int) -> list[int]:
@@ -77,12 +108,12 @@ def test_the_write_retries_as_the_config_says(tmp_path, monkeypatch):
     is 5), and with one try a single failure is the row's ``write_error``."""
     image = np.full((8, 8, 3), 100, np.uint8)
     calls = _flaky_replace(monkeypatch, failures=6)
-    table = CustomizeWriteStage(str(tmp_path / "a"), _config(retries=8, retry_backoff_s=0))(
+    table = _writer(str(tmp_path / "a"), _config(retries=8, retry_backoff_s=0))(
         pd.DataFrame([_generated("r", [image])])
     )
     assert table.column("status").to_pylist() == ["ok"] and len(calls) == 7
     calls = _flaky_replace(monkeypatch, failures=1)
-    table = CustomizeWriteStage(str(tmp_path / "b"), _config(retries=1, retry_backoff_s=0))(
+    table = _writer(str(tmp_path / "b"), _config(retries=1, retry_backoff_s=0))(
         pd.DataFrame([_generated("r", [image])])
     )
     assert table.column("status").to_pylist() == ["write_error"] and len(calls) == 1
@@ -99,9 +130,7 @@ def test_credentials_are_scrubbed_from_error_text(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipelines.stages, "write_bytes", denied)
     config = _config(storage_options={"key": "AKIAEXAMPLEKEYID", "secret": secret})
-    table = CustomizeWriteStage(str(tmp_path), config)(
-        pd.DataFrame([_generated("r", [np.zeros((4, 4, 3), np.uint8)])])
-    )
+    table = _writer(str(tmp_path), config)(pd.DataFrame([_generated("r", [np.zeros((4, 4, 3), np.uint8)])]))
     (error,) = table.column("error").to_pylist()
     assert table.column("status").to_pylist() == ["write_error"]
     assert secret not in error and REDACTED in error and "access denied" in error
