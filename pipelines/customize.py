@@ -1,5 +1,7 @@
-"""``stylid customize`` on Ray Data: reference rows -> faces -> portraits (GPU actor pool) -> scores -> outputs, the
-chain ``customize_chain`` declares on the shared builder (``pipelines.chain``).
+"""``stylid customize`` on Ray Data: reference rows -> load (reference, pose) -> faces -> portraits (GPU actor pool)
+-> scores -> outputs, the chain ``customize_chain`` declares on the shared builder (``pipelines.chain``): every
+job's ``LoadStage``, ``FaceStage`` and ``WriteStage`` (``pipelines.stages``) around the job's own generate stage and
+its score stage, which scores each generated image by ``stylid score``'s re-detection rule (``redetect``).
 
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
 comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;

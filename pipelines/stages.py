@@ -1,9 +1,11 @@
 """The Ray Data stages every job's chain is made of (``pipelines.chain``), and the rules they share: reading an image,
-writing one, scrubbing errors.
+writing one, scrubbing errors, re-detecting a face in an output of a new pose (``redetect``).
 
-Over 400 lines by reason: the stages are one set, their per-row contract (``Row``, ``FrameStage``, ``_fail``) and
-the read/write/key rules are what every stage uses, and ``FusedCPUStage`` chains them by their ``rows`` methods;
-split across files, each stage would import the others' internals.
+Over 400 lines by reason: the stages are one set (``stylid run`` and ``score`` configure the same load, face,
+score and write stages, ``stylid customize`` the load, face and write stages and the re-detection rule), their
+per-row contract (``Row``, ``FrameStage``, ``_fail``) and the read/write/key/re-detection rules are what every
+stage uses, and ``FusedCPUStage`` chains them by their ``rows`` methods; split across files, each stage would
+import the others' internals.
 
 Each stage does its heavy set-up once per worker in ``__init__`` (model loads), processes one pandas batch per
 ``__call__``, and catches bad data per row: a row that fails gets ``status``/``error`` and flows on, untouched by
