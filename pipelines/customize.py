@@ -1,7 +1,8 @@
 """``stylid customize`` on Ray Data: reference rows -> load (reference, pose) -> faces -> portraits (GPU actor pool)
 -> scores -> outputs, the chain ``customize_chain`` declares on the shared builder (``pipelines.chain``): every
 job's ``LoadStage``, ``FaceStage`` and ``WriteStage`` (``pipelines.stages``) around the job's own generate stage and
-its score stage, which scores each generated image by ``stylid score``'s re-detection rule (``redetect``).
+``ScoreStage``, configured for k generated images a row against the reference (``stylid score``'s re-detection
+rule, ``redetect``).
 
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
 comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;
@@ -14,7 +15,6 @@ left, starts no stage. ``run.json`` and ``_SUCCESS`` are written by ``jobs.custo
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -36,19 +36,16 @@ from pipelines.stages import (
     LoadStage,
     Outputs,
     Row,
+    ScoreStage,
     WriteStage,
     _fail,
     face_records,
-    identity_scores,
     image_of,
-    images_of,
-    redetect,
 )
-from stylid_core.config import StageResources
+from stylid_core.config import ScoreConfig, StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.faces.base import Face
-from stylid_core.faces.factory import create_face_analyzer
 
 if TYPE_CHECKING:
     from pipelines.shard_writers import ShardWriters
@@ -167,77 +164,6 @@ class CustomizeStage(FrameStage):
         return rows
 
 
-def generated_images(row: Row) -> list[np.ndarray]:
-    """A row's generated images (``CustomizeStage``'s raw pixels: ``images_of`` its ``gen_pixels``)."""
-    return images_of(row, "gen_pixels")
-
-
-class CustomizeScoreStage(FrameStage):
-    """Identity similarity of each generated face to the reference (and CLIP prompt agreement when configured),
-    found by ``stylid score``'s re-detection rule (``redetect``: the largest face detected, embedded at its own
-    keypoints, against the reference's embedding: ``identity_scores``)."""
-
-    adds = ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean",
-            "gen_json", "t_score")  # fmt: skip
-    columns = CUSTOMIZE_COLUMNS
-
-    def __init__(self, config: CustomizeJobConfig) -> None:
-        self.config = config
-        self.analyzer = create_face_analyzer(config.faces)
-        self.clip = None
-        if config.clip_model:
-            from transformers import CLIPModel, CLIPProcessor
-
-            self.clip = (CLIPModel.from_pretrained(config.clip_model).eval(),
-                         CLIPProcessor.from_pretrained(config.clip_model))  # fmt: skip
-
-    def _clip_score(self, images: list[np.ndarray], prompt: str) -> float:
-        import torch
-
-        model, proc = self.clip
-        with torch.no_grad():
-            inputs = proc(text=[prompt], images=images, return_tensors="pt", padding=True)
-            out = model(**inputs)
-            img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
-            txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
-        return float((100 * (img @ txt.T)).clamp_min(0).mean())
-
-    def rows(self, rows: list[Row]) -> list[Row]:
-        self.start(rows)
-        for row in rows:
-            t0 = time.perf_counter()
-            if row["status"] == "ok" and row.get("gen_pixels") is not None:
-                try:
-                    self._score(row)
-                except Exception as exc:
-                    _fail(row, "score_error", f"{type(exc).__name__}: {exc}")
-            row["t_score"] = time.perf_counter() - t0
-        return rows
-
-    def _score(self, row: Row) -> None:
-        reference = reference_face(row)
-        images = generated_images(row)
-        sims, matches, gens = [], [], []
-        for k, img in enumerate(images):
-            gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
-            # a generated portrait has a new pose and framing: ``stylid score``'s rule for a row with a reference
-            placed = redetect(self.analyzer.detect(img), reference)
-            if placed is not None:
-                ((sim, dist, match),) = identity_scores(self.analyzer, [placed], img)
-                gen.update(detected=True, id_sim=sim, id_dist=dist, id_match=match)
-                sims.append(sim)
-                matches.append(match)
-            gens.append({**gen, "backend": self.analyzer.name})
-        row["gen_json"] = json.dumps(gens)  # one faces/ row each
-        row["n_generated"], row["n_faces_found"] = len(images), len(sims)
-        if sims:
-            row["id_sim_mean"], row["id_sim_max"] = float(np.mean(sims)), float(np.max(sims))
-        # a generated image without a recognisable face counts as a miss
-        row["id_match_rate"] = float(np.sum(matches)) / len(images)
-        if self.clip is not None:
-            row["clip_score_mean"] = self._clip_score(images, str(row["prompt"]))
-
-
 #: what ``stylid customize``'s ``WriteStage`` writes of a row: its k generated images (``gen_pixels``) as PNG,
 #: keyed ``<object_key(id)>-<config hash>-<k>`` and listed in ``output_uris``; its metrics row
 #: (``CUSTOMIZE_METRICS_COLUMNS``, the ledger) and a faces/ row per generated image (``gen_json``:
@@ -263,6 +189,9 @@ def customize_chain(
     r = config.resources
     load = {"io": config.io, "images": CUSTOMIZE_IMAGES}
     faces = {"faces": config.faces, "max_faces": 1, "landmarks": True}
+    # every job's score stage, for k generated images a row against the reference (stylid score's re-detection)
+    score = {"faces": config.faces, "score": ScoreConfig(), "io": config.io, "generated": "gen_pixels",
+             "clip_model": config.clip_model}  # fmt: skip
     load_resources = StageResources(batch_size=r.reference.batch_size, num_cpus=LOAD_CPUS)
     write = {"output_uri": output_uri.rstrip("/"), "config_hash": config.config_hash(),
              "key_suffix": f"-{config.config_hash()}", "io": config.io, "shard_writers": shard_writers,
@@ -271,7 +200,7 @@ def customize_chain(
         StageSpec(LoadStage, load, load_resources, "io", "load"),
         StageSpec.model(FaceStage, faces, r.reference, "reference"),
         StageSpec.model(CustomizeStage, {"config": config}, r.generate, "generate"),
-        StageSpec.model(CustomizeScoreStage, {"config": config}, r.score, "score"),
+        StageSpec.model(ScoreStage, score, r.score, "score"),
         StageSpec(WriteStage, write, WRITE, "io", "write"),
     ]  # fmt: skip
 

@@ -1,11 +1,11 @@
 """The Ray Data stages every job's chain is made of (``pipelines.chain``), and the rules they share: reading an image,
 writing one, scrubbing errors, re-detecting a face in an output of a new pose (``redetect``).
 
-Over 400 lines by reason: the stages are one set (``stylid run`` and ``score`` configure the same load, face,
-score and write stages, ``stylid customize`` the load, face and write stages and the re-detection rule), their
-per-row contract (``Row``, ``FrameStage``, ``_fail``) and the read/write/key/re-detection rules are what every
-stage uses, and ``FusedCPUStage`` chains them by their ``rows`` methods; split across files, each stage would
-import the others' internals.
+Over 400 lines by reason: the stages are one set (``stylid run``, ``score`` and ``customize`` configure the same
+load, face, score and write stages; only stylize and generate are a job's own), their per-row contract (``Row``,
+``FrameStage``, ``_fail``) and the read/write/key/re-detection rules are what every stage uses, and
+``FusedCPUStage`` chains them by their ``rows`` methods; split across files, each stage would import the others'
+internals.
 
 Each stage does its heavy set-up once per worker in ``__init__`` (model loads), processes one pandas batch per
 ``__call__``, and catches bad data per row: a row that fails gets ``status``/``error`` and flows on, untouched by
@@ -522,6 +522,31 @@ SCORE_COLUMNS = (
 )
 
 
+#: ``ScoreStage``'s columns for k generated images a row (``stylid customize``; ``gen_json``: one faces/ row each)
+GENERATED_SCORE_COLUMNS = ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate",
+                           "clip_score_mean", "gen_json", "t_score")  # fmt: skip
+
+
+def load_clip(model: str) -> tuple:
+    """A local CLIP model folder as (``CLIPModel``, ``CLIPProcessor``), for prompt/image agreement."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(model).eval(), CLIPProcessor.from_pretrained(model)
+
+
+def clip_score(clip: tuple, images: list[np.ndarray], prompt: str) -> float:
+    """CLIP score of ``images`` to ``prompt`` (100 x cosine, clipped at 0, averaged over the images)."""
+    import torch
+
+    model, proc = clip
+    with torch.no_grad():
+        inputs = proc(text=[prompt], images=images, return_tensors="pt", padding=True)
+        out = model(**inputs)
+        img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+        txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+    return float((100 * (img @ txt.T)).clamp_min(0).mean())
+
+
 #: an output of another size than its source is scored by mapping the source's faces by scale when the aspect ratio
 #: is kept to within this fraction (a resize rounds each side to whole pixels); beyond it no mapping is trusted
 ASPECT_TOLERANCE = 0.02
@@ -613,12 +638,29 @@ class ScoreStage(FrameStage):
     reference's largest face against the largest face detected in the output; no face found gives ``id_match``
     false, ``redetected`` false and a null ``id_sim``. A chain without a stylize stage has no no-mosaic
     counterfactual: those columns stay null.
+
+    ``generated`` (``stylid customize``: ``gen_pixels``) names a list column of k generated images a row, each
+    scored against the reference's face (the row's faces, ``FaceStage``'s, found in ``ref_pixels``) by the same
+    re-detection rule: ``GENERATED_SCORE_COLUMNS``, a ``gen_json`` record (faces/ row) per image, and with
+    ``clip_model`` the images' CLIP agreement with the row's ``prompt``; no style or source image is read.
     """
 
-    def __init__(self, faces: FacesConfig, score: ScoreConfig, io: IOConfig) -> None:
+    def __init__(
+        self,
+        faces: FacesConfig,
+        score: ScoreConfig,
+        io: IOConfig,
+        generated: str | None = None,
+        clip_model: str | None = None,
+    ) -> None:
         _one_thread_for_opencv()
         self.config = score
         self.analyzer = create_face_analyzer(faces)
+        self.generated = generated
+        if generated is not None:  # k generated images a row against its reference: no style, no source
+            self.adds = GENERATED_SCORE_COLUMNS
+            self.clip = load_clip(clip_model) if clip_model else None
+            return
         self.styles = StyleCache(io)
         self.judge = StyleJudge()
         self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report: the smallest
@@ -634,9 +676,11 @@ class ScoreStage(FrameStage):
         for row in rows:
             if row["status"] != "ok":
                 continue
+            if self.generated is not None and row.get(self.generated) is None:
+                continue
             t0 = time.perf_counter()
             try:
-                self._score_row(row)
+                self._score_generated(row) if self.generated is not None else self._score_row(row)
             except SizeMismatchError as exc:
                 _fail(row, "size_mismatch", str(exc))
                 continue
@@ -645,6 +689,30 @@ class ScoreStage(FrameStage):
                 continue
             row["t_score"] = time.perf_counter() - t0
         return rows
+
+    def _score_generated(self, row: Row) -> None:
+        """Scores each of the row's generated images (``self.generated``) against its reference's face (the row's
+        largest, ``FaceStage``'s) by the re-detection rule (``redetect``, ``identity_scores``): one ``gen_json``
+        record each (its faces/ row), the row's figures over them; an image without a face found is a miss."""
+        reference = faces_of(row)[0]
+        images = images_of(row, self.generated)
+        sims, matches, gens = [], [], []
+        for k, img in enumerate(images):
+            gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
+            placed = redetect(self.analyzer.detect(img), reference)  # a new pose and framing
+            if placed is not None:
+                ((sim, dist, match),) = identity_scores(self.analyzer, [placed], img)
+                gen.update(detected=True, id_sim=sim, id_dist=dist, id_match=match)
+                sims.append(sim)
+                matches.append(match)
+            gens.append({**gen, "backend": self.analyzer.name})
+        values = {"gen_json": json.dumps(gens), "n_generated": len(images), "n_faces_found": len(sims),
+                  "id_match_rate": float(np.sum(matches)) / len(images) if images else 0.0}  # fmt: skip
+        if sims:
+            values["id_sim_mean"], values["id_sim_max"] = float(np.mean(sims)), float(np.max(sims))
+        if self.clip is not None:
+            values["clip_score_mean"] = clip_score(self.clip, images, str(row["prompt"]))
+        row.update(values)  # all or nothing
 
     def _score_row(self, row: Row) -> None:
         """Scores ``row`` into its score columns and its face records; a failure changes nothing."""

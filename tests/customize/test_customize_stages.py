@@ -205,19 +205,17 @@ def _moved_face(astronaut: np.ndarray, scale: float, x: int, y: int) -> np.ndarr
 
 def test_a_generated_face_moved_and_resized_is_scored_by_stylid_scores_redetection(astronaut):
     """``stylid customize`` scores a generated image by ``stylid score``'s re-detection rule, the one function
-    (``pipelines.stages.redetect``, then ``identity_scores``): a face moved and shrunk in the output is found where
-    it now is, and both jobs' score stages give it the same similarity, distance and match."""
-    import pipelines.customize
-    import pipelines.stages
-    from pipelines.customize import CustomizeScoreStage
+    (``pipelines.stages.redetect``, then ``identity_scores``), in the one ``ScoreStage``: a face moved and shrunk in
+    the output is found where it now is, and both jobs' score stages give it the same similarity, distance and
+    match."""
     from pipelines.stages import ScoreStage, identity_scores, redetect
     from stylid_core.config import ScoreConfig
     from stylid_core.faces import create_face_analyzer
     from stylid_core.sample_data import default_style_path
 
-    assert pipelines.customize.redetect is pipelines.stages.redetect  # one rule, not a copy
-    assert pipelines.customize.identity_scores is pipelines.stages.identity_scores
     config = _config()
+    spec = customize_chain(config)[3]
+    assert spec.cls is ScoreStage and spec.kwargs["generated"] == "gen_pixels"  # every job's score stage
     analyzer = create_face_analyzer(config.faces)
     (reference,) = analyzer.analyze(astronaut, max_faces=1)
     generated = _moved_face(astronaut, 0.6, 300, 150)
@@ -234,7 +232,7 @@ def test_a_generated_face_moved_and_resized_is_scored_by_stylid_scores_redetecti
     row = {"image_id": "a", "status": "ok", "error": None, "prompt": "p",
            "faces_json": json.dumps([reference.to_dict()]), "gen_pixels": [im.tobytes() for im in images],
            "gen_height": [im.shape[0] for im in images], "gen_width": [im.shape[1] for im in images]}  # fmt: skip
-    out = CustomizeScoreStage(config)(pd.DataFrame([row])).to_pylist()[0]
+    out = spec.make()(pd.DataFrame([row])).to_pylist()[0]
     gens = json.loads(out["gen_json"])
     assert gens[0]["detected"] and (gens[0]["id_sim"], gens[0]["id_dist"], gens[0]["id_match"]) == (sim, dist, match)
     assert not gens[1]["detected"] and gens[1]["id_sim"] is None and gens[1]["id_match"] is False
