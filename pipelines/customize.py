@@ -1,5 +1,8 @@
-"""``stylid customize`` on Ray Data: reference rows -> faces -> portraits (GPU actor pool) -> scores -> outputs, the
-chain ``customize_chain`` declares on the shared builder (``pipelines.chain``).
+"""``stylid customize`` on Ray Data: reference rows -> load (reference, pose) -> faces -> portraits (GPU actor pool)
+-> scores -> outputs, the chain ``customize_chain`` declares on the shared builder (``pipelines.chain``): every
+job's ``LoadStage``, ``FaceStage`` and ``WriteStage`` (``pipelines.stages``) around the job's own generate stage and
+``ScoreStage``, configured for k generated images a row against the reference (``stylid score``'s re-detection
+rule, ``redetect``).
 
 Manifest columns: ``reference_uri``, ``prompt``, optional ``image_id``, ``pose_uri``, ``num_images``. Every row
 comes out once in the ``metrics/part-<h>.parquet`` shards with ``status`` (``ok`` or a reason) and ``error``;
@@ -12,7 +15,6 @@ left, starts no stage. ``run.json`` and ``_SUCCESS`` are written by ``jobs.custo
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -26,24 +28,24 @@ from pipelines.chain import StageSpec, build_chain, check_chain_fits
 from pipelines.manifest import MANIFEST_BATCH_ROWS, ManifestReader
 from pipelines.plan import PendingRows, input_block_rows
 from pipelines.runner import RunResult, process_pending
-from pipelines.schema import (
-    CUSTOMIZE_COLUMNS,
-    CUSTOMIZE_FACE_COLUMNS,
-    CUSTOMIZE_METRICS_COLUMNS,
-    face_rows_type,
-    to_table,
-    to_table_of_rows,
+from pipelines.schema import CUSTOMIZE_COLUMNS, CUSTOMIZE_FACE_COLUMNS, CUSTOMIZE_METRICS_COLUMNS
+from pipelines.stages import (
+    FaceStage,
+    FrameStage,
+    ImageColumn,
+    LoadStage,
+    Outputs,
+    Row,
+    ScoreStage,
+    WriteStage,
+    _fail,
+    face_records,
+    image_of,
 )
-from pipelines.stages import FrameStage, Row, _fail, put_image, read_image, scrub_errors
-from stylid_core.config import StageResources
+from stylid_core.config import ScoreConfig, StageResources
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.customize.job_config import CustomizeJobConfig
 from stylid_core.faces.base import Face
-from stylid_core.faces.factory import create_face_analyzer
-from stylid_core.imageio import ImageDecodeError
-from stylid_core.ledger import FACE_ROWS
-from stylid_core.metrics import identity_similarity
-from stylid_core.storage import StorageError
 
 if TYPE_CHECKING:
     from pipelines.shard_writers import ShardWriters
@@ -106,57 +108,26 @@ def iter_customize_manifest(
     )  # fmt: skip
 
 
-def _image(data: bytes, height: int, width: int) -> np.ndarray:
-    """Raw RGB bytes of ``height`` x ``width`` as an image (how images cross the stages)."""
-    return np.frombuffer(data, np.uint8).reshape(int(height), int(width), 3)
-
-
 def _seed(image_id: str) -> int:
     return int(hashlib.sha256(str(image_id).encode()).hexdigest()[:8], 16)
 
 
-class ReferenceStage(FrameStage):
-    """CPU stage: read the reference (and pose) image as every job reads its images (``read_image``: retried, safe,
-    at ``io.max_work_pixels``), find the reference's largest face and embed it. The images go on as raw pixels."""
+#: the images of a customize row, read by every job's ``LoadStage``: the reference (required: an empty
+#: ``reference_uri`` is a ``missing`` row) and the target pose where given
+CUSTOMIZE_IMAGES: tuple[ImageColumn, ...] = (
+    ImageColumn("reference_uri", "ref_pixels"),
+    ImageColumn("pose_uri", "pose_pixels", required=False),
+)
 
-    adds = ("ref_pixels", "ref_width", "ref_height", "pose_pixels", "pose_width", "pose_height", "face_json",
-            "t_reference")  # fmt: skip
-    columns = CUSTOMIZE_COLUMNS
 
-    def __init__(self, config: CustomizeJobConfig) -> None:
-        self.config = config
-        self.analyzer = create_face_analyzer(config.faces)
-
-    def rows(self, rows: list[Row]) -> list[Row]:
-        self.start(rows)
-        io = self.config.io
-        for row in rows:
-            if row["status"] != "ok":
-                continue
-            t0 = time.perf_counter()
-            uri = row["reference_uri"]
-            try:
-                image, _ = read_image(uri, io)
-                faces = self.analyzer.analyze(image, max_faces=1)
-                if not faces:
-                    _fail(row, "no_face", "no face in the reference image")
-                    continue
-                d = faces[0].to_dict()
-                if faces[0].landmarks is not None:
-                    d["landmarks"] = np.asarray(faces[0].landmarks, float).tolist()
-                row["face_json"] = json.dumps(d)
-                row["ref_pixels"], (row["ref_height"], row["ref_width"]) = image.tobytes(), image.shape[:2]
-                uri = row.get("pose_uri")
-                if isinstance(uri, str) and uri:
-                    pose, _ = read_image(uri, io)
-                    row["pose_pixels"], (row["pose_height"], row["pose_width"]) = pose.tobytes(), pose.shape[:2]
-            except (StorageError, ImageDecodeError) as exc:
-                _fail(row, exc.status, str(exc) if uri in str(exc) else f"{uri}: {exc}")
-            except Exception as exc:  # a bad row is an error row, never a crashed job
-                _fail(row, "reference_error", f"{uri}: {type(exc).__name__}: {exc}")
-            finally:
-                row["t_reference"] = time.perf_counter() - t0
-        return rows
+def reference_face(row: Row) -> Face:
+    """The reference's face as ``FaceStage`` found it (its largest), with dense landmarks where the backend had
+    them."""
+    record = face_records(row)[0]
+    face = Face.from_dict(record)
+    if record.get("landmarks") is not None:
+        face.landmarks = np.asarray(record["landmarks"], np.float32)
+    return face
 
 
 class CustomizeStage(FrameStage):
@@ -178,16 +149,10 @@ class CustomizeStage(FrameStage):
                 continue
             t0 = time.perf_counter()
             try:
-                face_d = json.loads(row["face_json"])
-                face = Face.from_dict(face_d)
-                if face_d.get("landmarks") is not None:
-                    face.landmarks = np.asarray(face_d["landmarks"], np.float32)
-                pose = row.get("pose_pixels")
+                pose = image_of(row, "pose_pixels") if isinstance(row.get("pose_pixels"), bytes) else None
                 images = self.customizer.generate(
-                    _image(row["ref_pixels"], row["ref_height"], row["ref_width"]), face, str(row["prompt"]),
-                    num_images=int(row["num_images"]),
-                    pose=None if pose is None else _image(pose, row["pose_height"], row["pose_width"]),
-                    seed=_seed(row["image_id"]),
+                    image_of(row, "ref_pixels"), reference_face(row), str(row["prompt"]),
+                    num_images=int(row["num_images"]), pose=pose, seed=_seed(row["image_id"]),
                 )  # fmt: skip
                 images = [np.ascontiguousarray(img, np.uint8) for img in images]
                 row["gen_pixels"] = [img.tobytes() for img in images]
@@ -199,133 +164,44 @@ class CustomizeStage(FrameStage):
         return rows
 
 
-def generated_images(row: Row) -> list[np.ndarray]:
-    """A row's generated images (``CustomizeStage``'s raw pixels)."""
-    return [_image(d, h, w) for d, h, w in zip(row["gen_pixels"], row["gen_height"], row["gen_width"])]
-
-
-class CustomizeScoreStage(FrameStage):
-    """Identity similarity of each generated face to the reference (and CLIP prompt agreement when configured)."""
-
-    adds = ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean",
-            "gen_json", "t_score")  # fmt: skip
-    columns = CUSTOMIZE_COLUMNS
-
-    def __init__(self, config: CustomizeJobConfig) -> None:
-        self.config = config
-        self.analyzer = create_face_analyzer(config.faces)
-        self.clip = None
-        if config.clip_model:
-            from transformers import CLIPModel, CLIPProcessor
-
-            self.clip = (CLIPModel.from_pretrained(config.clip_model).eval(),
-                         CLIPProcessor.from_pretrained(config.clip_model))  # fmt: skip
-
-    def _clip_score(self, images: list[np.ndarray], prompt: str) -> float:
-        import torch
-
-        model, proc = self.clip
-        with torch.no_grad():
-            inputs = proc(text=[prompt], images=images, return_tensors="pt", padding=True)
-            out = model(**inputs)
-            img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
-            txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
-        return float((100 * (img @ txt.T)).clamp_min(0).mean())
-
-    def rows(self, rows: list[Row]) -> list[Row]:
-        self.start(rows)
-        for row in rows:
-            t0 = time.perf_counter()
-            if row["status"] == "ok" and row.get("gen_pixels") is not None:
-                try:
-                    self._score(row)
-                except Exception as exc:
-                    _fail(row, "score_error", f"{type(exc).__name__}: {exc}")
-            row["t_score"] = time.perf_counter() - t0
-        return rows
-
-    def _score(self, row: Row) -> None:
-        ref = np.asarray(json.loads(row["face_json"])["embedding"], np.float32)
-        images = generated_images(row)
-        sims, matches, gens = [], [], []
-        for k, img in enumerate(images):
-            gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
-            faces = self.analyzer.analyze(img, max_faces=1)
-            if faces and faces[0].embedding is not None:
-                emb = faces[0].embedding
-                dist = float(self.analyzer.distance(emb, ref))
-                gen.update(detected=True, id_sim=identity_similarity(emb, ref), id_dist=dist,
-                           id_match=bool(dist < self.analyzer.match_threshold))  # fmt: skip
-                sims.append(gen["id_sim"])
-                matches.append(gen["id_match"])
-            gens.append({**gen, "backend": self.analyzer.name})
-        row["gen_json"] = json.dumps(gens)  # one faces/ row each
-        row["n_generated"], row["n_faces_found"] = len(images), len(sims)
-        if sims:
-            row["id_sim_mean"], row["id_sim_max"] = float(np.mean(sims)), float(np.max(sims))
-        # a generated image without a recognisable face counts as a miss
-        row["id_match_rate"] = float(np.sum(matches)) / len(images)
-        if self.clip is not None:
-            row["clip_score_mean"] = self._clip_score(images, str(row["prompt"]))
-
-
-class CustomizeWriteStage:
-    """Writes each generated image through every job's one write (``put_image``: the object-key rule, one put,
-    ``io.retry``) as ``images/<object_key(id)>-<config hash>-<k>.png``; the metrics rows (errors scrubbed of
-    credentials: ``scrub_errors``), each with its per-generated-image rows in ``FACE_ROWS``, go to the job's
-    ``shard_writers``, as in ``stylid run`` (``WriteStage``), and the stage returns their ``status``; without
-    writers it returns the rows."""
-
-    def __init__(self, output_uri: str, config: CustomizeJobConfig, shard_writers: ShardWriters | None = None) -> None:
-        self.output_uri = output_uri.rstrip("/")
-        self.config = config
-        self.suffix = config.config_hash()
-        self.shard_writers = shard_writers
-
-    def __call__(self, df: pd.DataFrame) -> pa.Table:
-        return self.table(to_table(df, CUSTOMIZE_COLUMNS).to_pylist())
-
-    def table(self, rows: list[Row]) -> pa.Table:
-        face_rows: list[list[dict]] = [[] for _ in rows]
-        for i, row in enumerate(rows):
-            row["config_hash"] = self.suffix
-            row["output_uris"] = None
-            if row.get("gen_pixels") is None or row["status"] != "ok":
-                continue
-            try:
-                uris = [put_image(self.output_uri, row["image_id"], f"-{self.suffix}-{k}", image, self.config.io,
-                                  "png") for k, image in enumerate(generated_images(row))]  # fmt: skip
-            except Exception as exc:
-                _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
-                continue
-            row["output_uris"] = json.dumps(uris)
-            if isinstance(row.get("gen_json"), str):
-                face_rows[i] = [{"image_id": row["image_id"], **g} for g in json.loads(row["gen_json"])]
-        scrub_errors(rows, self.config.io)  # error messages never carry a credential
-        table = to_table_of_rows(rows, CUSTOMIZE_METRICS_COLUMNS, CUSTOMIZE_COLUMNS)
-        table = table.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
-        return self.shard_writers.hand_off(table) if self.shard_writers else table
-
-
-#: the type of ``CustomizeWriteStage``'s ``FACE_ROWS`` column
-FACE_ROWS_TYPE = face_rows_type(CUSTOMIZE_FACE_COLUMNS)
+#: what ``stylid customize``'s ``WriteStage`` writes of a row: its k generated images (``gen_pixels``) as PNG,
+#: keyed ``<object_key(id)>-<config hash>-<k>`` and listed in ``output_uris``; its metrics row
+#: (``CUSTOMIZE_METRICS_COLUMNS``, the ledger) and a faces/ row per generated image (``gen_json``:
+#: ``CUSTOMIZE_FACE_COLUMNS``)
+CUSTOMIZE_OUTPUTS = Outputs(
+    pixels="gen_pixels", many=True, metrics=tuple(CUSTOMIZE_METRICS_COLUMNS), faces=CUSTOMIZE_FACE_COLUMNS,
+    face_rows="gen_json", ext="png",
+)  # fmt: skip
 
 
 #: the write step's tasks: a few rows each, a tenth of a CPU (the stateless last step)
 WRITE = StageResources(batch_size=8, num_cpus=0.1)
+#: the load step's tasks: the reference stage's batches, a tenth of a CPU each (reads wait on I/O; a decode is
+#: milliseconds beside a generation)
+LOAD_CPUS = 0.1
 
 
 def customize_chain(
     config: CustomizeJobConfig, output_uri: str = "", shard_writers: ShardWriters | None = None
 ) -> list[StageSpec]:
-    """``stylid customize``'s chain: reference (load, face, embed), generate (the job's own stage), score, write."""
+    """``stylid customize``'s chain: every job's ``LoadStage`` (reference and pose) and ``FaceStage`` (the
+    reference's largest face, on the ``reference`` resources), generate (the job's own stage), score, write."""
     r = config.resources
+    load = {"io": config.io, "images": CUSTOMIZE_IMAGES}
+    faces = {"faces": config.faces, "max_faces": 1, "landmarks": True}
+    # every job's score stage, for k generated images a row against the reference (stylid score's re-detection)
+    score = {"faces": config.faces, "score": ScoreConfig(), "io": config.io, "generated": "gen_pixels",
+             "clip_model": config.clip_model}  # fmt: skip
+    load_resources = StageResources(batch_size=r.reference.batch_size, num_cpus=LOAD_CPUS)
+    write = {"output_uri": output_uri.rstrip("/"), "config_hash": config.config_hash(),
+             "key_suffix": f"-{config.config_hash()}", "io": config.io, "shard_writers": shard_writers,
+             "outputs": CUSTOMIZE_OUTPUTS}  # fmt: skip
     return [
-        StageSpec.model(ReferenceStage, {"config": config}, r.reference, "reference"),
+        StageSpec(LoadStage, load, load_resources, "io", "load"),
+        StageSpec.model(FaceStage, faces, r.reference, "reference"),
         StageSpec.model(CustomizeStage, {"config": config}, r.generate, "generate"),
-        StageSpec.model(CustomizeScoreStage, {"config": config}, r.score, "score"),
-        StageSpec(CustomizeWriteStage, {"output_uri": output_uri, "config": config, "shard_writers": shard_writers},
-                  WRITE, "io", "write"),
+        StageSpec.model(ScoreStage, score, r.score, "score"),
+        StageSpec(WriteStage, write, WRITE, "io", "write"),
     ]  # fmt: skip
 
 

@@ -112,7 +112,6 @@ CUSTOMIZE_COLUMNS: dict[str, pa.DataType] = {
     "pose_pixels": pa.binary(),
     "pose_width": pa.int32(),
     "pose_height": pa.int32(),
-    "face_json": pa.string(),  # the reference's face (``Face.to_dict``, with its landmarks)
     "gen_pixels": pa.list_(pa.binary()),  # the generated images, raw RGB
     "gen_width": pa.list_(pa.int32()),
     "gen_height": pa.list_(pa.int32()),
@@ -122,15 +121,18 @@ CUSTOMIZE_COLUMNS: dict[str, pa.DataType] = {
     "id_sim_max": pa.float64(),
     "clip_score_mean": pa.float64(),
     "output_uris": pa.string(),  # JSON list
-    "t_reference": pa.float64(),
     "t_generate": pa.float64(),
 }
+
+#: the type of every column of any job's record (``COLUMNS`` and ``stylid customize``'s own): how a column is typed
+#: where a stage names no table of its own, so the shared stages type a customize row's ``num_images`` too
+RECORD_COLUMNS = CUSTOMIZE_COLUMNS
 
 #: ``stylid customize``'s metrics table (its ledger, as ``METRICS_COLUMNS`` is ``stylid run``'s)
 CUSTOMIZE_METRICS_COLUMNS = [
     "image_id", "reference_uri", "pose_uri", "prompt", "num_images", "status", "error", "backend", "model",
     "n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate", "clip_score_mean", "output_uris",
-    "t_reference", "t_generate", "t_score", "config_hash",
+    "t_load", "t_faces", "t_generate", "t_score", "t_write", "config_hash",
 ]  # fmt: skip
 
 #: ``stylid customize``'s faces table: one row per generated image, its (largest) face against the reference's
@@ -151,8 +153,8 @@ def face_rows_type(columns: dict[str, pa.DataType]) -> pa.DataType:
 
 
 def to_table(df: pd.DataFrame, columns: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """``df`` as an Arrow table with every known column typed from ``columns`` (default: ``COLUMNS``)."""
-    columns = columns or COLUMNS
+    """``df`` as an Arrow table with every known column typed from ``columns`` (default: ``RECORD_COLUMNS``)."""
+    columns = columns or RECORD_COLUMNS
     fields = [pa.field(name, columns.get(name, pa.string())) for name in df.columns]
     arrays = []
     for field in fields:
@@ -164,8 +166,8 @@ def to_table(df: pd.DataFrame, columns: dict[str, pa.DataType] | None = None) ->
 
 def to_table_of_rows(rows: list[dict], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
     """``rows`` (dicts of plain Python values) as an Arrow table of the columns ``names``, typed from ``columns``
-    (default: ``COLUMNS``); a value a row lacks is null."""
-    columns = columns or COLUMNS
+    (default: ``RECORD_COLUMNS``); a value a row lacks is null."""
+    columns = columns or RECORD_COLUMNS
     fields = [pa.field(name, columns.get(name, pa.string())) for name in names]
     arrays = []
     for field in fields:

@@ -1,9 +1,11 @@
 """The Ray Data stages every job's chain is made of (``pipelines.chain``), and the rules they share: reading an image,
-writing one, scrubbing errors.
+writing one, scrubbing errors, re-detecting a face in an output of a new pose (``redetect``).
 
-Over 400 lines by reason: the stages are one set, their per-row contract (``Row``, ``FrameStage``, ``_fail``) and
-the read/write/key rules are what every stage uses, and ``FusedCPUStage`` chains them by their ``rows`` methods;
-split across files, each stage would import the others' internals.
+Over 400 lines by reason: the stages are one set (``stylid run``, ``score`` and ``customize`` configure the same
+load, face, score and write stages; only stylize and generate are a job's own), their per-row contract (``Row``,
+``FrameStage``, ``_fail``) and the read/write/key/re-detection rules are what every stage uses, and
+``FusedCPUStage`` chains them by their ``rows`` methods; split across files, each stage would import the others'
+internals.
 
 Each stage does its heavy set-up once per worker in ``__init__`` (model loads), processes one pandas batch per
 ``__call__``, and catches bad data per row: a row that fails gets ``status``/``error`` and flows on, untouched by
@@ -82,6 +84,8 @@ PIXEL_SIZE_COLUMNS: dict[str, tuple[str, str]] = {
     "out_pixels": ("out_width", "out_height"),
     "plain_pixels": ("width", "height"),
     "ref_pixels": ("ref_width", "ref_height"),
+    "pose_pixels": ("pose_width", "pose_height"),  # stylid customize: the target pose
+    "gen_pixels": ("gen_width", "gen_height"),  # stylid customize: k generated images a row (list columns)
 }
 
 
@@ -134,7 +138,7 @@ def face_records(row: Row) -> list[dict]:
 
 
 def rows_table(rows: list[Row], names: list[str], columns: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """``rows`` as an Arrow table of the columns ``names`` (typed from ``columns``, default ``COLUMNS``; absent
+    """``rows`` as an Arrow table of the columns ``names`` (typed from ``columns``, default ``RECORD_COLUMNS``; absent
     values null), parsed faces written back as JSON."""
     for row in rows:
         if isinstance(row.get("faces_json"), list):
@@ -182,7 +186,7 @@ class FrameStage:
     write costs tens of microseconds (Arrow-backed strings more), a dict item well under one."""
 
     adds: tuple[str, ...] = ()
-    #: the types of the columns (``pipelines.schema``; None: ``COLUMNS``)
+    #: the types of the columns (``pipelines.schema``; None: ``RECORD_COLUMNS``, every job's)
     columns: dict[str, pa.DataType] | None = None
 
     def rows(self, rows: list[Row]) -> list[Row]:
@@ -283,9 +287,13 @@ class LoadStage(FrameStage):
     (``stylid_core.imageio``), downscaled to ``io.max_work_pixels``: the size columns hold the working size,
     ``source_width``/``source_height`` the source image's own. Every error message names the image's URI.
 
-    ``images`` names the images of a row (default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
-    reads the output to score and the identity reference. All reads of a batch run concurrently. A row fails at its
-    first image that cannot be read or decoded; the error names the URI column for any image but the first.
+    ``images`` names the images of a row (``ImageColumn``: the URI column read, the pixel column decoded into,
+    whether an empty URI fails the row; default: the source, ``image_uri`` -> ``pixels``); ``stylid score`` also
+    reads the output to score and the identity reference, ``stylid customize`` the reference and the target pose
+    (``reference_uri`` -> ``ref_pixels``, ``pose_uri`` -> ``pose_pixels``). The first image's own size is the
+    row's ``source_width``/``source_height``. All reads of a batch run concurrently. A row fails at its first image
+    that cannot be read or decoded (its ``status``: ``missing``, ``forbidden``, ``read_error``, ``decode_error``,
+    ``too_large``; ``load_error`` for anything else); the error names the URI column for any image but the first.
     """
 
     def __init__(self, io: IOConfig, images: tuple[ImageColumn, ...] = SOURCE_IMAGE) -> None:
@@ -356,12 +364,16 @@ class FaceStage(FrameStage):
     """Detects faces, places keypoints and embeds them with the configured ``FaceAnalyzer`` (CPU actors).
 
     Faces are found in the row's identity reference when it carries one (``ref_pixels``: ``stylid score`` of a
-    customization output), else in the source (``pixels``).
+    customization output, ``stylid customize``'s reference), else in the source (``pixels``): the largest
+    ``max_faces`` (default ``faces.max_faces``; ``stylid customize`` keeps the reference's largest face), with their
+    dense landmarks in the records when ``landmarks`` is set and the backend has them.
     """
 
-    def __init__(self, faces: FacesConfig) -> None:
+    def __init__(self, faces: FacesConfig, max_faces: int | None = None, landmarks: bool = False) -> None:
         _one_thread_for_opencv()
         self.config = faces
+        self.max_faces = faces.max_faces if max_faces is None else max_faces
+        self.landmarks = landmarks
         self.analyzer: FaceAnalyzer = create_face_analyzer(faces)
 
     adds = ("n_faces", "n_faces_detected", "faces_json", "t_faces")
@@ -377,7 +389,7 @@ class FaceStage(FrameStage):
                 image = image_of(row, "ref_pixels" if from_reference else "pixels")
                 detected = self.analyzer.detect(image)
                 detected.sort(key=lambda f: -f.size_px)
-                faces = detected[: self.config.max_faces]
+                faces = detected[: self.max_faces]
                 if faces:
                     for face, emb in zip(faces, self.analyzer.embed(image, [f.keypoints for f in faces])):
                         face.embedding = emb
@@ -386,11 +398,17 @@ class FaceStage(FrameStage):
                 continue
             row["n_faces_detected"] = len(detected)
             row["n_faces"] = len(faces)
-            row["faces_json"] = [f.to_dict() for f in faces]  # parsed; JSON where the batch leaves (rows_table)
+            row["faces_json"] = [self._record(f) for f in faces]  # parsed; JSON where the batch leaves (rows_table)
             row["t_faces"] = time.perf_counter() - t0
             if not faces:
                 _fail(row, "no_face", "no face detected" + (" in the reference image" if from_reference else ""))
         return rows
+
+    def _record(self, face: Face) -> dict:
+        record = face.to_dict()
+        if self.landmarks and face.landmarks is not None:
+            record["landmarks"] = np.asarray(face.landmarks, float).tolist()
+        return record
 
 
 def faces_of(row: Row) -> list[Face]:
@@ -504,6 +522,31 @@ SCORE_COLUMNS = (
 )
 
 
+#: ``ScoreStage``'s columns for k generated images a row (``stylid customize``; ``gen_json``: one faces/ row each)
+GENERATED_SCORE_COLUMNS = ("n_generated", "n_faces_found", "id_sim_mean", "id_sim_max", "id_match_rate",
+                           "clip_score_mean", "gen_json", "t_score")  # fmt: skip
+
+
+def load_clip(model: str) -> tuple:
+    """A local CLIP model folder as (``CLIPModel``, ``CLIPProcessor``), for prompt/image agreement."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(model).eval(), CLIPProcessor.from_pretrained(model)
+
+
+def clip_score(clip: tuple, images: list[np.ndarray], prompt: str) -> float:
+    """CLIP score of ``images`` to ``prompt`` (100 x cosine, clipped at 0, averaged over the images)."""
+    import torch
+
+    model, proc = clip
+    with torch.no_grad():
+        inputs = proc(text=[prompt], images=images, return_tensors="pt", padding=True)
+        out = model(**inputs)
+        img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+        txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+    return float((100 * (img @ txt.T)).clamp_min(0).mean())
+
+
 #: an output of another size than its source is scored by mapping the source's faces by scale when the aspect ratio
 #: is kept to within this fraction (a resize rounds each side to whole pixels); beyond it no mapping is trusted
 ASPECT_TOLERANCE = 0.02
@@ -540,6 +583,32 @@ def place_faces(faces: list[Face], source_hw: tuple[int, int], output_hw: tuple[
     ]  # fmt: skip
 
 
+def redetect(found: list[Face], reference: Face) -> Face | None:
+    """The one re-detection rule, for an output whose pose and framing are new (``stylid score`` of a row with an
+    identity reference, each image ``stylid customize`` generates): no face can be placed in it by scale, so the
+    reference's face is the largest face detected in it (``found``: the detector's faces in the output), at that
+    face's box and keypoints and carrying the ``reference``'s embedding, to be scored by ``identity_scores``. None
+    when nothing was detected (then ``id_match`` false, ``redetected`` false, ``id_sim`` null)."""
+    if not found:
+        return None
+    largest = max(found, key=lambda g: g.size_px)
+    return Face(box=largest.box, keypoints=largest.keypoints, score=largest.score, embedding=reference.embedding)
+
+
+def identity_scores(analyzer: FaceAnalyzer, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
+    """(``id_sim``, ``id_dist``, ``id_match``) of each of ``faces`` in ``image``: the image embedded at the face's
+    keypoints, against the face's own embedding (cosine similarity, the backend's native distance, that distance
+    under the backend's threshold). Every job's identity figure (``ScoreStage``, ``stylid customize``)."""
+    if not faces:
+        return []
+    embs = analyzer.embed(image, [f.keypoints for f in faces])
+    out = []
+    for face, emb in zip(faces, embs):
+        dist = float(analyzer.distance(face.embedding, emb))
+        out.append((cosine_similarity(face.embedding, emb), dist, bool(dist < analyzer.match_threshold)))
+    return out
+
+
 def resized_like(image: np.ndarray, source: np.ndarray) -> np.ndarray:
     """``image`` resized to ``source``'s size where it differs (a resized output read back by ``stylid score``), so
     the report's strips cut it where they cut the source; scores use the placed boxes instead."""
@@ -565,29 +634,40 @@ class ScoreStage(FrameStage):
     scale (``place_faces``; a changed aspect ratio fails the row with ``size_mismatch``), and the face rows' boxes,
     ``size_px`` and ``size_bucket`` are then in the output's pixels, where the face was scored. A row with an
     identity reference (``ref_pixels``: a customization output, whose pose and framing are new) is scored by
-    re-detection: the reference's largest face against the largest face detected in the output (the rule of
-    ``stylid customize``); no face found gives ``id_match`` false, ``redetected`` false and a null ``id_sim``. A
-    chain without a stylize stage has no no-mosaic counterfactual: those columns stay null.
+    re-detection (``redetect``, the one rule, which ``stylid customize`` scores its generated images by): the
+    reference's largest face against the largest face detected in the output; no face found gives ``id_match``
+    false, ``redetected`` false and a null ``id_sim``. A chain without a stylize stage has no no-mosaic
+    counterfactual: those columns stay null.
+
+    ``generated`` (``stylid customize``: ``gen_pixels``) names a list column of k generated images a row, each
+    scored against the reference's face (the row's faces, ``FaceStage``'s, found in ``ref_pixels``) by the same
+    re-detection rule: ``GENERATED_SCORE_COLUMNS``, a ``gen_json`` record (faces/ row) per image, and with
+    ``clip_model`` the images' CLIP agreement with the row's ``prompt``; no style or source image is read.
     """
 
-    def __init__(self, faces: FacesConfig, score: ScoreConfig, io: IOConfig) -> None:
+    def __init__(
+        self,
+        faces: FacesConfig,
+        score: ScoreConfig,
+        io: IOConfig,
+        generated: str | None = None,
+        clip_model: str | None = None,
+    ) -> None:
         _one_thread_for_opencv()
         self.config = score
         self.analyzer = create_face_analyzer(faces)
+        self.generated = generated
+        if generated is not None:  # k generated images a row against its reference: no style, no source
+            self.adds = GENERATED_SCORE_COLUMNS
+            self.clip = load_clip(clip_model) if clip_model else None
+            return
         self.styles = StyleCache(io)
         self.judge = StyleJudge() if score.style_distance else None
         self.strips = SmallestFaces()  # the faces that get a zoomed strip for the report: the smallest
         self.large_strips = LargestFaces()  # and the largest
 
     def _score_faces(self, faces: list[Face], image: np.ndarray) -> list[tuple[float, float, bool]]:
-        if not faces:
-            return []
-        embs = self.analyzer.embed(image, [f.keypoints for f in faces])
-        out = []
-        for face, emb in zip(faces, embs):
-            dist = self.analyzer.distance(face.embedding, emb)
-            out.append((cosine_similarity(face.embedding, emb), dist, dist < self.analyzer.match_threshold))
-        return out
+        return identity_scores(self.analyzer, faces, image)
 
     adds = SCORE_COLUMNS
 
@@ -596,9 +676,11 @@ class ScoreStage(FrameStage):
         for row in rows:
             if row["status"] != "ok":
                 continue
+            if self.generated is not None and row.get(self.generated) is None:
+                continue
             t0 = time.perf_counter()
             try:
-                self._score_row(row)
+                self._score_generated(row) if self.generated is not None else self._score_row(row)
             except SizeMismatchError as exc:
                 _fail(row, "size_mismatch", str(exc))
                 continue
@@ -607,6 +689,30 @@ class ScoreStage(FrameStage):
                 continue
             row["t_score"] = time.perf_counter() - t0
         return rows
+
+    def _score_generated(self, row: Row) -> None:
+        """Scores each of the row's generated images (``self.generated``) against its reference's face (the row's
+        largest, ``FaceStage``'s) by the re-detection rule (``redetect``, ``identity_scores``): one ``gen_json``
+        record each (its faces/ row), the row's figures over them; an image without a face found is a miss."""
+        reference = faces_of(row)[0]
+        images = images_of(row, self.generated)
+        sims, matches, gens = [], [], []
+        for k, img in enumerate(images):
+            gen = {"gen_index": k, "detected": False, "id_sim": None, "id_dist": None, "id_match": False}
+            placed = redetect(self.analyzer.detect(img), reference)  # a new pose and framing
+            if placed is not None:
+                ((sim, dist, match),) = identity_scores(self.analyzer, [placed], img)
+                gen.update(detected=True, id_sim=sim, id_dist=dist, id_match=match)
+                sims.append(sim)
+                matches.append(match)
+            gens.append({**gen, "backend": self.analyzer.name})
+        values = {"gen_json": json.dumps(gens), "n_generated": len(images), "n_faces_found": len(sims),
+                  "id_match_rate": float(np.sum(matches)) / len(images) if images else 0.0}  # fmt: skip
+        if sims:
+            values["id_sim_mean"], values["id_sim_max"] = float(np.mean(sims)), float(np.max(sims))
+        if self.clip is not None:
+            values["clip_score_mean"] = clip_score(self.clip, images, str(row["prompt"]))
+        row.update(values)  # all or nothing
 
     def _score_row(self, row: Row) -> None:
         """Scores ``row`` into its score columns and its face records; a failure changes nothing."""
@@ -619,10 +725,7 @@ class ScoreStage(FrameStage):
         placed: list[Face | None]
         if from_reference:
             faces = faces[:1]
-            largest = max(found, key=lambda g: g.size_px) if found else None
-            placed = [None if largest is None else
-                      Face(box=largest.box, keypoints=largest.keypoints, score=largest.score,
-                           embedding=faces[0].embedding)]  # fmt: skip
+            placed = [redetect(found, faces[0])]
         else:
             placed = list(place_faces(faces, source.shape, out.shape))
         scored = iter(self._score_faces([p for p in placed if p is not None], out))
@@ -732,15 +835,45 @@ class FusedCPUStage:
         return rows_table(last.rows(rows), names)
 
 
-class WriteStage:
-    """Writes each stylized image in one put, then hands the batch's metrics rows, each with its face rows, to the
-    job's shard writers.
+class Outputs(NamedTuple):
+    """What a job's ``WriteStage`` stores of a row and which tables it hands on: ``pixels``, the image column to
+    write (``many``: a list column of k images a row, ``stylid customize``'s ``gen_pixels``, each written as
+    ``<key><suffix>-<k>`` and listed as JSON in ``output_uris``; else one image, ``output_uri``); ``metrics``, the
+    metrics table's columns; ``faces``, the face rows' columns, taken from the faces' ``scores`` records or, with
+    ``face_rows``, from that JSON column of the row (one record a generated image); ``ext``, the images' format
+    (None: ``io.image_format``)."""
 
-    Images go to ``images/<key>.<ext>``. The batch's rows are ``METRICS_COLUMNS`` plus ``FACE_ROWS`` (the row's
-    per-face rows, a list of ``FACE_COLUMNS`` structs). In a job they go to its ``shard_writers``
+    pixels: str = "out_pixels"
+    many: bool = False
+    metrics: tuple[str, ...] = tuple(METRICS_COLUMNS)
+    faces: dict[str, pa.DataType] = FACE_COLUMNS
+    face_rows: str | None = None
+    ext: str | None = None
+
+
+#: ``stylid run``'s (and ``stylid score``'s) outputs: one image a row, a face row per face
+RUN_OUTPUTS = Outputs()
+
+
+def images_of(row: Any, column: str) -> list[np.ndarray]:
+    """The RGB images a row carries in a list column (``gen_pixels``: raw bytes, with their widths and heights in
+    the list columns ``PIXEL_SIZE_COLUMNS`` names)."""
+    w_col, h_col = PIXEL_SIZE_COLUMNS[column]
+    return [np.frombuffer(data, np.uint8).reshape(int(h), int(w), 3)
+            for data, w, h in zip(row[column], row[w_col], row[h_col])]  # fmt: skip
+
+
+class WriteStage:
+    """Writes each row's images in one put each through the one key rule (``put_image``), then hands the batch's
+    metrics rows, each with its face rows, to the job's shard writers.
+
+    ``outputs`` says what a row writes (``Outputs``; default ``RUN_OUTPUTS``): ``stylid run``'s stylized image as
+    ``images/<key><key_suffix>.<ext>`` (at the source's size), or ``stylid customize``'s k generated images as
+    ``images/<key><key_suffix>-<k>.png``. The batch's rows are the metrics columns plus ``FACE_ROWS`` (the row's
+    face rows, a list of structs of the face columns). In a job they go to its ``shard_writers``
     (``pipelines.shard_writers``), which write them into faces and metrics shards of ``io.rows_per_shard`` rows,
     and the stage returns their ``status`` only; without writers it returns the rows. A row reaches a writer
-    only after its image is stored, so the ledger never lists a row whose image is missing.
+    only after its images are stored, so the ledger never lists a row whose image is missing.
     With ``write_images`` false (``stylid score``: the images exist already) no image is written and each row
     keeps the ``output_uri`` it came with.
     """
@@ -753,6 +886,7 @@ class WriteStage:
         io: IOConfig,
         write_images: bool = True,
         shard_writers: ShardWriters | None = None,
+        outputs: Outputs = RUN_OUTPUTS,
     ) -> None:
         self.output_uri = output_uri
         self.config_hash = config_hash
@@ -760,39 +894,64 @@ class WriteStage:
         self.io = io
         self.write_images = write_images
         self.shard_writers = shard_writers
+        self.outputs = Outputs(*outputs)
+        self.face_rows_type = face_rows_type(self.outputs.faces)
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:
         return self.table(to_table(df).to_pylist())
 
+    def _write(self, row: Row) -> None:
+        """The row's images stored; their URIs in ``output_uri`` (one) or ``output_uris`` (k, as JSON)."""
+        out = self.outputs
+
+        def put(suffix: str, image: np.ndarray) -> str:
+            return put_image(self.output_uri, row["image_id"], suffix, image, self.io, out.ext)
+
+        if not out.many:
+            row["output_uri"] = put(self.key_suffix, at_source_size(row, image_of(row, out.pixels)))
+        elif row.get(out.pixels) is not None:
+            uris = [put(f"{self.key_suffix}-{k}", image) for k, image in enumerate(images_of(row, out.pixels))]
+            row["output_uris"] = json.dumps(uris)
+
+    def _face_rows(self, row: Row) -> list[dict]:
+        if row["status"] != "ok":
+            return []
+        if self.outputs.face_rows is not None:
+            records = row.get(self.outputs.face_rows)  # JSON: one record a generated image
+            records = json.loads(records) if isinstance(records, str) else []
+            return [{"image_id": row["image_id"], **r} for r in records]
+        if not row.get("faces_json"):
+            return []
+        return [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
+                for fj in face_records(row) if "scores" in fj]  # fmt: skip
+
     def table(self, rows: list[Row]) -> pa.Table:
-        """The metrics rows of ``rows`` (written images: ``output_uri``), each with its face rows (``FACE_ROWS``)."""
+        """The metrics rows of ``rows`` (written images: ``output_uri``/``output_uris``), each with its face rows
+        (``FACE_ROWS``)."""
         keep_uri = not self.write_images
+        uri_column = "output_uris" if self.outputs.many else "output_uri"
         face_rows: list[list[dict]] = []
         for row in rows:
             row["config_hash"] = self.config_hash
             row["t_write"] = None
-            if not (keep_uri and "output_uri" in row):
-                row["output_uri"] = None
+            if not (keep_uri and uri_column in row):
+                row[uri_column] = None
             if self.write_images and row["status"] == "ok":
                 t0 = time.perf_counter()
                 try:
-                    out = at_source_size(row, image_of(row, "out_pixels"))
-                    row["output_uri"] = put_image(self.output_uri, row["image_id"], self.key_suffix, out, self.io)
+                    self._write(row)
                 except Exception as exc:
                     _fail(row, "write_error", f"{type(exc).__name__}: {exc}")
                 row["t_write"] = time.perf_counter() - t0
-            faces = []
-            if row.get("faces_json") and row["status"] == "ok":
-                faces = [{"image_id": row["image_id"], **box_at_source_size(row, fj["scores"])}
-                         for fj in face_records(row) if "scores" in fj]  # fmt: skip
-            face_rows.append(faces)
+            face_rows.append(self._face_rows(row))
         scrub_errors(rows, self.io)  # error messages never carry a credential
-        metrics = to_table_of_rows(rows, METRICS_COLUMNS)  # a chain without a stylize stage lacks its columns
-        table = metrics.append_column(pa.field(FACE_ROWS, FACE_ROWS_TYPE), pa.array(face_rows, FACE_ROWS_TYPE))
+        metrics = to_table_of_rows(rows, list(self.outputs.metrics))  # a chain without a stylize stage lacks some
+        kind = self.face_rows_type
+        table = metrics.append_column(pa.field(FACE_ROWS, kind), pa.array(face_rows, kind))
         return self.shard_writers.hand_off(table) if self.shard_writers else table
 
 
-#: the type of ``WriteStage``'s ``FACE_ROWS`` column
+#: the type of ``WriteStage``'s ``FACE_ROWS`` column for ``stylid run``'s outputs
 FACE_ROWS_TYPE = face_rows_type(FACE_COLUMNS)
 
 

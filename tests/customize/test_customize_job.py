@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipelines.customize
+import pipelines.stages
 from stylid_core.config import ConfigError
 from stylid_core.customize.base import CUSTOMIZERS
 from stylid_core.imageio import decode_image, encode_png
@@ -127,7 +128,7 @@ def test_rerun_of_a_finished_run_does_no_model_work(finished, manifest, config, 
 
     monkeypatch.setattr(pipelines.customize, "build_customize_dataset", no_work)
     monkeypatch.setattr(CUSTOMIZERS, "create", no_work)
-    monkeypatch.setattr(pipelines.customize, "create_face_analyzer", no_work)
+    monkeypatch.setattr(pipelines.stages, "create_face_analyzer", no_work)  # the chain's FaceStage and ScoreStage
     info = run_customize_job(config, manifest, finished)
     assert info["this_run"]["processed"] == 0 and info["this_run"]["already_done"] == 5
     assert {p: os.path.getmtime(p) for p in glob.glob(f"{finished}/*/part-*.parquet")} == shards
@@ -277,14 +278,14 @@ def test_the_plan_hands_the_dataset_its_pending_rows_in_ray_block_by_block(
 
 def test_score_stage_rows_per_generated_image(config, astronaut, astronaut_face):
     """The reference itself as a 'generated' image: detected, cosine ~1, a match; a blank one: a miss."""
-    from pipelines.customize import CustomizeScoreStage
+    from pipelines.customize import customize_chain
 
     d = astronaut_face.to_dict()
     images = [astronaut, np.full((64, 64, 3), 200, np.uint8)]
-    row = {"image_id": "a", "status": "ok", "prompt": "p", "face_json": json.dumps(d),
+    row = {"image_id": "a", "status": "ok", "prompt": "p", "faces_json": json.dumps([d]),
            "gen_pixels": [im.tobytes() for im in images], "gen_height": [im.shape[0] for im in images],
            "gen_width": [im.shape[1] for im in images]}  # fmt: skip
-    df = CustomizeScoreStage(config)(pd.DataFrame([row])).to_pandas()
+    df = customize_chain(config)[3].make()(pd.DataFrame([row])).to_pandas()  # ScoreStage, k images a row
     gens = json.loads(df.at[0, "gen_json"])
     assert [g["gen_index"] for g in gens] == [0, 1] and {g["backend"] for g in gens} == {"dlib"}
     assert gens[0]["detected"] and gens[0]["id_sim"] > 0.95 and gens[0]["id_match"] and 0 <= gens[0]["id_dist"] < 0.6
@@ -310,7 +311,8 @@ def test_pools_that_cannot_fit_the_cluster_are_refused_up_front(config, manifest
     with pytest.raises(ConfigError, match=r"1 GPU\(s\).*generate: 0.25 CPU \+ 1 GPU x 1.*has 2 CPU\(s\) and 0 GPU"):
         check_customize_fits(on_gpu, cpus=2, gpus=0)
     wide = changed("reference", pool_size=8)
-    with pytest.raises(ConfigError, match=r"need 2.6 CPU\(s\).*reference: 0.25 CPU x 8"):
+    # the reference pool (FaceStage's), the generate and score pools, a load and a write task (0.1 CPU each)
+    with pytest.raises(ConfigError, match=r"need 2.7 CPU\(s\).*reference: 0.25 CPU x 8"):
         check_customize_fits(wide, cpus=2, gpus=0)
     # the dataset checks against the running Ray's resources (2 CPUs, no GPU here)
     from pipelines.plan import plan_pending
