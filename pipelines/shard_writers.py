@@ -1,9 +1,10 @@
 """The job's shard writers: Ray actors that own the output's metrics and faces shards while a job runs.
 
-The write stages (``WriteStage``, alone or inside the fused actor, and ``CustomizeWriteStage``) store each image,
-then hand the batch's metrics rows (with their face rows, ``FACE_ROWS``) to one of these actors and wait for its
-answer; what they return into the dataset is the rows' ``status`` alone. So the rows themselves never pass through
-Ray Data's output blocks, the object store or the driver: the driver sees a status column, a few bytes a row.
+The write stage (``WriteStage``, alone or inside the fused actor; every job's, customize's k images a row included)
+stores each image, then hands the batch's metrics rows (with their face rows, ``FACE_ROWS``) to one of these actors
+and waits for its answer; what it returns into the dataset is the rows' ``status`` alone. So the rows themselves
+never pass through Ray Data's output blocks, the object store or the driver: the driver sees a status column, a few
+bytes a row.
 
 Each actor runs a ``ShardWriter`` (``stylid_core.ledger``): it accumulates rows and writes a faces shard, then its
 metrics shard, one put each, every ``rows_per_shard`` rows, and the rest when its input ends: the driver, which is

@@ -17,7 +17,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -142,14 +141,6 @@ class TrainingPairRows:
             yield table.append_column(REFERENCE_COLUMN, refs)
         if self.references is not None and offset != len(self.references):
             raise RuntimeError(f"manifest {self.config.manifest} changed while it was read")
-
-
-def pair_rows(config: FaceSnapTrainConfig) -> pd.DataFrame:
-    """All of ``TrainingPairRows`` as one frame (for tests and inspection; ``pair_dataset`` streams them)."""
-    tables = list(TrainingPairRows(config))
-    if not tables:
-        return pd.DataFrame(columns=[config.image_column, REFERENCE_COLUMN])
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def pair_blocks(config: FaceSnapTrainConfig, cpus: float, batch_rows: int = MANIFEST_BATCH_ROWS) -> list:

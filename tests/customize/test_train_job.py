@@ -38,9 +38,10 @@ def test_checkpoints_on_s3_resume_at_the_right_step_with_the_same_weights(tmp_pa
 
     from jobs.cli import main
     from jobs.config import load_config
-    from pipelines.train_customizer import FacePairStage, latest_checkpoint, pair_rows
+    from pipelines.train_customizer import FacePairStage, latest_checkpoint
     from stylid_core.customize.facesnap.modules import read_facesnap
     from stylid_core.customize.facesnap.training import FaceSnapTrainer
+    from tests.customize.training_rows import pair_rows
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="stylid-train")
     fs = fsspec.filesystem("s3", skip_instance_cache=True)

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.train_customizer import REFERENCE_COLUMN, FacePairStage, pair_rows
+from pipelines.train_customizer import REFERENCE_COLUMN, FacePairStage
 from stylid_core.customize.facesnap.faceprep import shared_landmarker, to_square
 from stylid_core.customize.facesnap.training import FaceSnapTrainConfig, cross_photo_references
 from stylid_core.sample_data import PERSON_OF, load_photo
+from tests.customize.training_rows import pair_rows
 
 OBAMA = ("obama", "obama2", "obama3")
 

@@ -20,14 +20,12 @@ def _forbid(module, name: str, what: str) -> None:
 def main() -> int:
     import jobs.customize
     import jobs.run
-    import pipelines.customize
     import pipelines.stages
     from jobs.cli import main as cli_main
 
     _forbid(jobs.run, "init_ray", "init_ray")
     _forbid(jobs.customize, "init_ray", "init_ray")
     _forbid(pipelines.stages, "create_face_analyzer", "a face model load")
-    _forbid(pipelines.customize, "create_face_analyzer", "a face model load")
     return cli_main(sys.argv[1:])
 
 

@@ -72,7 +72,7 @@ def test_a_task_stage_gets_them_too(ray_session, planted):
     """Stages that run as tasks (a function or a callable instance, like the write stages) are wrapped alike."""
     ray = ray_session
     rows = pd.DataFrame({"name": ["AWS_SESSION_TOKEN"]})
-    probe = EnvProbe()  # a callable instance, as ``CustomizeWriteStage(...)`` is
+    probe = EnvProbe()  # a callable instance, as ``WriteStage(...)`` is
     task = task_with_credentials(probe, planted)
     assert task.__name__ == "EnvProbe" and task_with_credentials(probe, StageCredentials({})) is probe
 
