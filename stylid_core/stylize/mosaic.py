@@ -430,23 +430,23 @@ class MosaicRestorer(StylizerWrapper):
             region = win[cy : cy + (y1 - y0), cx : cx + (x1 - x0)]
             win[cy : cy + (y1 - y0), cx : cx + (x1 - x0)] = region + mask * (piece - region)
             windows.append(np.clip(win + 0.5, 0, 255).astype(np.uint8))
+        content_window = np.ascontiguousarray(content[wy0:wy1, wx0:wx1])
+        box = (face.box[0] - wx0, face.box[1] - wy0, face.box[2] - wx0, face.box[3] - wy0)
+        fines = [photo_detail_correlation(win, content_window, box).fine for win in windows[1:]]
+        # only candidates under the cap can be chosen (or the first, where none is): only they are embedded
+        judged = [k for k, f in enumerate(fines) if f is None or f <= cfg.detail_cap] or [0]
         recognizer = self.recognizer
         reference = face.embedding
         need_reference = reference is None or np.asarray(reference).size != recognizer.embedding_dim
-        if need_reference:
-            windows.append(np.ascontiguousarray(content[wy0:wy1, wx0:wx1]))
-        strip = np.ascontiguousarray(np.concatenate(windows, axis=1))
-        local_kps = [kps - [wx0 - k * ww, wy0] for k in range(len(windows))]
-        embeddings = recognizer.embed(strip, local_kps)
+        sent = [windows[0]] + [windows[1 + k] for k in judged] + ([content_window] if need_reference else [])
+        strip = np.ascontiguousarray(np.concatenate(sent, axis=1))
+        embeddings = recognizer.embed(strip, [kps - [wx0 - k * ww, wy0] for k in range(len(sent))])
         reference = embeddings[-1] if need_reference else np.asarray(reference, dtype=np.float32)
         plain_distance = float(recognizer.distance(embeddings[0], reference))
-        content_window = np.ascontiguousarray(content[wy0:wy1, wx0:wx1])
-        box = (face.box[0] - wx0, face.box[1] - wy0, face.box[2] - wx0, face.box[3] - wy0)
-        candidates = [
-            LoopCandidate(s, a, float(recognizer.distance(e, reference)),
-                          photo_detail_correlation(win, content_window, box).fine)
-            for (s, a, _), e, win in zip(ladder, embeddings[1:], windows[1:])
-        ]  # fmt: skip
+        distances = [np.inf] * len(ladder)  # not embedded: over the cap, never chosen
+        for k, e in zip(judged, embeddings[1:]):
+            distances[k] = float(recognizer.distance(e, reference))
+        candidates = [LoopCandidate(s, a, d, f) for (s, a, _), d, f in zip(ladder, distances, fines)]
         k, reason = choose_candidate(candidates, plain_distance, cfg.target, cfg.detail_cap)
         c = candidates[k]
         return ladder[k][2], LoopChoice(c.strength, c.detail, c.distance, plain_distance, c.fine, reason, k)
