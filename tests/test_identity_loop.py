@@ -192,3 +192,25 @@ def test_identity_loop_bad_values_fail_at_start(loop):
 def test_identity_loop_needs_the_sheet_layout():
     with pytest.raises(ConfigError, match="layout"):
         JobConfig.from_dict({"stylize": {"mosaic": {"layout": "canvas", "identity_loop": {"enabled": True}}}})
+
+
+# -- the neural engine's overrides -------------------------------------------------------------------------------
+def test_neural_face_style_override_renders_the_whole_input_at_that_face_style():
+    from stylid_core.sample_data import load_photo
+    from stylid_core.stylize import STYLIZERS
+
+    engine = STYLIZERS.create("neural", threads=2)
+    assert engine.accepts_face_style_overrides
+    style = load_photo("style_painting")
+    image = np.ascontiguousarray(load_photo("style_painting")[:96, :128][:, ::-1])
+    plain = engine.stylize_batch([image], [style])[0]
+    weaker = STYLIZERS.create("neural", threads=2, style_strength=0.4).stylize_batch([image], [style])[0]
+    # one call: the image as usual, the same array at override 1.0 (the image's style) and at 0.4 (style strength
+    # 1.0 x 0.4), faces ignored where an override is given
+    face = Face(box=(30.0, 30.0, 60.0, 60.0), keypoints=np.zeros((5, 2), np.float32), score=1.0)
+    outs = engine.stylize_batch([image, image, image], [style] * 3, [[], [face], [face]],
+                                face_style_overrides=[None, 1.0, 0.4])  # fmt: skip
+    assert np.array_equal(outs[0], plain)
+    assert np.abs(outs[1].astype(int) - plain.astype(int)).max() <= 1
+    assert np.abs(outs[2].astype(int) - weaker.astype(int)).max() <= 1
+    assert np.abs(outs[2].astype(int) - plain.astype(int)).mean() > 2  # a weaker style is another rendering
