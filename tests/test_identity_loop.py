@@ -214,3 +214,30 @@ def test_neural_face_style_override_renders_the_whole_input_at_that_face_style()
     assert np.abs(outs[1].astype(int) - plain.astype(int)).max() <= 1
     assert np.abs(outs[2].astype(int) - weaker.astype(int)).max() <= 1
     assert np.abs(outs[2].astype(int) - plain.astype(int)).mean() > 2  # a weaker style is another rendering
+
+
+# -- stylid run's stages record the choice per face row ---------------------------------------------------------
+def test_stages_record_the_loops_choice_per_face(tmp_path):
+    import json
+
+    import pandas as pd
+    from PIL import Image
+
+    from pipelines.stages import FaceStage, LoadStage, ScoreStage, StylizeStage, prepare_rows
+    from stylid_core.sample_data import build_scene
+
+    scene, _ = build_scene([("grace_hopper", 40), ("obama2", 56)], width=320, height=200)
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    loop = {"identity_loop": {"enabled": True}}
+    config = JobConfig.from_dict({"faces": {"upsample": 1}, "stylize": {"options": {"threads": 2}, "mosaic": loop}})
+    rows = prepare_rows(pd.DataFrame({"image_id": ["scene"], "image_uri": [str(tmp_path / "scene.png")]}), None)
+    loaded = LoadStage(config.io)(rows).to_pandas()
+    found = FaceStage(config.faces)(loaded).to_pandas()
+    stylized = StylizeStage(config.stylize, config.score, config.io, config.faces)(found).to_pandas()
+    scored = ScoreStage(config.faces, config.score, config.io)(stylized).to_pandas()
+    assert scored.at[0, "status"] == "ok"
+    records = json.loads(scored.at[0, "faces_json"])
+    assert records and all(r["in_mosaic"] for r in records)
+    for r in records:
+        assert r["loop_face_style"] in (0.7, 0.4) and r["loop_detail"] == 0.0
+        assert r["scores"]["loop_face_style"] == r["loop_face_style"] and r["scores"]["loop_detail"] == 0.0
