@@ -82,11 +82,27 @@ class Case:
     keypoints: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     references: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
 
-    def faces(self) -> list[Face]:
-        """The faces as the stylizers get them (dlib's keypoints: only the mosaic's boxes and masks use them)."""
-        kps = self.keypoints["dlib"]
-        return [Face(box=b, keypoints=k if k is not None else np.zeros((5, 2), np.float32), score=1.0)
-                for b, k in zip(self.boxes, kps)]  # fmt: skip
+    #: per recognizer, each face's embedding in the unstylized image itself (``source_embeddings``)
+    own: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+
+    def source_embeddings(self, name: str, analyzer) -> list[np.ndarray | None]:
+        """Each face's embedding in this image by ``analyzer``, as ``stylid run``'s face stage gives the stylize
+        stage (computed once, outside the timed stylization)."""
+        if name not in self.own:
+            kps = self.keypoints[name]
+            have = [k for k in kps if k is not None]
+            embs = iter(analyzer.embed(self.image, have)) if have else iter(())
+            self.own[name] = [next(embs) if k is not None else None for k in kps]
+        return self.own[name]
+
+    def faces(self, recognizer: str = "dlib") -> list[Face]:
+        """The faces as the stylizers get them, with ``recognizer``'s keypoints and its embedding of each face here
+        (``source_embeddings``, where computed: the mosaic's closed loop judges with them; the rest of the chain
+        uses only the boxes)."""
+        kps = self.keypoints[recognizer]
+        embs = self.own.get(recognizer, [None] * len(kps))
+        return [Face(box=b, keypoints=k if k is not None else np.zeros((5, 2), np.float32), score=1.0, embedding=e)
+                for b, k, e in zip(self.boxes, kps, embs)]  # fmt: skip
 
 
 def recognizers() -> dict:
@@ -170,11 +186,19 @@ def load_cases(analyzers: dict, faces_dir: str = FACES_DIR, groups: bool = True)
     return cases
 
 
-def build_chain(stylize: StylizeConfig) -> Stylizer:
-    """The stylizer ``stylid run`` builds from a ``stylize`` section (``pipelines.stages.StylizeStage``)."""
+def build_chain(stylize: StylizeConfig, recognizer=None) -> Stylizer:
+    """The stylizer ``stylid run`` builds from a ``stylize`` section (``pipelines.stages.StylizeStage``);
+    ``recognizer``: the job's face analyzer, which the mosaic's closed loop (``identity_loop``) judges with."""
     engine = STYLIZERS.create(stylize.engine, **stylize.options)
-    chain: Stylizer = MosaicRestorer(engine, stylize.mosaic) if stylize.mosaic.enabled else engine
+    chain: Stylizer = MosaicRestorer(engine, stylize.mosaic, recognizer) if stylize.mosaic.enabled else engine
     return FaceDetailTransfer(chain, stylize.face_detail) if stylize.face_detail.strength > 0 else chain
+
+
+def restorer_of(stylizer: Stylizer) -> MosaicRestorer | None:
+    """The ``MosaicRestorer`` in a chain, if any."""
+    while stylizer is not None and not isinstance(stylizer, MosaicRestorer):
+        stylizer = getattr(stylizer, "stylizer", None)
+    return stylizer
 
 
 def variant_configs(base: StylizeConfig, extra: list[str]) -> dict[str, StylizeConfig]:
@@ -199,19 +223,25 @@ def variant_configs(base: StylizeConfig, extra: list[str]) -> dict[str, StylizeC
     return {name: JobConfig.from_dict({"stylize": cfg}).stylize for name, cfg in out.items()}
 
 
-def run_variants(cases: list[Case], stylizers: dict[str, Stylizer], style: np.ndarray) -> dict[str, dict]:
+def run_variants(
+    cases: list[Case], stylizers: dict[str, Stylizer], style: np.ndarray, keypoints: str = "dlib"
+) -> dict[str, dict]:
     """Every variant on every case, the variants one after the other on each case (so a machine that slows down
     for a while slows all of them alike): outputs, seconds per image, and the median over images of each image's
     seconds over plain's (the cost figure: robust to other load on the machine)."""
     outs: dict[str, list[np.ndarray]] = {n: [] for n in stylizers}
     seconds: dict[str, list[float]] = {n: [] for n in stylizers}
+    choices: dict[str, list] = {n: [] for n in stylizers}  # per face (flattened): the closed loop's LoopChoice
     for case in cases:
         for name, stylizer in stylizers.items():
             t0 = time.perf_counter()
-            outs[name].append(stylizer.stylize(case.image, style, case.faces()))
+            outs[name].append(stylizer.stylize(case.image, style, case.faces(keypoints)))
             seconds[name].append(time.perf_counter() - t0)
+            restorer = restorer_of(stylizer)
+            picked = restorer.last_choices[0] if restorer is not None and restorer.last_choices else {}
+            choices[name] += [picked.get(k) for k in range(len(case.boxes))]
     plain = np.array(seconds["plain"])
-    return {n: {"outs": outs[n], "s": float(np.mean(seconds[n])),
+    return {n: {"outs": outs[n], "s": float(np.mean(seconds[n])), "choices": choices[n],
                 "cost": float(np.median(np.array(seconds[n]) / plain))} for n in stylizers}  # fmt: skip
 
 
@@ -242,9 +272,12 @@ def buckets(cases: list[Case]) -> list[tuple[str, np.ndarray]]:
     return [(label, sel) for label, sel in out if sel.any()]
 
 
-def evaluate(cases, configs, style, style_name, analyzers, judge, sheet_rows) -> dict:
+def evaluate(cases, configs, style, style_name, analyzers, judge, sheet_rows, loop_name="dlib") -> dict:
     floor = face_scores(cases, [c.image for c in cases], analyzers)
-    results = run_variants(cases, {name: build_chain(cfg) for name, cfg in configs.items()}, style)
+    chains = {name: build_chain(cfg, analyzers[loop_name]) for name, cfg in configs.items()}
+    for case in cases:
+        case.source_embeddings(loop_name, analyzers[loop_name])
+    results = run_variants(cases, chains, style, loop_name)
     plain_outs = results["plain"]["outs"]
     for r in results.values():
         r["scores"] = face_scores(cases, r["outs"], analyzers)
@@ -267,6 +300,12 @@ def evaluate(cases, configs, style, style_name, analyzers, judge, sheet_rows) ->
                 row[f"n_{rec_name}"] = int(ok.sum())
             row["fine"] = float(np.nanmean(r["scores"]["fine"][sel]))
             row["mid"] = float(np.nanmean(r["scores"]["mid"][sel]))
+            picked = [c for c, s in zip(r["choices"], sel) if s and c is not None]
+            if picked:  # the closed loop: mean strength and detail amount chosen, share that reached the target
+                strengths = [c.strength for c in picked if c.strength is not None]
+                row["loop_strength"] = float(np.mean(strengths)) if strengths else np.nan
+                row["loop_detail"] = float(np.mean([c.detail for c in picked]))
+                row["loop_target"] = float(np.mean([c.reason == "target" for c in picked]))
             rows.append(row)
         report[name] = {
             "rows": rows, "s_per_image": r["s"], "cost": r["cost"],
@@ -294,6 +333,16 @@ def print_report(style_name: str, report: dict, analyzers: dict) -> None:
     print("|---|" + "---|" * len(report["plain"]["rows"]))
     for n in names:
         print(f"| {n} | " + " | ".join(f"{r['fine']:.2f} / {r['mid']:.2f}" for r in report[n]["rows"]) + " |")
+    looped = [n for n in names if any("loop_strength" in r for r in report[n]["rows"])]
+    if looped:
+        print(f"\n{style_name}: closed loop per face size: mean face style strength / mean detail amount chosen, "
+              "share of faces that reached the target")  # fmt: skip
+        print("| variant | " + " | ".join(r["size"] for r in report["plain"]["rows"]) + " |")
+        print("|---|" + "---|" * len(report["plain"]["rows"]))
+        for n in looped:
+            cells = [f"{r['loop_strength']:.2f} / {r['loop_detail']:.2f} / {r['loop_target']:.0%}"
+                     if "loop_strength" in r else "-" for r in report[n]["rows"]]  # fmt: skip
+            print(f"| {n} | " + " | ".join(cells) + " |")
     print(f"\n{style_name}: per image")
     print("| variant | s/image | x plain (median per image) | halo (0-255, mean / worst image) "
           "| learned style distance | vs plain |")  # fmt: skip
@@ -394,6 +443,9 @@ def main() -> None:
     parser.add_argument("--no-groups", action="store_true")
     parser.add_argument("--per-size", type=int, default=0, help="at most this many scenes per face size (quick runs)")
     parser.add_argument("--readme-figure", help="write the bundled-sample before/after picture here and stop")
+    parser.add_argument("--loop-recognizer", default=None,
+                        help="the recognizer the closed loop judges with (dlib | mobilefacenet; default: the "
+                             "config's faces.backend); the other one is the held-out judge")  # fmt: skip
     args = parser.parse_args()
     from jobs.config import load_job_config
 
@@ -424,13 +476,16 @@ def main() -> None:
     for name, cfg in configs.items():
         print(f"variant {name}: options {cfg.options}, mosaic {cfg.mosaic.enabled and cfg.mosaic}, "
               f"face_detail strength {cfg.face_detail.strength}")  # fmt: skip
+    loop_name = args.loop_recognizer or ("dlib" if config.faces.backend == "dlib" else "mobilefacenet")
+    if any(cfg.mosaic.enabled and cfg.mosaic.identity_loop.enabled for cfg in configs.values()):
+        print(f"closed loop judged by {loop_name}; held out: {', '.join(n for n in analyzers if n != loop_name)}")
     judge = StyleJudge()
     full: dict = {}
     sheet_rows: list = []
     lines: list[str] = []
     for style_name in args.styles.split(","):
         style = _rgb(os.path.join(STYLES_DIR, f"{style_name}.jpg"))
-        report = evaluate(cases, configs, style, style_name, analyzers, judge, sheet_rows)
+        report = evaluate(cases, configs, style, style_name, analyzers, judge, sheet_rows, loop_name)
         print_report(style_name, report, analyzers)
         for name in [n for n in configs if n != "plain"]:
             lines += target_lines(style_name, name, report, analyzers)

@@ -81,6 +81,10 @@ FACE_COLUMNS: dict[str, pa.DataType] = {
     "size_px": pa.float64(),
     "size_bucket": pa.string(),
     "in_mosaic": pa.bool_(),
+    # the mosaic's per-face closed loop (stylize.mosaic.identity_loop): the face style strength and the photo-detail
+    # amount of the rendering it chose for this face; null where the loop did not run on the face
+    "loop_face_style": pa.float64(),
+    "loop_detail": pa.float64(),
     "id_sim": pa.float64(),
     "id_dist": pa.float64(),
     "id_match": pa.bool_(),

@@ -424,12 +424,15 @@ class StylizeStage(FrameStage):
     for the diffusion engine). If that call fails, the rows are retried one by one so only the bad row fails.
     """
 
-    def __init__(self, stylize: StylizeConfig, score: ScoreConfig, io: IOConfig) -> None:
+    def __init__(
+        self, stylize: StylizeConfig, score: ScoreConfig, io: IOConfig, faces: FacesConfig | None = None
+    ) -> None:
         _one_thread_for_opencv()
         self.config = stylize
         self.compare = score.compare_without_mosaic
         self.stylizer: Stylizer = STYLIZERS.create(stylize.engine, **stylize.options)
-        self.restorer = MosaicRestorer(self.stylizer, stylize.mosaic) if stylize.mosaic.enabled else None
+        # faces: the job's recognizer, which the mosaic's closed loop (identity_loop) judges its candidates with
+        self.restorer = MosaicRestorer(self.stylizer, stylize.mosaic, faces) if stylize.mosaic.enabled else None
         self.detail = stylize.face_detail.strength > 0
         chain: Stylizer = self.restorer or self.stylizer
         self.chain: Stylizer = FaceDetailTransfer(chain, stylize.face_detail) if self.detail else chain
@@ -445,6 +448,7 @@ class StylizeStage(FrameStage):
         else:
             tiles = [set() for _ in images]
         outs = self.chain.stylize_batch(images, styles, faces)
+        self.loop_choices = list(self.restorer.last_choices) if self.restorer is not None else []
         plains: list[np.ndarray | None] = [None] * len(images)
         if self.compare and self.chain is not self.stylizer:
             need = [k for k, t in enumerate(tiles) if t or (self.detail and faces[k])]
@@ -480,19 +484,23 @@ class StylizeStage(FrameStage):
         t0 = time.perf_counter()
         try:
             results = self._run(images, styles, faces)
+            loops = self.loop_choices
             per_row = [(time.perf_counter() - t0) / len(todo)] * len(todo)
         except Exception:
             log.warning("batch stylization failed; retrying row by row", exc_info=True)
-            results, per_row = [], []
+            results, per_row, loops = [], [], []
             for k, row in enumerate(todo):
                 t1 = time.perf_counter()
                 try:
                     results.append(self._run([images[k]], [styles[k]], [faces[k]])[0])
+                    loops += self.loop_choices or [{}]
                 except Exception as exc:
                     _fail(row, "stylize_error", f"{type(exc).__name__}: {exc}")
                     results.append(None)
+                    loops.append({})
                 per_row.append(time.perf_counter() - t1)
-        for row, result, t in zip(todo, results, per_row):
+        loops = loops or [{}] * len(todo)
+        for row, result, t, loop in zip(todo, results, per_row, loops):
             if result is None:
                 continue
             out, plain, in_mosaic = result
@@ -501,6 +509,8 @@ class StylizeStage(FrameStage):
             row["mosaic_faces"] = len(in_mosaic)
             for k, fj in enumerate(face_records(row)):
                 fj["in_mosaic"] = k in in_mosaic
+                if k in loop:  # the closed loop's choice for this face
+                    fj["loop_face_style"], fj["loop_detail"] = loop[k].strength, loop[k].detail
             row["t_stylize"] = t
         return rows
 
@@ -782,6 +792,7 @@ class ScoreStage(FrameStage):
                 rec["zoom_strip"] = zoom_strip(face.box, source, plain, resized_like(out, source))
         for rec, fj in zip(records, face_records(row)):  # all or nothing: a row that raised above is unchanged
             rec["in_mosaic"] = None if fj.get("in_mosaic") is None else bool(fj["in_mosaic"])  # null: no stylize stage
+            rec["loop_face_style"], rec["loop_detail"] = fj.get("loop_face_style"), fj.get("loop_detail")
             fj["scores"] = rec
         row.update(values)
 

@@ -48,7 +48,10 @@ def stylize_chain(
         *(
             [
                 StageSpec.model(
-                    StylizeStage, {"stylize": config.stylize, "score": config.score, "io": io}, res.stylize, "stylize"
+                    StylizeStage,
+                    {"stylize": config.stylize, "score": config.score, "io": io, "faces": config.faces},
+                    res.stylize,
+                    "stylize",
                 )
             ]
             if stylize

@@ -67,6 +67,35 @@ class FacesConfig:
 
 
 @dataclass
+class IdentityLoopConfig:
+    """The per-face closed loop of the mosaic (``stylid_core.stylize.mosaic``, "Per-face closed loop" in
+    docs/identity.md): each face restored from the most stylized of its candidate renderings whose identity, by the
+    job's own recognizer (``faces.backend``), reaches ``target``, among those whose fine photo-detail correlation
+    stays under ``detail_cap``. Off by default: measured, it does not meet the identity targets (docs/identity.md)."""
+
+    enabled: bool = False
+    #: the share of plain's distance to the source face (the job's recognizer) a candidate must win back
+    target: float = 0.8
+    #: face style strengths rendered per tile, most stylized first: one transfer run of each sheet per strength (the
+    #: default's sheets take two runs, the image's style and the face style: two strengths cost the same)
+    strengths: list[float] = field(default_factory=lambda: [0.7, 0.4])
+    #: then the photo's luminance detail (``face_detail``'s transfer, inside the restore ellipse) at these amounts on
+    #: the last strength's rendering, smallest first; [] for none
+    detail: list[float] = field(default_factory=list)
+    #: no candidate whose fine photo-detail correlation (``photo_detail_correlation``) is above this is chosen but
+    #: the first, where none is under it (a copy of the photo gives 1.0)
+    detail_cap: float = 0.88
+
+    def __post_init__(self) -> None:
+        where = "stylize.mosaic.identity_loop"
+        _check(0 < self.target <= 1, f"{where}.target must be in (0, 1], got {self.target}")
+        _check(len(self.strengths) >= 1, f"{where}.strengths must name at least one face style strength")
+        _check(all(0 <= s <= 1 for s in self.strengths), f"{where}.strengths must be in [0, 1], got {self.strengths}")
+        _check(all(0 < a <= 1 for a in self.detail), f"{where}.detail amounts must be in (0, 1], got {self.detail}")
+        _check(0 < self.detail_cap <= 1, f"{where}.detail_cap must be in (0, 1], got {self.detail_cap}")
+
+
+@dataclass
 class MosaicConfig:
     """The mosaic restored content image (see ``stylid_core.stylize.mosaic``)."""
 
@@ -86,8 +115,16 @@ class MosaicConfig:
     #: sheet: same identity as canvas on the neural engine, whole-image style +2.7% from plain against canvas'
     #: +10.7% (README, bench_identity), and no shrinking of the image for engines with a fixed working size
     layout: str = "sheet"
+    #: per-face closed loop over candidate renderings (``IdentityLoopConfig``; sheet layout only), off by default
+    identity_loop: IdentityLoopConfig = field(default_factory=IdentityLoopConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.identity_loop, dict):
+            self.identity_loop = _build(IdentityLoopConfig, self.identity_loop, "stylize.mosaic.identity_loop")
+        _check(
+            not self.identity_loop.enabled or self.layout == "sheet",
+            "stylize.mosaic.identity_loop needs stylize.mosaic.layout: sheet",
+        )
         _check(
             self.restore_mask in ("ellipse", "box"),
             f"stylize.mosaic.restore_mask must be ellipse or box: {self.restore_mask!r}",

@@ -41,6 +41,20 @@ identity to strokes a 200 px face shrugs off. ``MosaicRestorer`` wraps any ``Sty
 
 With an identity stylizer the output equals the input outside the crops exactly, and inside them up to the
 up- and down-scaling round trip.
+
+**Per-face closed loop** (``identity_loop``, sheet layout, off by default; docs/identity.md, "Per-face closed
+loop"): instead of one rendering per tile, each face gets a ladder of candidates, most stylized first: its tile
+rendered at each of ``strengths`` (an engine with ``accepts_face_style_overrides`` renders one copy of each sheet
+per strength in the same batch, the whole sheet at that face style strength; the default's two runs per sheet, the
+image's style and the face style, become the two default strengths, so the engine's cost is the same), then the
+last strength's rendering with the photo's luminance detail at each of the ``detail`` amounts
+(``face_detail.transfer_face_detail``, confined to the restore ellipse). Every candidate is restored into the
+image and judged there by the job's recognizer (``recognizer``: its distance to the source face, against the
+distance of the plain stylization's face) and by its fine photo-detail correlation
+(``stylid_core.metrics.photo_detail_correlation``). ``choose_candidate`` picks the first candidate that wins back
+``target`` of plain's distance with its fine correlation under ``detail_cap``; where none does, the nearest to the
+source under the cap; where none is under the cap, the first. What was chosen, per face, is in ``last_choices``
+(``LoopChoice``) after each ``stylize_batch``.
 """
 
 from __future__ import annotations
@@ -51,8 +65,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stylid_core.config import MosaicConfig
-from stylid_core.faces.base import Face
+from stylid_core.config import FaceDetailConfig, FacesConfig, MosaicConfig
+from stylid_core.faces.base import Face, FaceAnalyzer
 from stylid_core.registry import Registry
 from stylid_core.stylize.base import Stylizer, StylizerWrapper
 
@@ -105,13 +119,88 @@ class MosaicPlan:
         return {t.face_index for t in self.tiles}
 
 
+@dataclass
+class LoopCandidate:
+    """One candidate rendering of a face in the closed loop, as judged: its face style strength (None: the engine's
+    own rendering), the photo's detail amount on it, the job's recognizer's distance to the source face and its
+    fine photo-detail correlation (None: no detail in the band)."""
+
+    strength: float | None
+    detail: float
+    distance: float
+    fine: float | None
+
+
+@dataclass
+class LoopChoice:
+    """What the closed loop chose for one face: the candidate's strength and detail amount, its distance and the
+    plain stylization's, its fine correlation, and why: ``target`` (the first to reach it under the cap), ``cap``
+    (none reached it: the nearest under the cap), ``first`` (none under the cap) or ``no_keypoints``."""
+
+    strength: float | None
+    detail: float
+    distance: float | None
+    plain_distance: float | None
+    fine: float | None
+    reason: str
+    index: int = 0  # the candidate's place in the ladder (0: the most stylized)
+
+
+def choose_candidate(
+    candidates: list[LoopCandidate], plain_distance: float, target: float, cap: float
+) -> tuple[int, str]:
+    """The closed loop's pick among ``candidates`` (most stylized first): the first whose distance to the source
+    wins back ``target`` of ``plain_distance`` (``distance <= (1 - target) * plain_distance``) with its fine
+    correlation at most ``cap``; else the nearest to the source among those under the cap; else the first.
+    Returns (index, reason)."""
+    if not candidates:
+        raise ValueError("no candidates")
+    under = [k for k, c in enumerate(candidates) if c.fine is None or c.fine <= cap]
+    wanted = (1.0 - target) * plain_distance
+    for k in under:
+        if candidates[k].distance <= wanted:
+            return k, "target"
+    if under:
+        return min(under, key=lambda k: (candidates[k].distance, k)), "cap"
+    return 0, "first"
+
+
 class MosaicRestorer(StylizerWrapper):
     """Wraps a ``Stylizer`` so that small faces are stylized upscaled, in one canvas with the full image."""
 
-    def __init__(self, stylizer: Stylizer, config: MosaicConfig | None = None) -> None:
+    def __init__(
+        self,
+        stylizer: Stylizer,
+        config: MosaicConfig | None = None,
+        recognizer: FaceAnalyzer | FacesConfig | None = None,
+    ) -> None:
+        """``recognizer``: the job's face analyzer (or its ``faces`` config, built on first use) that the closed
+        loop judges candidates with; None builds ``FacesConfig()``'s (dlib) when the loop is on."""
         super().__init__(stylizer)
         self.config = config or MosaicConfig()
         self._upscale = UPSCALERS.create(self.config.upscaler, model=self.config.upscaler_model)
+        self._recognizer = recognizer
+        #: per image of the last ``stylize_batch``: face index -> ``LoopChoice`` (empty without the loop)
+        self.last_choices: list[dict[int, LoopChoice]] = []
+
+    @property
+    def recognizer(self) -> FaceAnalyzer:
+        if not isinstance(self._recognizer, FaceAnalyzer):
+            from stylid_core.faces import create_face_analyzer
+
+            self._recognizer = create_face_analyzer(self._recognizer or FacesConfig())
+        return self._recognizer
+
+    @property
+    def loop(self) -> bool:
+        return self.config.identity_loop.enabled and self.config.layout == "sheet"
+
+    def _loop_strengths(self) -> list[float | None]:
+        """The strengths each sheet is rendered at: the loop's with an engine that takes overrides, else [None]
+        (the engine's own sheet rendering, its face style included)."""
+        if self.loop and getattr(self.stylizer, "accepts_face_style_overrides", False):
+            return list(self.config.identity_loop.strengths)
+        return [None]
 
     # -- layout -------------------------------------------------------------------------------------------------
     def _engine_scale(self, width: int, height: int) -> float:
@@ -249,24 +338,118 @@ class MosaicRestorer(StylizerWrapper):
             sheets.append((sheet, self._paste_tiles(sheet, content, tiles, faces)))
         return sheets
 
-    def restore(self, stylized_canvas: np.ndarray, plan: MosaicPlan, sheets: list[np.ndarray] | None = None):
-        """Cut the stylized crops out of the canvas (or sheets), scale them back and blend them into the image."""
+    def _restore_mask(self, tile: MosaicTile) -> np.ndarray:
+        x0, y0, x1, y1 = tile.crop
+        if self.config.restore_mask == "ellipse":
+            fx0, fy0, fx1, fy1 = tile.face_box
+            return face_ellipse_mask(x1 - x0, y1 - y0, (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0))[..., None]
+        return feather_mask(x1 - x0, y1 - y0, self.config.feather)[..., None]
+
+    @staticmethod
+    def _piece(source: np.ndarray, tile: MosaicTile) -> np.ndarray:
+        """The tile's stylized crop cut out of its canvas or sheet and scaled back to the crop (float32)."""
+        x0, y0, x1, y1 = tile.crop
+        px, py = tile.position
+        piece = source[py : py + tile.size[1], px : px + tile.size[0]]
+        return cv2.resize(piece, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+    def restore(
+        self,
+        stylized_canvas: np.ndarray,
+        plan: MosaicPlan,
+        sheets: list[np.ndarray] | list[list[np.ndarray]] | None = None,
+        content: np.ndarray | None = None,
+        faces: list[Face] | None = None,
+        choices: dict[int, LoopChoice] | None = None,
+    ):
+        """Cut the stylized crops out of the canvas (or sheets), scale them back and blend them into the image.
+
+        With the closed loop, ``sheets[k]`` is the list of sheet ``k``'s renderings (one per strength), and
+        ``content``, ``faces`` are the image's: each face's candidate is chosen there (``choices`` gets them)."""
         w, h = plan.image_size
         out = stylized_canvas[:h, :w].astype(np.float32)
         for tile in plan.tiles:
-            source = stylized_canvas if tile.sheet < 0 else sheets[tile.sheet]  # type: ignore[index]
             x0, y0, x1, y1 = tile.crop
-            px, py = tile.position
-            piece = source[py : py + tile.size[1], px : px + tile.size[0]]
-            piece = cv2.resize(piece, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)
-            if self.config.restore_mask == "ellipse":
-                fx0, fy0, fx1, fy1 = tile.face_box
-                mask = face_ellipse_mask(x1 - x0, y1 - y0, (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0))[..., None]
+            mask = self._restore_mask(tile)
+            if tile.sheet >= 0 and sheets is not None and isinstance(sheets[tile.sheet], list):
+                renderings = [self._piece(r, tile) for r in sheets[tile.sheet]]  # type: ignore[union-attr]
+                piece, choice = self._choose(out, content, faces[tile.face_index], tile, mask, renderings)  # type: ignore[index, arg-type]
+                if choices is not None:
+                    choices[tile.face_index] = choice
             else:
-                mask = feather_mask(x1 - x0, y1 - y0, self.config.feather)[..., None]
+                source = stylized_canvas if tile.sheet < 0 else sheets[tile.sheet]  # type: ignore[index]
+                piece = self._piece(source, tile)  # type: ignore[arg-type]
             region = out[y0:y1, x0:x1]
             out[y0:y1, x0:x1] = region + mask * (piece - region)
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    # -- the closed loop ------------------------------------------------------------------------------------------
+    def _choose(
+        self,
+        out: np.ndarray,
+        content: np.ndarray,
+        face: Face,
+        tile: MosaicTile,
+        mask: np.ndarray,
+        renderings: list[np.ndarray],
+    ) -> tuple[np.ndarray, LoopChoice]:
+        """The face's candidate pieces (crop-sized, float32) judged in the image (see the module docstring)."""
+        from stylid_core.metrics import photo_detail_correlation
+        from stylid_core.stylize.face_detail import transfer_face_detail
+
+        cfg = self.config.identity_loop
+        strengths = self._loop_strengths()
+        x0, y0, x1, y1 = tile.crop
+        # the ladder: each strength's rendering, then the last one with the photo's detail at each amount
+        ladder: list[tuple[float | None, float, np.ndarray]] = [(s, 0.0, r) for s, r in zip(strengths, renderings)]
+        if cfg.detail:
+            crop_content = np.ascontiguousarray(content[y0:y1, x0:x1])
+            fx0, fy0, fx1, fy1 = tile.face_box
+            local = Face(box=(fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0), keypoints=None, score=1.0)
+            last = np.clip(renderings[-1] + 0.5, 0, 255).astype(np.uint8)
+            for amount in cfg.detail:
+                detailed = transfer_face_detail(last, crop_content, [local], FaceDetailConfig(strength=amount))
+                ladder.append((strengths[-1], float(amount), detailed.astype(np.float32)))
+        kps = None if face.keypoints is None else np.asarray(face.keypoints, dtype=np.float32)
+        if kps is None or kps.size == 0 or not np.any(kps):
+            s, a, piece = ladder[0]
+            return piece, LoopChoice(s, a, None, None, None, "no_keypoints")
+        # each candidate restored into a window around the face (the box grown by its size a side: the crop and
+        # the recognizer's aligned chip lie inside), the windows side by side in one image: one recognizer call
+        h, w = out.shape[:2]
+        size = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+        wx0, wy0 = max(0, int(np.floor(face.box[0] - size))), max(0, int(np.floor(face.box[1] - size)))
+        wx1, wy1 = min(w, int(np.ceil(face.box[2] + size))), min(h, int(np.ceil(face.box[3] + size)))
+        wx0, wy0, wx1, wy1 = min(wx0, x0), min(wy0, y0), max(wx1, x1), max(wy1, y1)
+        ww = wx1 - wx0
+        base = out[wy0:wy1, wx0:wx1]
+        windows = [np.clip(base + 0.5, 0, 255).astype(np.uint8)]  # the plain stylization's face
+        cy, cx = y0 - wy0, x0 - wx0
+        for _, _, piece in ladder:
+            win = base.copy()
+            region = win[cy : cy + (y1 - y0), cx : cx + (x1 - x0)]
+            win[cy : cy + (y1 - y0), cx : cx + (x1 - x0)] = region + mask * (piece - region)
+            windows.append(np.clip(win + 0.5, 0, 255).astype(np.uint8))
+        content_window = np.ascontiguousarray(content[wy0:wy1, wx0:wx1])
+        box = (face.box[0] - wx0, face.box[1] - wy0, face.box[2] - wx0, face.box[3] - wy0)
+        fines = [photo_detail_correlation(win, content_window, box).fine for win in windows[1:]]
+        # only candidates under the cap can be chosen (or the first, where none is): only they are embedded
+        judged = [k for k, f in enumerate(fines) if f is None or f <= cfg.detail_cap] or [0]
+        recognizer = self.recognizer
+        reference = face.embedding
+        need_reference = reference is None or np.asarray(reference).size != recognizer.embedding_dim
+        sent = [windows[0]] + [windows[1 + k] for k in judged] + ([content_window] if need_reference else [])
+        strip = np.ascontiguousarray(np.concatenate(sent, axis=1))
+        embeddings = recognizer.embed(strip, [kps - [wx0 - k * ww, wy0] for k in range(len(sent))])
+        reference = embeddings[-1] if need_reference else np.asarray(reference, dtype=np.float32)
+        plain_distance = float(recognizer.distance(embeddings[0], reference))
+        distances = [np.inf] * len(ladder)  # not embedded: over the cap, never chosen
+        for k, e in zip(judged, embeddings[1:]):
+            distances[k] = float(recognizer.distance(e, reference))
+        candidates = [LoopCandidate(s, a, d, f) for (s, a, _), d, f in zip(ladder, distances, fines)]
+        k, reason = choose_candidate(candidates, plain_distance, cfg.target, cfg.detail_cap)
+        c = candidates[k]
+        return ladder[k][2], LoopChoice(c.strength, c.detail, c.distance, plain_distance, c.fine, reason, k)
 
     # -- Stylizer -----------------------------------------------------------------------------------------------
     def working_size(self, height: int, width: int) -> tuple[int, int]:
@@ -295,19 +478,42 @@ class MosaicRestorer(StylizerWrapper):
             input_styles.append(style)
             regions.append((0, 0, *plan.image_size))
             sheet_slots.append([])
+        # the closed loop renders each sheet once per strength (an override each; None: the engine's own way)
+        strengths = self._loop_strengths() if self.loop else [None]
+        overrides: list[float | None] = [None] * len(inputs)
+        sheet_slots_loop: list[list[list[int]]] = [[] for _ in contents]
         for k, (content, style, fs, plan) in enumerate(zip(contents, styles, faces, plans)):
             if plan.layout == "sheet" and plan.tiles:
                 for sheet, sfs in self.build_sheets(content, fs, plan):
                     sheet_slots[k].append(len(inputs))
-                    inputs.append(sheet)
-                    input_styles.append(style)
-                    input_faces.append(sfs)
-                    regions.append(None)
+                    sheet_slots_loop[k].append([])
+                    for strength in strengths:
+                        sheet_slots_loop[k][-1].append(len(inputs))
+                        inputs.append(sheet)  # the same array: the engine computes its content vector once
+                        input_styles.append(style)
+                        input_faces.append(sfs if strength is None else [])
+                        regions.append(None)
+                        overrides.append(strength)
+        kwargs: dict = {}
+        if any(o is not None for o in overrides):
+            kwargs["face_style_overrides"] = overrides
         if self.stylizer.accepts_content_region:
-            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, content_regions=regions)
+            kwargs["content_regions"] = regions
+            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, **kwargs)
         else:  # engines without content regions may implement the three-argument stylize_batch
-            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces)
-        return [self.restore(stylized[k], plan, [stylized[j] for j in sheet_slots[k]]) for k, plan in enumerate(plans)]
+            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, **kwargs)
+        if not self.loop:
+            self.last_choices = [{} for _ in plans]
+            return [
+                self.restore(stylized[k], plan, [stylized[j] for j in sheet_slots[k]]) for k, plan in enumerate(plans)
+            ]
+        results, self.last_choices = [], []
+        for k, plan in enumerate(plans):
+            chosen: dict[int, LoopChoice] = {}
+            sheets = [[stylized[j] for j in slots] for slots in sheet_slots_loop[k]]
+            results.append(self.restore(stylized[k], plan, sheets, contents[k], faces[k], chosen))
+            self.last_choices.append(chosen)
+        return results
 
 
 def _pack_columns(tiles: list[MosaicTile], width: int, height: int) -> tuple[int, int]:

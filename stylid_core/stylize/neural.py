@@ -185,6 +185,9 @@ class NeuralStylizer(Stylizer):
 
     name = "neural"
     accepts_content_region = True
+    #: ``stylize_batch`` takes ``face_style_overrides`` (the mosaic's per-face closed loop renders its candidate tiles
+    #: with them)
+    accepts_face_style_overrides = True
 
     def __init__(self, **options) -> None:
         self.options = NeuralOptions(**options)
@@ -301,13 +304,21 @@ class NeuralStylizer(Stylizer):
         styles: list[np.ndarray],
         faces: list[list[Face]] | None = None,
         content_regions: list[tuple[int, int, int, int] | None] | None = None,
+        face_style_overrides: list[float | None] | None = None,
     ) -> list[np.ndarray]:
-        """Stylize many images: every image (and face variant) of one working size goes in one batched call."""
+        """Stylize many images: every image (and face variant) of one working size goes in one batched call.
+
+        ``face_style_overrides`` (one per content, None: as usual): render that content whole with the face style
+        vector at this strength, ``v_own + s * (v - v_own)``, in one run and no face mask (``faces`` ignored); the
+        mosaic's closed loop renders one copy of each tile sheet per candidate strength this way. Copies passed as
+        the same array share one content vector."""
         if len(styles) != len(contents):
             raise ValueError(f"got {len(contents)} contents but {len(styles)} styles")
         opts = self.options
         faces = faces if faces is not None else [[] for _ in contents]
         regions = content_regions if content_regions is not None else [None] * len(contents)
+        overrides = face_style_overrides if face_style_overrides is not None else [None] * len(contents)
+        own_vectors: dict[tuple[int, tuple | None], np.ndarray] = {}  # one content vector per array and region
         # one job per (image, variant): variant 0 is the image's style, 1 the weaker face style
         jobs: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
         inputs: list[np.ndarray] = []
@@ -316,9 +327,19 @@ class NeuralStylizer(Stylizer):
             if content.ndim != 3 or content.shape[2] != 3 or min(content.shape[:2]) < 1:
                 raise ValueError(f"content must be an (H, W, 3) RGB image, got shape {content.shape}")
             v_style = self.style_vector(np.asarray(style, dtype=np.uint8))
-            needs_own = opts.style_strength < 1.0 or (opts.face_style_strength is not None and faces[i])
-            v_own = self.content_vector(content, regions[i]) if needs_own else v_style
+            override = overrides[i]
+            face_pass = opts.face_style_strength is not None and bool(faces[i])
+            needs_own = opts.style_strength < 1.0 or face_pass or override is not None
+            if needs_own:
+                key = (id(contents[i]), None if regions[i] is None else tuple(regions[i]))
+                if key not in own_vectors:
+                    own_vectors[key] = self.content_vector(content, regions[i])
+                v_own = own_vectors[key]
+            else:
+                v_own = v_style
             v = v_own + opts.style_strength * (v_style - v_own)
+            if override is not None:
+                v = v_own + float(override) * (v - v_own)
             h, w = self.working_size(*content.shape[:2])
             work = content
             if (h, w) != content.shape[:2]:
@@ -329,7 +350,7 @@ class NeuralStylizer(Stylizer):
                 x = np.pad(x, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
             inputs.append(x)
             jobs.setdefault((hp, wp), []).append((i, 0, v))
-            if opts.face_style_strength is not None and faces[i]:
+            if opts.face_style_strength is not None and faces[i] and override is None:
                 jobs[(hp, wp)].append((i, 1, v_own + opts.face_style_strength * (v - v_own)))
         results: dict[tuple[int, int], np.ndarray] = {}
         for members in jobs.values():
