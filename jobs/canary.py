@@ -13,7 +13,7 @@ import argparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.config import add_config_arguments
+from jobs.config import add_config_arguments, load_score_config
 from jobs.output import read_finished_run
 from stylid_core import ledger
 from stylid_core.canary import BUCKETS, format_pick, pick_canary
@@ -63,8 +63,6 @@ def read_dataset(uri: str, storage_options: dict) -> tuple[str, pa.Table, object
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.config import load_score_config
-
     config, gate = load_score_config(args.config, args.set)
     min_faces = gate.min_faces if args.min_faces is None else args.min_faces
     buckets = None if args.buckets is None else [b.strip() for b in args.buckets.split(",") if b.strip()]

@@ -438,8 +438,9 @@ class StylizeStage(FrameStage):
         self.chain: Stylizer = FaceDetailTransfer(chain, stylize.face_detail) if self.detail else chain
         self.styles = StyleCache(io)
 
-    def _run(self, images, styles, faces) -> list[tuple[np.ndarray, np.ndarray | None, set[int]]]:
-        """(output, output of the engine alone or None, indices of the faces that went into the mosaic) per image.
+    def _run(self, images, styles, faces) -> list[tuple[np.ndarray, np.ndarray | None, set[int], dict]]:
+        """(output, output of the engine alone or None, indices of the faces that went into the mosaic, the closed
+        loop's choice per face index: empty without the loop) per image.
 
         The engine-alone output (no mosaic, no detail transfer: the ``*_no_mosaic`` scores) is computed only for
         images whose faces the restoration touched."""
@@ -448,7 +449,7 @@ class StylizeStage(FrameStage):
         else:
             tiles = [set() for _ in images]
         outs = self.chain.stylize_batch(images, styles, faces)
-        self.loop_choices = list(self.restorer.last_choices) if self.restorer is not None else []
+        loops = list(self.restorer.last_choices) if self.restorer is not None else [{} for _ in images]
         plains: list[np.ndarray | None] = [None] * len(images)
         if self.compare and self.chain is not self.stylizer:
             need = [k for k, t in enumerate(tiles) if t or (self.detail and faces[k])]
@@ -458,7 +459,7 @@ class StylizeStage(FrameStage):
                 )
                 for k, out in zip(need, done):
                     plains[k] = out
-        return list(zip(outs, plains, tiles))
+        return list(zip(outs, plains, tiles, loops))
 
     adds = ("out_pixels", "plain_pixels", "mosaic_faces", "t_stylize", "engine", "model")
 
@@ -484,26 +485,22 @@ class StylizeStage(FrameStage):
         t0 = time.perf_counter()
         try:
             results = self._run(images, styles, faces)
-            loops = self.loop_choices
             per_row = [(time.perf_counter() - t0) / len(todo)] * len(todo)
         except Exception:
             log.warning("batch stylization failed; retrying row by row", exc_info=True)
-            results, per_row, loops = [], [], []
+            results, per_row = [], []
             for k, row in enumerate(todo):
                 t1 = time.perf_counter()
                 try:
                     results.append(self._run([images[k]], [styles[k]], [faces[k]])[0])
-                    loops += self.loop_choices or [{}]
                 except Exception as exc:
                     _fail(row, "stylize_error", f"{type(exc).__name__}: {exc}")
                     results.append(None)
-                    loops.append({})
                 per_row.append(time.perf_counter() - t1)
-        loops = loops or [{}] * len(todo)
-        for row, result, t, loop in zip(todo, results, per_row, loops):
+        for row, result, t in zip(todo, results, per_row):
             if result is None:
                 continue
-            out, plain, in_mosaic = result
+            out, plain, in_mosaic, loop = result
             row["out_pixels"] = np.ascontiguousarray(out, dtype=np.uint8).tobytes()
             row["plain_pixels"] = None if plain is None else np.ascontiguousarray(plain, np.uint8).tobytes()
             row["mosaic_faces"] = len(in_mosaic)
@@ -782,8 +779,9 @@ class ScoreStage(FrameStage):
             "colour_distance_no_mosaic": colour_distance(plain, style, stats) if plain is not None else None,
             "style_distance": self.judge.distance(out, style) if self.judge else None,
             "style_distance_source": self.judge.distance(source, style) if self.judge else None,
-            "style_distance_no_mosaic": (self.judge.distance(plain, style)
-                                         if self.judge and plain is not None else None),  # fmt: skip
+            "style_distance_no_mosaic": (
+                self.judge.distance(plain, style) if self.judge and plain is not None else None
+            ),  # fmt: skip
             "content_ssim": content_similarity(out, source),
         }
         for rec, face in zip(records, faces):  # last: a row that raised above takes no place among the smallest
@@ -905,7 +903,7 @@ class WriteStage:
         self.io = io
         self.write_images = write_images
         self.shard_writers = shard_writers
-        self.outputs = Outputs(*outputs)
+        self.outputs = outputs
         self.face_rows_type = face_rows_type(self.outputs.faces)
 
     def __call__(self, df: pd.DataFrame) -> pa.Table:

@@ -462,7 +462,6 @@ class MosaicRestorer(StylizerWrapper):
         plans = []
         # everything goes to the engine in one call: canvases (or images), then every image's sheets
         inputs, input_styles, input_faces, regions = [], [], [], []
-        sheet_slots: list[list[int]] = []
         for content, style, fs in zip(contents, styles, faces):
             plan = self.plan(content.shape[1], content.shape[0], fs)
             plans.append(plan)
@@ -477,18 +476,17 @@ class MosaicRestorer(StylizerWrapper):
                 input_faces.append([f for i, f in enumerate(fs) if i not in plan.face_indices])
             input_styles.append(style)
             regions.append((0, 0, *plan.image_size))
-            sheet_slots.append([])
         # the closed loop renders each sheet once per strength (an override each; None: the engine's own way)
         strengths = self._loop_strengths() if self.loop else [None]
         overrides: list[float | None] = [None] * len(inputs)
-        sheet_slots_loop: list[list[list[int]]] = [[] for _ in contents]
+        # per image, per sheet: the inputs holding its renderings (one without the loop)
+        sheet_slots: list[list[list[int]]] = [[] for _ in contents]
         for k, (content, style, fs, plan) in enumerate(zip(contents, styles, faces, plans)):
             if plan.layout == "sheet" and plan.tiles:
                 for sheet, sfs in self.build_sheets(content, fs, plan):
-                    sheet_slots[k].append(len(inputs))
-                    sheet_slots_loop[k].append([])
+                    sheet_slots[k].append([])
                     for strength in strengths:
-                        sheet_slots_loop[k][-1].append(len(inputs))
+                        sheet_slots[k][-1].append(len(inputs))
                         inputs.append(sheet)  # the same array: the engine computes its content vector once
                         input_styles.append(style)
                         input_faces.append(sfs if strength is None else [])
@@ -497,20 +495,17 @@ class MosaicRestorer(StylizerWrapper):
         kwargs: dict = {}
         if any(o is not None for o in overrides):
             kwargs["face_style_overrides"] = overrides
-        if self.stylizer.accepts_content_region:
+        if self.stylizer.accepts_content_region:  # engines without them may implement the three-argument call
             kwargs["content_regions"] = regions
-            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, **kwargs)
-        else:  # engines without content regions may implement the three-argument stylize_batch
-            stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, **kwargs)
+        stylized = self.stylizer.stylize_batch(inputs, input_styles, input_faces, **kwargs)
         if not self.loop:
             self.last_choices = [{} for _ in plans]
-            return [
-                self.restore(stylized[k], plan, [stylized[j] for j in sheet_slots[k]]) for k, plan in enumerate(plans)
-            ]
+            return [self.restore(stylized[k], plan, [stylized[slots[0]] for slots in sheet_slots[k]])
+                    for k, plan in enumerate(plans)]  # fmt: skip
         results, self.last_choices = [], []
         for k, plan in enumerate(plans):
             chosen: dict[int, LoopChoice] = {}
-            sheets = [[stylized[j] for j in slots] for slots in sheet_slots_loop[k]]
+            sheets = [[stylized[j] for j in slots] for slots in sheet_slots[k]]
             results.append(self.restore(stylized[k], plan, sheets, contents[k], faces[k], chosen))
             self.last_choices.append(chosen)
         return results
